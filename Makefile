@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Both build .venv/ when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and alone, so pip never resolves a multi-GB CUDA build on a CPU machine
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q torch==2.13.0; \
+	else \
+		$(PIP) install -q "torch==2.13.0+cpu" || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -c constraints.txt -e ".[test,deepspeed]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xcft demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache
