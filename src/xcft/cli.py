@@ -1,0 +1,267 @@
+"""The ``xcft`` command line.
+
+Each subcommand is one plain function that takes the parsed arguments and returns an
+exit code; the work itself lives in the library (``xcft.data``, ``xcft.model``,
+``xcft.train``), imported inside the function so that ``xcft --help`` stays fast.
+User errors (:class:`xcft.errors.XcftError`) print one message and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+from xcft.errors import XcftError
+
+logger = logging.getLogger("xcft")
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def check_data(args: argparse.Namespace) -> int:
+    """Read every sample and image once; print a summary and every problem found."""
+    from xcft.data.check import check_data_command
+
+    return check_data_command(
+        args.data,
+        model_dir=args.model,
+        img_size=args.img_size,
+        max_length=args.max_length,
+        given_num=args.given_num,
+        output_format=args.format,
+        workers=args.workers,
+    )
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Show one encoded sample: tokens, supervised spans and image slots."""
+    from xcft.data.check import inspect_command
+
+    return inspect_command(
+        args.data,
+        model_dir=args.model,
+        index=args.index,
+        sample_id=args.id,
+        img_size=args.img_size,
+        max_length=args.max_length,
+        output_format=args.format,
+    )
+
+
+def eval_(args: argparse.Namespace) -> int:
+    """Per-sample and mean loss of a model on a data set."""
+    from xcft.model.evaluate import eval_command
+
+    return eval_command(
+        args.data,
+        model_dir=args.model,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        output_format=args.format,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def init_model(args: argparse.Namespace) -> int:
+    """Write a randomly initialised model folder of a given preset shape."""
+    from xcft.model.presets import init_model_command
+
+    return init_model_command(
+        args.output, preset=args.preset, img_size=args.img_size, tokenizer=args.tokenizer, seed=args.seed
+    )
+
+
+def train(argv: Sequence[str]) -> int:
+    """Finetune (full or LoRA); accepts the official finetune.py flags and every TrainingArguments flag."""
+    from xcft.train.entry import train_command
+
+    return train_command(list(argv))
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Merge a LoRA adapter into its base and verify the merged logits."""
+    from xcft.train.merge import merge_command
+
+    return merge_command(adapter=args.adapter, output=args.output, base=args.base)
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Rewrite an official checkpoint folder as a self-contained xcft folder."""
+    from xcft.model.loading import convert_command
+
+    return convert_command(args.source, args.output)
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Answer one query, or chat interactively, with a base, full or LoRA output."""
+    from xcft.train.chat import chat_command
+
+    return chat_command(
+        model_dir=args.model,
+        images=args.image,
+        query=args.query,
+        max_new_tokens=args.max_new_tokens,
+        meta_instruction=args.meta_instruction,
+        device=args.device,
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    """End-to-end demo: synthetic data, LoRA finetune, accuracy before/after, merge, chat."""
+    from xcft.demo import demo_command
+
+    return demo_command(output=args.output, steps=args.steps, quick=args.quick, output_format=args.format)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Training-step and data-loading benchmarks."""
+    from xcft.bench import bench_command
+
+    return bench_command(args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xcft",
+        description="Finetune InternLM-XComposer2 vision-language models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="finetune a model (official finetune.py flags work)", add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("check-data", help="validate a data.txt or JSON file before training")
+    p.add_argument("data", help="data.txt, or a single .json/.jsonl file")
+    p.add_argument("--model", required=True, help="model folder (its tokenizer.model and config are used)")
+    p.add_argument("--img-size", type=int, default=None, help="image side in pixels (default: the model's img_size)")
+    p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's max_length)")
+    p.add_argument(
+        "--given-num",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=True,
+        help="data.txt numbers are thousands of samples (true, default) or ratios (false)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count)")
+    _add_format(p)
+    p.set_defaults(func=check_data)
+
+    p = sub.add_parser("inspect", help="show how one sample is encoded")
+    p.add_argument("data", help="data.txt, or a single .json/.jsonl file")
+    p.add_argument("--model", required=True, help="model folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--index", type=int, help="sample index (over all files, in data.txt order)")
+    g.add_argument("--id", help="sample id")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    _add_format(p)
+    p.set_defaults(func=inspect)
+
+    p = sub.add_parser("eval", help="loss per sample and overall")
+    p.add_argument("data", help="data.txt, or a single .json/.jsonl file")
+    p.add_argument("--model", required=True, help="model folder, full finetune output or LoRA adapter folder")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_format(p)
+    p.set_defaults(func=eval_)
+
+    p = sub.add_parser("init-model", help="write a randomly initialised model folder")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
+    p.add_argument("--img-size", type=int, choices=[224, 490], default=None, help="default: 224 for tiny, 490 otherwise")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: a small one built on the spot)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=init_model)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    p.add_argument("--adapter", "--adapter_model_name", dest="adapter", required=True, help="LoRA output folder")
+    p.add_argument("--output", "--output_name", dest="output", required=True, help="folder for the merged model")
+    p.add_argument("--base", "--base_model_name", dest="base", default=None, help="base model (default: from the adapter)")
+    p.set_defaults(func=merge)
+
+    p = sub.add_parser("convert", help="rewrite an official checkpoint as a self-contained folder")
+    p.add_argument("source", help="official checkpoint folder")
+    p.add_argument("output", help="folder to write")
+    p.set_defaults(func=convert)
+
+    p = sub.add_parser("chat", help="chat with a model about images")
+    p.add_argument("--model", required=True, help="base model, full finetune output or LoRA adapter folder")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--query", default=None, help="one question; without it an interactive session starts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--meta-instruction", default=None, help="system prompt (default: the official one)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
+    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
+    _add_format(p)
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("bench", help="benchmarks: training steps or data loading")
+    bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    b = bsub.add_parser("train", help="time real training steps")
+    b.add_argument("--model", required=True)
+    b.add_argument("--data", required=True)
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--packing", action="store_true")
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--max-length", type=int, default=None)
+    _add_format(b)
+    b = bsub.add_parser("data", help="time image decoding and preprocessing")
+    b.add_argument("--data", required=True)
+    b.add_argument("--img-size", type=int, default=490)
+    b.add_argument("--workers", type=int, default=0)
+    b.add_argument("--fast-jpeg", action="store_true", help="decode large JPEGs at reduced scale (not bit-exact)")
+    _add_format(b)
+    p.set_defaults(func=bench)
+    return parser
+
+
+def _run(func: Callable[[], int]) -> int:
+    try:
+        return func()
+    except XcftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ("-v" in argv[:1] or "--verbose" in argv[:1]) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    # `train` takes the official finetune.py flags and every TrainingArguments flag: it parses its own argv.
+    rest = [a for a in argv if a not in ("-v", "--verbose")]
+    if rest and rest[0] == "train":
+        return _run(lambda: train(rest[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return _run(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
