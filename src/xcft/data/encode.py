@@ -1,0 +1,230 @@
+"""Conversation -> token ids, labels and image slots, following the official template.
+
+Template (reference doc §3): ``BOS`` then, per turn, ``[UNUSED_TOKEN_146]{role}\\n{value}
+[UNUSED_TOKEN_145]\\n``, the last ``\\n`` replaced by ``EOS``. The text is split at every
+``<ImageHere>``; each piece is tokenized on its own, and each image takes
+``(img_size / 14)²`` slots (``-1`` in :attr:`EncodedSample.input_ids`).
+
+Labels come from the roles, never from scanning ids: an assistant answer's tokens and its closing
+``[UNUSED_TOKEN_145]`` are trained, and the final EOS when the conversation ends with an answer;
+everything else (BOS, system and user turns, the ``[UNUSED_TOKEN_146]assistant\\n`` header, the
+``\\n`` after a turn, image slots) is -100.
+
+Truncation at ``max_length`` (where we deliberately differ from the official code): the sequence is
+cut at ``max_length`` tokens, but never inside an image: when the limit falls inside an image the
+sequence ends just before it, and the images after the cut are dropped with their slots. A cut
+sequence has no EOS; its labels are still by role. A sample left with no supervised token is marked
+(``num_supervised == 0``) for the caller to report and skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation
+
+IGNORE_INDEX = -100
+IMAGE_SLOT = -1
+PATCH_SIZE = 14
+
+
+class TokenizerLike(Protocol):
+    bos_token_id: int
+    eos_token_id: int
+
+    @property
+    def turn_start_id(self) -> int: ...
+
+    @property
+    def turn_end_id(self) -> int: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: int) -> str: ...
+
+
+def slots_per_image(img_size: int, patch_size: int = PATCH_SIZE) -> int:
+    """Image-feature slots one image takes in the sequence: ``(img_size // patch)²`` (1225 at 490 px)."""
+    if img_size <= 0 or img_size % patch_size:
+        raise ValueError(f"img_size must be a positive multiple of {patch_size}, got {img_size}")
+    return (img_size // patch_size) ** 2
+
+
+@dataclass
+class EncodedSample:
+    """One encoded sample. ``input_ids`` holds -1 at image slots (the dataset swaps in the pad id)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_mask: list[bool]
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # (start, length) per kept image
+    num_images: int = 0  # images kept (the first num_images of the conversation's images)
+    truncated: bool = False
+    untruncated_length: int = 0
+    dropped_images: int = 0
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _chunks(conv: Conversation, turn_start: str, turn_end: str) -> list[tuple[str, bool, int]]:
+    """The conversation text as ``(text, trained, kind)`` chunks; kind 1 = a role header.
+
+    Concatenating the chunk texts gives exactly the official conversation string (minus the final
+    ``\\n</s>``, which becomes the EOS id).
+    """
+    out: list[tuple[str, bool, int]] = []
+    last = len(conv.messages) - 1
+    for i, msg in enumerate(conv.messages):
+        trained = msg.role == "assistant"
+        out.append((turn_start, False, 0))
+        out.append((f"{msg.role}\n", False, 1))
+        out.append((msg.text, trained, 0))
+        out.append((turn_end, trained, 0))
+        if i != last:
+            out.append(("\n", False, 0))
+    return out
+
+
+def _split_at_images(chunks: list[tuple[str, bool, int]]) -> list[list[tuple[str, bool, int]]]:
+    """Split the chunk list into pieces at each ``<ImageHere>`` (pieces between images)."""
+    pieces: list[list[tuple[str, bool, int]]] = [[]]
+    for text, trained, kind in chunks:
+        parts = text.split(IMAGE_PLACEHOLDER)
+        for k, part in enumerate(parts):
+            if k:
+                pieces.append([])
+            if part:
+                pieces[-1].append((part, trained, kind))
+    return pieces
+
+
+def _tokenize_piece(piece: list[tuple[str, bool, int]], tokenizer: TokenizerLike, turn_tokens: tuple[str, str]) -> tuple[list[int], list[bool]]:
+    """Token ids of one piece (tokenized as one text, like the official code) and a trained flag per id.
+
+    The piece is split only where the split cannot change the ids: right before/after a turn token,
+    which SentencePiece keeps as one atomic piece. A role header and the text after it are tokenized
+    together; the header's token count is found by decoding (normally the header's own ids are a
+    prefix of the joint ids).
+    """
+    ids: list[int] = []
+    flags: list[bool] = []
+    # group chunks into runs that lie between turn tokens
+    run: list[tuple[str, bool, int]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        text = "".join(t for t, _, _ in run)
+        run_ids = tokenizer.encode_text(text)
+        if len(run) == 1:
+            ids.extend(run_ids)
+            flags.extend([run[0][1]] * len(run_ids))
+        else:
+            # header (+ value): find token boundaries between the chunks by decoded length
+            boundaries: list[int] = []
+            pos = 0
+            for t, _, _ in run[:-1]:
+                pos += len(t)
+                boundaries.append(pos)
+            chunk_of = _assign_chunks(run_ids, run, boundaries, tokenizer)
+            ids.extend(run_ids)
+            flags.extend(run[c][1] for c in chunk_of)
+        run.clear()
+
+    for chunk in piece:
+        if chunk[0] in turn_tokens:
+            flush()
+            tok_ids = tokenizer.encode_text(chunk[0])
+            ids.extend(tok_ids)
+            flags.extend([chunk[1]] * len(tok_ids))
+        else:
+            run.append(chunk)
+    flush()
+    return ids, flags
+
+
+def _assign_chunks(run_ids: list[int], run: list[tuple[str, bool, int]], boundaries: list[int], tokenizer: TokenizerLike) -> list[int]:
+    """Chunk index of each token of a jointly tokenized run of chunks."""
+    # Fast path: each chunk's own ids concatenate to the joint ids.
+    own = [tokenizer.encode_text(t) for t, _, _ in run]
+    if sum(own, []) == run_ids:
+        return [c for c, o in enumerate(own) for _ in o]
+    # General path: a token belongs to the chunk where its text starts.
+    out: list[int] = []
+    prev_len = 0
+    for k in range(1, len(run_ids) + 1):
+        start = prev_len
+        prev_len = len(tokenizer.decode(run_ids[:k], skip_special_tokens=False))
+        out.append(sum(1 for b in boundaries if start >= b))
+    return out
+
+
+def encode_conversation(
+    conv: Conversation,
+    tokenizer: TokenizerLike,
+    img_size: int,
+    max_length: int,
+) -> EncodedSample:
+    """Encode one conversation (see the module docstring for the template and truncation rules)."""
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    n_slots = slots_per_image(img_size)
+    turn_start = tokenizer.convert_ids_to_tokens(tokenizer.turn_start_id)
+    turn_end = tokenizer.convert_ids_to_tokens(tokenizer.turn_end_id)
+    pieces = _split_at_images(_chunks(conv, turn_start, turn_end))
+    n_images = len(pieces) - 1
+    if n_images != len(conv.images):
+        raise ValueError(f"{conv.where}: {n_images} placeholders but {len(conv.images)} images (normalize the sample first)")
+
+    ids: list[int] = [tokenizer.bos_token_id]
+    trained: list[bool] = [False]
+    spans: list[tuple[int, int]] = []
+    for k, piece in enumerate(pieces):
+        if k:
+            spans.append((len(ids), n_slots))
+            ids.extend([IMAGE_SLOT] * n_slots)
+            trained.extend([False] * n_slots)
+        p_ids, p_flags = _tokenize_piece(piece, tokenizer, (turn_start, turn_end))
+        ids.extend(p_ids)
+        trained.extend(p_flags)
+    ends_with_answer = conv.messages[-1].role == "assistant"
+    ids.append(tokenizer.eos_token_id)
+    trained.append(ends_with_answer)
+
+    total = len(ids)
+    truncated = total > max_length
+    kept_spans = spans
+    if truncated:
+        cut = max_length
+        kept_spans = []
+        for start, length in spans:
+            if start + length <= cut:
+                kept_spans.append((start, length))
+            else:
+                cut = min(cut, start)  # never split an image: end before it
+                break
+        ids = ids[:cut]
+        trained = trained[:cut]
+    labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
+    mask = [i == IMAGE_SLOT for i in ids]
+    return EncodedSample(
+        input_ids=ids,
+        labels=labels,
+        image_mask=mask,
+        image_spans=kept_spans,
+        num_images=len(kept_spans),
+        truncated=truncated,
+        untruncated_length=total,
+        dropped_images=n_images - len(kept_spans),
+    )
+
+
+__all__ = ["EncodedSample", "IGNORE_INDEX", "IMAGE_SLOT", "encode_conversation", "slots_per_image"]

@@ -1,0 +1,419 @@
+"""Reading training files and normalising samples into :class:`Conversation` objects.
+
+Accepted input (see docs/data.md): a JSON array of samples, or JSON Lines (one sample per line;
+a ``.json`` file that holds JSON Lines is accepted too). A sample is an object with
+``conversations`` (list of ``{from, value}``), an optional ``id`` (string or integer; the sample
+index when absent) and an optional ``image`` (absent, one path, or a list of paths).
+
+Nothing here raises on bad data: every problem is collected as a :class:`Problem` so that
+``xcft check-data`` can report all of them in one pass; :func:`raise_first` turns the first error
+into a :class:`~xcft.errors.DataError` for training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+from xcft.errors import DataError
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+LLAVA_PLACEHOLDER = "<image>"
+
+USER_ROLES = frozenset({"user", "human"})
+ASSISTANT_ROLES = frozenset({"assistant", "gpt", "bot"})
+SYSTEM_ROLE = "system"
+
+Role = Literal["system", "user", "assistant"]
+Level = Literal["error", "warning", "info"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn; ``text`` is the value with surrounding whitespace stripped (as the official code does)."""
+
+    role: Role
+    text: str
+
+
+@dataclass
+class Conversation:
+    """A normalised sample: turns, and its images in placeholder order (resolved paths)."""
+
+    messages: list[Message]
+    images: list[Path] = field(default_factory=list)
+    id: str = ""
+    file: str = ""
+    index: int = 0
+    image_prepended: bool = False  # one image, no placeholder: placed at the start of the first user turn
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}: sample {self.index} (id {self.id!r})"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or worth noting) about a file, a sample or a data.txt line."""
+
+    file: str
+    index: int | None  # sample index in the file (None: the whole file / a data.txt line)
+    id: str | None
+    message: str
+    fix: str = ""
+    level: Level = "error"
+    line: int | None = None  # data.txt or JSON Lines line number
+
+    def location(self) -> str:
+        loc = self.file
+        if self.line is not None:
+            loc += f" line {self.line}"
+        if self.index is not None:
+            loc += f": sample {self.index}"
+            if self.id is not None:
+                loc += f" (id {self.id!r})"
+        return loc
+
+    def __str__(self) -> str:
+        text = f"{self.location()}: {self.message}"
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "file": self.file,
+            "line": self.line,
+            "index": self.index,
+            "id": self.id,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    return [p for p in problems if p.level == "error"]
+
+
+def raise_first(problems: Iterable[Problem]) -> None:
+    """Raise a :class:`DataError` for the first error-level problem (training stops on bad data)."""
+    errs = errors(problems)
+    if errs:
+        more = f" ({len(errs) - 1} more problem(s); run `xcft check-data` to list them all)" if len(errs) > 1 else ""
+        raise DataError(str(errs[0]) + more)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int | None, Any]], list[Problem]]:
+    """Parse a JSON array or JSON Lines file into ``(line, record)`` pairs.
+
+    ``line`` is the JSON Lines line number (None for a JSON array). Problems: unreadable file,
+    non-UTF-8 bytes, empty file, unparsable JSON (line and column), wrong top-level type.
+    """
+    name = display or str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], [Problem(name, None, None, "file not found", "check the path (relative paths in data.txt are relative to its folder)")]
+    except OSError as exc:
+        return [], [Problem(name, None, None, f"cannot read file: {exc.strerror or exc}", "check permissions and that it is a file")]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [], [
+            Problem(
+                name, None, None,
+                f"file is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line})",
+                "re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.json > out.json`)",
+            )
+        ]
+    if not text.strip():
+        return [], [Problem(name, None, None, "file is empty", "put a JSON array of samples (or one JSON object per line) in it, or remove it from data.txt")]
+
+    jsonl = path.suffix.lower() == ".jsonl"
+    if not jsonl:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # A .json file holding JSON Lines is common; accept it if every line parses.
+            if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+                recs, probs = _read_jsonl(text, name)
+                if not probs:
+                    return recs, probs
+            return [], [
+                Problem(
+                    name, None, None,
+                    f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+                    "fix the syntax there (a JSON validator such as `python -m json.tool FILE` shows it)",
+                )
+            ]
+        if isinstance(data, dict):
+            return [], [
+                Problem(
+                    name, None, None,
+                    "top level is a single JSON object, expected an array of samples",
+                    "wrap the samples in [ ... ], or write one sample per line in a .jsonl file",
+                )
+            ]
+        if not isinstance(data, list):
+            return [], [Problem(name, None, None, f"top level is a JSON {_json_type(data)}, expected an array of samples", "the file must be [ {sample}, {sample}, ... ]")]
+        if not data:
+            return [], [Problem(name, None, None, "the array holds no samples", "add samples or remove the file from data.txt")]
+        return [(None, rec) for rec in data], []
+    return _read_jsonl(text, name)
+
+
+def _read_jsonl(text: str, name: str) -> tuple[list[tuple[int | None, Any]], list[Problem]]:
+    records: list[tuple[int | None, Any]] = []
+    problems: list[Problem] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append(
+                Problem(
+                    name, None, None,
+                    f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
+                    "each line of a JSON Lines file must be one complete JSON object",
+                    line=lineno,
+                )
+            )
+    if not records and not problems:
+        problems.append(Problem(name, None, None, "file is empty", "put one JSON object per line in it"))
+    return records, problems
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+# --------------------------------------------------------------------------- normalising samples
+
+
+def image_candidates(image: str, search_dirs: Sequence[Path]) -> list[Path]:
+    """Every place an image path may point to, in the order they are tried."""
+    p = Path(os.path.expanduser(image))
+    if p.is_absolute():
+        return [p]
+    out: list[Path] = []
+    for d in search_dirs:
+        c = d / p
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def normalize_sample(
+    record: Any,
+    *,
+    file: str,
+    index: int,
+    search_dirs: Sequence[Path],
+    line: int | None = None,
+    check_images_exist: bool = True,
+) -> tuple[Conversation | None, list[Problem]]:
+    """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems."""
+    problems: list[Problem] = []
+
+    def problem(msg: str, fix: str, level: Level = "error", sid: str | None = None) -> None:
+        problems.append(Problem(file, index, sid, msg, fix, level, line))
+
+    if not isinstance(record, dict):
+        problem(f"sample is a JSON {_json_type(record)}, expected an object", 'each sample must look like {"id": ..., "conversations": [...]}')
+        return None, problems
+
+    # id
+    raw_id = record.get("id", None)
+    if raw_id is None:
+        sid = str(index)
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        sid = str(raw_id)
+        problem(f"id must be a string or an integer, got a {_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1', sid=sid)
+    else:
+        sid = str(raw_id)
+
+    def err(msg: str, fix: str, level: Level = "error") -> None:
+        problem(msg, fix, level, sid)
+
+    # conversations
+    convs = record.get("conversations", None)
+    if convs is None:
+        other = [k for k in ("conversation", "messages", "dialog") if k in record]
+        hint = f' (found "{other[0]}": rename it to "conversations")' if other else ""
+        err(f'missing "conversations"{hint}', 'add "conversations": [{"from": "user", "value": ...}, {"from": "assistant", "value": ...}]')
+        return None, problems
+    if not isinstance(convs, list):
+        err(f'"conversations" is a {_json_type(convs)}, expected a list of turns', 'write "conversations": [{"from": ..., "value": ...}, ...]')
+        return None, problems
+    if not convs:
+        err('"conversations" is empty', "add at least one user turn and one assistant answer")
+        return None, problems
+
+    messages: list[Message] = []
+    ok = True
+    for t, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            err(f"turn {t} is a {_json_type(turn)}, expected an object", 'each turn is {"from": "user"|"assistant", "value": "..."}')
+            ok = False
+            continue
+        frm = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(frm, str):
+            err(f'turn {t} has no "from" string', 'add "from": "user" or "from": "assistant"')
+            ok = False
+            continue
+        key = frm.strip().lower()
+        role: Role
+        if key in USER_ROLES:
+            role = "user"
+        elif key in ASSISTANT_ROLES:
+            role = "assistant"
+        elif key == SYSTEM_ROLE:
+            role = "system"
+            if t != 0:
+                err(f"turn {t} has role \"system\"; a system turn is allowed only as the first turn", "move the system text into the first turn or drop it")
+                ok = False
+                continue
+        else:
+            err(f'turn {t} has unknown role "{frm}"', 'use "user"/"human" for questions and "assistant"/"gpt"/"bot" for answers (or "system" as the first turn)')
+            ok = False
+            continue
+        if not isinstance(value, str):
+            err(f'turn {t} ("{frm}") value is a {_json_type(value)}, not a string', 'write the turn text as a JSON string: "value": "..."')
+            ok = False
+            continue
+        messages.append(Message(role, value.strip()))
+    if not ok:
+        return None, problems
+
+    # alternation: [system] user assistant user assistant ...
+    body = messages[1:] if messages and messages[0].role == "system" else messages
+    for k, msg in enumerate(body):
+        expected = "user" if k % 2 == 0 else "assistant"
+        if msg.role != expected:
+            t = k + (len(messages) - len(body))
+            err(
+                f'turn {t} is from the {msg.role} where the {expected} was expected: turns must alternate user, assistant, ... starting with the user',
+                "reorder or merge consecutive turns of the same speaker",
+            )
+            return None, problems
+    if not any(m.role == "assistant" for m in body):
+        err("the conversation has no assistant answer, so nothing would be trained", "add an assistant turn after the user turn")
+        return None, problems
+
+    # images
+    raw_images = record.get("image", record.get("images"))
+    if raw_images is None:
+        image_list: list[str] = []
+    elif isinstance(raw_images, str):
+        image_list = [raw_images]
+    elif isinstance(raw_images, list) and all(isinstance(x, str) for x in raw_images):
+        image_list = list(raw_images)
+    else:
+        err(f'"image" is a {_json_type(raw_images)}, expected a path string or a list of path strings', 'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+        return None, problems
+    if any(not x.strip() for x in image_list):
+        err('"image" holds an empty path', "remove the empty entry or give the file name")
+        return None, problems
+
+    n_placeholders = sum(m.text.count(IMAGE_PLACEHOLDER) for m in messages)
+    image_prepended = False
+    if n_placeholders != len(image_list):
+        llava = any(LLAVA_PLACEHOLDER in m.text for m in messages)
+        if n_placeholders == 0 and llava:
+            err(
+                f'found LLaVA-style "{LLAVA_PLACEHOLDER}" but no "{IMAGE_PLACEHOLDER}" ({len(image_list)} image(s))',
+                f'replace "{LLAVA_PLACEHOLDER}" with "{IMAGE_PLACEHOLDER}" in the turn text',
+            )
+            return None, problems
+        if n_placeholders == 0 and len(image_list) == 1:
+            first_user = next(i for i, m in enumerate(messages) if m.role == "user")
+            messages[first_user] = Message("user", IMAGE_PLACEHOLDER + messages[first_user].text)
+            image_prepended = True
+            err(
+                f'one image and no "{IMAGE_PLACEHOLDER}": the image is placed at the start of the first user turn',
+                f'put "{IMAGE_PLACEHOLDER}" where the image belongs to choose its place',
+                level="info",
+            )
+        else:
+            hint = f' (the text contains "{LLAVA_PLACEHOLDER}": use "{IMAGE_PLACEHOLDER}" instead)' if llava else ""
+            err(
+                f'{n_placeholders} "{IMAGE_PLACEHOLDER}" placeholder(s) but {len(image_list)} image(s){hint}',
+                f'give one "{IMAGE_PLACEHOLDER}" per image, in the order of the "image" list',
+            )
+            return None, problems
+
+    images: list[Path] = []
+    for img in image_list:
+        cands = image_candidates(img.strip(), search_dirs)
+        found = next((c for c in cands if c.is_file()), None) if check_images_exist else cands[0]
+        if found is None:
+            looked = ", ".join(str(c) for c in cands)
+            err(f'image "{img}" not found (looked in: {looked})', "fix the path; relative image paths are resolved against the data.txt folder, then the JSON file's folder")
+            continue
+        images.append(found)
+    if errors(problems):
+        return None, problems
+    return Conversation(messages, images, sid, file, index, image_prepended), problems
+
+
+def read_file(
+    path: Path,
+    *,
+    search_dirs: Sequence[Path] | None = None,
+    display: str | None = None,
+    check_images_exist: bool = True,
+) -> tuple[list[Conversation | None], list[Problem]]:
+    """Read and normalise every sample of one file.
+
+    Returns one entry per sample in file order (None for samples with errors, so that indices stay
+    the file's own) and every problem found. ``search_dirs`` are the folders image paths are
+    resolved against (default: the file's folder).
+    """
+    path = Path(path)
+    name = display or str(path)
+    dirs = list(search_dirs) if search_dirs is not None else [path.parent]
+    records, problems = read_records(path, name)
+    out: list[Conversation | None] = []
+    for index, (line, record) in enumerate(records):
+        conv, probs = normalize_sample(
+            record, file=name, index=index, search_dirs=dirs, line=line, check_images_exist=check_images_exist
+        )
+        out.append(conv)
+        problems.extend(probs)
+    return out, problems
+
+
+def load_conversations(path: Path, *, search_dirs: Sequence[Path] | None = None) -> list[Conversation]:
+    """Read one file for training: raise :class:`DataError` on the first error."""
+    convs, problems = read_file(path, search_dirs=search_dirs)
+    raise_first(problems)
+    return [c for c in convs if c is not None]
+
+
+__all__ = [
+    "ASSISTANT_ROLES",
+    "Conversation",
+    "IMAGE_PLACEHOLDER",
+    "Message",
+    "Problem",
+    "USER_ROLES",
+    "errors",
+    "image_candidates",
+    "load_conversations",
+    "normalize_sample",
+    "raise_first",
+    "read_file",
+    "read_records",
+]
