@@ -1,0 +1,444 @@
+"""Configuration of ``xcft train``: documented dataclasses, YAML + flag parsing, resolved-config writing.
+
+The flag names are those of the official InternLM-XComposer2 ``finetune.py`` plus every Hugging Face
+``TrainingArguments`` flag, so an official ``finetune.sh`` keeps working when ``finetune.py`` is replaced
+by ``xcft train``. A YAML file gives the same keys; command-line flags override it. Unknown keys are an
+error that names the nearest valid key. To add an option, add a documented field to one of the
+dataclasses below: parsing, YAML, the resolved config and ``--help`` pick it up with no other change.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = [
+    "attention.wqkv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+]
+
+RESOLVED_CONFIG_NAME = "train_config.yaml"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from and which of its parts are trained."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model folder: an official InternLM-XComposer2 checkpoint or one xcft wrote (required)."},
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Freeze the decoder and train peft LoRA adapters on the five linears (official flag)."},
+    )
+    fix_vit: bool = field(
+        default=True,
+        metadata={"help": "Freeze the vision tower. False trains it (its post_layernorm is unused either way)."},
+    )
+    fix_sampler: bool = field(
+        default=False,
+        metadata={"help": "Freeze the vision projector (vision_proj). Official name: the 'sampler'."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights are loaded in: float32 (master weights; the official behaviour), "
+            "bfloat16 or float16. A half dtype halves the memory of frozen weights in LoRA runs; "
+            "trainable LoRA weights stay float32.",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Accepted for compatibility with the official finetune.py; unused (nothing is downloaded)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Training and evaluation data and how samples are encoded."""
+
+    data_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "data.txt (one '<json path> <number>' per line) or a single .json/.jsonl file (required)."},
+    )
+    given_num: bool = field(
+        default=True,
+        metadata={
+            "help": "data.txt numbers are sample counts in thousands drawn per epoch (true, what the official "
+            "scripts pass) or ratios of each file's size (false)."
+        },
+    )
+    img_size: Optional[int] = field(
+        default=None, metadata={"help": "Image side in pixels (default: the model's img_size, 490 for vl-7b)."}
+    )
+    hd_num: Optional[int] = field(
+        default=None,
+        metadata={"help": "Accepted for compatibility (XComposer2-4KHD tiling); XComposer2 models ignore it."},
+    )
+    batch_size: int = field(
+        default=1,
+        metadata={
+            "help": "Official flag: samples per dataset item. xcft multiplies it into the per-device batch "
+            "(per_device_train_batch_size * batch_size samples per device and step); prefer "
+            "per_device_train_batch_size."
+        },
+    )
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Token limit per sample, image slots included (default: the model's max_length)."},
+    )
+    eval_data_path: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation data (same formats as data_path); enables eval loss."}
+    )
+    eval_split: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction (0-1) of the training samples held out for evaluation (seeded, never trained on). "
+            "Used when eval_data_path is not given."
+        },
+    )
+
+
+@dataclass
+class LoraArguments:
+    """peft LoRA settings (used with --use_lora true); names and defaults are the official ones."""
+
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Module name suffixes that get LoRA (default: the five decoder linears)."},
+    )
+    lora_weight_path: str = field(
+        default="", metadata={"help": "A peft adapter folder to start from (continue training a LoRA)."}
+    )
+    lora_bias: str = field(
+        default="none",
+        metadata={"help": "peft bias mode: none, all or lora_only.", "choices": ["none", "all", "lora_only"]},
+    )
+
+
+# Flags of older transformers versions that official finetune.sh files pass. Value: the new name, or
+# None for "accepted and ignored".
+LEGACY_ALIASES: dict[str, Optional[str]] = {
+    "evaluation_strategy": "eval_strategy",
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
+    "no_cuda": "use_cpu",
+    "per_gpu_train_batch_size": "per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "per_device_eval_batch_size",
+    "overwrite_output_dir": None,
+    "save_safetensors": None,
+    "logging_dir": None,  # handled: becomes the TensorBoard folder
+}
+
+
+@dataclass
+class TrainConfig:
+    """The four parsed argument groups of one ``xcft train`` run, plus where each value came from."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: Any  # transformers.TrainingArguments
+    explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
+    logging_dir: Optional[str] = None
+    config_file: Optional[str] = None
+
+
+def _arg_classes() -> tuple[type, ...]:
+    from transformers import TrainingArguments
+
+    return (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+
+
+def _make_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(_arg_classes(), prog="xcft train", allow_abbrev=False)
+
+
+def valid_keys() -> list[str]:
+    """Every key accepted in a YAML file or as ``--key``."""
+    names: list[str] = []
+    for cls in _arg_classes():
+        names += [f.name for f in dataclasses.fields(cls) if f.init]
+    return names
+
+
+# Names people type that string similarity maps to the wrong option.
+_SYNONYMS = {
+    "lora_rank": "lora_r",
+    "rank": "lora_r",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "model": "model_name_or_path",
+    "model_path": "model_name_or_path",
+    "data": "data_path",
+    "steps": "max_steps",
+    "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "micro_batch_size": "per_device_train_batch_size",
+    "eval_data": "eval_data_path",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    if key in _SYNONYMS:
+        return f"; did you mean '{_SYNONYMS[key]}'?"
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if not match:
+        # substring hits catch abbreviations ("lr" -> learning_rate does not, "target" -> lora_target_modules does)
+        match = [v for v in valid if key in v][:1]
+    return f"; did you mean '{match[0]}'?" if match else "; run 'xcft train --help' for the list of options"
+
+
+def _normalise_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_")
+
+
+def _apply_legacy(values: dict[str, Any], source: str, legacy_out: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in LEGACY_ALIASES:
+            new = LEGACY_ALIASES[key]
+            legacy_out[key] = value
+            if new is None:
+                if key != "logging_dir":
+                    logger.info("%s: '%s' is an option of older transformers versions; ignored", source, key)
+                continue
+            logger.info("%s: '%s' is the old name of '%s'; using it as '%s'", source, key, new, new)
+            key = new
+        out[key] = value
+    return out
+
+
+def _split_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Rename legacy flags in ``argv``; collect values of ignored legacy flags."""
+    legacy: dict[str, Any] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            name, eq, val = tok[2:].partition("=")
+            key = name.replace("-", "_")
+            if key in LEGACY_ALIASES:
+                new = LEGACY_ALIASES[key]
+                has_value = bool(eq) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+                value: Any = val if eq else (argv[i + 1] if has_value and not eq else True)
+                legacy[key] = value
+                if new is None:
+                    if key != "logging_dir":
+                        logger.info("'--%s' is an option of older transformers versions; ignored", key)
+                    i += 1 + (1 if has_value and not eq else 0)
+                    continue
+                logger.info("'--%s' is the old name of '--%s'; using it as '--%s'", key, new, new)
+                out.append(f"--{new}{eq}{val}" if eq else f"--{new}")
+                i += 1
+                continue
+        out.append(tok)
+        i += 1
+    return out, legacy
+
+
+def _explicit_cli_keys(argv: list[str], parser) -> set[str]:
+    keys = set()
+    for tok in argv:
+        if tok.startswith("--"):
+            action = parser._option_string_actions.get(tok.split("=", 1)[0])
+            if action is not None:
+                keys.add(action.dest)
+    return keys
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Read a YAML config: a mapping of option names to values."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise XcftError(f"config file {path} does not exist; pass a YAML file or only --flags")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise XcftError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise XcftError(f"config file {path} must be a mapping of option names to values, got {type(data).__name__}")
+    return {_normalise_key(str(k)): v for k, v in data.items()}
+
+
+#: Where xcft's defaults differ from TrainingArguments' (a YAML file or a flag overrides them).
+XCFT_DEFAULTS: dict[str, Any] = {
+    "report_to": "tensorboard",  # TensorBoard logs by default (transformers 5 defaults to none)
+    "logging_steps": 1,  # loss on the progress bar and in TensorBoard at every step, as the official scripts do
+    "remove_unused_columns": False,  # our collator's keys are exactly the model's inputs
+    "prediction_loss_only": True,  # evaluation never gathers [batch, length, vocab] logits
+    "activation_checkpointing_kwargs": {"use_reentrant": False},  # works with frozen embeddings (LoRA) and DDP
+}
+
+
+def print_help() -> None:
+    """``xcft train --help``: every option, grouped."""
+    parser = _make_parser()
+    parser.usage = "xcft train [CONFIG.yaml] [--option value ...]"
+    parser.print_help()
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """Parse ``[CONFIG.yaml] [--flag value ...]`` into a :class:`TrainConfig`.
+
+    Precedence: command-line flags > YAML file > xcft defaults (:data:`XCFT_DEFAULTS`, plus
+    ``eval_strategy: epoch`` when evaluation data is given and ``ddp_find_unused_parameters: true``
+    when the vision tower is trained) > TrainingArguments defaults. Raises :class:`XcftError` for
+    unknown keys (naming the nearest valid one), a missing config file or missing required options.
+    """
+    valid = valid_keys()
+    valid_set = set(valid)
+    config_file = None
+    if argv and not argv[0].startswith("-"):
+        config_file, argv = argv[0], argv[1:]
+    legacy: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        file_values = _apply_legacy(load_yaml_config(config_file), config_file, legacy)
+        for key in file_values:
+            if key not in valid_set:
+                raise XcftError(f"{config_file}: unknown option '{key}'{_suggest(key, valid)}")
+    argv, cli_legacy = _split_cli(list(argv))
+    legacy.update(cli_legacy)
+
+    def parse(extra_defaults: dict[str, Any]):
+        parser = _make_parser()
+        parser.set_defaults(**copy.deepcopy({**XCFT_DEFAULTS, **extra_defaults}))
+        parser.set_defaults(**file_values)
+        explicit = set(file_values) | _explicit_cli_keys(argv, parser)
+        try:
+            parsed = parser.parse_args_into_dataclasses(
+                args=argv, return_remaining_strings=True, look_for_args_file=False
+            )
+        except SystemExit as exc:  # argparse already printed the reason (bad value, --help)
+            if exc.code == 0:
+                raise
+            raise XcftError("invalid command line for 'xcft train' (see the message above)") from None
+        except (ValueError, TypeError) as exc:  # TrainingArguments.__post_init__ validation
+            raise XcftError(f"invalid training options: {exc}") from None
+        *groups, remaining = parsed
+        for tok in remaining:
+            if tok.startswith("-"):
+                key = _normalise_key(tok.split("=", 1)[0])
+                raise XcftError(f"unknown option '--{key}'{_suggest(key, valid)}")
+            raise XcftError(
+                f"unexpected argument '{tok}': only the first argument may be a YAML config file; "
+                "every other value belongs to a --flag"
+            )
+        return groups, explicit
+
+    (model_args, data_args, lora_args, training_args), explicit = parse({})
+    conditional: dict[str, Any] = {}
+    if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
+        conditional["eval_strategy"] = "epoch"
+    if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
+        conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
+    if conditional:
+        (model_args, data_args, lora_args, training_args), explicit = parse(conditional)
+
+    if not model_args.model_name_or_path:
+        raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
+    if not data_args.data_path:
+        raise XcftError("--data_path is required (data.txt or a .json/.jsonl file), on the command line or in the YAML file")
+    if not 0.0 <= data_args.eval_split < 1.0:
+        raise XcftError(f"--eval_split must be a fraction in [0, 1), got {data_args.eval_split}")
+    if data_args.batch_size < 1:
+        raise XcftError(f"--batch_size must be at least 1, got {data_args.batch_size}")
+    if data_args.batch_size > 1:
+        # Official meaning: each dataset item holds batch_size samples, so a device step sees
+        # per_device_train_batch_size * batch_size samples. Fold it in once (the resolved config keeps 1).
+        training_args.per_device_train_batch_size *= data_args.batch_size
+        logger.info(
+            "--batch_size %d (official flag): per-device batch is now %d samples",
+            data_args.batch_size,
+            training_args.per_device_train_batch_size,
+        )
+        data_args.batch_size = 1
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        raise XcftError(
+            "--dataloader_persistent_workers true keeps each worker's copy of the data set, so the per-epoch "
+            "data.txt draw would never change; leave it false"
+        )
+    if data_args.hd_num is not None:
+        logger.info("--hd_num is an InternLM-XComposer2-4KHD option; XComposer2 models ignore it")
+    logging_dir = legacy.get("logging_dir")
+    return TrainConfig(
+        model=model_args,
+        data=data_args,
+        lora=lora_args,
+        training=training_args,
+        explicit=explicit,
+        logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
+        config_file=config_file,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-safe version of a config value."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
+    out: dict[str, Any] = {}
+    for group in (cfg.model, cfg.data, cfg.lora):
+        out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
+    training = cfg.training.to_dict()
+    for f in dataclasses.fields(cfg.training):
+        if f.init and f.name in training:
+            out[f.name] = _plain(training[f.name])
+    # Values that are derived, machine-specific or secret do not belong in a reusable config.
+    for key in ("local_rank", "hub_token"):
+        out.pop(key, None)
+    return out
+
+
+def write_resolved_config(cfg: TrainConfig, output_dir: str | os.PathLike) -> Path:
+    """Write ``train_config.yaml`` (every resolved option) into ``output_dir``; returns its path."""
+    import yaml
+
+    path = Path(output_dir) / RESOLVED_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# Resolved configuration of this xcft train run (every option, defaults included).\n"
+        f"# Rerun it with: xcft train {path}\n"
+    )
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
