@@ -1,0 +1,392 @@
+"""Load official InternLM-XComposer2 folders and our own outputs; save self-contained folders.
+
+``load_pretrained`` never executes a folder's ``.py`` files and never downloads: it reads
+``config.json`` with :class:`XComposer2Config`, builds :class:`XComposer2ForCausalLM` on the
+meta device, reads the weights (``.safetensors`` or ``.bin`` with ``weights_only=True``,
+sharded or not), adapts the two things official folders may differ in (the Partial-LoRA rank,
+read from the weights; a 577-row CLIP-336 position table, interpolated to the model's grid),
+and assigns them with no missing or unexpected key allowed.
+
+``save_pretrained`` writes a folder that a process without xcft can load with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``: config with
+``auto_map``, the self-contained model/tokenizer/image files copied in, safetensors with the
+official tensor names, tokenizer files. It writes to a temporary sibling folder and renames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xcft.errors import XcftError
+from xcft.model.configuration_xcomposer2 import XComposer2Config
+from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = Path(__file__).resolve().parent
+#: The self-contained files copied into every saved folder (remote code for trust_remote_code).
+SELF_CONTAINED_FILES = (
+    "configuration_xcomposer2.py",
+    "modeling_xcomposer2.py",
+    "tokenization_internlm2.py",
+    "image_processing_xcomposer2.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_xcomposer2.XComposer2Config",
+    "AutoModel": "modeling_xcomposer2.XComposer2ForCausalLM",
+    "AutoModelForCausalLM": "modeling_xcomposer2.XComposer2ForCausalLM",
+}
+ADAPTER_CONFIG = "adapter_config.json"
+POSITION_KEY = "vit.vision_tower.vision_model.embeddings.position_embedding.weight"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+# ============================================================================ small helpers
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """``"bfloat16"``/``torch.bfloat16``/None -> a torch dtype."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise XcftError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise XcftError(f"device {device} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash_attention_2 on CUDA in half precision when the package is installed, else SDPA."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+# ============================================================================ reading weights
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (index-listed shards, or a single file)."""
+    for index_name in INDEX_FILES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise XcftError(f"{index} is not a valid shard index (no weight_map): {exc}") from exc
+            files = sorted({folder / name for name in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise XcftError(f"{index} lists shards that are missing: {missing}; re-download the checkpoint")
+            return files
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise XcftError(
+        f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
+    )
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder on CPU, in their stored dtype (``.bin`` with ``weights_only``)."""
+    folder = Path(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            part = load_file(str(path), device="cpu")
+        else:
+            try:
+                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # pickle errors are user-facing here: a file we refuse to unpickle
+                raise XcftError(
+                    f"{path} could not be read with torch.load(weights_only=True) ({exc}); "
+                    "convert it to safetensors in a trusted environment"
+                ) from exc
+        dup = set(part) & set(state)
+        if dup:
+            raise XcftError(f"{path} repeats tensors already read from another shard: {sorted(dup)[:5]}")
+        state.update(part)
+    return state
+
+
+def plora_rank_from_weights(state: dict[str, torch.Tensor]) -> int | None:
+    """The Partial-LoRA rank stored in the weights (rows of any ``Plora_A``), or None when absent."""
+    ranks = {tuple(v.shape)[0] for k, v in state.items() if k.endswith("Plora_A.weight")}
+    if not ranks:
+        return None
+    if len(ranks) > 1:
+        raise XcftError(f"the checkpoint mixes Partial-LoRA ranks {sorted(ranks)}; every Plora_A must have the same rows")
+    return ranks.pop()
+
+
+def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """A CLIP position table ``[1 + g*g, D]`` resized to ``[1 + grid*grid, D]``.
+
+    The class row stays first; the g x g part is interpolated bicubically (align_corners
+    False) in float32, as the official code does for the 577-row CLIP-336 table.
+    """
+    rows, dim = table.shape
+    old = math.isqrt(rows - 1)
+    if old * old != rows - 1:
+        raise XcftError(f"the CLIP position table has {rows} rows, not a square grid plus a class row")
+    if old == grid:
+        return table
+    cls_row, grid_rows = table[:1], table[1:]
+    pos = grid_rows.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    pos = pos.permute(0, 2, 3, 1).reshape(grid * grid, dim).to(table.dtype)
+    return torch.cat([cls_row, pos], dim=0)
+
+
+# ============================================================================ config + model
+
+
+def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config:
+    """Our configuration for an official or own folder (errors are user errors)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise XcftError(f"{folder} has no config.json; pass a model folder (official checkpoint or xcft output)")
+    try:
+        return XComposer2Config.from_pretrained(str(folder), **overrides)
+    except ValueError as exc:
+        raise XcftError(f"{folder / 'config.json'}: {exc}") from exc
+
+
+def build_from_state_dict(
+    config: XComposer2Config,
+    state: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str = "checkpoint",
+) -> XComposer2ForCausalLM:
+    """Build the model on the meta device and assign ``state`` (adapted) with strict key checks."""
+    state = dict(state)
+    if POSITION_KEY in state:
+        state[POSITION_KEY] = resize_position_table(state[POSITION_KEY], config.vision_grid)
+    with torch.device("meta"):
+        model = XComposer2ForCausalLM(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise XcftError(
+            f"{source} does not match the XComposer2 layout of its config.json: "
+            f"{len(missing)} missing tensors {missing[:6]}, {len(unexpected)} unexpected tensors {unexpected[:6]}"
+        )
+    own = model.state_dict()
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise XcftError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)} but config.json implies {tuple(own[key].shape)}"
+            )
+    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    materialize_non_persistent_buffers(model, device)
+    return model.eval()
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+) -> XComposer2ForCausalLM:
+    """The model of an official folder or an xcft output folder (no remote code, no download)."""
+    folder = Path(path)
+    config = load_config(folder)
+    state = read_state_dict(folder)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    rank = plora_rank_from_weights(state)
+    if rank is not None and rank != config.plora_r:
+        logger.info("Partial-LoRA rank %d read from the weights (config said %d)", rank, config.plora_r)
+        config.plora_r = rank
+    if rank is not None and "plora_alpha" not in raw:
+        config.plora_alpha = float(rank)  # released models: alpha == r (scale 1.0)
+    torch_dtype = resolve_dtype(dtype, default=_stored_dtype(config))
+    dev = resolve_device(device)
+    config._attn_implementation = attn_implementation or default_attn_implementation(dev, torch_dtype)
+    model = build_from_state_dict(config, state, dtype=torch_dtype, device=dev, source=str(folder))
+    model.config.dtype = torch_dtype
+    return model
+
+
+def _stored_dtype(config: XComposer2Config) -> torch.dtype:
+    stored = getattr(config, "dtype", None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The InternLM2 tokenizer of a folder (its ``tokenizer.model``)."""
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    model_file = Path(path) / "tokenizer.model"
+    if not model_file.is_file():
+        raise XcftError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
+    return InternLM2Tokenizer.from_model_file(model_file)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """``(model, tokenizer)`` from an official checkpoint folder or an xcft output folder.
+
+    ``dtype`` None keeps the stored dtype (float32 when unknown); ``device`` None picks cuda
+    when available. The model is in eval mode. LoRA adapter folders (``adapter_config.json``)
+    go through :func:`load_adapter_folder`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise XcftError(f"model folder {folder} does not exist")
+    if is_adapter_folder(folder):
+        return load_adapter_folder(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return model, load_tokenizer(folder)
+
+
+def load_adapter_folder(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
+    """Extension point for LoRA adapter folders (peft ``adapter_config.json`` naming a base model).
+
+    The training package registers the real loader; until then this is a clear user error.
+    """
+    try:
+        from xcft.train.adapters import load_adapter_pretrained  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise XcftError(
+            f"{path} is a LoRA adapter folder (it has {ADAPTER_CONFIG}); loading adapters needs xcft.train, "
+            "which is not available in this installation. Merge it first with `xcft merge`."
+        ) from exc
+    return load_adapter_pretrained(path, dtype=dtype, device=device)
+
+
+# ============================================================================ saving
+
+
+def save_pretrained(
+    model: XComposer2ForCausalLM,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Write a self-contained model folder (see module docstring); returns its path.
+
+    The folder appears complete or not at all: everything goes to a temporary sibling first.
+    """
+    out = Path(output).resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        config = model.config
+        config.architectures = ["XComposer2ForCausalLM"]
+        config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        for name in SELF_CONTAINED_FILES:
+            src = MODEL_DIR / name
+            if not src.is_file():
+                raise XcftError(f"cannot write a self-contained folder: {src} is missing from the xcft installation")
+            shutil.copyfile(src, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _check_saved_names(model, tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved model folder %s", out)
+    return out
+
+
+def _check_saved_names(model: XComposer2ForCausalLM, folder: Path) -> None:
+    """The written tensors carry exactly the model's (official) state-dict names."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as fh:
+            names.update(fh.keys())
+    expected = set(model.state_dict())
+    if names != expected:
+        raise RuntimeError(
+            f"saved tensor names differ from the model's: missing {sorted(expected - names)[:5]}, "
+            f"extra {sorted(names - expected)[:5]}"
+        )
+
+
+def convert_command(source: str, output: str) -> int:
+    """``xcft convert OFFICIAL_DIR OUT_DIR``: load with our classes, write a self-contained copy."""
+    model, tokenizer = load_pretrained(source, dtype=None, device="cpu")
+    out = save_pretrained(model, tokenizer, output)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"converted {source} -> {out} ({n_params / 1e6:.1f}M parameters, {model.config.dtype}, "
+        f"img_size {model.config.img_size}, Partial-LoRA rank {model.config.plora_r})"
+    )
+    return 0
+
+
+__all__ = [
+    "load_pretrained",
+    "load_model",
+    "load_config",
+    "load_tokenizer",
+    "save_pretrained",
+    "convert_command",
+    "read_state_dict",
+    "resize_position_table",
+    "plora_rank_from_weights",
+    "build_from_state_dict",
+    "resolve_dtype",
+    "resolve_device",
+]

@@ -1,0 +1,802 @@
+"""InternLM-XComposer2: InternLM2 decoder with Partial LoRA, CLIP vision tower and projector.
+
+Self-contained (standard library, torch, PIL, transformers and relative imports only):
+``save_pretrained`` copies this file into model folders loaded with ``trust_remote_code``.
+
+Read top to bottom in dependency order: RMSNorm -> rotary embedding -> Partial-LoRA linear ->
+attention -> MLP -> decoder layer -> decoder -> vision tower -> XComposer2ForCausalLM.
+State-dict names are exactly the official ones, so official checkpoint folders load with no
+missing or unexpected key.
+
+Batch contract (docs/ARCHITECTURE.md): ``input_ids`` hold the pad id at image slots,
+``image_mask`` is True there (and selects where Partial LoRA applies), ``pixel_values`` holds
+every image of the batch in row order, and the model checks that the slot count equals
+``images * image_tokens`` before splicing the projected features in with ``masked_scatter``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_xcomposer2 import XComposer2Config
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<ImageHere>"
+TURN_START = "[UNUSED_TOKEN_146]"
+TURN_END = "[UNUSED_TOKEN_145]"
+#: Our own neutral system prompt for :meth:`XComposer2ForCausalLM.chat` (the reference docs
+#: do not quote the official one). Pass ``meta_instruction=""`` for none.
+DEFAULT_META_INSTRUCTION = (
+    "You are a helpful multimodal assistant. You answer questions about the images and text you are given "
+    "accurately and concisely, in the language of the question."
+)
+
+
+# ============================================================================ norm
+
+
+class XComposer2RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as the official InternLM2), scaled in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+# ============================================================================ rotary
+
+
+class XComposer2RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with inverse frequencies 1/theta^(2i/d), computed in float32."""
+
+    def __init__(self, config: XComposer2Config, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(
+        config: XComposer2Config, device: torch.device | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    def reset_inv_freq(self, device: torch.device | str | None = None) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
+        inv_freq, self.attention_scaling = (
+            self.compute_default_rope_parameters(self.config, device)
+            if self.rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
+        )
+        self.inv_freq = inv_freq
+        self.original_inv_freq = inv_freq.clone()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+# ============================================================================ Partial LoRA
+
+
+class PLoRALinear(nn.Linear):
+    """A linear layer whose output gets ``Plora_B(Plora_A(dropout(x))) * alpha / r`` added at image positions.
+
+    ``plora_index`` holds the flat (batch * seq) indices of image positions; ``None`` means no
+    image position, and text positions never get the branch. In training without any image
+    position, a zero-weighted branch on one position keeps ``Plora_A``/``Plora_B`` in the
+    autograd graph, so DDP (without ``find_unused_parameters``) and ZeRO see a gradient for
+    every parameter on every rank, as the official code does.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        lora_r: int = 256,
+        lora_alpha: float = 256.0,
+        lora_dropout: float = 0.05,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_r = lora_r
+        self.lora_alpha = lora_alpha
+        self.lora_scaling = float(lora_alpha) / float(lora_r)
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.Plora_A = nn.Linear(in_features, lora_r, bias=False)
+        self.Plora_B = nn.Linear(lora_r, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor, plora_index: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if plora_index is None:
+            if self.training and torch.is_grad_enabled():
+                out = out + 0.0 * self.Plora_B(self.Plora_A(x[..., :1, :])).sum()
+            return out
+        shape = out.shape
+        selected = x.reshape(-1, x.shape[-1]).index_select(0, plora_index)
+        delta = self.Plora_B(self.Plora_A(self.lora_dropout(selected))) * self.lora_scaling
+        return out.reshape(-1, shape[-1]).index_add(0, plora_index, delta.to(out.dtype)).view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}"
+
+
+# ============================================================================ attention
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, L, D] -> [B, kv_heads * n_rep, L, D]."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention (float32 softmax), the fallback when no other backend is chosen."""
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class XComposer2Attention(nn.Module):
+    """Grouped-query attention with a fused ``wqkv``.
+
+    For each key/value head the fused rows hold its G = heads / kv_heads query heads, then its
+    key, then its value (head_dim rows each); query head index = kv_head * G + g.
+    """
+
+    def __init__(self, config: XComposer2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        plora = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
+        self.wqkv = PLoRALinear(
+            config.hidden_size, (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim, bias=config.bias, **plora
+        )
+        self.wo = PLoRALinear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias, **plora)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        plora_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        groups = self.num_key_value_groups
+        qkv = self.wqkv(hidden_states, plora_index).view(bsz, q_len, self.num_key_value_heads, groups + 2, self.head_dim)
+        query_states = qkv[..., :groups, :].reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key_states = qkv[..., groups, :].transpose(1, 2)
+        value_states = qkv[..., groups + 1, :].transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
+        return self.wo(attn_output, plora_index), attn_weights
+
+
+# ============================================================================ MLP
+
+
+class XComposer2MLP(nn.Module):
+    """SwiGLU feed-forward: ``w2(silu(w1(x)) * w3(x))``, every linear with Partial LoRA."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        plora = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
+        self.w1 = PLoRALinear(config.hidden_size, config.intermediate_size, bias=False, **plora)
+        self.w3 = PLoRALinear(config.hidden_size, config.intermediate_size, bias=False, **plora)
+        self.w2 = PLoRALinear(config.intermediate_size, config.hidden_size, bias=False, **plora)
+        self.act_fn = nn.SiLU() if config.hidden_act == "silu" else _activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor, plora_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.w2(self.act_fn(self.w1(x, plora_index)) * self.w3(x, plora_index), plora_index)
+
+
+def _activation(name: str) -> nn.Module:
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+# ============================================================================ decoder layer
+
+
+class XComposer2DecoderLayer(GradientCheckpointingLayer):
+    """``x + wo(attn(norm(x)))`` then ``x + mlp(norm(x))``; checkpointed when gradient checkpointing is on."""
+
+    def __init__(self, config: XComposer2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = XComposer2Attention(config, layer_idx)
+        self.feed_forward = XComposer2MLP(config)
+        self.attention_norm = XComposer2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = XComposer2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        plora_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.attention(
+            self.attention_norm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            plora_index=plora_index,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.feed_forward(self.ffn_norm(hidden_states), plora_index)
+        return residual + hidden_states
+
+
+# ============================================================================ pretrained base
+
+
+class XComposer2PreTrainedModel(PreTrainedModel):
+    config_class = XComposer2Config
+    config: XComposer2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["XComposer2DecoderLayer", "CLIPEncoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, XComposer2RotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config) if module.rope_type == "default" else (
+                ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
+            )
+            with torch.no_grad():
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq.copy_(inv_freq)
+
+
+# ============================================================================ decoder
+
+
+def flat_image_index(image_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Flat (batch * seq) indices of True positions, or None when there is none (one host sync)."""
+    if image_mask is None:
+        return None
+    index = image_mask.reshape(-1).nonzero().squeeze(1)
+    return index if index.numel() else None
+
+
+class XComposer2Model(XComposer2PreTrainedModel):
+    """The InternLM2 decoder (embeddings, layers, final norm); Partial LoRA acts where ``image_mask`` is True."""
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([XComposer2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = XComposer2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = XComposer2RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.tok_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        image_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """``image_mask`` must have the shape of the current input ([B, q_len]); it only selects Partial LoRA."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_embeddings(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        plora_index = flat_image_index(image_mask)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                plora_index=plora_index,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+# ============================================================================ vision
+
+
+class XComposer2VisionTower(nn.Module):
+    """CLIP vision transformer; features = last encoder layer, class token dropped, no post-layernorm.
+
+    The CLIP position grid is built for ``config.img_size`` (the configuration keeps the vision
+    ``image_size`` equal to ``img_size``); loaders interpolate a stored 577-row CLIP-336 table.
+    ``post_layernorm`` only feeds CLIP's pooled output, which no feature uses; in training its
+    output joins the graph with weight zero, so that DDP without ``find_unused_parameters``
+    sees a (zero) gradient for it when the tower is trainable. Features are unchanged.
+    """
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__()
+        self.vision_tower = _CLIPHolder(CLIPVisionModel(config.vision_config))
+
+    @property
+    def clip(self) -> CLIPVisionModel:
+        return self.vision_tower.vision_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.embeddings.patch_embedding.weight.dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        outputs = self.clip(pixel_values=pixel_values.to(self.dtype))
+        features = outputs.last_hidden_state[:, 1:]
+        if self.training and torch.is_grad_enabled():
+            features = features + 0.0 * outputs.pooler_output.sum()
+        return features
+
+
+class _CLIPHolder(nn.Module):
+    """Holds the CLIP model under ``vision_model`` so state-dict names are the official
+    ``vit.vision_tower.vision_model.*`` (transformers 5's CLIPVisionModel has its layers at top level)."""
+
+    def __init__(self, vision_model: CLIPVisionModel) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+
+
+# ============================================================================ causal LM
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]`` (float32), ignoring -100.
+
+    Mean over the supervised tokens of the batch, or their sum divided by
+    ``num_items_in_batch`` when given (the Trainer's count over all micro-batches / ranks).
+    A batch with no supervised token gives 0 (with a graph) rather than NaN.
+    """
+    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return _reduce_ce(shift_logits, shift_labels, num_items_in_batch)
+
+
+def _reduce_ce(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_items_in_batch is None:
+        denom = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        denom = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    return total / denom
+
+
+class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
+    """InternLM-XComposer2 (VL): decoder + untied ``output`` head + ``vit`` + ``vision_proj``.
+
+    ``accepts_loss_kwargs = True``: the Trainer passes ``num_items_in_batch`` and the loss is
+    the summed token cross-entropy divided by it (no world-size scaling here).
+    """
+
+    accepts_loss_kwargs = True
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: XComposer2Config) -> None:
+        super().__init__(config)
+        self.model = XComposer2Model(config)
+        self.vocab_size = config.vocab_size
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vit = XComposer2VisionTower(config)
+        self.vision_proj = nn.Sequential(
+            nn.Linear(config.vision_config.hidden_size, config.projector_hidden_size),
+            nn.GELU(),
+            nn.Linear(config.projector_hidden_size, config.hidden_size),
+        )
+        self.post_init()
+
+    # ------------------------------------------------------------------ accessors
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.output = new_embeddings
+
+    @property
+    def image_tokens(self) -> int:
+        """Slots (feature vectors) per image."""
+        return self.config.image_tokens
+
+    # ------------------------------------------------------------------ images
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] pixels -> [N, image_tokens, hidden] projected features."""
+        features = self.vit(pixel_values)
+        return self.vision_proj(features.to(self.vision_proj[0].weight.dtype))
+
+    def splice_image_features(
+        self,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor,
+        image_counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Put the projected features of ``pixel_values`` (batch row order) at the ``image_mask`` slots."""
+        if image_mask is None:
+            raise ValueError("pixel_values given without image_mask: the model cannot tell where the images go")
+        slots = int(image_mask.sum())
+        per_image = self.image_tokens
+        if slots != pixel_values.shape[0] * per_image:
+            raise ValueError(
+                f"image_mask marks {slots} slots but pixel_values holds {pixel_values.shape[0]} images of "
+                f"{per_image} slots each ({pixel_values.shape[0] * per_image}); every image needs exactly "
+                f"{per_image} consecutive slots (img_size {self.config.img_size})"
+            )
+        if image_counts is not None:
+            per_row = image_mask.sum(dim=1).to(image_counts.device)
+            if not torch.equal(per_row, image_counts.to(per_row.dtype) * per_image):
+                raise ValueError(
+                    f"image slots per row {per_row.tolist()} do not match image_counts {image_counts.tolist()} x {per_image}"
+                )
+        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.reshape(-1))
+
+    @staticmethod
+    def _align_image_mask(image_mask: torch.Tensor | None, past_len: int, q_len: int) -> torch.Tensor | None:
+        """The image mask for the current input positions [past_len, past_len + q_len).
+
+        Accepts a mask over the current input only, or over the whole sequence so far (as
+        ``generate`` keeps passing the prompt's mask): a shorter mask is extended with False
+        (generated tokens are text), then the last ``q_len`` columns are taken.
+        """
+        if image_mask is None:
+            return None
+        total = past_len + q_len
+        if image_mask.shape[-1] == q_len:
+            return image_mask.bool()
+        if image_mask.shape[-1] < total:
+            pad = image_mask.new_zeros((image_mask.shape[0], total - image_mask.shape[-1]))
+            image_mask = torch.cat([image_mask, pad], dim=-1)
+        return image_mask[:, -q_len:].bool()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Loss = token cross-entropy of ``logits[:, :-1]`` vs ``labels[:, 1:]`` (see :func:`causal_lm_loss`).
+
+        ``cache`` is transformers 5's name for ``past_key_values``; either works. With
+        ``config.supervised_logits_only`` in training, logits are computed only at supervised
+        positions (the returned ``logits`` is then None).
+        """
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = False if self.training else bool(self.config.use_cache or cache is not None)
+        for key in ("return_dict", "output_attentions", "output_hidden_states"):
+            kwargs.pop(key, None)
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("pass input_ids or inputs_embeds, not both")
+        q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        image_mask = self._align_image_mask(image_mask, past_len, q_len)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.model.tok_embeddings(input_ids)
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values cannot be combined with inputs_embeds (splice the features yourself)")
+
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            image_mask=image_mask,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+
+        loss = None
+        logits = None
+        if labels is not None and self.training and self.config.supervised_logits_only:
+            loss = self.supervised_loss(hidden_states, labels, num_items_in_batch)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.output(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                if logits.shape[1] != labels.shape[1]:
+                    raise ValueError("labels need logits at every position: do not combine labels with logits_to_keep")
+                loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def supervised_loss(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The same loss as :func:`causal_lm_loss`, computing the output head only where a label is set.
+
+        Saves the [B, L, vocab] logits tensor (1.5 GB per 4k-token sample in float32 at the real vocabulary).
+        """
+        shift_labels = labels[:, 1:].to(hidden_states.device)
+        keep = shift_labels != IGNORE_INDEX
+        selected = hidden_states[:, :-1][keep]
+        logits = self.output(selected).float()
+        return _reduce_ce(logits, shift_labels[keep], num_items_in_batch)
+
+    # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """GenerationMixin's preparation; ``image_mask`` is kept whole and aligned in :meth:`forward`."""
+        image_mask = kwargs.pop("image_mask", None)
+        image_counts = kwargs.pop("image_counts", None)
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        if image_mask is not None:
+            model_inputs["image_mask"] = image_mask
+        if model_inputs.get("pixel_values") is not None and image_counts is not None:
+            model_inputs["image_counts"] = image_counts
+        return model_inputs
+
+    def build_chat_inputs(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: Sequence[tuple[str, str]] = (),
+        meta_instruction: str | None = DEFAULT_META_INSTRUCTION,
+        num_images: int = 0,
+    ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """Prompt ids (image slots hold the pad id) and image mask in the official chat format.
+
+        ``[UNUSED_TOKEN_146]system\\n{meta}[UNUSED_TOKEN_145]\\n`` (when ``meta_instruction``),
+        then each history turn, then the query, ending ``[UNUSED_TOKEN_146]assistant\\n``. With
+        images and no ``<ImageHere>`` anywhere, the images go first in the query.
+        """
+        if num_images and IMAGE_PLACEHOLDER not in query and not any(IMAGE_PLACEHOLDER in q for q, _ in history):
+            query = IMAGE_PLACEHOLDER * num_images + query
+        prompt = ""
+        if meta_instruction:
+            prompt += f"{TURN_START}system\n{meta_instruction}{TURN_END}\n"
+        for user, assistant in history:
+            prompt += f"{TURN_START}user\n{user}{TURN_END}\n{TURN_START}assistant\n{assistant}{TURN_END}\n"
+        prompt += f"{TURN_START}user\n{query}{TURN_END}\n{TURN_START}assistant\n"
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != num_images:
+            raise ValueError(
+                f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {num_images} images were given"
+            )
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else tokenizer.pad_token_id
+        ids: list[int] = [tokenizer.bos_token_id]
+        mask: list[bool] = [False]
+        for k, piece in enumerate(pieces):
+            piece_ids = tokenizer.encode_text(piece) if piece else []
+            ids += piece_ids
+            mask += [False] * len(piece_ids)
+            if k < num_images:
+                ids += [pad_id] * self.image_tokens
+                mask += [True] * self.image_tokens
+        return torch.tensor([ids], dtype=torch.long), torch.tensor([mask], dtype=torch.bool)
+
+    def _images_to_pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        """Paths / PIL images / [3, S, S] tensors -> [N, 3, S, S] float32 with the official preprocessing."""
+        from .image_processing_xcomposer2 import load_image
+
+        rows = []
+        for image in images:
+            if torch.is_tensor(image):
+                rows.append(image.float() if image.dim() == 3 else image.float().squeeze(0))
+            else:
+                rows.append(torch.as_tensor(load_image(image, self.config.img_size)).float())
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def chat(
+        self,
+        tokenizer: Any,
+        query: str,
+        images: Sequence[Any] | Any | None = None,
+        history: Sequence[tuple[str, str]] | None = None,
+        meta_instruction: str | None = DEFAULT_META_INSTRUCTION,
+        max_new_tokens: int = 1024,
+        do_sample: bool = False,
+        use_cache: bool = True,
+        **generate_kwargs: Any,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """Answer ``query`` about ``images``; returns ``(response, history + [(query, response)])``.
+
+        Generation stops at EOS or ``[UNUSED_TOKEN_145]``; greedy by default.
+        """
+        history = [tuple(turn) for turn in (history or [])]
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        images = list(images or [])
+        input_ids, image_mask = self.build_chat_inputs(tokenizer, query, history, meta_instruction, len(images))
+        device = self.model.tok_embeddings.weight.device
+        input_ids, image_mask = input_ids.to(device), image_mask.to(device)
+        pixel_values = self._images_to_pixels(images).to(device) if images else None
+        eos_ids = [tokenizer.eos_token_id, tokenizer.turn_end_id]
+        out = self.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            use_cache=use_cache,
+            eos_token_id=eos_ids,
+            pad_token_id=tokenizer.eos_token_id,
+            **generate_kwargs,
+        )
+        new_tokens = [t for t in out[0, input_ids.shape[1] :].tolist() if t not in eos_ids]
+        response = tokenizer.decode(new_tokens, skip_special_tokens=True).split(TURN_END)[0].strip()
+        return response, history + [(query, response)]
+
+
+def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: torch.device | str) -> None:
+    """Recompute buffers that are not in checkpoints (RoPE frequencies, CLIP position ids).
+
+    Needed after building the model on the meta device and loading weights with ``assign=True``.
+    """
+    model.model.rotary_emb.reset_inv_freq(device)
+    embeddings = model.vit.clip.embeddings
+    embeddings.position_ids = torch.arange(embeddings.num_positions, device=device).expand((1, -1))
+
+
+__all__ = [
+    "XComposer2ForCausalLM",
+    "XComposer2Model",
+    "XComposer2PreTrainedModel",
+    "PLoRALinear",
+    "causal_lm_loss",
+    "materialize_non_persistent_buffers",
+    "DEFAULT_META_INSTRUCTION",
+]
