@@ -334,6 +334,7 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _check_saved_names(model, tmp)
+        _set_default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -346,6 +347,16 @@ def save_pretrained(
         raise
     logger.info("saved model folder %s", out)
     return out
+
+
+def _set_default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _check_saved_names(model: XComposer2ForCausalLM, folder: Path) -> None:

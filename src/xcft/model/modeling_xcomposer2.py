@@ -625,27 +625,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             use_cache = False if self.training else bool(self.config.use_cache or cache is not None)
         for key in ("return_dict", "output_attentions", "output_hidden_states"):
             kwargs.pop(key, None)
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("pass input_ids or inputs_embeds, not both")
-        q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        past_len = cache.get_seq_length() if cache is not None else 0
-        image_mask = self._align_image_mask(image_mask, past_len, q_len)
-
-        if inputs_embeds is None:
-            inputs_embeds = self.model.tok_embeddings(input_ids)
-            if pixel_values is not None and pixel_values.shape[0] > 0:
-                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts)
-        elif pixel_values is not None:
-            raise ValueError("pixel_values cannot be combined with inputs_embeds (splice the features yourself)")
-
-        outputs = self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            image_mask=image_mask,
-            **kwargs,
+        outputs = self._decode(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_mask, image_counts,
+            use_cache, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
@@ -661,6 +643,68 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                     raise ValueError("labels need logits at every position: do not combine labels with logits_to_keep")
                 loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def _decode(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        image_counts: torch.Tensor | None,
+        use_cache: bool | None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """Embed, splice the images in, run the decoder: the final-norm hidden states."""
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("pass input_ids or inputs_embeds, not both")
+        q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        past_len = cache.get_seq_length() if cache is not None else 0
+        image_mask = self._align_image_mask(image_mask, past_len, q_len)
+        if inputs_embeds is None:
+            inputs_embeds = self.model.tok_embeddings(input_ids)
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values cannot be combined with inputs_embeds (splice the features yourself)")
+        return self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            image_mask=image_mask,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def sample_losses(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of a batch: (summed token cross-entropy [B] float64, supervised token count [B]).
+
+        ``sum / count`` is each sample's official loss; the output head runs only at supervised
+        positions, so no [B, L, vocab] tensor is made.
+        """
+        hidden = self._decode(
+            input_ids, attention_mask, kwargs.get("position_ids"), None, None, pixel_values, image_mask, image_counts, False
+        ).last_hidden_state
+        shift_labels = labels[:, 1:].to(hidden.device)
+        keep = shift_labels != IGNORE_INDEX
+        rows = keep.nonzero()[:, 0]
+        logits = self.output(hidden[:, :-1][keep]).float()
+        nll = F.cross_entropy(logits, shift_labels[keep], reduction="none").double()
+        sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=hidden.device).index_add(0, rows, nll)
+        return sums, keep.sum(dim=1)
 
     def supervised_loss(
         self, hidden_states: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None

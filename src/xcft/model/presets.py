@@ -1,0 +1,169 @@
+"""Model shapes for ``xcft init-model`` and for tests, the demo and benchmarks.
+
+``tiny`` trains on a CPU in minutes (tests, demo); ``small`` is the benchmark shape;
+``7b`` is the released InternLM-XComposer2-VL-7B shape (build it on the meta device or
+straight on the GPU: ``build_model("7b", device="cuda", dtype=torch.bfloat16)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xcft.errors import XcftError
+from xcft.model.configuration_xcomposer2 import CLIP_VIT_L_14_336, XComposer2Config
+from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+REAL_VOCAB_SIZE = 92544
+#: Vocabulary of the tokenizer built on the spot (``xcft.data.spm_builder``) for tiny models.
+SMALL_TOKENIZER_VOCAB = 1000
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "decoder": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=176, plora_r=16, plora_alpha=16.0),
+        "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=336),
+        "projector_hidden_size": 64,
+        "img_size": 224,
+        "vocab_size": SMALL_TOKENIZER_VOCAB,
+        "max_length": 2048,
+        "dtype": torch.float32,
+    },
+    "small": {
+        "decoder": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                        intermediate_size=1408, plora_r=256, plora_alpha=256.0),
+        "vision": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                       patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=336),
+        "projector_hidden_size": 512,
+        "img_size": 490,
+        "vocab_size": REAL_VOCAB_SIZE,
+        "max_length": 4096,
+        "dtype": torch.float32,
+    },
+    "7b": {
+        "decoder": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=14336, plora_r=256, plora_alpha=256.0),
+        "vision": dict(CLIP_VIT_L_14_336),
+        "projector_hidden_size": 4096,
+        "img_size": 490,
+        "vocab_size": REAL_VOCAB_SIZE,
+        "max_length": 4096,
+        "dtype": torch.bfloat16,
+    },
+}
+
+
+def preset_config(preset: str, img_size: int | None = None, vocab_size: int | None = None, **overrides: Any) -> XComposer2Config:
+    """The :class:`XComposer2Config` of a preset (``img_size``/``vocab_size`` default to the preset's)."""
+    if preset not in PRESETS:
+        raise XcftError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    kwargs: dict[str, Any] = dict(spec["decoder"])
+    kwargs.update(
+        vocab_size=int(vocab_size or spec["vocab_size"]),
+        img_size=int(img_size or spec["img_size"]),
+        max_length=spec["max_length"],
+        projector_hidden_size=spec["projector_hidden_size"],
+        vision_config=dict(spec["vision"]),
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=["XComposer2ForCausalLM"],
+    )
+    kwargs.update(overrides)
+    return XComposer2Config(**kwargs)
+
+
+def build_model(
+    preset: str,
+    img_size: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    attn_implementation: str = "sdpa",
+    **overrides: Any,
+) -> XComposer2ForCausalLM:
+    """A randomly initialised model of ``preset``, built directly on ``device`` (no disk).
+
+    ``device="meta"`` gives a shape-only model; ``device="cuda"`` initialises on the GPU without
+    a CPU copy. ``dtype`` defaults to the preset's (float32; bfloat16 for 7b).
+    """
+    from xcft.model.loading import resolve_dtype
+
+    config = preset_config(preset, img_size, vocab_size, **overrides)
+    torch_dtype = resolve_dtype(dtype, default=PRESETS[preset]["dtype"])
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = XComposer2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.dtype = torch_dtype
+    return model.eval()
+
+
+def _tokenizer_for(tokenizer: str | None, workdir: Path):
+    """The tokenizer to ship: the given ``tokenizer.model``, or a small one built on the spot."""
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    if tokenizer:
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise XcftError(f"--tokenizer {tokenizer}: no such tokenizer.model file")
+        local = workdir / "tokenizer.model"
+        shutil.copyfile(path, local)
+    else:
+        from xcft.data.spm_builder import build_tokenizer
+
+        local = build_tokenizer(workdir, vocab_size=SMALL_TOKENIZER_VOCAB)
+    try:
+        return InternLM2Tokenizer.from_model_file(local)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise XcftError(f"{tokenizer or local}: not a usable InternLM2 SentencePiece model ({exc})") from exc
+
+
+def init_model_command(
+    output: str, *, preset: str = "tiny", img_size: int | None = None, tokenizer: str | None = None, seed: int = 0
+) -> int:
+    """``xcft init-model``: write a randomly initialised, self-contained model folder."""
+    from xcft.model.loading import save_pretrained
+
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    with tempfile.TemporaryDirectory(prefix="xcft-tok-") as work:
+        tok = _tokenizer_for(tokenizer, Path(work))
+        vocab = int(tok.vocab_size)
+        if preset != "tiny" and tokenizer is None:
+            logger.info("no --tokenizer given: the %s preset uses a %d-piece tokenizer built on the spot", preset, vocab)
+        device = "cuda" if preset == "7b" and torch.cuda.is_available() else "cpu"
+        model = build_model(preset, img_size, vocab, seed=seed, device=device)
+        if device != "cpu":
+            model = model.to("cpu")
+        path = save_pretrained(model, tok, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {path}: preset {preset}, {n_params / 1e6:.1f}M parameters, vocab {vocab}, "
+        f"img_size {model.config.img_size} ({model.config.image_tokens} slots per image), {model.config.dtype}"
+    )
+    return 0
+
+
+__all__ = ["PRESETS", "build_model", "preset_config", "init_model_command"]
