@@ -59,6 +59,11 @@ def read_data(data: str | Path, tokenizer: TokenizerLike, img_size: int, max_len
             lengths.append(len(enc))
         if skipped:
             logger.warning("%s: %d sample(s) skipped (no supervised token within max_length=%d)", src.display, skipped, max_length)
+        if convs and not keep:
+            raise DataError(
+                f"{src.display}: no sample keeps a supervised token within max_length={max_length} "
+                f"(all {skipped} skipped). Fix: raise max_length (images take their slots in full) or shorten the samples"
+            )
         count = draw_count(len(keep), src.number, given_num)
         files.append(FileData(src.display, src.path, keep, lengths, count, skipped))
     return files

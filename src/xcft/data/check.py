@@ -1,0 +1,432 @@
+"""``xcft check-data`` and ``xcft inspect``.
+
+check-data reads every file and decodes every image once (images in a thread pool), encodes every
+valid sample, then prints a per-file summary and every problem found, so a user with 40 broken
+samples sees 40 lines. Exit 0 when training can start (no error-level problem), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
+from xcft.data.mixture import DataSpec, draw_count, resolve_data
+from xcft.data.schema import Conversation, Problem, read_file
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMG_SIZE = 490
+DEFAULT_MAX_LENGTH = 4096
+MAX_NOTES_PER_FILE = 3
+
+
+# --------------------------------------------------------------------------- model settings
+
+
+@dataclass
+class Settings:
+    tokenizer: Any
+    img_size: int
+    max_length: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_length: int | None) -> Settings:
+    """Tokenizer and sizes from a model folder (its config.json is read as plain JSON)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise XcftError(f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json")
+    notes: list[str] = []
+    config: dict[str, Any] = {}
+    cfg_path = d / "config.json"
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise XcftError(f"{cfg_path}: cannot read config.json ({exc}); fix or replace the file") from exc
+    if img_size is None:
+        img_size = config.get("img_size")
+        if img_size is None:
+            img_size = DEFAULT_IMG_SIZE
+            notes.append(f"{cfg_path} has no img_size; using {DEFAULT_IMG_SIZE} (pass --img-size to choose)")
+    if max_length is None:
+        max_length = config.get("max_length")
+        if max_length is None:
+            max_length = DEFAULT_MAX_LENGTH
+            notes.append(
+                f"{cfg_path} has no max_length; using {DEFAULT_MAX_LENGTH} (the official code would silently cut every sample to 20 tokens; pass --max-length to choose)"
+            )
+    try:
+        slots_per_image(int(img_size))
+    except ValueError as exc:
+        raise XcftError(f"img_size: {exc}") from exc
+    if int(max_length) <= 0:
+        raise XcftError(f"max_length must be positive, got {max_length}")
+    tok_path = d / "tokenizer.model"
+    if not tok_path.is_file():
+        raise XcftError(f"no tokenizer.model in {d}; --model must be a checkpoint folder that holds the InternLM2 tokenizer.model")
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    try:
+        tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
+        tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
+    except Exception as exc:
+        raise XcftError(f"{tok_path}: not a usable InternLM2 SentencePiece model ({exc})") from exc
+    return Settings(tokenizer, int(img_size), int(max_length), notes)
+
+
+# --------------------------------------------------------------------------- reading everything
+
+
+@dataclass
+class FileReport:
+    display: str
+    path: str
+    number: float | None
+    samples: int = 0
+    valid: int = 0  # samples without error
+    usable: int = 0  # valid and with at least one supervised token
+    drawn_per_epoch: int = 0
+    images: int = 0
+    lengths: list[int] = field(default_factory=list)
+    supervised: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.display,
+            "path": self.path,
+            "number": self.number,
+            "samples": self.samples,
+            "valid": self.valid,
+            "usable": self.usable,
+            "drawn_per_epoch": self.drawn_per_epoch,
+            "images": self.images,
+            "tokens": _length_stats(self.lengths),
+            "supervised_tokens": self.supervised,
+            "truncated": self.truncated,
+            "skipped_no_supervised_token": self.skipped,
+        }
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float | int | None]:
+    if not lengths:
+        return {"min": None, "median": None, "max": None}
+    med = statistics.median(lengths)
+    return {"min": min(lengths), "median": int(med) if float(med).is_integer() else med, "max": max(lengths)}
+
+
+def _decode_error(path: Path) -> str | None:
+    """None when the image decodes fully, else the reason."""
+    from PIL import Image
+
+    from xcft.model.image_processing_xcomposer2 import to_rgb
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            to_rgb(img)
+    except Exception as exc:  # PIL raises many kinds for broken files
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@dataclass
+class CheckResult:
+    spec: DataSpec | None
+    files: list[FileReport]
+    problems: list[Problem]
+    settings: Settings
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and sum(f.drawn_per_epoch for f in self.files) > 0
+
+
+def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool = True, workers: int | None = None) -> CheckResult:
+    """Read, decode and encode everything once; collect every problem."""
+    spec, problems = resolve_data(data)
+    files: list[FileReport] = []
+    if spec is None:
+        return CheckResult(None, files, problems, settings)
+    per_file: list[list[Conversation | None]] = []
+    for src in spec.sources:
+        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        problems.extend(probs)
+        per_file.append(convs)
+        files.append(FileReport(src.display, str(src.path), src.number, samples=len(convs)))
+
+    # decode every distinct image once, in parallel
+    paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
+    n_workers = max(1, workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        decode_errors = dict(zip(paths, pool.map(_decode_error, paths)))
+
+    for src, report, convs in zip(spec.sources, files, per_file):
+        for conv in convs:
+            if conv is None:
+                continue
+            bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
+            for p, why in bad:
+                problems.append(
+                    Problem(src.display, conv.index, conv.id, f"image {p} cannot be decoded ({why})", "replace the file or re-save it as JPEG/PNG")
+                )
+            if bad:
+                continue
+            report.valid += 1
+            report.images += len(conv.images)
+            enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
+            if enc.truncated:
+                report.truncated += 1
+            if enc.num_supervised == 0:
+                report.skipped += 1
+                problems.append(
+                    Problem(
+                        src.display, conv.index, conv.id,
+                        f"no supervised token left after truncation to max_length={settings.max_length} (full length {enc.untruncated_length}); the sample is skipped in training",
+                        "shorten the user turns or images before the first answer, or raise --max-length",
+                        level="warning",
+                    )
+                )
+                continue
+            report.usable += 1
+            report.lengths.append(len(enc))
+            report.supervised += enc.num_supervised
+        report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
+        if report.valid and not report.usable:
+            problems.append(
+                Problem(
+                    src.display, None, None,
+                    f"no sample of this file keeps a supervised token within max_length={settings.max_length}",
+                    "raise --max-length (images take their slots in full), or shorten the samples",
+                    line=src.line,
+                )
+            )
+        if report.usable and report.drawn_per_epoch == 0:
+            problems.append(
+                Problem(src.display, None, None, f"the number {src.number} draws no sample per epoch", "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)", level="warning", line=src.line)
+            )
+    return CheckResult(spec, files, problems, settings)
+
+
+# --------------------------------------------------------------------------- check-data output
+
+
+def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
+    s = result.settings
+    for note in s.notes:
+        print(f"note: {note}", file=out)
+    spi = slots_per_image(s.img_size)
+    print(f"data: {data}  (img_size {s.img_size}: {spi} slots per image; max_length {s.max_length})", file=out)
+    if result.files:
+        header = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
+        rows = []
+        for f in result.files:
+            st = _length_stats(f.lengths)
+            toks = "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
+            samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
+            rows.append((f.display, samples, str(f.drawn_per_epoch), str(f.images), toks, str(f.supervised), str(f.truncated)))
+        all_len = [n for f in result.files for n in f.lengths]
+        st = _length_stats(all_len)
+        rows.append((
+            "total",
+            str(sum(f.samples for f in result.files)),
+            str(sum(f.drawn_per_epoch for f in result.files)),
+            str(sum(f.images for f in result.files)),
+            "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}",
+            str(sum(f.supervised for f in result.files)),
+            str(sum(f.truncated for f in result.files)),
+        ))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+        print(fmt.format(*header), file=out)
+        for r in rows:
+            print(fmt.format(*r), file=out)
+        print("(samples shown as usable/total when some cannot be trained; tokens include image slots)", file=out)
+
+    errors = [p for p in result.problems if p.level == "error"]
+    warnings = [p for p in result.problems if p.level == "warning"]
+    notes = [p for p in result.problems if p.level == "info"]
+    if errors or warnings or notes:
+        print(file=out)
+    for p in errors:
+        print(f"ERROR {p}", file=out)
+    for p in warnings:
+        print(f"WARNING {p}", file=out)
+    # notes repeat per sample (e.g. every single-image sample without placeholder): a few per file
+    by_key: dict[tuple[str, str], list[Problem]] = {}
+    for p in notes:
+        by_key.setdefault((p.file, p.message), []).append(p)
+    for (file, _msg), group in by_key.items():
+        for p in group[:MAX_NOTES_PER_FILE]:
+            print(f"NOTE {p}", file=out)
+        if len(group) > MAX_NOTES_PER_FILE:
+            print(f"NOTE {file}: ... and {len(group) - MAX_NOTES_PER_FILE} more sample(s) with the same note", file=out)
+    print(file=out)
+    if result.ok:
+        print(f"OK: training can start ({len(warnings)} warning(s), {len(notes)} note(s))", file=out)
+    elif errors:
+        print(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s); fix the errors above before training", file=out)
+    else:
+        print("FAILED: no sample would be drawn per epoch", file=out)
+
+
+def check_data_command(
+    data: str,
+    *,
+    model_dir: str,
+    img_size: int | None = None,
+    max_length: int | None = None,
+    given_num: bool = True,
+    output_format: str = "text",
+    workers: int | None = None,
+) -> int:
+    """Validate a data.txt or JSON file against a model's tokenizer and sizes; 0 when training can start."""
+    settings = load_settings(model_dir, img_size, max_length)
+    result = run_check(data, settings, given_num=given_num, workers=workers)
+    if output_format == "json":
+        obj = {
+            "ok": result.ok,
+            "data": str(data),
+            "img_size": settings.img_size,
+            "max_length": settings.max_length,
+            "slots_per_image": slots_per_image(settings.img_size),
+            "notes": settings.notes,
+            "files": [f.to_dict() for f in result.files],
+            "total": {
+                "samples": sum(f.samples for f in result.files),
+                "drawn_per_epoch": sum(f.drawn_per_epoch for f in result.files),
+                "images": sum(f.images for f in result.files),
+                "tokens": _length_stats([n for f in result.files for n in f.lengths]),
+                "supervised_tokens": sum(f.supervised for f in result.files),
+            },
+            "errors": len(result.errors),
+            "problems": [p.to_dict() for p in result.problems],
+        }
+        print(json.dumps(obj, ensure_ascii=False, indent=1))
+    else:
+        _print_text(result, str(data), sys.stdout)
+    return 0 if result.ok else 1
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _find_sample(data: str, settings: Settings, index: int | None, sample_id: str | None) -> tuple[Conversation | None, list[Problem], str]:
+    spec, problems = resolve_data(data)
+    errs = [p for p in problems if p.level == "error"]
+    if spec is None or errs:
+        return None, errs, ""
+    offset = 0
+    for src in spec.sources:
+        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        if not convs:
+            file_errs = [p for p in probs if p.level == "error" and p.index is None]
+            if file_errs and index is not None and index >= offset:
+                # the wanted sample may be in this unreadable file
+                return None, file_errs, ""
+        for k, conv in enumerate(convs):
+            g = offset + k
+            hit = (index is not None and g == index) or (
+                sample_id is not None and (conv.id if conv is not None else _raw_id(probs, k)) == sample_id
+            )
+            if hit:
+                mine = [p for p in probs if p.index == k]
+                where = f"{src.display}: sample {k} (overall index {g})"
+                return conv, mine, where
+        offset += len(convs)
+    what = f"index {index} (there are {offset} samples)" if index is not None else f"id {sample_id!r}"
+    raise XcftError(f"{data}: no sample with {what}; check-data lists the samples per file")
+
+
+def _raw_id(problems: list[Problem], k: int) -> str | None:
+    for p in problems:
+        if p.index == k:
+            return p.id
+    return None
+
+
+def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
+    """Decoded tokens with supervised spans marked («…» or ANSI) and image slots summarised."""
+    out: list[str] = []
+    ids, labels = enc.input_ids, enc.labels
+    i = 0
+    image_no = 0
+    on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
+    while i < len(ids):
+        if ids[i] == IMAGE_SLOT:
+            j = i
+            while j < len(ids) and ids[j] == IMAGE_SLOT:
+                j += 1
+            image_no += 1
+            out.append(f"<image {image_no}: {j - i} slots>")
+            i = j
+            continue
+        trained = labels[i] != IGNORE_INDEX
+        j = i
+        while j < len(ids) and ids[j] != IMAGE_SLOT and (labels[j] != IGNORE_INDEX) == trained:
+            j += 1
+        text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+        out.append(f"{on}{text}{off}" if trained else text)
+        i = j
+    return "".join(out)
+
+
+def inspect_command(
+    data: str,
+    *,
+    model_dir: str,
+    index: int | None = None,
+    sample_id: str | None = None,
+    img_size: int | None = None,
+    max_length: int | None = None,
+    output_format: str = "text",
+) -> int:
+    """Print how one sample is encoded (by overall index in data.txt order, or by id)."""
+    if (index is None) == (sample_id is None):
+        raise XcftError("give exactly one of --index or --id")
+    settings = load_settings(model_dir, img_size, max_length)
+    conv, problems, where = _find_sample(data, settings, index, sample_id)
+    errs = [p for p in problems if p.level == "error"]
+    if conv is None or errs:
+        for p in errs:
+            print(f"ERROR {p}", file=sys.stderr)
+        return 1
+    enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
+    if output_format == "json":
+        print(json.dumps({"input_ids": enc.input_ids, "labels": enc.labels, "image_mask": enc.image_mask}))
+        return 0
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(f"{where}, id {conv.id!r}")
+    print(
+        f"{len(enc)} tokens ({enc.untruncated_length} before truncation), {enc.num_supervised} supervised, "
+        f"{enc.num_images} image(s){', truncated' if enc.truncated else ''}"
+        + (f", {enc.dropped_images} image(s) dropped by truncation" if enc.dropped_images else "")
+    )
+    for p in problems:
+        print(f"{p.level.upper()} {p}")
+    for path in conv.images[: enc.num_images]:
+        print(f"image: {path}")
+    legend = "supervised tokens in bold green" if color else "supervised tokens between « »"
+    print(f"--- ({legend})")
+    print(render_sample(enc, settings.tokenizer, color))
+    if enc.num_supervised == 0:
+        print("--- this sample has no supervised token: training skips it")
+    return 0
+
+
+__all__ = ["check_data_command", "inspect_command", "load_settings", "render_sample", "run_check"]

@@ -1,0 +1,162 @@
+"""check-data and inspect through xcft.cli.main: summaries, one line per problem, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xcft.cli import main
+
+OK_TURNS = [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_official_examples_check_clean(capsys, examples_dir: Path, fixture_dir: Path) -> None:
+    rc, out, err = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir))
+    assert rc == 0, out + err
+    assert "data/only_text_example.json" in out and "OK: training can start" in out
+    assert "1225 slots per image" in out
+    lines = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("data/", "total"))}
+    assert lines["data/only_text_example.json"][1:4] == ["2", "20", "0"]
+    assert lines["data/single_turn_single_image_example.json"][1:4] == ["2", "10", "2"]
+    assert lines["total"][1:4] == ["6", "40", "6"]
+    assert out.count("NOTE") == 2 and "start of the first user turn" in out
+    assert "Traceback" not in err
+
+
+def test_official_examples_json(capsys, examples_dir: Path, fixture_dir: Path) -> None:
+    rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--format", "json", "--max-length", "3000")
+    obj = json.loads(out)
+    assert rc == 0 and obj["ok"] and obj["errors"] == 0 and obj["max_length"] == 3000
+    files = {f["file"]: f for f in obj["files"]}
+    multi = files["data/multi_turn_multi_images_example.json"]
+    assert multi["images"] == 4 and multi["tokens"]["max"] == 3000 and multi["truncated"] == 2
+    assert obj["total"]["drawn_per_epoch"] == 40
+    assert all(p["level"] == "info" for p in obj["problems"])
+
+
+def test_file_with_nothing_trainable_is_an_error(capsys, examples_dir: Path, fixture_dir: Path) -> None:
+    # at 2048 tokens the two images (2 x 1225 slots) before the first answer leave nothing to train
+    rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--max-length", "2048")
+    assert rc == 1
+    errors = [l for l in out.splitlines() if l.startswith("ERROR")]
+    assert len(errors) == 1 and "multi_turn_multi_images_example.json line 3" in errors[0]
+    assert out.count("WARNING") == 2 and "skipped in training" in out
+
+
+def _write(tmp_path: Path, name: str, content) -> Path:
+    p = tmp_path / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    elif isinstance(content, str):
+        p.write_text(content, encoding="utf-8")
+    else:
+        p.write_text(json.dumps(content), encoding="utf-8")
+    return p
+
+
+def _check(capsys, path: Path, fixture_dir: Path) -> tuple[int, str]:
+    rc, out, err = _run(capsys, "check-data", str(path), "--model", str(fixture_dir))
+    assert "Traceback" not in out + err
+    return rc, out + err
+
+
+BAD_CASES = {
+    "unparsable": ("a.json", b'[{"conversations": [}]', "invalid JSON at line 1 column"),
+    "top_level": ("a.json", {"conversations": OK_TURNS}, "single JSON object"),
+    "missing_conv": ("a.json", [{"id": 1}], 'missing "conversations"'),
+    "empty_conv": ("a.json", [{"conversations": []}], '"conversations" is empty'),
+    "unknown_role": ("a.json", [{"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}], 'unknown role "narrator"'),
+    "not_string": ("a.json", [{"conversations": [{"from": "user", "value": 3}, {"from": "gpt", "value": "a"}]}], "not a string"),
+    "no_answer": ("a.json", [{"conversations": [{"from": "user", "value": "q"}]}], "no assistant answer"),
+    "count_mismatch": ("a.json", [{"image": ["i.png"], "conversations": [{"from": "user", "value": "<ImageHere><ImageHere>"}, {"from": "gpt", "value": "a"}]}], "2 \"<ImageHere>\" placeholder(s) but 1 image(s)"),
+    "llava": ("a.json", [{"image": "i.png", "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], 'replace "<image>" with "<ImageHere>"'),
+    "missing_image": ("a.json", [{"image": "nope.png", "conversations": OK_TURNS}], "looked in:"),
+    "undecodable": ("a.json", [{"image": "broken.png", "conversations": OK_TURNS}], "cannot be decoded"),
+    "not_utf8": ("a.json", '[{"id": "caf\u00e9", "conversations": []}]'.encode("latin-1"), "not UTF-8"),
+    "empty_file": ("a.json", b"", "file is empty"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CASES))
+def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, fixture_dir: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    name, content, expected = BAD_CASES[kind]
+    path = _write(tmp_path, name, content)
+    rc, text = _check(capsys, path, fixture_dir)
+    assert rc == 1
+    assert expected in text
+    assert "FAILED" in text
+    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    assert len(errors) == 1 and str(path) in errors[0]
+
+
+def test_bad_data_txt_line(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+    _write(tmp_path, "a.json", [{"conversations": OK_TURNS}])
+    txt = _write(tmp_path, "data.txt", "# mix\na.json 0.001\na.json\nb.json 1\n")
+    rc, text = _check(capsys, txt, fixture_dir)
+    assert rc == 1
+    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    assert len(errors) == 2
+    assert "data.txt line 3" in errors[0] and "data.txt line 4" in errors[1] and "not found" in errors[1]
+
+
+def test_forty_broken_samples_forty_lines(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+    good = {"conversations": OK_TURNS}
+    bad = {"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = _write(tmp_path, "many.jsonl", "\n".join(json.dumps(bad if i % 2 else good) for i in range(80)))
+    rc, text = _check(capsys, path, fixture_dir)
+    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    assert rc == 1 and len(errors) == 40
+    assert "sample 79 (id '79')" in errors[-1] and "line 80" in errors[-1]
+
+
+def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    Image.new("RGB", (8, 8)).save(sub / "pic.png")
+    _write(sub, "d.json", [
+        {"image": "pic.png", "conversations": [{"from": "user", "value": "<ImageHere> what?"}, {"from": "gpt", "value": "x"}]},
+        {"conversations": OK_TURNS},
+    ])
+    txt = _write(tmp_path, "data.txt", "sub/d.json 0.004\n")
+    rc, out, _ = _run(capsys, "check-data", str(txt), "--model", str(fixture_dir), "--max-length", "300")
+    assert rc == 0 and "OK" in out
+    # at 300 tokens the image sample keeps nothing trainable: reported and skipped, not an error
+    assert "WARNING" in out and "skipped in training" in out
+    assert "1/2" in out
+
+
+def test_inspect_text_and_json(capsys, examples_dir: Path, fixture_dir: Path) -> None:
+    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "2")
+    assert rc == 0
+    assert "<image 1: 1225 slots>" in out and "«No problem!" in out and "[UNUSED_TOKEN_145]</s>»" in out
+    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--id", "1", "--format", "json")
+    obj = json.loads(out)
+    assert rc == 0 and set(obj) == {"input_ids", "labels", "image_mask"}
+    assert len(obj["input_ids"]) == len(obj["labels"]) == len(obj["image_mask"])
+    assert obj["input_ids"][0] == 1 and -1 not in obj["input_ids"]  # id '1' first found in the text-only file
+    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "4", "--format", "json")
+    obj = json.loads(out)
+    slots = [i for i, m in enumerate(obj["image_mask"]) if m]
+    assert len(slots) == 2 * 1225 and all(obj["input_ids"][i] == -1 for i in slots)
+    assert all(obj["labels"][i] == -100 for i in slots)
+
+
+def test_inspect_errors(capsys, tmp_path: Path, examples_dir: Path, fixture_dir: Path) -> None:
+    rc, _, err = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "99")
+    assert rc == 1 and "no sample with index 99" in err
+    path = _write(tmp_path, "a.json", [{"conversations": OK_TURNS}, {"conversations": [{"from": "x", "value": "q"}]}])
+    rc, _, err = _run(capsys, "inspect", str(path), "--model", str(fixture_dir), "--index", "1")
+    assert rc == 1 and 'unknown role "x"' in err
+    rc, _, err = _run(capsys, "check-data", str(path), "--model", str(tmp_path))
+    assert rc == 1 and "no tokenizer.model" in err
