@@ -1,0 +1,122 @@
+"""``xcft chat``: one answer (``--query``) or an interactive session with history and streamed tokens.
+
+Works with a base model folder (official or xcft), a full finetune output, or a LoRA adapter folder
+(base + adapter, merged in memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+HELP_TEXT = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
+
+
+def make_streamer(tokenizer: Any, stop_ids: Sequence[int]):
+    """A transformers TextStreamer over our tokenizer that prints new tokens as they come, minus stop tokens."""
+    from transformers import TextStreamer
+
+    stops = {int(i) for i in stop_ids if i is not None}
+
+    class _Streamer(TextStreamer):
+        def put(self, value: torch.Tensor) -> None:
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            ids = [int(t) for t in value.reshape(-1).tolist() if int(t) not in stops]
+            if ids:
+                self.next_tokens_are_prompt = False
+                super().put(torch.tensor(ids))
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def load_for_chat(model_dir: str, device: Optional[str]) -> tuple[Any, Any]:
+    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
+    from xcft.model.loading import load_pretrained, resolve_device
+
+    if not Path(model_dir).is_dir():
+        raise XcftError(f"model folder {model_dir} does not exist")
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
+    return model.eval(), tokenizer
+
+
+def _check_images(images: Sequence[str]) -> list[str]:
+    for path in images:
+        if not Path(path).is_file():
+            raise XcftError(f"image {path} does not exist")
+    return list(images)
+
+
+def _with_placeholders(query: str, n_images: int) -> str:
+    """Images go where ``<ImageHere>`` stands; with none in the text they go first."""
+    found = query.count(IMAGE_PLACEHOLDER)
+    if n_images and found == 0:
+        return IMAGE_PLACEHOLDER * n_images + query
+    if found != n_images:
+        raise XcftError(
+            f"the query has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} --image file(s) were given; "
+            f"use one {IMAGE_PLACEHOLDER} per image, or none to put the images first"
+        )
+    return query
+
+
+def chat_command(
+    *,
+    model_dir: str,
+    images: Sequence[str],
+    query: Optional[str],
+    max_new_tokens: int,
+    meta_instruction: Optional[str],
+    device: Optional[str],
+) -> int:
+    """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
+    images = _check_images(images or [])
+    model, tokenizer = load_for_chat(model_dir, device)
+    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
+    if meta_instruction is not None:
+        kwargs["meta_instruction"] = meta_instruction or None  # "" -> no system prompt
+    stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
+    if query is not None:
+        response, _ = model.chat(tokenizer, _with_placeholders(query, len(images)), images=images or None, **kwargs)
+        print(response)
+        return 0
+    return _interactive(model, tokenizer, images, kwargs, stop_ids)
+
+
+def _interactive(model: Any, tokenizer: Any, images: list[str], kwargs: dict[str, Any], stop_ids: list[Any]) -> int:
+    print(f"xcft chat: {len(images)} image(s) attached to the first question. {HELP_TEXT}", file=sys.stderr)
+    history: list[tuple[str, str]] = []
+    while True:
+        try:
+            text = input("user> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        # The images belong to the first turn; later turns see them through the history's placeholders.
+        query = _with_placeholders(text, len(images)) if not history else text
+        if history and IMAGE_PLACEHOLDER in text:
+            print(f"(only the first question can hold images; {IMAGE_PLACEHOLDER} ignored)", file=sys.stderr)
+            query = text.replace(IMAGE_PLACEHOLDER, "")
+        print("assistant> ", end="", flush=True)
+        streamer = make_streamer(tokenizer, stop_ids)
+        _, history = model.chat(tokenizer, query, images=images or None, history=history, streamer=streamer, **kwargs)

@@ -1,0 +1,105 @@
+"""Training / evaluation data sets of an ``xcft train`` run (on top of :mod:`xcft.data`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
+    """``(img_size, max_length)``: the flags, or the model's values; an img_size the model was not built for is an error."""
+    model_img = int(getattr(model_config, "img_size", 0) or 0)
+    img_size = int(cfg.data.img_size or model_img)
+    if model_img and img_size != model_img:
+        raise XcftError(
+            f"--img_size {img_size} differs from the model's img_size {model_img} (its vision position table is "
+            f"built for {model_img} px); drop --img_size or pass {model_img}"
+        )
+    max_length = int(cfg.data.max_length or getattr(model_config, "max_length", 0) or 4096)
+    return img_size, max_length
+
+
+def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out ``fraction`` of each file's samples (seeded, at least one when the file has two or more).
+
+    Returns (train_files, eval_files) as :class:`xcft.data.dataset.FileData` lists; eval files draw
+    each of their samples once; train files keep their draw count.
+    """
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for fd in files:
+        n = len(fd.conversations)
+        k = int(round(n * fraction))
+        if n >= 2:
+            k = min(max(k, 1), n - 1)
+        else:
+            k = 0
+        order = rng.permutation(n)
+        hold = set(order[:k].tolist())
+        keep_idx = [i for i in range(n) if i not in hold]
+        hold_idx = sorted(hold)
+        train.append(dataclasses.replace(
+            fd,
+            conversations=[fd.conversations[i] for i in keep_idx],
+            lengths=[fd.lengths[i] for i in keep_idx],
+        ))
+        if hold_idx:
+            held.append(dataclasses.replace(
+                fd,
+                conversations=[fd.conversations[i] for i in hold_idx],
+                lengths=[fd.lengths[i] for i in hold_idx],
+                draw_count=len(hold_idx),
+                skipped=0,
+            ))
+    return train, held
+
+
+def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]:
+    """Recompute each file's per-epoch draw for its (smaller) training part (ratios apply to what is left)."""
+    from xcft.data.mixture import draw_count, load_spec
+
+    sources = load_spec(data_path).sources
+    if len(sources) != len(files):
+        return files
+    return [
+        dataclasses.replace(fd, draw_count=draw_count(len(fd.conversations), src.number, given_num))
+        for fd, src in zip(files, sources)
+    ]
+
+
+def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Optional[Any], Any]:
+    """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
+    from xcft.data.dataset import DataCollator, XComposerDataset, read_data
+
+    img_size, max_length = resolve_lengths(cfg, model_config)
+    seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
+    files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+    eval_ds = None
+    if cfg.data.eval_data_path:
+        eval_files = read_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+        eval_ds = XComposerDataset(eval_files, tokenizer, img_size, max_length, seed=seed, epoch=0)
+        if cfg.data.eval_split > 0:
+            logger.info("--eval_data_path given: --eval_split %s is not used", cfg.data.eval_split)
+    elif cfg.data.eval_split > 0:
+        files, held = split_holdout(files, cfg.data.eval_split, seed)
+        if not held:
+            raise XcftError(
+                f"--eval_split {cfg.data.eval_split} holds out no sample (every file of {cfg.data.data_path} has "
+                "fewer than two usable samples); pass --eval_data_path instead"
+            )
+        files = _redo_counts(files, cfg.data.data_path, cfg.data.given_num)
+        eval_ds = XComposerDataset(held, tokenizer, img_size, max_length, seed=seed, epoch=0)
+    train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0)
+    logger.info(
+        "data: %d training samples per epoch (img_size %d, max_length %d)%s",
+        len(train_ds), img_size, max_length, f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
+    )
+    collator = DataCollator(pad_token_id=train_ds.pad_token_id)
+    return train_ds, eval_ds, collator
