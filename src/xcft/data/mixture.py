@@ -93,7 +93,7 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
             fp = root / fp
         if not fp.is_file():
             problems.append(
-                Problem(name, None, None, f"file {file_part!r} not found (looked at {fp})", "paths in data.txt are relative to the folder that holds data.txt", line=lineno)
+                Problem(name, None, None, f"file {file_part!r} not found (looked at {fp.absolute()})", "paths in data.txt are relative to the folder that holds data.txt", line=lineno)
             )
             continue
         sources.append(Source(fp, number, lineno, file_part))

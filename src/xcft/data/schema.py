@@ -359,7 +359,7 @@ def normalize_sample(
         cands = image_candidates(img.strip(), search_dirs)
         found = next((c for c in cands if c.is_file()), None) if check_images_exist else cands[0]
         if found is None:
-            looked = ", ".join(str(c) for c in cands)
+            looked = ", ".join(str(c.absolute()) for c in cands)
             err(f'image "{img}" not found (looked in: {looked})', "fix the path; relative image paths are resolved against the data.txt folder, then the JSON file's folder")
             continue
         images.append(found)
