@@ -115,3 +115,19 @@ def test_undecodable_image_raises_data_error(tok, tmp_path: Path) -> None:
     ds = build_dataset(f, tok, 28, 512)
     with pytest.raises(DataError, match="cannot decode image"):
         ds[0]
+
+
+def test_dataloader_workers_and_pickling(tok, examples_dir: Path) -> None:
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    ds = build_dataset(examples_dir / "data.txt", tok, 490, 4096)
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawn-started worker receives
+    assert torch.equal(clone[5]["input_ids"], ds[5]["input_ids"])
+    loader = DataLoader(ds, batch_size=8, num_workers=1, collate_fn=DataCollator(tok.pad_token_id))
+    batches = list(loader)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 40
+    assert sum(int(b["image_counts"].sum()) for b in batches) == int(sum(
+        len(ds.conversation(i).images) for i in range(len(ds))
+    ))

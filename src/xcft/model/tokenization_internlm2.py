@@ -32,6 +32,17 @@ TURN_START_TOKEN = "[UNUSED_TOKEN_146]"
 TURN_END_TOKEN = "[UNUSED_TOKEN_145]"
 
 
+def _processor(kwargs: dict[str, Any]) -> spm.SentencePieceProcessor:
+    """A SentencePieceProcessor with sentencepiece's own logging kept to errors.
+
+    The real InternLM2 model makes sentencepiece warn on every load that piece 354 is a NUL
+    character (an unused piece); that line only confuses users.
+    """
+    if hasattr(spm, "set_min_log_level"):
+        spm.set_min_log_level(2)
+    return spm.SentencePieceProcessor(**kwargs)
+
+
 class InternLM2Tokenizer(PreTrainedTokenizer):
     """SentencePiece tokenizer of InternLM2 / InternLM-XComposer2 checkpoints.
 
@@ -62,7 +73,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         # The SentencePiece model must exist before the base class asks for the vocabulary.
-        self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
+        self.sp_model = _processor(self.sp_model_kwargs)
         self.sp_model.Load(self.vocab_file)
         kwargs.pop("special_tokens_pattern", None)
         pattern = {(True, False): "bos", (False, True): "eos", (True, True): "bos_eos"}.get(
@@ -104,7 +115,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         proto = state.pop("_sp_model_proto")
         self.__dict__.update(state)
-        self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
+        self.sp_model = _processor(self.sp_model_kwargs)
         self.sp_model.LoadFromSerializedProto(proto)
 
     # ------------------------------------------------------------------ ids the data pipeline needs
