@@ -5,34 +5,47 @@ Public entry points (see docs/data.md):
 * :func:`build_dataset` / :class:`XComposerDataset` / :class:`DataCollator` for training;
 * :func:`encode_conversation` / :class:`EncodedSample` for one sample;
 * :func:`read_file` / :class:`Conversation` / :class:`Problem` for validation.
+
+Names are imported lazily so that ``xcft.data.schema`` or ``xcft.data.encode`` can be used
+without importing torch.
 """
 
 from __future__ import annotations
 
-from xcft.data.dataset import DataCollator, FileData, XComposerDataset, build_dataset, read_data
-from xcft.data.encode import IGNORE_INDEX, EncodedSample, encode_conversation, slots_per_image
-from xcft.data.mixture import DataSpec, Source, draw_count, epoch_draw, resolve_data
-from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Message, Problem, normalize_sample, read_file
+import importlib
+from typing import Any
 
-__all__ = [
-    "Conversation",
-    "DataCollator",
-    "DataSpec",
-    "EncodedSample",
-    "FileData",
-    "IGNORE_INDEX",
-    "IMAGE_PLACEHOLDER",
-    "Message",
-    "Problem",
-    "Source",
-    "XComposerDataset",
-    "build_dataset",
-    "draw_count",
-    "encode_conversation",
-    "epoch_draw",
-    "normalize_sample",
-    "read_data",
-    "read_file",
-    "resolve_data",
-    "slots_per_image",
-]
+_EXPORTS = {
+    "DataCollator": "dataset",
+    "FileData": "dataset",
+    "XComposerDataset": "dataset",
+    "build_dataset": "dataset",
+    "read_data": "dataset",
+    "IGNORE_INDEX": "encode",
+    "EncodedSample": "encode",
+    "encode_conversation": "encode",
+    "slots_per_image": "encode",
+    "DataSpec": "mixture",
+    "Source": "mixture",
+    "draw_count": "mixture",
+    "epoch_draw": "mixture",
+    "resolve_data": "mixture",
+    "IMAGE_PLACEHOLDER": "schema",
+    "Conversation": "schema",
+    "Message": "schema",
+    "Problem": "schema",
+    "normalize_sample": "schema",
+    "read_file": "schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"xcft.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'xcft.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
