@@ -1,0 +1,180 @@
+"""Training features on the tiny preset: checkpointing, attention backends, packing hook,
+DDP-friendly gradients, dtypes, presets and init-model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw):
+    from xcft.model.presets import build_model
+
+    return build_model("tiny", vocab_size=300, seed=1, **kw)
+
+
+def sample(model, gen: torch.Generator, n_text: int = 12, images: int = 1):
+    """One random sample in the batch contract: text, `images` image blocks, text."""
+    T = model.image_tokens
+    ids = [1] + torch.randint(3, 290, (n_text,), generator=gen).tolist()
+    mask = [False] * len(ids)
+    for _ in range(images):
+        ids += [2] * T
+        mask += [True] * T
+        more = torch.randint(3, 290, (n_text,), generator=gen).tolist()
+        ids += more
+        mask += [False] * len(more)
+    ids = torch.tensor(ids)
+    labels = ids.clone()
+    labels[: len(ids) // 2] = -100
+    labels[torch.tensor(mask)] = -100
+    size = model.config.img_size
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "image_mask": torch.tensor(mask),
+        "pixel_values": torch.randn(images, 3, size, size, generator=gen),
+    }
+
+
+def collate(items):
+    from xcft.data.dataset import DataCollator
+
+    return DataCollator(pad_token_id=2)(items)
+
+
+def grads(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_grads():
+    model = tiny()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    gen = torch.Generator().manual_seed(0)
+    batch = collate([sample(model, gen), sample(model, gen, n_text=5, images=0)])
+    ref = grads(model, batch)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    names = {type(m).__name__ for m in layers}
+    assert names == {"XComposer2DecoderLayer", "CLIPEncoderLayer"}, names
+    assert len(layers) == model.config.num_hidden_layers + model.config.vision_config.num_hidden_layers
+    got = grads(model, batch)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_every_trainable_parameter_gets_a_gradient_even_without_images():
+    """DDP without find_unused_parameters needs a gradient for every Partial-LoRA weight on every rank;
+    post_layernorm (unused by the features) is also kept in the graph when images are present."""
+    model = tiny()
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    text_only = collate([sample(model, gen, images=0)])
+    text_only["pixel_values"] = None
+    got = grads(model, text_only)
+    lora = [n for n, _ in model.named_parameters() if "Plora" in n]
+    assert lora and all(n in got for n in lora)
+    assert all(float(got[n].abs().sum()) == 0.0 for n in lora)  # zero-weighted: no effect on the update
+    with_image = collate([sample(model, gen)])
+    got = grads(model, with_image)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in got]
+    assert missing == []
+
+
+def test_eager_and_sdpa_agree():
+    gen = torch.Generator().manual_seed(0)
+    model = tiny()
+    batch = collate([sample(model, gen), sample(model, gen, n_text=3, images=0)])
+    with torch.no_grad():
+        sdpa = model(**batch).logits
+        model.config._attn_implementation = "eager"
+        eager = model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(eager[mask], sdpa[mask], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_equal_separate_rows():
+    """Packing hook: two samples in one row with restarting position_ids (and no attention mask)
+    give the same per-sample losses as the two samples apart (block-diagonal causal mask)."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(0)
+    a, b = sample(model, gen), sample(model, gen, n_text=7, images=0)
+    with torch.no_grad():
+        sa, na = model.sample_losses(**collate([a]))
+        sb, nb = model.sample_losses(**collate([b]))
+        packed = {
+            "input_ids": torch.cat([a["input_ids"], b["input_ids"]])[None],
+            "labels": torch.cat([a["labels"], b["labels"]])[None],
+            "image_mask": torch.cat([a["image_mask"], b["image_mask"]])[None],
+            "pixel_values": a["pixel_values"],
+            "position_ids": torch.cat([torch.arange(len(a["input_ids"])), torch.arange(len(b["input_ids"]))])[None],
+        }
+        sp, n_p = model.sample_losses(**packed)
+    assert n_p.item() == na.item() + nb.item()
+    assert abs(sp.item() - (sa.item() + sb.item())) < 1e-4 * abs(sp.item())
+
+
+def test_bf16_forward_and_backward():
+    model = tiny(dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    batch = collate([sample(model, gen)])
+    loss = model(**batch).loss
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert model.vision_proj[0].weight.grad is not None
+
+
+def test_presets_shapes():
+    from xcft.model.presets import build_model
+
+    small = build_model("small", device="meta")
+    c = small.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (
+        512, 4, 8, 4, 1408)
+    assert (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.vision_config.intermediate_size) == (256, 4, 1024)
+    assert c.vocab_size == 92544 and c.plora_r == 256 and c.image_tokens == 1225
+    assert tuple(small.vision_proj[0].weight.shape) == (512, 256) and tuple(small.vision_proj[2].weight.shape) == (512, 512)
+    assert small.vit.clip.embeddings.position_embedding.weight.shape[0] == 1226
+    assert build_model("small", img_size=224, device="meta").config.image_tokens == 256
+    big = build_model("7b", device="meta")
+    assert big.dtype == torch.bfloat16 and big.model.layers[0].attention.wqkv.weight.is_meta
+    assert 8.5e9 < sum(p.numel() for p in big.parameters()) < 8.8e9
+
+
+def test_init_model_command_writes_a_loadable_folder(tmp_path, capsys):
+    from xcft.cli import main
+    from xcft.model.loading import load_pretrained
+
+    assert main(["init-model", str(tmp_path / "tiny"), "--preset", "tiny", "--seed", "3"]) == 0
+    assert "preset tiny" in capsys.readouterr().out
+    model, tok = load_pretrained(tmp_path / "tiny", device="cpu")
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert cfg["img_size"] == 224 and cfg["vocab_size"] == tok.vocab_size == model.config.vocab_size
+    assert tok.turn_end_id < tok.vocab_size
+    response, _ = model.chat(tok, "What colour is it?", images=[torch.zeros(3, 224, 224)], max_new_tokens=4)
+    assert isinstance(response, str)
+
+
+def test_init_model_with_real_tokenizer(tmp_path, real_tokenizer):
+    from xcft.model.presets import init_model_command
+
+    assert init_model_command(str(tmp_path / "t"), preset="tiny", img_size=490, tokenizer=str(real_tokenizer), seed=0) == 0
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["vocab_size"] == 92544 and cfg["img_size"] == 490
+    assert (tmp_path / "t" / "tokenizer.model").read_bytes() == Path(real_tokenizer).read_bytes()

@@ -1,0 +1,84 @@
+"""Generation: the chat prompt format, KV-cache vs no-cache greedy decoding, images in chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loaded(fixture_dir: Path):
+    from xcft.model.loading import load_pretrained
+
+    return load_pretrained(fixture_dir, dtype="float32", device="cpu")
+
+
+def test_chat_prompt_format(loaded):
+    model, tok = loaded
+    ids, mask = model.build_chat_inputs(
+        tok, "What is <ImageHere> this?", history=[("Hi", "Hello!")], meta_instruction="Be brief.", num_images=1
+    )
+    ids, mask = ids[0].tolist(), mask[0].tolist()
+    assert ids[0] == tok.bos_token_id and sum(mask) == 1225
+    start = mask.index(True)
+    assert all(mask[start : start + 1225]) and all(i == 2 for i in ids[start : start + 1225])
+    text = tok.decode(ids[1:start]) + "<ImageHere>" + tok.decode(ids[start + 1225 :])
+    assert text == (
+        "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
+        "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello![UNUSED_TOKEN_145]\n"
+        "[UNUSED_TOKEN_146]user\nWhat is <ImageHere> this?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
+    )
+    # no placeholder: the image goes first in the query; no meta instruction: no system turn
+    ids2, mask2 = model.build_chat_inputs(tok, "Describe it.", meta_instruction="", num_images=1)
+    assert ids2[0, 1].item() == tok.turn_start_id and mask2[0].tolist().index(True) == 4  # BOS, [146], user, \n
+    with pytest.raises(ValueError, match="2 <ImageHere> placeholders but 1 images"):
+        model.build_chat_inputs(tok, "<ImageHere><ImageHere>", num_images=1)
+
+
+def test_greedy_generation_with_and_without_cache_agree(loaded, shared_dir):
+    model, tok = loaded
+    image = shared_dir / "assets" / "official-examples" / "data" / "images" / "panda.jpeg"
+    ids, mask = model.build_chat_inputs(tok, "What animal is this?", num_images=1)
+    from xcft.model.image_processing_xcomposer2 import load_image
+
+    pixels = torch.from_numpy(load_image(image, model.config.img_size))[None]
+    runs = {}
+    for use_cache in (True, False):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            image_mask=mask,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=tok.eos_token_id,
+        )
+        runs[use_cache] = out[0, ids.shape[1] :].tolist()
+    assert len(runs[True]) == 6 and runs[True] == runs[False]
+    # the image changes the answer's logits (Partial LoRA + features are really used)
+    with torch.no_grad():
+        with_img = model(input_ids=ids, pixel_values=pixels, image_mask=mask).logits[0, -1]
+        without = model(input_ids=ids).logits[0, -1]
+    assert (with_img - without).abs().max() > 1e-3
+
+
+def test_chat_with_and_without_cache(loaded, shared_dir):
+    model, tok = loaded
+    image = shared_dir / "assets" / "official-examples" / "data" / "images" / "panda.jpeg"
+    answers = []
+    for use_cache in (True, False):
+        response, history = model.chat(
+            tok, "Describe the image.", images=[str(image)], max_new_tokens=5, use_cache=use_cache, min_new_tokens=5
+        )
+        answers.append(response)
+        assert history == [("Describe the image.", response)]
+    assert answers[0] == answers[1]
+    # text-only follow-up turn with history
+    response, history = model.chat(tok, "And then?", history=history, max_new_tokens=3)
+    assert len(history) == 2 and history[-1] == ("And then?", response)
