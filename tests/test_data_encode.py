@@ -122,3 +122,25 @@ def test_bad_sizes(tok) -> None:
         encode_conversation(conv, tok, 500, 10)
     with pytest.raises(ValueError):
         encode_conversation(conv, tok, 490, 0)
+
+
+def test_label_boundary_general_path(tok) -> None:
+    """When a header's own ids are not a prefix of the joint ids, boundaries come from decoding."""
+
+    class Odd:
+        def __init__(self, inner):
+            self.inner = inner
+            self.bos_token_id, self.eos_token_id = inner.bos_token_id, inner.eos_token_id
+            self.turn_start_id, self.turn_end_id = inner.turn_start_id, inner.turn_end_id
+
+        def encode_text(self, text: str) -> list[int]:
+            return [0] if text in ("user\n", "assistant\n") else self.inner.encode_text(text)
+
+        def decode(self, ids, skip_special_tokens=False):
+            return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def convert_ids_to_tokens(self, i):
+            return self.inner.convert_ids_to_tokens(i)
+
+    conv = Conversation([Message("user", "Describe the sea."), Message("assistant", "Silver light, 大海.")])
+    assert encode_conversation(conv, Odd(tok), 490, 4096).labels == encode_conversation(conv, tok, 490, 4096).labels

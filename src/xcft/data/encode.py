@@ -153,12 +153,22 @@ def _tokenize_piece(piece: list[tuple[str, bool, int]], tokenizer: TokenizerLike
 
 def _assign_chunks(run_ids: list[int], run: list[tuple[str, bool, int]], boundaries: list[int], tokenizer: TokenizerLike) -> list[int]:
     """Chunk index of each token of a jointly tokenized run of chunks."""
-    # Fast path: each chunk's own ids concatenate to the joint ids.
-    own = [tokenizer.encode_text(t) for t, _, _ in run]
-    if sum(own, []) == run_ids:
-        return [c for c, o in enumerate(own) for _ in o]
-    # General path: a token belongs to the chunk where its text starts.
+    # Fast path: the leading chunks' own ids (role headers, a few tokens) are a prefix of the joint
+    # ids. SentencePiece is lossless here (identity normaliser, byte fallback), so those tokens
+    # cover exactly the leading chunks' text and the rest belongs to the last chunk.
     out: list[int] = []
+    pos = 0
+    for c, (text, _, _) in enumerate(run[:-1]):
+        own = tokenizer.encode_text(text)
+        if run_ids[pos : pos + len(own)] != own:
+            break
+        out.extend([c] * len(own))
+        pos += len(own)
+    else:
+        out.extend([len(run) - 1] * (len(run_ids) - pos))
+        return out
+    # General path: a token belongs to the chunk where its text starts.
+    out = []
     prev_len = 0
     for k in range(1, len(run_ids) + 1):
         start = prev_len
