@@ -525,6 +525,10 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             nn.Linear(config.projector_hidden_size, config.hidden_size),
         )
         self.post_init()
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None and generation_config.max_length == config.max_length:
+            # The official config's max_length is the training token limit, not a generation length.
+            generation_config.max_length = None
 
     # ------------------------------------------------------------------ accessors
     def get_input_embeddings(self) -> nn.Embedding:
