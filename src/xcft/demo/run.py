@@ -1,0 +1,291 @@
+"""``xcft demo``: synthetic data -> tiny model -> accuracy -> LoRA finetune -> accuracy -> merge -> chat.
+
+Every stage uses the code path a user's run uses: the data is written in the official JSON format
+with a ``data.txt``; the base model is an ordinary saved folder; training is ``xcft train`` (its
+library entry point, with the official flags); the adapter is evaluated by loading the adapter
+folder; merging is ``xcft merge``; the merged folder is queried by ``xcft chat`` in a new process.
+Accuracies are measured by greedy chat on held-out images (see :mod:`xcft.demo.evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DemoPreset", "FULL", "QUICK", "DemoResult", "run_demo", "demo_command"]
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Sizes and hyper-parameters of one demo variant (chosen for a 2-core CPU; see docs/demo.md)."""
+
+    n_single: int  # one-image samples (each asks colour and shape)
+    n_compare: int  # two-image "same colour?" samples
+    n_text: int  # text-only samples
+    n_heldout: int  # held-out images (each asked colour and shape)
+    steps: int
+    batch_size: int
+    learning_rate: float
+    lora_r: int = 16
+    lora_alpha: int = 32
+    fix_vit: bool = False
+    img_size: int = 224
+    warmup: float = 0.05
+    # tiny decoder / vision sizes (xcft.model.presets "tiny" with these overrides)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = DemoPreset(n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=300, batch_size=8, learning_rate=5e-3)
+QUICK = DemoPreset(n_single=320, n_compare=0, n_text=40, n_heldout=24, steps=60, batch_size=8, learning_rate=5e-3)
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo measured, and where it wrote things."""
+
+    accuracy_before: float
+    accuracy_after: float
+    per_kind_before: dict[str, float]
+    per_kind_after: dict[str, float]
+    per_kind_count: dict[str, int]
+    chance: dict[str, float]
+    accuracy_blank_images: float | None
+    loss_first: float
+    loss_last: float
+    losses: list[tuple[int, float]]
+    steps: int
+    train_seconds: float
+    total_seconds: float
+    output_dir: str
+    data_txt: str
+    base_dir: str
+    adapter_dir: str
+    merged_dir: str | None
+    loss_png: str | None
+    reload_question: dict[str, str] | None
+    reload_answer: str | None
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _redirect(quiet: bool):
+    """Send the sub-commands' own prints to stderr when stdout must hold only the JSON result."""
+    return contextlib.redirect_stdout(sys.stderr) if quiet else contextlib.nullcontext()
+
+
+def _loss_history(adapter_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs from the trainer state ``xcft train`` saves next to the adapter."""
+    state = adapter_dir / "trainer_state.json"
+    if not state.is_file():
+        raise XcftError(f"{state} is missing: training did not finish (see the messages above)")
+    history = json.loads(state.read_text())["log_history"]
+    return [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h]
+
+
+def train_flags(preset: DemoPreset, base: Path, data_txt: Path, out: Path, steps: int, seed: int) -> list[str]:
+    """The ``xcft train`` command line the demo runs (official finetune.py flags + TrainingArguments)."""
+    flags = {
+        "model_name_or_path": base,
+        "data_path": data_txt,
+        "given_num": "true",
+        "img_size": preset.img_size,
+        "use_lora": "true",
+        "fix_vit": str(preset.fix_vit).lower(),
+        "fix_sampler": "false",
+        "lora_r": preset.lora_r,
+        "lora_alpha": preset.lora_alpha,
+        "lora_dropout": 0.0,
+        "output_dir": out,
+        "max_steps": steps,
+        "per_device_train_batch_size": preset.batch_size,
+        "learning_rate": preset.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": preset.warmup,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": "true",
+    }
+    argv: list[str] = []
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 300.0) -> str:
+    """Ask the merged folder one question with ``xcft chat`` in a fresh Python process."""
+    cmd = [
+        sys.executable, "-m", "xcft.cli", "chat", "--model", str(merged), "--image", image, "--query", question,
+        "--meta-instruction", "", "--max-new-tokens", "4", "--device", "cpu",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise XcftError(f"`xcft chat` on the merged model failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_demo(
+    output: str | Path,
+    *,
+    steps: int | None = None,
+    quick: bool = False,
+    preset: DemoPreset | None = None,
+    blank_train_images: bool = False,
+    merge: bool = True,
+    seed: int = 0,
+    quiet: bool = False,
+) -> DemoResult:
+    """Run the whole demo under ``output`` and return what it measured (see module docstring).
+
+    ``blank_train_images`` is the control experiment: training images are flat grey, so the
+    colour and shape accuracy must stay at chance. ``merge`` False skips merging and the
+    fresh-process chat (the tests' control run needs only the accuracies).
+    """
+    import torch
+
+    from xcft.data.spm_builder import build_tokenizer
+    from xcft.demo.evaluate import HEADLINE_KINDS, answer_accuracy, chance_levels
+    from xcft.demo.report import plot_loss
+    from xcft.demo.synthetic import generate_dataset
+    from xcft.model.loading import load_pretrained, save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+    from xcft.train.entry import train_command
+
+    t_start = time.perf_counter()
+    preset = preset or (QUICK if quick else FULL)
+    n_steps = int(steps if steps is not None else preset.steps)
+    if n_steps < 1:
+        raise XcftError(f"--steps {n_steps}: give at least 1 training step")
+    out = Path(output).resolve()
+    parts = {name: out / name for name in ("data", "tokenizer", "base", "lora", "merged")}
+    if out.exists() and not out.is_dir():
+        raise XcftError(f"--output {out} is a file; give a folder")
+    for path in parts.values():  # a rerun replaces the demo's own sub-folders, nothing else
+        if path.exists():
+            shutil.rmtree(path)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. data
+    data = generate_dataset(
+        parts["data"],
+        n_single=preset.n_single,
+        n_compare=preset.n_compare,
+        n_text=preset.n_text,
+        n_heldout=preset.n_heldout,
+        img_size=preset.img_size,
+        seed=seed,
+        blank_train_images=blank_train_images,
+    )
+    # 2. tokenizer + tiny base model, saved as an ordinary model folder
+    tok_path = build_tokenizer(parts["tokenizer"])
+    tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
+    model = build_model("tiny", preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
+    save_pretrained(model, tokenizer, parts["base"])
+    del model
+    shutil.rmtree(parts["tokenizer"], ignore_errors=True)  # it is inside the base folder now
+
+    # 3. accuracy before (the saved base folder, loaded like a user's)
+    base_model, tokenizer = load_pretrained(parts["base"], dtype=torch.float32, device="cpu")
+    before = answer_accuracy(base_model, tokenizer, data.heldout)
+    logger.info("accuracy before training: %.3f %s", before.overall, before.per_kind)
+    del base_model
+
+    # 4. LoRA finetune with `xcft train`
+    argv = train_flags(preset, parts["base"], data.data_txt, parts["lora"], n_steps, seed)
+    logger.info("xcft train %s", " ".join(argv))
+    t0 = time.perf_counter()
+    with _redirect(quiet):
+        status = train_command(argv)
+    train_seconds = time.perf_counter() - t0
+    if status != 0:
+        raise XcftError(f"xcft train stopped with status {status}; see the messages above")
+    losses = _loss_history(parts["lora"])
+
+    # 5. accuracy after (the adapter folder: base + LoRA + trained projector), and the blank-image control
+    tuned, tokenizer = load_pretrained(parts["lora"], dtype=torch.float32, device="cpu")
+    after = answer_accuracy(tuned, tokenizer, data.heldout)
+    blank = answer_accuracy(tuned, tokenizer, data.heldout, kinds=["colour"], blank_images=True)
+    logger.info("accuracy after training: %.3f %s; colour with blank images %.3f", after.overall, after.per_kind, blank.overall)
+    del tuned
+
+    # 6. merge, then one question to the merged folder in a new process
+    merged_dir = reload_answer = reload_q = None
+    if merge:
+        from xcft.train.merge import merge_command
+
+        with _redirect(quiet):
+            status = merge_command(adapter=str(parts["lora"]), output=str(parts["merged"]), base=None)
+        if status != 0:
+            raise XcftError(f"xcft merge stopped with status {status}")
+        merged_dir = str(parts["merged"])
+        qa = next(q for q in data.heldout if q.kind == "colour")
+        reload_q = {"image": qa.images[0], "question": qa.question.replace("<ImageHere>", ""), "answer": qa.answer}
+        reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
+
+    # 7. loss plot + result
+    png = plot_loss([s for s, _ in losses], [v for _, v in losses], out / "loss.png", title="xcft demo: LoRA training loss")
+    chance = chance_levels()
+    result = DemoResult(
+        accuracy_before=before.overall,
+        accuracy_after=after.overall,
+        per_kind_before=before.per_kind,
+        per_kind_after=after.per_kind,
+        per_kind_count=after.counts,
+        chance={k: v for k, v in chance.items() if k in after.counts},
+        accuracy_blank_images=blank.overall,
+        loss_first=losses[0][1] if losses else float("nan"),
+        loss_last=losses[-1][1] if losses else float("nan"),
+        losses=losses,
+        steps=n_steps,
+        train_seconds=round(train_seconds, 2),
+        total_seconds=round(time.perf_counter() - t_start, 2),
+        output_dir=str(out),
+        data_txt=str(data.data_txt),
+        base_dir=str(parts["base"]),
+        adapter_dir=str(parts["lora"]),
+        merged_dir=merged_dir,
+        loss_png=str(png) if png else None,
+        reload_question=reload_q,
+        reload_answer=reload_answer,
+        settings={**asdict(replace(preset, steps=n_steps)), "quick": quick, "blank_train_images": blank_train_images,
+                  "headline_kinds": list(HEADLINE_KINDS), "torch_threads": torch.get_num_threads()},
+    )
+    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    return result
+
+
+def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text") -> int:
+    """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
+    from xcft.demo.report import format_table, to_json
+
+    quiet = output_format == "json"
+    result = run_demo(output, steps=steps, quick=quick, quiet=quiet).to_dict()
+    if quiet:
+        slim = {k: v for k, v in result.items() if k != "losses"}
+        print(to_json(slim))
+    else:
+        print()
+        print(format_table(result))
+    return 0
