@@ -671,6 +671,11 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             inputs_embeds = self.model.tok_embeddings(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts)
+            elif image_mask is not None and bool(image_mask.any()):
+                raise ValueError(
+                    "image_mask marks image slots but no pixel_values were given; pass the images, or pass "
+                    "inputs_embeds with the features already in place"
+                )
         elif pixel_values is not None:
             raise ValueError("pixel_values cannot be combined with inputs_embeds (splice the features yourself)")
         return self.model(
