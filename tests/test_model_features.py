@@ -178,3 +178,30 @@ def test_init_model_with_real_tokenizer(tmp_path, real_tokenizer):
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     assert cfg["vocab_size"] == 92544 and cfg["img_size"] == 490
     assert (tmp_path / "t" / "tokenizer.model").read_bytes() == Path(real_tokenizer).read_bytes()
+
+
+def test_peft_lora_wraps_the_partial_lora_linears_and_merges():
+    """The official LoRA targets (attention.wqkv ... feed_forward.w3) wrap our PLoRA linears;
+    Partial LoRA still sees the image positions, and merging keeps the logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny()
+    gen = torch.Generator().manual_seed(0)
+    batch = collate([sample(model, gen), sample(model, gen, images=0)])
+    targets = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    wrapped = [n for n, m in peft_model.named_modules() if type(m).__module__.startswith("peft") and n.endswith(("wqkv", "w2"))]
+    assert len(wrapped) == 2 * model.config.num_hidden_layers
+    for name, p in peft_model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.02, generator=gen)
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if ".lora_" in n and p.requires_grad)
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(**batch).logits
+        merged = peft_model.merge_and_unload()
+        after = merged(**batch).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert type(merged).__name__ == "XComposer2ForCausalLM"
