@@ -254,7 +254,7 @@ def test_convert_command(fixture_dir, fixture_model, tmp_path, capsys):
 def test_auto_classes_are_registered(fixture_model, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import xcft.model  # noqa: F401  (registers)
+    import xcft.model.loading  # noqa: F401  (registers the Auto classes)
     from xcft.model.loading import save_pretrained
 
     out = save_pretrained(*fixture_model, tmp_path / "auto")

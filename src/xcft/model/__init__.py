@@ -1,34 +1,30 @@
 """The native InternLM-XComposer2 model: configuration, modeling, loading, presets, eval.
 
-Importing this package registers :class:`XComposer2Config` / :class:`XComposer2ForCausalLM`
-with transformers' ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` under the model
-type ``"xcomposer2"``, so our own output folders also load through the Auto classes without
-``trust_remote_code`` inside an xcft process.
+Exports load lazily: the tokenizer and image files are used by the data pipeline and
+``xcft check-data``, which should not pay for importing the modeling code and CLIP.
+Importing :mod:`xcft.model.loading` registers :class:`XComposer2Config` /
+:class:`XComposer2ForCausalLM` with transformers' Auto classes under the model type
+``"xcomposer2"`` (see :func:`register_auto_classes`).
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
+from typing import Any
 
-from xcft.model.configuration_xcomposer2 import XComposer2Config
-from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, XComposer2Model
-
-
-def register_auto_classes() -> None:
-    """Register our classes with the transformers Auto classes (idempotent)."""
-    AutoConfig.register(XComposer2Config.model_type, XComposer2Config, exist_ok=True)
-    AutoModel.register(XComposer2Config, XComposer2ForCausalLM, exist_ok=True)
-    AutoModelForCausalLM.register(XComposer2Config, XComposer2ForCausalLM, exist_ok=True)
-
-
-register_auto_classes()
+_EXPORTS = {
+    "XComposer2Config": "xcft.model.configuration_xcomposer2",
+    "XComposer2ForCausalLM": "xcft.model.modeling_xcomposer2",
+    "XComposer2Model": "xcft.model.modeling_xcomposer2",
+    "load_pretrained": "xcft.model.loading",
+    "register_auto_classes": "xcft.model.loading",
+}
 
 
-def load_pretrained(*args, **kwargs):
-    """See :func:`xcft.model.loading.load_pretrained`."""
-    from xcft.model.loading import load_pretrained as _load
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'xcft.model' has no attribute {name!r}")
 
-    return _load(*args, **kwargs)
 
-
-__all__ = ["XComposer2Config", "XComposer2ForCausalLM", "XComposer2Model", "load_pretrained", "register_auto_classes"]
+__all__ = sorted(_EXPORTS)

@@ -30,8 +30,23 @@ import torch.nn.functional as F
 from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 logger = logging.getLogger(__name__)
+
+
+def register_auto_classes() -> None:
+    """Register our classes with the transformers Auto classes (idempotent).
+
+    Lets our own output folders load through ``AutoModelForCausalLM`` inside an xcft process
+    without ``trust_remote_code``.
+    """
+    AutoConfig.register(XComposer2Config.model_type, XComposer2Config, exist_ok=True)
+    AutoModel.register(XComposer2Config, XComposer2ForCausalLM, exist_ok=True)
+    AutoModelForCausalLM.register(XComposer2Config, XComposer2ForCausalLM, exist_ok=True)
+
+
+register_auto_classes()
 
 MODEL_DIR = Path(__file__).resolve().parent
 #: The self-contained files copied into every saved folder (remote code for trust_remote_code).
