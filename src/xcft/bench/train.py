@@ -1,0 +1,446 @@
+"""``xcft bench train``: time real training steps through the ``xcft train`` code path.
+
+What runs is what ``xcft train`` runs: the options are parsed by :func:`xcft.train.args.parse_train_args`,
+the model is loaded by :func:`xcft.train.entry.load_base_model` (or built from a preset on the
+device, for shape-only checks such as the 7b GPU check), frozen by
+:func:`xcft.train.trainer.configure_trainable`, the data is read and encoded by :mod:`xcft.data`
+(packed by :class:`xcft.data.packing.PackedDataset` with ``--packing``), batched by the training
+collator, and trained by the Hugging Face Trainer subclass :class:`xcft.train.trainer.XcftTrainer`
+(its own ``training_step``: forward, loss, backward; then clipping and the AdamW step). The only
+additions are a callback that times every optimizer step end to end (data fetch included) and
+token counts that the collator attaches to each batch and the bench removes before the model sees
+the batch.
+
+So that every step sees ``--batch-size`` samples (or rows when packing), the per-epoch draw of
+each data file is scaled up (same proportions) to cover ``warmup + steps`` steps in one epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from xcft.bench.calibrate import calibration_gflops
+from xcft.bench.flops import StepCounts, gpu_peak_flops, step_flops
+from xcft.errors import XcftError
+
+logger = logging.getLogger(__name__)
+
+COUNTS_KEY = "xcft_bench_counts"
+
+
+@dataclass
+class TrainBenchOptions:
+    """One benchmark run (the ``xcft bench train`` flags)."""
+
+    model: Optional[str] = None  # model folder (as for xcft train)
+    preset: Optional[str] = None  # or: random weights of a preset, built on the device
+    data: Optional[str] = None  # data.txt or JSON (as for xcft train)
+    sources: Sequence[str] = ()  # keep only the data.txt files whose path contains one of these
+    synthetic: Optional[int] = None  # or: synthetic samples of this many tokens
+    synthetic_images: int = 1
+    batch_size: int = 1
+    packing: bool = False
+    group_by_length: bool = False
+    steps: int = 5
+    warmup: int = 1
+    max_length: Optional[int] = None
+    workers: int = 0
+    use_lora: bool = False
+    fix_vit: bool = True
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    full_head: bool = False  # compute the output head at every position (for comparison)
+    attn: str = "auto"
+    seed: int = 0
+    extra_args: Sequence[str] = field(default_factory=tuple)  # more xcft train flags
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Random token samples in the batch contract (for shape-only runs such as the GPU check).
+
+    Each sample: BOS, ``images`` image blocks, then random text up to ``length`` tokens; the last
+    40% of the text is supervised (an answer).
+    """
+
+    def __init__(self, count: int, length: int, images: int, image_tokens: int, img_size: int, vocab: int, pad: int, seed: int = 0):
+        need = 2 + images * image_tokens
+        if length < need + 8:
+            raise XcftError(f"--synthetic {length}: too short for {images} image(s) of {image_tokens} slots; use at least {need + 8}")
+        self.count, self.length, self.images = int(count), int(length), int(images)
+        self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.length] * self.count
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = torch.randint(3, max(4, self.vocab - 16), (self.length,), generator=gen)
+        ids[0] = 1
+        mask = torch.zeros(self.length, dtype=torch.bool)
+        start = 1
+        for _ in range(self.images):
+            mask[start : start + self.image_tokens] = True
+            start += self.image_tokens + 1
+        ids[mask] = self.pad
+        labels = torch.full_like(ids, -100)
+        answer = int(self.length * 0.6)
+        labels[answer:] = ids[answer:]
+        labels[mask] = -100
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "image_mask": mask,
+            "pixel_values": torch.randn(self.images, 3, self.img_size, self.img_size, generator=gen),
+        }
+
+
+def _segments(item: dict[str, Any]) -> list[int]:
+    n = int(item["input_ids"].shape[0])
+    pos = item.get("position_ids")
+    if pos is None:
+        return [n]
+    starts = (pos == 0).nonzero().flatten().tolist() + [n]
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+@dataclass
+class CountingCollator:
+    """The training collator, plus the step's token counts under :data:`COUNTS_KEY` (removed before the model)."""
+
+    inner: Any
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(features)
+        segs = [s for f in features for s in _segments(f)]
+        images = sum(int(f["pixel_values"].shape[0]) for f in features if f.get("pixel_values") is not None)
+        counts = StepCounts(
+            samples=len(segs),
+            real_tokens=sum(segs),
+            computed_positions=int(batch["input_ids"].numel()),
+            image_slots=int(batch["image_mask"].sum()),
+            images=images,
+            targets=int((batch["labels"][:, 1:] != -100).sum()),
+            sum_sq_segments=sum(s * s for s in segs),
+        )
+        batch[COUNTS_KEY] = torch.tensor([getattr(counts, k) for k in StepCounts.__dataclass_fields__], dtype=torch.long)
+        return batch
+
+
+def _scaled_files(files: list[Any], samples: int) -> list[Any]:
+    """The files with their per-epoch draw scaled (same proportions) to at least ``samples`` in total."""
+    total = sum(f.draw_count for f in files)
+    if total <= 0:
+        raise XcftError("the data draws no sample per epoch; check the data.txt numbers")
+    factor = samples / total
+    return [dataclasses.replace(f, draw_count=max(1, math.ceil(f.draw_count * factor)) if f.draw_count else 0) for f in files]
+
+
+def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_config: Any) -> tuple[Any, Any]:
+    """(train dataset, collator) with enough samples for ``warmup + steps`` steps in one epoch."""
+    from xcft.data.packing import PackedDataset, make_collator
+
+    steps = opts.warmup + opts.steps
+    rows_needed = steps * opts.batch_size
+    img_size = int(base_config.img_size)
+    max_length = int(opts.max_length or base_config.max_length or 4096)
+    if opts.synthetic:
+        pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
+        per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
+        ds: Any = SyntheticDataset(rows_needed * per_row, opts.synthetic, opts.synthetic_images, int(base_config.image_tokens),
+                                   img_size, int(base_config.vocab_size), pad, opts.seed)
+    else:
+        from xcft.data.dataset import XComposerDataset, read_data
+        from xcft.train.data import resolve_lengths
+
+        img_size, max_length = resolve_lengths(cfg, base_config)
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+        if opts.sources:
+            files = [f for f in files if any(s in f.display for s in opts.sources)]
+            if not files:
+                raise XcftError(f"--source {' '.join(opts.sources)}: no data file of {opts.data} matches")
+        samples = rows_needed
+        while True:
+            ds = XComposerDataset(_scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed)
+            if not opts.packing:
+                break
+            ds = PackedDataset(ds, max_length)
+            if len(ds) >= rows_needed:
+                break
+            samples = 2 * max(samples, ds.num_samples)
+    if opts.packing and isinstance(ds, SyntheticDataset):
+        ds = PackedDataset(ds, max_length)
+    pad_id = int(getattr(ds, "pad_token_id", None) or getattr(getattr(ds, "base", None), "pad_token_id", None)
+                 or (base_config.pad_token_id if base_config.pad_token_id is not None else 2))
+    return ds, CountingCollator(make_collator(pad_id, packing=opts.packing))
+
+
+# --------------------------------------------------------------------------- trainer pieces
+
+
+def _bench_trainer_class():
+    from xcft.data.packing import LengthGroupedSampler
+    from xcft.train.trainer import XcftTrainer
+
+    class BenchTrainer(XcftTrainer):
+        """XcftTrainer that takes the bench's token counts off each batch before its training_step."""
+
+        bench_counts: list[StepCounts]
+        bench_group_by_length = False
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401
+            raw = inputs.pop(COUNTS_KEY, None)
+            if raw is not None:
+                self.bench_counts.append(StepCounts(*[int(v) for v in raw.tolist()]))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if self.bench_group_by_length and hasattr(ds, "lengths"):
+                return LengthGroupedSampler(ds, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=self.args.seed)
+            return super()._get_train_sampler(train_dataset)
+
+    return BenchTrainer
+
+
+def _timer_callback(trainer_ref: list, cuda: bool):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time of each optimizer step, end to end, and the counts of the batches it trained on."""
+
+        def __init__(self) -> None:
+            self.begin: list[float] = []
+            self.end: list[float] = []
+            self.counts: list[StepCounts] = []
+
+        def _now(self) -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin.append(self._now())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end.append(self._now())
+            trainer = trainer_ref[0]
+            step = StepCounts()
+            for c in trainer.bench_counts:
+                step.add(c)
+            trainer.bench_counts.clear()
+            self.counts.append(step)
+
+    return StepTimer()
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
+    argv = [
+        "--model_name_or_path", opts.model or f"preset:{opts.preset}",
+        "--data_path", opts.data or "synthetic",
+        "--output_dir", output_dir,
+        "--max_steps", str(opts.warmup + opts.steps),
+        "--per_device_train_batch_size", str(opts.batch_size),
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--logging_steps", "1000000",
+        "--disable_tqdm", "true",
+        "--dataloader_num_workers", str(opts.workers),
+        "--seed", str(opts.seed),
+        "--use_lora", str(opts.use_lora).lower(),
+        "--fix_vit", str(opts.fix_vit).lower(),
+    ]
+    if not torch.cuda.is_available():
+        argv += ["--use_cpu", "true"]
+    if opts.bf16:
+        argv += ["--bf16", "true"]
+    if opts.activation_checkpointing:
+        argv += ["--activation_checkpointing", "true"]
+    if opts.max_length:
+        argv += ["--max_length", str(opts.max_length)]
+    return argv + list(opts.extra_args)
+
+
+def _resolve_attn(attn: str, cuda: bool) -> Optional[str]:
+    if attn != "auto":
+        return attn
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return None  # keep the model's own setting
+
+
+def run_train_bench(opts: TrainBenchOptions) -> dict[str, Any]:
+    """Run the benchmark; returns the figures (see :func:`format_train_result`)."""
+    from xcft.train.args import parse_train_args
+    from xcft.train.entry import _base_config, _trainable_in_float32, load_base_model
+    from xcft.train.trainer import configure_trainable
+
+    if bool(opts.model) == bool(opts.preset):
+        raise XcftError("give exactly one of --model (a model folder) and --preset (random weights)")
+    if not opts.data and not opts.synthetic:
+        raise XcftError("give --data (data.txt or JSON) or --synthetic LENGTH")
+    if opts.preset and not opts.synthetic:
+        raise XcftError("--preset models have no tokenizer here: use --synthetic LENGTH for their data")
+    if opts.steps < 1 or opts.warmup < 0 or opts.batch_size < 1:
+        raise XcftError("--steps and --batch-size must be at least 1 and --warmup at least 0")
+    if opts.packing and opts.group_by_length:
+        raise XcftError("--group_by_length is for unpacked runs; packing already groups samples into full rows")
+
+    cuda = torch.cuda.is_available()
+    calib_before = calibration_gflops()
+    with tempfile.TemporaryDirectory(prefix="xcft-bench-") as out:
+        cfg = parse_train_args(_train_argv(opts, out))
+        attn = _resolve_attn(opts.attn, cuda)
+        if opts.preset:
+            from xcft.model.presets import build_model
+
+            dtype = torch.bfloat16 if opts.bf16 else torch.float32
+            model = build_model(opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu",
+                                attn_implementation=attn or "sdpa")
+            tokenizer = None
+        else:
+            model, tokenizer = load_base_model(cfg)
+            if attn is not None:
+                model.set_attn_implementation(attn)
+        model.config.supervised_logits_only = not opts.full_head
+        model = configure_trainable(
+            model, use_lora=cfg.model.use_lora, fix_vit=cfg.model.fix_vit, fix_sampler=cfg.model.fix_sampler,
+            lora=cfg.lora, base_path=None, gradient_checkpointing=bool(cfg.training.activation_checkpointing),
+        )
+        _trainable_in_float32(model)
+        base_config = _base_config(model)
+        train_ds, collator = build_bench_data(opts, cfg, tokenizer, base_config)
+
+        trainer_ref: list = []
+        timer = _timer_callback(trainer_ref, cuda)
+        trainer_cls = _bench_trainer_class()
+        trainer = trainer_cls(model=model, args=cfg.training, train_dataset=train_ds, data_collator=collator,
+                              processing_class=tokenizer, callbacks=[timer])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # stdout carries only the report (JSON stays parseable)
+        trainer.bench_counts = []
+        trainer.bench_group_by_length = opts.group_by_length
+        trainer_ref.append(trainer)
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    calib_after = calibration_gflops()
+
+    times = [timer.end[0] - timer.begin[0]] + [b - a for a, b in zip(timer.end[:-1], timer.end[1:])]
+    timed = list(range(min(opts.warmup, len(times) - 1), len(times)))
+    if not timed:
+        raise XcftError("no step was timed; increase --steps")
+    step_times = [times[k] for k in timed]
+    counts = [timer.counts[k] for k in timed]
+    total = StepCounts()
+    for c in counts:
+        total.add(c)
+    sec = statistics.median(step_times)
+    samples_rate = statistics.median(c.samples / t for c, t in zip(counts, step_times))
+    tokens_rate = statistics.median(c.real_tokens / t for c, t in zip(counts, step_times))
+    vit_trained = not cfg.model.fix_vit
+    flops = [step_flops(base_config, c, vit_trained=vit_trained, projector_trained=not cfg.model.fix_sampler) for c in counts]
+    achieved = statistics.median(f / t for f, t in zip(flops, step_times))
+    result: dict[str, Any] = {
+        "seconds_per_step": sec,
+        "samples_per_s": samples_rate,
+        "tokens_per_s": tokens_rate,
+        "padding_fraction": 1.0 - total.real_tokens / max(1, total.computed_positions),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "calibration_gflops": calib_before,
+        "calibration_gflops_after": calib_after,
+        "samples_per_step": total.samples / len(counts),
+        "tokens_per_step": total.real_tokens / len(counts),
+        "targets_per_step": total.targets / len(counts),
+        "steps_timed": len(counts),
+        "step_seconds": step_times,
+        "warmup": opts.warmup,
+        "batch_size": opts.batch_size,
+        "packing": opts.packing,
+        "group_by_length": opts.group_by_length,
+        "supervised_head": not opts.full_head,
+        "use_lora": bool(cfg.model.use_lora),
+        "bf16": opts.bf16,
+        "activation_checkpointing": opts.activation_checkpointing,
+        "attn_implementation": getattr(base_config, "_attn_implementation", None),
+        "model_flops_per_step": statistics.median(flops),
+        "achieved_tflops": achieved / 1e12,
+        "flops_convention": "model FLOPs: 6 x decoder weights per real token (trained or not), causal attention "
+        "per sample, head at supervised targets only, frozen ViT forward only; recomputation not counted",
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "loop": "transformers Trainer (XcftTrainer.training_step + AdamW step), each optimizer step timed end to end",
+        "wall_seconds": wall,
+        "torch": torch.__version__,
+    }
+    if cuda:
+        result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        peak = gpu_peak_flops(result["device"], half=opts.bf16)
+        result["mfu"] = achieved / peak if peak else None
+    else:
+        result["fraction_of_calibration"] = achieved / (calib_before * 1e9)
+    return result
+
+
+def format_train_result(r: dict[str, Any]) -> str:
+    """Human-readable lines for ``--format text``."""
+    gib = 1024**3
+    lines = [
+        f"seconds/step      {r['seconds_per_step']:.3f} (median of {r['steps_timed']} steps after {r['warmup']} warm-up)",
+        f"samples/s         {r['samples_per_s']:.3f} ({r['samples_per_step']:.1f} samples/step)",
+        f"tokens/s          {r['tokens_per_s']:.1f} (real tokens incl. image slots; {r['tokens_per_step']:.0f}/step)",
+        f"padding fraction  {r['padding_fraction']:.4f}",
+        f"peak RSS          {r['peak_rss_bytes'] / 1e9:.2f} GB",
+        f"calibration       {r['calibration_gflops']:.1f} GFLOP/s before, {r['calibration_gflops_after']:.1f} after "
+        f"(float32 1024x1024 matmul, {r['threads']} threads)",
+        f"model FLOP/s      {r['achieved_tflops'] * 1e3:.1f} GFLOP/s ({r['flops_convention']})",
+    ]
+    if "fraction_of_calibration" in r:
+        lines.append(f"of calibration    {r['fraction_of_calibration']:.2f}")
+    if "peak_gpu_bytes" in r:
+        lines.append(f"peak GPU memory   {r['peak_gpu_bytes'] / gib:.2f} GiB")
+        mfu = r.get("mfu")
+        lines.append(f"MFU               {mfu:.3f}" if mfu is not None else "MFU               n/a (unknown GPU peak)")
+    lines.append(
+        f"setup             batch {r['batch_size']}, packing {r['packing']}, group_by_length {r['group_by_length']}, "
+        f"supervised head {r['supervised_head']}, lora {r['use_lora']}, bf16 {r['bf16']}, "
+        f"activation checkpointing {r['activation_checkpointing']}, attention {r['attn_implementation']}, device {r['device']}"
+    )
+    lines.append(f"loop              {r['loop']}")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainBenchOptions", "SyntheticDataset", "CountingCollator", "run_train_bench", "format_train_result"]
