@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from xcft.errors import XcftError
 
@@ -103,3 +105,64 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Op
     )
     collator = DataCollator(pad_token_id=train_ds.pad_token_id)
     return train_ds, eval_ds, collator
+
+
+@dataclass
+class VisionAlignedCollator:
+    """Gives every batch at least one image, so every rank runs the vision tower at every step.
+
+    DeepSpeed ZeRO-3 and FSDP gather a module's sharded parameters when it runs (a collective),
+    and ZeRO reduces gradients in fixed buckets: when one rank's batch has images and another's
+    has none, the ranks' collectives stop matching and the run hangs or aborts. A batch without
+    images gets one blank image appended at the end of its longest row: ``slots`` extra
+    positions with label -100, after every real token of that row. With causal attention no
+    earlier position sees them, so the loss and every gradient are unchanged (the vision
+    parameters get an exact zero gradient); the cost is one image's worth of extra positions.
+    """
+
+    collator: Any
+    img_size: int
+    slots: int
+    pad_token_id: int
+
+    def __call__(self, features: Any) -> dict[str, Any]:
+        batch = self.collator(features)
+        pixels = batch.get("pixel_values")
+        if pixels is not None and pixels.shape[0] > 0:
+            return batch
+        ids, mask, labels, image_mask = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["image_mask"]
+        bsz, width = ids.shape
+        row = int(mask.sum(dim=1).argmax())  # a longest row: its tokens fill the whole width
+        extra = self.slots
+
+        def widen(t: torch.Tensor, fill: Any) -> torch.Tensor:
+            return torch.cat([t, torch.full((bsz, extra), fill, dtype=t.dtype)], dim=1)
+
+        batch["input_ids"] = widen(ids, self.pad_token_id)
+        batch["labels"] = widen(labels, -100)
+        new_mask = widen(mask, 0)
+        new_mask[row, width:] = 1
+        batch["attention_mask"] = new_mask
+        new_image_mask = widen(image_mask, False)
+        new_image_mask[row, width:] = True
+        batch["image_mask"] = new_image_mask
+        batch["pixel_values"] = torch.zeros(1, 3, self.img_size, self.img_size)
+        counts = torch.zeros(bsz, dtype=torch.long)
+        counts[row] = 1
+        batch["image_counts"] = counts
+        return batch
+
+
+def needs_vision_alignment(training_args: Any, model: Any) -> bool:
+    """True when ranks must run the vision tower in lockstep (see :class:`VisionAlignedCollator`)."""
+    if training_args.world_size <= 1:
+        return False
+    if training_args.fsdp:
+        return True
+    ds = getattr(training_args, "hf_deepspeed_config", None)
+    if ds is None:
+        return False
+    if ds.is_zero3():
+        return True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return any(p.requires_grad for p in base.vit.parameters()) or any(p.requires_grad for p in base.vision_proj.parameters())

@@ -33,7 +33,7 @@ def run_training(cfg: TrainConfig) -> int:
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from xcft.train.data import build_datasets
+    from xcft.train.data import VisionAlignedCollator, build_datasets, needs_vision_alignment
     from xcft.train.trainer import (
         EpochDrawCallback,
         LossProgressCallback,
@@ -73,6 +73,9 @@ def run_training(cfg: TrainConfig) -> int:
     # ---- data
     base_config = _base_config(model)
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
+    if needs_vision_alignment(args, model):
+        collator = VisionAlignedCollator(collator, int(base_config.img_size), int(base_config.image_tokens), train_ds.pad_token_id)
+        logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
 
     # ---- trainer
     sigterm = SigtermCallback()

@@ -106,6 +106,11 @@ def configure_trainable(model: torch.nn.Module, *, use_lora: bool, fix_vit: bool
     return peft_model
 
 
+def unwrap_base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The XComposer2ForCausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
