@@ -50,13 +50,35 @@ def open_image(image: ImageInput, img_size: int | None = None, fast_jpeg: bool =
     return to_rgb(img)
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
+def normalize_reference(rgb: np.ndarray) -> np.ndarray:
     """uint8 HxWx3 -> float32 3xHxW in CLIP normalisation (float32 ops, like ToTensor + Normalize)."""
     x = rgb.astype(np.float32) / np.float32(255.0)
     x = x.transpose(2, 0, 1)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def _normalize_table() -> np.ndarray:
+    """[3, 256] float32: :func:`normalize_reference` of every uint8 value in every channel."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None], (256, 1, 3))
+    table = np.ascontiguousarray(normalize_reference(values)[:, :, 0])
+    table.setflags(write=False)
+    return table
+
+
+#: Read-only lookup table: each output element depends only on its uint8 value and channel, so a
+#: lookup gives exactly the float32 result of the arithmetic (about 10x faster on a 490 px image).
+_NORMALIZE_TABLE = _normalize_table()
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3xHxW in CLIP normalisation, bit-equal to :func:`normalize_reference`."""
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    out = np.empty((3, rgb.shape[0], rgb.shape[1]), dtype=np.float32)
+    for c in range(3):
+        np.take(_NORMALIZE_TABLE[c], rgb[:, :, c], out=out[c])
+    return out
 
 
 def load_image(image: ImageInput, img_size: int, fast_jpeg: bool = False) -> np.ndarray:
@@ -98,6 +120,7 @@ __all__ = [
     "load_image",
     "load_image_tensor",
     "normalize",
+    "normalize_reference",
     "open_image",
     "to_rgb",
 ]
