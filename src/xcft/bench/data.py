@@ -109,14 +109,15 @@ def make_photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
 
 
 def run_data_bench(data: str, img_size: int, *, workers: int = 0, fast_jpeg: bool = False,
-                   photo: tuple[int, int] | None = None, sources: Sequence[str] = ()) -> dict[str, Any]:
+                   photo: tuple[int, int] | None = None, sources: Sequence[str] = (),
+                   min_seconds: float = 2.0, calibration_seconds: float = 0.3) -> dict[str, Any]:
     """Images/s on the data's images (and, with ``photo``, exact vs fast JPEG on a large generated photo)."""
     from xcft.model.image_processing_xcomposer2 import load_image
 
-    calib = calibration_gflops()
+    calib = calibration_gflops(calibration_seconds)
     paths = data_image_paths(data, sources)
     result: dict[str, Any] = {
-        "images_per_s": images_per_second(paths, img_size, workers=workers, fast_jpeg=fast_jpeg),
+        "images_per_s": images_per_second(paths, img_size, workers=workers, fast_jpeg=fast_jpeg, min_seconds=min_seconds),
         "img_size": img_size,
         "workers": workers,
         "fast_jpeg": fast_jpeg,
@@ -127,8 +128,8 @@ def run_data_bench(data: str, img_size: int, *, workers: int = 0, fast_jpeg: boo
     if photo:
         with tempfile.TemporaryDirectory(prefix="xcft-photo-") as tmp:
             p = make_photo(Path(tmp) / "photo.jpg", *photo)
-            exact = images_per_second([p], img_size, workers=0, fast_jpeg=False, min_seconds=2.0, min_images=5)
-            fast = images_per_second([p], img_size, workers=0, fast_jpeg=True, min_seconds=2.0, min_images=5)
+            exact = images_per_second([p], img_size, workers=0, fast_jpeg=False, min_seconds=min_seconds, min_images=5)
+            fast = images_per_second([p], img_size, workers=0, fast_jpeg=True, min_seconds=min_seconds, min_images=5)
             a = load_image(p, img_size)
             b = load_image(p, img_size, fast_jpeg=True)
         result["photo"] = {

@@ -62,6 +62,7 @@ class TrainBenchOptions:
     full_head: bool = False  # compute the output head at every position (for comparison)
     attn: str = "auto"
     seed: int = 0
+    calibration_seconds: float = 0.3  # per calibration repeat (5 repeats before and after the run)
     extra_args: Sequence[str] = field(default_factory=tuple)  # more xcft train flags
 
 
@@ -288,6 +289,14 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
     return argv + list(opts.extra_args)
 
 
+def _checkpointing_on(model: Any) -> bool:
+    """Whether activation checkpointing is on (transformers 5 name first, then the old one)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def _resolve_attn(attn: str, cuda: bool) -> Optional[str]:
     if attn != "auto":
         return attn
@@ -301,12 +310,34 @@ def _resolve_attn(attn: str, cuda: bool) -> Optional[str]:
     return None  # keep the model's own setting
 
 
-def run_train_bench(opts: TrainBenchOptions) -> dict[str, Any]:
-    """Run the benchmark; returns the figures (see :func:`format_train_result`)."""
-    from xcft.train.args import parse_train_args
-    from xcft.train.entry import _base_config, _trainable_in_float32, load_base_model
+def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
+    """(model ready to train, tokenizer or None): loaded / built, head mode set, frozen as ``xcft train`` does."""
+    from xcft.train.entry import _trainable_in_float32, load_base_model
     from xcft.train.trainer import configure_trainable
 
+    cuda = torch.cuda.is_available()
+    attn = _resolve_attn(opts.attn, cuda)
+    if opts.preset:
+        from xcft.model.presets import build_model
+
+        dtype = torch.bfloat16 if opts.bf16 else torch.float32
+        model = build_model(opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu",
+                            attn_implementation=attn or "sdpa")
+        tokenizer = None
+    else:
+        model, tokenizer = load_base_model(cfg)
+        if attn is not None:
+            model.set_attn_implementation(attn)
+    model.config.supervised_logits_only = not opts.full_head
+    model = configure_trainable(
+        model, use_lora=cfg.model.use_lora, fix_vit=cfg.model.fix_vit, fix_sampler=cfg.model.fix_sampler,
+        lora=cfg.lora, base_path=None, gradient_checkpointing=bool(cfg.training.activation_checkpointing),
+    )
+    _trainable_in_float32(model)
+    return model, tokenizer
+
+
+def _check_options(opts: TrainBenchOptions) -> None:
     if bool(opts.model) == bool(opts.preset):
         raise XcftError("give exactly one of --model (a model folder) and --preset (random weights)")
     if not opts.data and not opts.synthetic:
@@ -318,28 +349,25 @@ def run_train_bench(opts: TrainBenchOptions) -> dict[str, Any]:
     if opts.packing and opts.group_by_length:
         raise XcftError("--group_by_length is for unpacked runs; packing already groups samples into full rows")
 
+
+def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the figures (see :func:`format_train_result`).
+
+    ``prepared`` = (model, tokenizer) from :func:`prepare_model` reuses one model for several runs
+    (the GPU check); the model's trainable parameters then carry over from run to run.
+    """
+    from xcft.train.args import parse_train_args
+    from xcft.train.entry import _base_config
+
+    _check_options(opts)
     cuda = torch.cuda.is_available()
-    calib_before = calibration_gflops()
+    calib_before = calibration_gflops(opts.calibration_seconds)
     with tempfile.TemporaryDirectory(prefix="xcft-bench-") as out:
         cfg = parse_train_args(_train_argv(opts, out))
-        attn = _resolve_attn(opts.attn, cuda)
-        if opts.preset:
-            from xcft.model.presets import build_model
-
-            dtype = torch.bfloat16 if opts.bf16 else torch.float32
-            model = build_model(opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu",
-                                attn_implementation=attn or "sdpa")
-            tokenizer = None
-        else:
-            model, tokenizer = load_base_model(cfg)
-            if attn is not None:
-                model.set_attn_implementation(attn)
-        model.config.supervised_logits_only = not opts.full_head
-        model = configure_trainable(
-            model, use_lora=cfg.model.use_lora, fix_vit=cfg.model.fix_vit, fix_sampler=cfg.model.fix_sampler,
-            lora=cfg.lora, base_path=None, gradient_checkpointing=bool(cfg.training.activation_checkpointing),
-        )
-        _trainable_in_float32(model)
+        model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
+            (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         base_config = _base_config(model)
         train_ds, collator = build_bench_data(opts, cfg, tokenizer, base_config)
 
@@ -355,9 +383,14 @@ def run_train_bench(opts: TrainBenchOptions) -> dict[str, Any]:
         trainer.bench_group_by_length = opts.group_by_length
         trainer_ref.append(trainer)
         t0 = time.perf_counter()
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            trainer_ref.clear()
         wall = time.perf_counter() - t0
-    calib_after = calibration_gflops()
+        checkpointing_active = _checkpointing_on(base)
+        del trainer
+    calib_after = calibration_gflops(opts.calibration_seconds)
 
     times = [timer.end[0] - timer.begin[0]] + [b - a for a, b in zip(timer.end[:-1], timer.end[1:])]
     timed = list(range(min(opts.warmup, len(times) - 1), len(times)))
@@ -395,6 +428,7 @@ def run_train_bench(opts: TrainBenchOptions) -> dict[str, Any]:
         "use_lora": bool(cfg.model.use_lora),
         "bf16": opts.bf16,
         "activation_checkpointing": opts.activation_checkpointing,
+        "activation_checkpointing_active": checkpointing_active,
         "attn_implementation": getattr(base_config, "_attn_implementation", None),
         "model_flops_per_step": statistics.median(flops),
         "achieved_tflops": achieved / 1e12,
@@ -443,4 +477,4 @@ def format_train_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainBenchOptions", "SyntheticDataset", "CountingCollator", "run_train_bench", "format_train_result"]
+__all__ = ["TrainBenchOptions", "SyntheticDataset", "CountingCollator", "prepare_model", "run_train_bench", "format_train_result"]
