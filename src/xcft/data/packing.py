@@ -142,6 +142,14 @@ class PackedDataset(Dataset):
     def epoch(self) -> Any:
         return getattr(self.base, "epoch", None)
 
+    @property
+    def pad_token_id(self) -> Any:
+        return getattr(self.base, "pad_token_id", None)
+
+    @property
+    def num_skipped(self) -> int:
+        return int(getattr(self.base, "num_skipped", 0))
+
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
