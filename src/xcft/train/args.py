@@ -215,11 +215,26 @@ def _normalise_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
 
 
+def _legacy_aliases() -> dict[str, Optional[str]]:
+    """The aliases that apply to the installed transformers version.
+
+    A rename applies when the new name exists (transformers 5.17 has no activation_checkpointing, so
+    gradient_checkpointing stays itself there); "ignored" applies only to names that are gone.
+    """
+    valid = set(valid_keys())
+    return {
+        old: new
+        for old, new in LEGACY_ALIASES.items()
+        if (new is None and old not in valid) or (new is not None and new in valid)
+    }
+
+
 def _apply_legacy(values: dict[str, Any], source: str, legacy_out: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    aliases = _legacy_aliases()
     for key, value in values.items():
-        if key in LEGACY_ALIASES:
-            new = LEGACY_ALIASES[key]
+        if key in aliases:
+            new = aliases[key]
             legacy_out[key] = value
             if new is None:
                 if key != "logging_dir":
@@ -234,6 +249,7 @@ def _apply_legacy(values: dict[str, Any], source: str, legacy_out: dict[str, Any
 def _split_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Rename legacy flags in ``argv``; collect values of ignored legacy flags."""
     legacy: dict[str, Any] = {}
+    aliases = _legacy_aliases()
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -241,8 +257,8 @@ def _split_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         if tok.startswith("--"):
             name, eq, val = tok[2:].partition("=")
             key = name.replace("-", "_")
-            if key in LEGACY_ALIASES:
-                new = LEGACY_ALIASES[key]
+            if key in aliases:
+                new = aliases[key]
                 has_value = bool(eq) or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
                 value: Any = val if eq else (argv[i + 1] if has_value and not eq else True)
                 legacy[key] = value
@@ -294,7 +310,10 @@ XCFT_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,  # loss on the progress bar and in TensorBoard at every step, as the official scripts do
     "remove_unused_columns": False,  # our collator's keys are exactly the model's inputs
     "prediction_loss_only": True,  # evaluation never gathers [batch, length, vocab] logits
-    "activation_checkpointing_kwargs": {"use_reentrant": False},  # works with frozen embeddings (LoRA) and DDP
+    # non-reentrant checkpointing works with frozen embeddings (LoRA) and DDP; older transformers
+    # call the option gradient_checkpointing_kwargs (whichever exists is used)
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
 }
 
 
@@ -330,7 +349,9 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
 
     def parse(extra_defaults: dict[str, Any]):
         parser = _make_parser()
-        parser.set_defaults(**copy.deepcopy({**XCFT_DEFAULTS, **extra_defaults}))
+        known = set(valid)
+        defaults = {k: v for k, v in {**XCFT_DEFAULTS, **extra_defaults}.items() if k in known}
+        parser.set_defaults(**copy.deepcopy(defaults))
         parser.set_defaults(**file_values)
         explicit = set(file_values) | _explicit_cli_keys(argv, parser)
         try:

@@ -61,7 +61,7 @@ def run_training(cfg: TrainConfig) -> int:
         fix_sampler=cfg.model.fix_sampler,
         lora=cfg.lora,
         base_path=cfg.model.model_name_or_path,
-        gradient_checkpointing=bool(args.activation_checkpointing),
+        gradient_checkpointing=bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing),
     )
     _trainable_in_float32(model)
     prepare_for_self_contained_save(model)
