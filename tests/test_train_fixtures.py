@@ -5,6 +5,7 @@ Built once per pytest process (cached on disk under the pytest temp root). Holds
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -39,6 +40,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def workdir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="xcft-train-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
