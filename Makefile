@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# DeepSpeed compiles a CPU op on first use (minutes): keep it outside the clone so every checkout reuses it
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/xcft/torch_extensions
 
 .PHONY: setup demo test clean
 

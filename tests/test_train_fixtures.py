@@ -29,7 +29,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-        TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "xcft" / "torch_extensions")
+        ),
         PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
         TOKENIZERS_PARALLELISM="false",
     )
