@@ -68,6 +68,8 @@ class XComposer2Config(PreTrainedConfig):
 
     model_type = "xcomposer2"
     sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+    # transformers < 5.2x reads ``sub_configs`` (newer ones derive it from the line above).
+    sub_configs = {"vision_config": CLIPVisionConfig}
     keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 92544
@@ -109,8 +111,9 @@ class XComposer2Config(PreTrainedConfig):
             self.max_length = DEFAULT_MAX_LENGTH
         if self.vision_config is None:
             self.vision_config = dict(CLIP_VIT_L_14_336)
-        elif isinstance(self.vision_config, dict):
-            self.vision_config = _vision_dict(self.vision_config)
+        if isinstance(self.vision_config, dict):
+            # Built here, not left to the base class: older transformers keep a dict sub-config.
+            self.vision_config = CLIPVisionConfig(**_vision_dict(self.vision_config))
         if self.rope_parameters is None and "rope_theta" not in kwargs:
             kwargs["rope_theta"] = 1e6
         super().__post_init__(**kwargs)
