@@ -200,26 +200,18 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
 
 
 def _bench_trainer_class():
-    from xcft.data.packing import LengthGroupedSampler
     from xcft.train.trainer import XcftTrainer
 
     class BenchTrainer(XcftTrainer):
         """XcftTrainer that takes the bench's token counts off each batch before its training_step."""
 
         bench_counts: list[StepCounts]
-        bench_group_by_length = False
 
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401
             raw = inputs.pop(COUNTS_KEY, None)
             if raw is not None:
                 self.bench_counts.append(StepCounts(*[int(v) for v in raw.tolist()]))
             return super().training_step(model, inputs, num_items_in_batch)
-
-        def _get_train_sampler(self, train_dataset=None):
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            if self.bench_group_by_length and hasattr(ds, "lengths"):
-                return LengthGroupedSampler(ds, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=self.args.seed)
-            return super()._get_train_sampler(train_dataset)
 
     return BenchTrainer
 
@@ -282,11 +274,19 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
         argv += ["--use_cpu", "true"]
     if opts.bf16:
         argv += ["--bf16", "true"]
-    if opts.activation_checkpointing:
-        argv += ["--activation_checkpointing", "true"]
+    if opts.activation_checkpointing:  # the old name works on every transformers version (aliased when renamed)
+        argv += ["--gradient_checkpointing", "true"]
+    if opts.packing:
+        argv += ["--packing", "true"]
+    if opts.group_by_length:
+        argv += ["--group_by_length", "true"]
     if opts.max_length:
         argv += ["--max_length", str(opts.max_length)]
     return argv + list(opts.extra_args)
+
+
+def _wants_checkpointing(training_args: Any) -> bool:
+    return bool(getattr(training_args, "activation_checkpointing", None) or getattr(training_args, "gradient_checkpointing", False))
 
 
 def _checkpointing_on(model: Any) -> bool:
@@ -331,7 +331,7 @@ def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
     model.config.supervised_logits_only = not opts.full_head
     model = configure_trainable(
         model, use_lora=cfg.model.use_lora, fix_vit=cfg.model.fix_vit, fix_sampler=cfg.model.fix_sampler,
-        lora=cfg.lora, base_path=None, gradient_checkpointing=bool(cfg.training.activation_checkpointing),
+        lora=cfg.lora, base_path=None, gradient_checkpointing=_wants_checkpointing(cfg.training),
     )
     _trainable_in_float32(model)
     return model, tokenizer
@@ -380,7 +380,6 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
 
         trainer.remove_callback(PrinterCallback)  # stdout carries only the report (JSON stays parseable)
         trainer.bench_counts = []
-        trainer.bench_group_by_length = opts.group_by_length
         trainer_ref.append(trainer)
         t0 = time.perf_counter()
         try:

@@ -113,6 +113,19 @@ class DataArguments:
             "Used when eval_data_path is not given."
         },
     )
+    # -- speed (issue 6): packing and length grouping (see docs/performance.md)
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack several samples into each row of max_length positions (positions restart per sample, "
+            "attention never crosses samples, loss unchanged); per_device_train_batch_size then counts rows."
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Unpacked runs: batch samples of similar length (less padding); lengths are read without decoding images."},
+    )
+    # -- end speed
 
 
 @dataclass
@@ -173,7 +186,10 @@ def _arg_classes() -> tuple[type, ...]:
 def _make_parser():
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(_arg_classes(), prog="xcft train", allow_abbrev=False)
+    classes = _arg_classes()
+    # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
+    extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
+    return HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
 
 
 def valid_keys() -> list[str]:
@@ -392,6 +408,13 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         raise XcftError(f"--eval_split must be a fraction in [0, 1), got {data_args.eval_split}")
     if data_args.batch_size < 1:
         raise XcftError(f"--batch_size must be at least 1, got {data_args.batch_size}")
+    if data_args.packing and data_args.group_by_length:
+        raise XcftError("--packing and --group_by_length do not combine: packing already fills rows; drop --group_by_length")
+    if data_args.group_by_length:  # the Trainer's own switch (named train_sampling_strategy in transformers 5)
+        if hasattr(training_args, "train_sampling_strategy"):
+            training_args.train_sampling_strategy = "group_by_length"
+        else:
+            training_args.group_by_length = True
     if data_args.batch_size > 1:
         # Official meaning: each dataset item holds batch_size samples, so a device step sees
         # per_device_train_batch_size * batch_size samples. Fold it in once (the resolved config keeps 1).

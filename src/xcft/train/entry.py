@@ -98,7 +98,13 @@ def run_training(cfg: TrainConfig) -> int:
         logger.info("resolved configuration written to %s", path)
     trainer.accelerator.wait_for_everyone()
 
-    trainer.train(resume_from_checkpoint=resume)
+    # Supervised-only LM head in training (issue 6): same loss, no [batch, length, vocab] logits.
+    head_before = getattr(base_config, "supervised_logits_only", False)
+    base_config.supervised_logits_only = True
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        base_config.supervised_logits_only = head_before
 
     # ---- save
     if args.should_save:

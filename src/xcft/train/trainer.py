@@ -204,6 +204,17 @@ class XcftTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         make_self_contained(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """Length grouping from the dataset's own lengths (the stock sampler would decode every image to measure)."""
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length" or getattr(self.args, "group_by_length", False)
+        if grouped and hasattr(ds, "lengths"):
+            from xcft.data.packing import LengthGroupedSampler
+
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(ds, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING_DIR_NAME) if self._xcft_staging else run_dir
