@@ -34,7 +34,7 @@ EXTRA=()
 
 "$PY" - <<'PYCHECK'
 import importlib.util, sys
-missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "transformers", "peft", "accelerate", "numpy", "PIL") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu_check: missing Python packages {missing}; this script installs nothing")
 PYCHECK
