@@ -16,6 +16,8 @@ every image of the batch in row order, and the model checks that the slot count 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +36,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_xcomposer2 import XComposer2Config
 
 logger = logging.getLogger(__name__)
+
+
+def _cache_name(names: Any) -> str:
+    """``cache`` where the installed transformers has it, else ``past_key_values`` (its name up to 5.17).
+
+    Detected from signatures / output fields rather than the version string (compat with 5.17).
+    """
+    return "cache" if "cache" in names else "past_key_values"
+
+
+_MASK_CACHE_ARG = _cache_name(inspect.signature(create_causal_mask).parameters)
+_BASE_OUTPUT_CACHE = _cache_name({f.name for f in dataclasses.fields(BaseModelOutputWithPast)})
+_LM_OUTPUT_CACHE = _cache_name({f.name for f in dataclasses.fields(CausalLMOutputWithPast)})
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -447,8 +462,8 @@ class XComposer2Model(XComposer2PreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: cache},
         )
         plora_index = flat_image_index(image_mask)
         hidden_states = inputs_embeds
@@ -465,7 +480,7 @@ class XComposer2Model(XComposer2PreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_BASE_OUTPUT_CACHE: cache if use_cache else None})
 
 
 # ============================================================================ vision
@@ -679,7 +694,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 if logits.shape[1] != labels.shape[1]:
                     raise ValueError("labels need logits at every position: do not combine labels with logits_to_keep")
                 loss = causal_lm_loss(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_LM_OUTPUT_CACHE: getattr(outputs, _BASE_OUTPUT_CACHE)})
 
     def _decode(
         self,
