@@ -48,8 +48,20 @@ class DemoPreset:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-FULL = DemoPreset(n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=300, batch_size=8, learning_rate=5e-3)
-QUICK = DemoPreset(n_single=320, n_compare=0, n_text=40, n_heldout=24, steps=60, batch_size=8, learning_rate=5e-3)
+#: Base-model overrides of the "tiny" preset: a wider init so that the frozen random output head
+#: can express a confident token (with 0.02 the logits of a random head are ~0.1 apart and LoRA
+#: alone cannot leave ln(vocab)), and RoPE theta 1e4 (positions inside a short sequence are
+#: distinguishable; 1e6 is for 32k contexts).
+TINY_DEMO_OVERRIDES: dict[str, Any] = {"initializer_range": 0.25, "rope_theta": 1e4}
+
+FULL = DemoPreset(
+    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=900, batch_size=8, learning_rate=3e-3,
+    img_size=56, overrides=TINY_DEMO_OVERRIDES,
+)
+QUICK = DemoPreset(
+    n_single=400, n_compare=0, n_text=40, n_heldout=24, steps=200, batch_size=8, learning_rate=3e-3,
+    img_size=56, overrides=TINY_DEMO_OVERRIDES,
+)
 
 
 @dataclass
@@ -77,6 +89,7 @@ class DemoResult:
     loss_png: str | None
     reload_question: dict[str, str] | None
     reload_answer: str | None
+    reload_adapter_answer: str | None  # what the adapter model said to the same question in this process
     settings: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +244,7 @@ def run_demo(
     del tuned
 
     # 6. merge, then one question to the merged folder in a new process
-    merged_dir = reload_answer = reload_q = None
+    merged_dir = reload_answer = reload_q = adapter_answer = None
     if merge:
         from xcft.train.merge import merge_command
 
@@ -240,7 +253,7 @@ def run_demo(
         if status != 0:
             raise XcftError(f"xcft merge stopped with status {status}")
         merged_dir = str(parts["merged"])
-        qa = next(q for q in data.heldout if q.kind == "colour")
+        qa, adapter_answer = next((q, a) for q, a in after.replies if q.kind == "colour")
         reload_q = {"image": qa.images[0], "question": qa.question.replace("<ImageHere>", ""), "answer": qa.answer}
         reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
 
@@ -269,6 +282,7 @@ def run_demo(
         loss_png=str(png) if png else None,
         reload_question=reload_q,
         reload_answer=reload_answer,
+        reload_adapter_answer=adapter_answer,
         settings={**asdict(replace(preset, steps=n_steps)), "quick": quick, "blank_train_images": blank_train_images,
                   "headline_kinds": list(HEADLINE_KINDS), "torch_threads": torch.get_num_threads()},
     )

@@ -46,7 +46,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 #: The question for each kind of sample. One phrasing per kind keeps the task about the image.
 QUESTIONS: dict[str, str] = {
@@ -91,24 +91,29 @@ def _star(cx: float, cy: float, r: float, points: int = 5) -> list[tuple[float, 
     return pts
 
 
-def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 224, *, noise: float = 12.0) -> Image.Image:
-    """Draw one ``shape`` filled with ``colour`` (jittered) at a random place and size on a noisy grey background."""
+def draw_shape(
+    colour: str, shape: str, rng: random.Random, size: int = 224, *, noise: float = 12.0, jitter: float = 0.08
+) -> Image.Image:
+    """Draw one ``shape`` filled with ``colour`` (jittered) near the centre, with random size, on a noisy grey background.
+
+    ``jitter`` is the largest centre offset as a fraction of the image side.
+    """
     nprng = np.random.default_rng(rng.getrandbits(32))
     bg = rng.randint(105, 150)
     base = np.full((size, size, 3), bg, dtype=np.float32) + nprng.normal(0.0, noise, (size, size, 3))
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     fill = tuple(int(min(255, max(0, c + rng.randint(-12, 12)))) for c in COLOURS[colour])
-    r = size * rng.uniform(0.22, 0.32)  # half extent of the shape
-    cx = rng.uniform(r + 4, size - r - 4)
-    cy = rng.uniform(r + 4, size - r - 4)
+    # small jitter around the centre: the task is about the shape, not about finding it
+    r = size * rng.uniform(0.30, 0.32)  # half extent of the shape
+    cx = size / 2 + size * rng.uniform(-jitter, jitter)
+    cy = size / 2 + size * rng.uniform(-jitter, jitter)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
-        s = r * 0.85
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
     elif shape == "star":
         draw.polygon(_star(cx, cy, r * 1.1), fill=fill)
     elif shape == "cross":
@@ -139,7 +144,8 @@ class _Writer:
     """Draws images into ``images/`` and returns their paths relative to the data root."""
 
     def __init__(self, root: Path, img_size: int, blank: bool) -> None:
-        self.root, self.img_size, self.blank, self.n = root, img_size, blank, 0
+        # drawn at >= 112 px (readable for people); the model's preprocessing resizes to img_size
+        self.root, self.img_size, self.blank, self.n = root, max(112, img_size), blank, 0
         (root / "images").mkdir(parents=True, exist_ok=True)
 
     def image(self, prefix: str, colour: str, shape: str, rng: random.Random) -> str:
@@ -169,8 +175,9 @@ def generate_dataset(
 ) -> DemoData:
     """Write train files, ``data.txt`` and ``heldout.json`` under ``out_dir`` and return where they are.
 
-    * ``shapes.json``: ``n_single`` one-image samples, each a two-turn conversation asking the
-      colour and the shape in random order (two supervised answers per image forward).
+    * ``shapes.json``: ``n_single`` one-image, single-turn samples, alternately asking the colour
+      and the shape (single-turn like the held-out questions: the answer token then always sits
+      at the same distance from the image, which a tiny decoder learns much faster).
     * ``compare.json``: ``n_compare`` two-image samples, "same colour?" -> yes/no (balanced).
     * ``text.json``: ``n_text`` text-only samples (sums, weekdays, opposites).
     * ``heldout.json``: ``n_heldout`` fresh images each asked about colour and about shape in
@@ -189,12 +196,9 @@ def generate_dataset(
     for i in range(n_single):
         c, s = rng.choice(colours), rng.choice(shapes)
         img = train.image("train", c, s, rng)
-        turns = [("colour", c), ("shape", s)]
-        rng.shuffle(turns)
-        conv = []
-        for j, (kind, ans) in enumerate(turns):
-            conv += [_turn("user", ("<ImageHere>" if j == 0 else "") + QUESTIONS[kind]), _turn("assistant", ans)]
-        single.append({"id": f"shape-{i}", "image": [img], "conversations": conv})
+        kind, ans = ("colour", c) if i % 2 == 0 else ("shape", s)
+        conv = [_turn("user", "<ImageHere>" + QUESTIONS[kind]), _turn("assistant", ans)]
+        single.append({"id": f"{kind}-{i}", "image": [img], "conversations": conv})
 
     def compare_pair(prefix: str, writer: _Writer, r: random.Random) -> tuple[list[str], str]:
         same = r.random() < 0.5

@@ -1,0 +1,80 @@
+"""End-to-end demo (quick variant): it learns, through the vision path, with the real train/merge/chat code.
+
+One quick demo run (module fixture) is shared by the assertions; the control run trains on blank
+images and must not learn colours. The numbers are measured by greedy chat on held-out images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xcft.demo.evaluate import chance_levels
+from xcft.demo.run import QUICK, run_demo
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory):
+    return run_demo(tmp_path_factory.mktemp("demo") / "out", quick=True)
+
+
+def test_quick_demo_learns(quick) -> None:
+    r = quick
+    assert r.steps == QUICK.steps
+    assert r.accuracy_before <= 0.3  # a random model answers (near) nothing right
+    assert r.accuracy_after >= r.accuracy_before + 0.4, (r.per_kind_before, r.per_kind_after)
+    assert r.per_kind_after["colour"] >= 0.8
+    assert r.loss_last < 0.5 * r.loss_first
+    assert len(r.losses) == r.steps
+
+
+def test_vision_path_is_what_learned(quick) -> None:
+    # the same trained model, every image replaced by zero pixels: colour answers fall to chance
+    chance = chance_levels()["colour"]
+    assert quick.per_kind_after["colour"] >= chance + 0.5
+    assert quick.accuracy_blank_images <= chance + 0.15
+
+
+def test_artifacts_and_fresh_process_answer(quick) -> None:
+    out = Path(quick.output_dir)
+    assert (out / "loss.png").stat().st_size > 1000
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["accuracy_after"] == quick.accuracy_after
+    assert (Path(quick.base_dir) / "tokenizer.model").is_file()
+    assert (Path(quick.adapter_dir) / "adapter_config.json").is_file()
+    merged = Path(quick.merged_dir)
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    # `xcft chat` on the merged folder in a new process says what the adapter said in this one
+    assert quick.reload_answer == quick.reload_adapter_answer
+    assert quick.reload_answer.split()[0] == quick.reload_question["answer"]
+
+
+def test_blank_training_images_do_not_learn(tmp_path: Path) -> None:
+    """Control: the same run with flat grey training images cannot learn colours (nothing leaks via text)."""
+    r = run_demo(tmp_path / "blank", quick=True, blank_train_images=True, merge=False)
+    assert r.per_kind_after["colour"] <= chance_levels()["colour"] + 0.2
+    assert r.loss_last < r.loss_first  # it did train (the answer format), it just cannot see
+
+
+def test_text_and_json_output(quick, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import xcft.demo.run as run_mod
+    from xcft.demo import demo_command
+
+    monkeypatch.setattr(run_mod, "run_demo", lambda *a, **k: quick)
+    assert demo_command(output="unused", steps=None, quick=True, output_format="json") == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("accuracy_before", "accuracy_after", "train_seconds", "output_dir"):
+        assert key in data
+    assert data["accuracy_after"] == quick.accuracy_after
+    assert demo_command(output="unused", steps=None, quick=True, output_format="text") == 0
+    text = capsys.readouterr().out
+    assert "held-out accuracy" in text and "->" in text and str(quick.output_dir) in text
+
+
+def test_cli_parses_demo_flags() -> None:
+    from xcft.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--output", "x", "--steps", "7", "--quick", "--format", "json"])
+    assert (args.output, args.steps, args.quick, args.format) == ("x", 7, True, "json")
