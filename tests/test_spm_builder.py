@@ -90,8 +90,9 @@ def test_bad_arguments_raise_user_errors(tmp_path: Path) -> None:
 
 
 def test_loads_with_internlm2_tokenizer(built: Path) -> None:
-    mod = pytest.importorskip("xcft.model.tokenization_internlm2", reason="InternLM2Tokenizer has not landed yet")
-    tok = mod.InternLM2Tokenizer(vocab_file=str(built))
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    tok = InternLM2Tokenizer(vocab_file=str(built))
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.convert_tokens_to_ids(TURN_START) == 999
     ids = tok("red", add_special_tokens=False)["input_ids"]

@@ -295,7 +295,10 @@ def demo_command(*, output: str, steps: int | None, quick: bool, output_format: 
     from xcft.demo.report import format_table, to_json
 
     quiet = output_format == "json"
-    result = run_demo(output, steps=steps, quick=quick, quiet=quiet).to_dict()
+    # In JSON mode stdout carries the one JSON object only: everything the stages print (and
+    # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.
+    with _redirect(quiet):
+        result = run_demo(output, steps=steps, quick=quick, quiet=quiet).to_dict()
     if quiet:
         slim = {k: v for k, v in result.items() if k != "losses"}
         print(to_json(slim))
