@@ -41,7 +41,9 @@ def test_official_finetune_py_flags_parse(tmp_path):
     assert cfg.training.per_device_train_batch_size == 6 and cfg.data.batch_size == 1
     assert cfg.training.gradient_accumulation_steps == 4
     assert cfg.training.warmup_steps == pytest.approx(0.01)  # warmup_ratio -> transformers 5 warmup_steps ratio
-    assert cfg.training.activation_checkpointing is True
+    # transformers 5.17 has no activation_checkpointing: the flag keeps its old name there
+    checkpointing = "activation_checkpointing" if hasattr(cfg.training, "activation_checkpointing") else "gradient_checkpointing"
+    assert getattr(cfg.training, checkpointing) is True
     assert cfg.training.adam_beta2 == pytest.approx(0.95)
 
 
@@ -142,6 +144,7 @@ def test_help_lists_official_and_hf_flags(capsys):
 
 
 def test_deepspeed_configs_are_valid_for_transformers():
+    pytest.importorskip("deepspeed")
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     stages = {}
