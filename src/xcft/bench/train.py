@@ -82,6 +82,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise XcftError(f"--synthetic {length}: too short for {images} image(s) of {image_tokens} slots; use at least {need + 8}")
         self.count, self.length, self.images = int(count), int(length), int(images)
         self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
+        self.pad_token_id = pad
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -191,8 +192,9 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
             samples = 2 * max(samples, ds.num_samples)
     if opts.packing and isinstance(ds, SyntheticDataset):
         ds = PackedDataset(ds, max_length)
-    pad_id = int(getattr(ds, "pad_token_id", None) or getattr(getattr(ds, "base", None), "pad_token_id", None)
-                 or (base_config.pad_token_id if base_config.pad_token_id is not None else 2))
+    pad_id = getattr(ds, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = base_config.pad_token_id if base_config.pad_token_id is not None else 2
     return ds, CountingCollator(make_collator(pad_id, packing=opts.packing))
 
 
@@ -225,6 +227,8 @@ def _timer_callback(trainer_ref: list, cuda: bool):
         def __init__(self) -> None:
             self.begin: list[float] = []
             self.end: list[float] = []
+            self.cpu_begin: list[float] = []
+            self.cpu_end: list[float] = []
             self.counts: list[StepCounts] = []
 
         def _now(self) -> float:
@@ -238,9 +242,11 @@ def _timer_callback(trainer_ref: list, cuda: bool):
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.begin.append(self._now())
+            self.cpu_begin.append(time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
             self.end.append(self._now())
+            self.cpu_end.append(time.process_time())
             trainer = trainer_ref[0]
             step = StepCounts()
             for c in trainer.bench_counts:
@@ -396,6 +402,8 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     if not timed:
         raise XcftError("no step was timed; increase --steps")
     step_times = [times[k] for k in timed]
+    cpu = [timer.cpu_end[0] - timer.cpu_begin[0]] + [b - a for a, b in zip(timer.cpu_end[:-1], timer.cpu_end[1:])]
+    cpu_times = [cpu[k] for k in timed]
     counts = [timer.counts[k] for k in timed]
     total = StepCounts()
     for c in counts:
@@ -414,6 +422,9 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "calibration_gflops": calib_before,
         "calibration_gflops_after": calib_after,
+        # CPU seconds this process used per step (all its threads): less sensitive than wall time to
+        # other jobs on a shared machine; on a quiet machine wall ~ cpu / threads when the threads stay busy.
+        "cpu_seconds_per_step": statistics.median(cpu_times),
         "samples_per_step": total.samples / len(counts),
         "tokens_per_step": total.real_tokens / len(counts),
         "targets_per_step": total.targets / len(counts),
@@ -456,6 +467,7 @@ def format_train_result(r: dict[str, Any]) -> str:
         f"samples/s         {r['samples_per_s']:.3f} ({r['samples_per_step']:.1f} samples/step)",
         f"tokens/s          {r['tokens_per_s']:.1f} (real tokens incl. image slots; {r['tokens_per_step']:.0f}/step)",
         f"padding fraction  {r['padding_fraction']:.4f}",
+        f"CPU seconds/step  {r['cpu_seconds_per_step']:.3f} (this process, all threads)",
         f"peak RSS          {r['peak_rss_bytes'] / 1e9:.2f} GB",
         f"calibration       {r['calibration_gflops']:.1f} GFLOP/s before, {r['calibration_gflops_after']:.1f} after "
         f"(float32 1024x1024 matmul, {r['threads']} threads)",
