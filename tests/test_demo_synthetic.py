@@ -111,3 +111,22 @@ def test_first_word_and_chance() -> None:
     assert first_word("") == ""
     assert first_word("?!") == ""
     assert chance_levels()["colour"] == pytest.approx(1 / len(COLOURS))
+
+
+def test_shape_fraction_sets_the_share_of_shape_questions(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path, n_single=30, n_compare=0, n_text=0, n_heldout=4, img_size=56, shape_fraction=2 / 3)
+    kinds = [s["id"].split("-")[0] for s in json.loads(data.train_files["shapes"].read_text())]
+    assert kinds.count("shape") == 20 and kinds.count("colour") == 10
+    assert kinds[:3] == ["colour", "shape", "shape"]  # interleaved, not blocked
+    with pytest.raises(ValueError, match="shape_fraction"):
+        generate_dataset(tmp_path / "bad", n_single=2, n_compare=0, n_text=0, n_heldout=1, shape_fraction=1.5)
+
+
+def test_ring_and_line_are_drawn_as_named() -> None:
+    """ring: hollow centre; square: filled centre; line: empty above and below its stripe."""
+    def centre(shape: str) -> np.ndarray:
+        img = np.asarray(draw_shape("white", shape, random.Random(3), 112, noise=0.0, jitter=0.0), dtype=np.float32)
+        return img[..., 0]
+    sq, ring, line = centre("square"), centre("ring"), centre("line")
+    assert sq[56, 56] > 200 and ring[56, 56] < 160 and ring[56, 56 - 33] > 200
+    assert line[56, 56] > 200 and line[56 - 20, 56] < 160 and sq[56 - 20, 56] > 200

@@ -44,6 +44,8 @@ class DemoPreset:
     fix_vit: bool = False
     img_size: int = 224
     warmup: float = 0.05
+    shape_fraction: float = 0.5  # share of one-image samples that ask the shape (colour is learned faster)
+    shapes: tuple[str, ...] | None = None  # None: xcft.demo.synthetic.SHAPES
     # tiny decoder / vision sizes (xcft.model.presets "tiny" with these overrides)
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -56,7 +58,7 @@ TINY_DEMO_OVERRIDES: dict[str, Any] = {"initializer_range": 0.25, "rope_theta": 
 
 FULL = DemoPreset(
     n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=2500, batch_size=8, learning_rate=3e-3,
-    img_size=56, overrides=TINY_DEMO_OVERRIDES,
+    img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3,
 )
 QUICK = DemoPreset(
     n_single=400, n_compare=0, n_text=40, n_heldout=24, steps=200, batch_size=8, learning_rate=3e-3,
@@ -210,6 +212,8 @@ def run_demo(
         img_size=preset.img_size,
         seed=seed,
         blank_train_images=blank_train_images,
+        shape_fraction=preset.shape_fraction,
+        **({"shapes": preset.shapes} if preset.shapes else {}),
     )
     # 2. tokenizer + tiny base model, saved as an ordinary model folder
     tok_path = build_tokenizer(parts["tokenizer"])

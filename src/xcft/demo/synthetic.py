@@ -46,6 +46,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
+#: The demo's shapes. ("ring", "line", "cross", "diamond" can be drawn too: a set chosen for
+#: locally different patches, square/ring/cross/line, was not better; see docs/demo.md.)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 #: The question for each kind of sample. One phrasing per kind keeps the task about the image.
@@ -116,6 +118,11 @@ def draw_shape(
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
     elif shape == "star":
         draw.polygon(_star(cx, cy, r * 1.1), fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(2, round(r * 0.22)))
+    elif shape == "line":
+        w = r * 0.2
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
     elif shape == "cross":
         w = r * 0.33
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
@@ -172,6 +179,8 @@ def generate_dataset(
     img_size: int = 224,
     seed: int = 0,
     blank_train_images: bool = False,
+    shape_fraction: float = 0.5,
+    shapes: Sequence[str] = SHAPES,
 ) -> DemoData:
     """Write train files, ``data.txt`` and ``heldout.json`` under ``out_dir`` and return where they are.
 
@@ -189,14 +198,18 @@ def generate_dataset(
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    colours, shapes = sorted(COLOURS), list(SHAPES)
+    if not 0.0 <= shape_fraction <= 1.0:
+        raise ValueError(f"shape_fraction {shape_fraction} must lie in [0, 1]")
+    colours, shapes = sorted(COLOURS), list(shapes)
     train = _Writer(root, img_size, blank_train_images)
 
     single = []
     for i in range(n_single):
         c, s = rng.choice(colours), rng.choice(shapes)
         img = train.image("train", c, s, rng)
-        kind, ans = ("colour", c) if i % 2 == 0 else ("shape", s)
+        # deterministic interleaving: sample i asks the shape when the running share crosses an integer
+        is_shape = int((i + 1) * shape_fraction) > int(i * shape_fraction)
+        kind, ans = ("shape", s) if is_shape else ("colour", c)
         conv = [_turn("user", "<ImageHere>" + QUESTIONS[kind]), _turn("assistant", ans)]
         single.append({"id": f"{kind}-{i}", "image": [img], "conversations": conv})
 
