@@ -1,6 +1,6 @@
 """The data pipeline: reading files, data.txt mixtures, encoding, dataset and collator.
 
-Public entry points (see docs/data.md):
+Public entry points (see README "Training data"):
 
 * :func:`build_dataset` / :class:`XComposerDataset` / :class:`DataCollator` for training;
 * :func:`encode_conversation` / :class:`EncodedSample` for one sample;

@@ -1,6 +1,6 @@
 """Reading training files and normalising samples into :class:`Conversation` objects.
 
-Accepted input (see docs/data.md): a JSON array of samples, or JSON Lines (one sample per line;
+Accepted input (see README "Training data"): a JSON array of samples, or JSON Lines (one sample per line;
 a ``.json`` file that holds JSON Lines is accepted too). A sample is an object with
 ``conversations`` (list of ``{from, value}``), an optional ``id`` (string or integer; the sample
 index when absent) and an optional ``image`` (absent, one path, or a list of paths).

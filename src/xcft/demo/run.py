@@ -30,7 +30,7 @@ __all__ = ["DemoPreset", "FULL", "QUICK", "DemoResult", "run_demo", "demo_comman
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """Sizes and hyper-parameters of one demo variant (chosen for a 2-core CPU; see docs/demo.md)."""
+    """Sizes and hyper-parameters of one demo variant (chosen for a 2-core CPU; see README "The demo")."""
 
     n_single: int  # one-image samples (each asks colour and shape)
     n_compare: int  # two-image "same colour?" samples

@@ -47,7 +47,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
 }
 #: The demo's shapes. ("ring", "line", "cross", "diamond" can be drawn too: a set chosen for
-#: locally different patches, square/ring/cross/line, was not better; see docs/demo.md.)
+#: locally different patches, square/ring/cross/line, was not better; see README "The demo".)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 #: The question for each kind of sample. One phrasing per kind keeps the task about the image.
