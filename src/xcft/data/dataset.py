@@ -141,25 +141,35 @@ class XComposerDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} drawn samples")
         conv, enc = self.encode(i)
-        ids = torch.tensor(enc.input_ids, dtype=torch.long)
-        mask = ids == IMAGE_SLOT
-        ids[mask] = self.pad_token_id
-        images = []
-        for path in conv.images[: enc.num_images]:
-            try:
-                images.append(load_image(path, self.img_size, fast_jpeg=self.fast_jpeg))
-            except Exception as exc:  # PIL raises many types for broken files
-                raise DataError(f"{conv.where}: cannot decode image {path}: {exc}. Fix: replace or re-save the file") from exc
-        if images:
-            pixel_values = torch.from_numpy(np.stack(images))
-        else:
-            pixel_values = torch.zeros(0, 3, self.img_size, self.img_size)
-        return {
-            "input_ids": ids,
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "image_mask": mask,
-            "pixel_values": pixel_values,
-        }
+        return make_item(conv, enc, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg)
+
+
+def make_item(
+    conv: Conversation, enc: EncodedSample, pad_token_id: int, img_size: int, *, fast_jpeg: bool = False
+) -> dict[str, torch.Tensor]:
+    """One encoded conversation as a batch-contract item (docs/ARCHITECTURE.md), its images decoded.
+
+    Shared by the training dataset and ``xcft eval`` so both feed the model exactly the same tensors.
+    """
+    ids = torch.tensor(enc.input_ids, dtype=torch.long)
+    mask = ids == IMAGE_SLOT
+    ids[mask] = pad_token_id
+    images = []
+    for path in conv.images[: enc.num_images]:
+        try:
+            images.append(load_image(path, img_size, fast_jpeg=fast_jpeg))
+        except Exception as exc:  # PIL raises many types for broken files
+            raise DataError(f"{conv.where}: cannot decode image {path}: {exc}. Fix: replace or re-save the file") from exc
+    if images:
+        pixel_values = torch.from_numpy(np.stack(images))
+    else:
+        pixel_values = torch.zeros(0, 3, img_size, img_size)
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor(enc.labels, dtype=torch.long),
+        "image_mask": mask,
+        "pixel_values": pixel_values,
+    }
 
 
 def build_dataset(

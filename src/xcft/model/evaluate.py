@@ -39,30 +39,12 @@ class EvalDataset(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from xcft.data.encode import IMAGE_SLOT, encode_conversation
-        from xcft.model.image_processing_xcomposer2 import load_image
+        from xcft.data.dataset import make_item
+        from xcft.data.encode import encode_conversation
 
         conv = self.conversations[i]
         enc = encode_conversation(conv, self.tokenizer, self.img_size, self.max_length)
-        ids = torch.tensor(enc.input_ids, dtype=torch.long)
-        mask = ids == IMAGE_SLOT
-        ids[mask] = self.pad_token_id
-        images = []
-        for path in conv.images[: enc.num_images]:
-            try:
-                images.append(load_image(path, self.img_size))
-            except Exception as exc:  # PIL raises many types for broken files
-                raise DataError(f"{conv.where}: cannot decode image {path}: {exc}. Fix: replace or re-save the file") from exc
-        pixel_values = (
-            torch.from_numpy(np.stack(images)) if images else torch.zeros(0, 3, self.img_size, self.img_size)
-        )
-        return {
-            "input_ids": ids,
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "image_mask": mask,
-            "pixel_values": pixel_values,
-            "index": i,
-        }
+        return {**make_item(conv, enc, self.pad_token_id, self.img_size), "index": i}
 
 
 def evaluate(
