@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from xcft.errors import XcftError
@@ -266,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if ("-v" in argv[:1] or "--verbose" in argv[:1]) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # transformers 5.2x warns about its own internal use of a renamed property on every LoRA run: noise to users.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # `train` takes the official finetune.py flags and every TrainingArguments flag: it parses its own argv.
     rest = [a for a in argv if a not in ("-v", "--verbose")]
     if rest and rest[0] == "train":
