@@ -57,7 +57,7 @@ class DemoPreset:
 TINY_DEMO_OVERRIDES: dict[str, Any] = {"initializer_range": 0.25, "rope_theta": 1e4}
 
 FULL = DemoPreset(
-    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=2500, batch_size=8, learning_rate=3e-3,
+    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=4000, batch_size=8, learning_rate=3e-3,
     img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3,
 )
 QUICK = DemoPreset(
