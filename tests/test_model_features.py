@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from batch_helpers import random_item
 
 torch.set_num_threads(1)
 
@@ -19,28 +20,7 @@ def tiny(**kw):
 
 
 def sample(model, gen: torch.Generator, n_text: int = 12, images: int = 1):
-    """One random sample in the batch contract: text, `images` image blocks, text."""
-    T = model.image_tokens
-    ids = [1] + torch.randint(3, 290, (n_text,), generator=gen).tolist()
-    mask = [False] * len(ids)
-    for _ in range(images):
-        ids += [2] * T
-        mask += [True] * T
-        more = torch.randint(3, 290, (n_text,), generator=gen).tolist()
-        ids += more
-        mask += [False] * len(more)
-    ids = torch.tensor(ids)
-    labels = ids.clone()
-    labels[: len(ids) // 2] = -100
-    labels[torch.tensor(mask)] = -100
-    size = model.config.img_size
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "image_mask": torch.tensor(mask),
-        "pixel_values": torch.randn(images, 3, size, size, generator=gen),
-    }
-
+    return random_item(model, gen, n_text, images)
 
 def collate(items):
     from xcft.data.dataset import DataCollator

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from batch_helpers import random_item
 
 from xcft.data.dataset import DataCollator
 from xcft.data.packing import (
@@ -30,28 +31,7 @@ def tiny_model():
 
 
 def make_sample(model, gen: torch.Generator, n_text: int, images: int) -> dict[str, torch.Tensor]:
-    """A random item in the batch contract: BOS, then per image a block of slots and text; answer supervised."""
-    T = model.image_tokens
-    ids = [1] + torch.randint(3, 290, (n_text,), generator=gen).tolist()
-    mask = [False] * len(ids)
-    for _ in range(images):
-        ids += [2] * T
-        mask += [True] * T
-        more = torch.randint(3, 290, (n_text,), generator=gen).tolist()
-        ids += more
-        mask += [False] * len(more)
-    ids_t = torch.tensor(ids)
-    labels = ids_t.clone()
-    labels[: len(ids) // 3] = -100
-    labels[torch.tensor(mask)] = -100
-    size = model.config.img_size
-    return {
-        "input_ids": ids_t,
-        "labels": labels,
-        "image_mask": torch.tensor(mask),
-        "pixel_values": torch.randn(images, 3, size, size, generator=gen),
-    }
-
+    return random_item(model, gen, n_text, images, prompt_divisor=3)
 
 @pytest.fixture(scope="module")
 def model():
