@@ -542,13 +542,92 @@ def causal_lm_loss(
     return _reduce_ce(shift_logits, shift_labels, num_items_in_batch)
 
 
+def _ce_denominator(targets: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor | int:
+    """What the summed token cross-entropy is divided by: the Trainer's count, else this batch's targets."""
+    if num_items_in_batch is None:
+        return (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return num_items_in_batch.to(targets.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+
+
 def _reduce_ce(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if num_items_in_batch is None:
-        denom = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    else:
-        denom = num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-    return total / denom
+    return total / _ce_denominator(targets, num_items_in_batch)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, computed by row chunks.
+
+    Why: the plain head keeps a float32 ``[rows, vocab]`` logits tensor, its log-softmax and their
+    gradient alive until backward (three 1.5 GB tensors for 4k supervised targets at the real
+    vocabulary). Here each chunk's logits turn into ``softmax - onehot`` in place and are consumed
+    at once by the two gradient matmuls, so at most one ``[chunk_rows, vocab]`` float32 tensor
+    exists at a time; backward only scales the stored gradients. Same FLOPs as the plain head.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = None  # the weight in the matmul dtype (autocast may differ from the stored dtype)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            x = hidden[start : start + chunk_rows]
+            t = targets[start : start + chunk_rows]
+            raw = F.linear(x, weight)
+            mm_dtype = raw.dtype
+            logits = raw.float()
+            del raw
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_hidden or need_weight):
+                continue
+            # d(sum of token losses) / d(logits) = softmax - onehot, built in place of the logits;
+            # then cast to the matmul dtype, as the plain head's backward does.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            g = grad_logits.to(mm_dtype)
+            if w is None:
+                w = weight.to(mm_dtype)
+            if need_hidden:
+                grad_hidden[start : start + chunk_rows] = g @ w
+            if need_weight:
+                xs = x.to(mm_dtype)
+                if mm_dtype == torch.float32:
+                    grad_weight.addmm_(g.t(), xs)
+                else:
+                    grad_weight += (g.t() @ xs).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+class OutputHead(nn.Linear):
+    """The untied output projection (official name ``output``; no bias).
+
+    ``head(hidden)`` gives logits like any ``nn.Linear``. ``head(hidden, targets)`` gives the summed
+    token cross-entropy through :class:`_LinearCrossEntropy` (the training head: no full logits
+    tensor). Going through the module call keeps ZeRO-3's parameter gathering hooks working.
+    """
+
+    #: Rows per chunk of the training head: a float32 [1024, 92544] chunk is 380 MB.
+    chunk_rows: int = 1024
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        if self.bias is not None:
+            raise ValueError("the fused training head has no bias; the XComposer2 output layer never has one")
+        return _LinearCrossEntropy.apply(hidden, self.weight, targets, self.chunk_rows)
 
 
 class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
@@ -565,7 +644,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = XComposer2Model(config)
         self.vocab_size = config.vocab_size
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = OutputHead(config.hidden_size, config.vocab_size, bias=False)
         self.vit = XComposer2VisionTower(config)
         self.vision_proj = nn.Sequential(
             nn.Linear(config.vision_config.hidden_size, config.projector_hidden_size),
@@ -773,8 +852,11 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         shift_labels = labels[:, 1:].to(hidden_states.device)
         keep = shift_labels != IGNORE_INDEX
         selected = hidden_states[:, :-1][keep]
+        targets = shift_labels[keep]
+        if isinstance(self.output, OutputHead):  # not when peft or resize_token_embeddings replaced the head
+            return self.output(selected, targets) / _ce_denominator(targets, num_items_in_batch)
         logits = self.output(selected).float()
-        return _reduce_ce(logits, shift_labels[keep], num_items_in_batch)
+        return _reduce_ce(logits, targets, num_items_in_batch)
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
