@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--activation-checkpointing", action="store_true")
     b.add_argument("--full-head", action="store_true", help="output head at every position (for comparison)")
     b.add_argument("--attn", default="auto", help="attention: auto (flash_attention_2 on a GPU when installed), sdpa, eager ...")
+    b.add_argument("--no-cpu-reuse-memory", action="store_true",
+                   help="CPU: let freed memory go back to the kernel (xcft train --cpu_reuse_memory false), for comparison")
     b.add_argument("--seed", type=int, default=0)
     _add_format(b)
     b = bsub.add_parser("data", help="time image decoding and preprocessing")

@@ -53,6 +53,7 @@ def bench_command(args: argparse.Namespace) -> int:
             full_head=getattr(args, "full_head", False),
             attn=getattr(args, "attn", "auto"),
             seed=getattr(args, "seed", 0),
+            cpu_reuse_memory=not getattr(args, "no_cpu_reuse_memory", False),
         )
         # Libraries print to stdout (DeepSpeed's accelerator notice, Trainer logs): keep it for the report.
         with contextlib.redirect_stdout(sys.stderr):

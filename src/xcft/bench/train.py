@@ -63,6 +63,7 @@ class TrainBenchOptions:
     attn: str = "auto"
     seed: int = 0
     calibration_seconds: float = 0.3  # per calibration repeat (5 repeats before and after the run)
+    cpu_reuse_memory: bool = True  # xcft train --cpu_reuse_memory (CPU allocator setting)
     extra_args: Sequence[str] = field(default_factory=tuple)  # more xcft train flags
 
 
@@ -288,6 +289,8 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
         argv += ["--group_by_length", "true"]
     if opts.max_length:
         argv += ["--max_length", str(opts.max_length)]
+    if not opts.cpu_reuse_memory:
+        argv += ["--cpu_reuse_memory", "false"]
     return argv + list(opts.extra_args)
 
 
@@ -363,13 +366,14 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     (the GPU check); the model's trainable parameters then carry over from run to run.
     """
     from xcft.train.args import parse_train_args
-    from xcft.train.entry import _base_config
+    from xcft.train.entry import _base_config, apply_host_settings
 
     _check_options(opts)
     cuda = torch.cuda.is_available()
     calib_before = calibration_gflops(opts.calibration_seconds)
     with tempfile.TemporaryDirectory(prefix="xcft-bench-") as out:
         cfg = parse_train_args(_train_argv(opts, out))
+        apply_host_settings(cfg)
         model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
@@ -437,6 +441,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "supervised_head": not opts.full_head,
         "use_lora": bool(cfg.model.use_lora),
         "bf16": opts.bf16,
+        "cpu_reuse_memory": bool(cfg.model.cpu_reuse_memory) and not cuda,
         "activation_checkpointing": opts.activation_checkpointing,
         "activation_checkpointing_active": checkpointing_active,
         "attn_implementation": getattr(base_config, "_attn_implementation", None),
@@ -483,6 +488,7 @@ def format_train_result(r: dict[str, Any]) -> str:
         f"setup             batch {r['batch_size']}, packing {r['packing']}, group_by_length {r['group_by_length']}, "
         f"supervised head {r['supervised_head']}, lora {r['use_lora']}, bf16 {r['bf16']}, "
         f"activation checkpointing {r['activation_checkpointing']}, attention {r['attn_implementation']}, device {r['device']}"
+        + (f", CPU memory reuse {r['cpu_reuse_memory']}" if r['device'] == "cpu" else "")
     )
     lines.append(f"loop              {r['loop']}")
     return "\n".join(lines)

@@ -51,6 +51,7 @@ def run_training(cfg: TrainConfig) -> int:
     if cfg.logging_dir:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", cfg.logging_dir)
     set_seed(args.seed)
+    apply_host_settings(cfg)
 
     # ---- model
     model, tokenizer = load_base_model(cfg)
@@ -125,6 +126,15 @@ def run_training(cfg: TrainConfig) -> int:
     trainer.accelerator.wait_for_everyone()
     logger.info("finished: %s written to %s", "LoRA adapter" if cfg.model.use_lora else "model", args.output_dir)
     return 0
+
+
+def apply_host_settings(cfg: TrainConfig) -> None:
+    """Process-wide settings of a CPU run (before the model is loaded): see :mod:`xcft.train.host_memory`."""
+    from xcft.train.host_memory import keep_freed_memory
+
+    on_cpu = bool(getattr(cfg.training, "use_cpu", False)) or not torch.cuda.is_available()
+    if on_cpu and cfg.model.cpu_reuse_memory:
+        keep_freed_memory()
 
 
 def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
