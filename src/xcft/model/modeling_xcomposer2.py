@@ -578,13 +578,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             mm_dtype = raw.dtype
             logits = raw.float()
             del raw
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            # log-sum-exp in place (max, exp(logits - max), sum): the chunk's memory is reused and
+            # the exponentials are the softmax numerators needed for the gradient below.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            row_sum = exps.sum(dim=-1, keepdim=True)
+            total += (row_max.squeeze(1) + row_sum.log().squeeze(1) - target_logit).sum()
             if not (need_hidden or need_weight):
                 continue
-            # d(sum of token losses) / d(logits) = softmax - onehot, built in place of the logits;
+            # d(sum of token losses) / d(logits) = softmax - onehot, built in place;
             # then cast to the matmul dtype, as the plain head's backward does.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits = exps.div_(row_sum)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             g = grad_logits.to(mm_dtype)
             if w is None:
