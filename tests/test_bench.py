@@ -38,12 +38,14 @@ def test_bench_train_synthetic_json(capsys, monkeypatch):
     assert r["seconds_per_step"] > 0 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0
     assert r["calibration_gflops"] == 100.0 and r["supervised_head"] is True
     assert r["model_flops_per_step"] > 0 and "mfu" not in r  # CPU: no MFU
+    assert r["cpu_reuse_memory"] is True  # xcft train's CPU default
 
 
 def test_bench_train_packing_counts_samples_not_rows(capsys, monkeypatch):
     monkeypatch.setattr("xcft.bench.train.calibration_gflops", lambda *a, **k: 100.0)
     r = run_json(capsys, ["bench", "train", "--preset", "tiny", "--synthetic", "300", "--packing", "--max-length", "900",
-                          *QUICK, "--format", "json"])
+                          "--no-cpu-reuse-memory", *QUICK, "--format", "json"])
+    assert r["cpu_reuse_memory"] is False
     # one row of 900 positions per step holds three 300-token samples, no padding
     assert r["samples_per_step"] == 3 and r["tokens_per_step"] == 900 and r["padding_fraction"] == 0.0
 
@@ -105,3 +107,17 @@ def test_gpu_check_script_runs_on_cpu_with_the_tiny_preset(tmp_path):
     assert results["noac-packed"]["activation_checkpointing_active"] is False
     assert results["ac-packed"]["samples_per_step"] == 2 and results["ac-unpacked"]["samples_per_step"] == 1
     assert all(r["use_lora"] and r["tokens_per_step"] == 600 for r in results.values())
+
+
+def test_cpu_check_script_is_valid_and_names_only_known_runs():
+    """benchmarks/cpu_check.sh (the CPU figures of RESULTS.md): bash syntax, every default run defined."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    defined = set(re.findall(r"^  \[([a-z0-9-]+)\]=", text, flags=re.M))
+    order = re.search(r'ORDER="\$\{XCFT_CPU_CHECK_RUNS:-([^}]*)\}"', text).group(1).split()
+    assert order and set(order) <= defined, set(order) - defined
