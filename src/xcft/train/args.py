@@ -67,7 +67,7 @@ class ModelArguments:
         default=True,
         metadata={
             "help": "CPU runs: keep freed memory in the process (glibc malloc) so each step reuses the pages of "
-            "the last one instead of page-faulting its large logits and gradients again (~20%% faster "
+            "the last one instead of page-faulting its large logits and gradients again (up to ~20%% faster "
             "steps measured on 2 cores); the process then keeps its peak RSS. No effect on a GPU or without glibc."
         },
     )
