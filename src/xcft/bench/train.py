@@ -373,7 +373,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     calib_before = calibration_gflops(opts.calibration_seconds)
     with tempfile.TemporaryDirectory(prefix="xcft-bench-") as out:
         cfg = parse_train_args(_train_argv(opts, out))
-        apply_host_settings(cfg)
+        reuse_memory = apply_host_settings(cfg)
         model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
@@ -441,7 +441,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "supervised_head": not opts.full_head,
         "use_lora": bool(cfg.model.use_lora),
         "bf16": opts.bf16,
-        "cpu_reuse_memory": bool(cfg.model.cpu_reuse_memory) and not cuda,
+        "cpu_reuse_memory": reuse_memory,
         "activation_checkpointing": opts.activation_checkpointing,
         "activation_checkpointing_active": checkpointing_active,
         "attn_implementation": getattr(base_config, "_attn_implementation", None),

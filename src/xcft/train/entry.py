@@ -128,13 +128,15 @@ def run_training(cfg: TrainConfig) -> int:
     return 0
 
 
-def apply_host_settings(cfg: TrainConfig) -> None:
-    """Process-wide settings of a CPU run (before the model is loaded): see :mod:`xcft.train.host_memory`."""
+def apply_host_settings(cfg: TrainConfig) -> bool:
+    """Process-wide settings of a CPU run (before the model is loaded): see :mod:`xcft.train.host_memory`.
+
+    Returns whether freed memory is now kept for reuse.
+    """
     from xcft.train.host_memory import keep_freed_memory
 
     on_cpu = bool(getattr(cfg.training, "use_cpu", False)) or not torch.cuda.is_available()
-    if on_cpu and cfg.model.cpu_reuse_memory:
-        keep_freed_memory()
+    return bool(on_cpu and cfg.model.cpu_reuse_memory and keep_freed_memory())
 
 
 def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
