@@ -132,7 +132,7 @@ def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int], mark
     w, h = size
     ImageDraw.Draw(img).rectangle([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=mark)
     img.save(path)
-    return path.name
+    return f"data/images/{path.name}"
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +141,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Three JSON files under ``data/`` (text only: 2 samples drawn 20 times; one image per sample:
     2 drawn 10 times; two images per sample: 2 drawn 10 times) = 40 samples per epoch, images in
-    ``data/images/`` referenced by file name. Some answers are longer than 160 tokens, so the
+    ``data/images/`` referenced relative to the data.txt folder. Some answers are longer than 160 tokens, so the
     tiny folder's max_length truncates them.
     """
     root = tmp_path_factory.mktemp("tiny-data")
