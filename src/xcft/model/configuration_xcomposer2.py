@@ -143,10 +143,6 @@ class XComposer2Config(PreTrainedConfig):
         """Feature vectors (token slots) per image: the patch grid without the class token."""
         return self.vision_grid**2
 
-    @property
-    def plora_scaling(self) -> float:
-        return float(self.plora_alpha) / float(self.plora_r)
-
     # ------------------------------------------------------------------ reading folders
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):

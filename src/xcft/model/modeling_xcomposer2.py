@@ -136,7 +136,7 @@ def apply_rotary_pos_emb(
 # ============================================================================ Partial LoRA
 
 
-# -- bench/perf (issue 6): row gather / add for the unique, sorted image indices. Same values as
+# -- row gather / add for the unique, sorted image indices. Same values as
 # index_select / index_add, but the backward of index_select (and index_add itself) accumulate
 # through a serial scatter-add on CPU (~7x slower than a copy); unique indices need no accumulation.
 class _GatherRows(torch.autograd.Function):
