@@ -61,7 +61,7 @@ def test_official_layout_mixture_check_and_inspect(capsys, tiny_data: Path, tiny
     rc, out, err = _run(capsys, "check-data", str(tiny_data), "--model", str(tiny_base))
     assert rc == 0, out + err
     assert "OK: training can start" in out and "16 slots per image" in out
-    lines = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("data/", "total"))}
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("data/", "total"))}
     assert lines["data/text.json"][1:4] == ["2", "20", "0"]
     assert lines["data/multi.json"][1:4] == ["2", "10", "4"]
     assert lines["total"][1:4] == ["6", "40", "6"]

@@ -40,7 +40,7 @@ def test_eval_prints_per_sample_losses(tiny_base, tiny_data, capsys):
 
 
 def test_eval_text_output(tiny_base, tiny_data, capsys):
-    from xcft.model.evaluate import eval_command
+    from xcft.commands.eval import eval_command
 
     rc = eval_command(
         str(tiny_data.parent / "data" / "text.json"), model_dir=str(tiny_base), max_length=64,

@@ -148,8 +148,8 @@ def test_init_model_command_writes_a_loadable_folder(tmp_path, capsys):
 
 def test_init_model_with_a_given_tokenizer(tmp_path):
     """--tokenizer is copied as is and sets the vocabulary (600 pieces here, not the built-in 1000)."""
+    from xcft.commands.init_model import init_model_command
     from xcft.data.spm_builder import build_tokenizer
-    from xcft.model.presets import init_model_command
 
     given = build_tokenizer(tmp_path / "tok", vocab_size=600)
     assert init_model_command(str(tmp_path / "t"), preset="tiny", img_size=490, tokenizer=str(given), seed=0) == 0

@@ -7,9 +7,9 @@ import math
 import pytest
 import yaml
 
+from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.train.args import parse_train_args
-from xcft.train.entry import train_command
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--save_strategy", "no"]
 
@@ -47,7 +47,7 @@ def test_group_by_length_run_and_options(tmp_path, argv):
 def test_build_datasets_packs_and_sampler_groups(tmp_path, argv, tiny_base):
     from xcft.data.packing import LengthGroupedSampler, PackedDataset, PackingCollator
     from xcft.model.loading import load_pretrained
-    from xcft.train.data import build_datasets
+    from xcft.train.datasets import build_datasets
     from xcft.train.trainer import XcftTrainer
 
     model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xcft.train.entry import train_command
+from xcft.commands.train import train_command
 
 pytestmark = pytest.mark.slow
 
