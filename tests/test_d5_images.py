@@ -74,9 +74,9 @@ def test_train_transform_by_hand():
 
 
 @pytest.mark.parametrize("size,hd_num,grid,valid", [
-    ((960, 540, ), 24, (1, 2), (1120, 630)),    # ceil(960/560) = 2 columns, no x1.5
+    ((960, 540), 24, (2, 2), (1120, 630)),      # ceil(960/560) = 2 columns, no x1.5
     ((300, 200), 24, (1, 1), (560, 373)),
-    ((540, 960), 6, (2, 1), (630, 1120)),       # tall: padded at the right only
+    ((540, 960), 6, (2, 2), (630, 1120)),       # tall: padded at the right only
     ((1500, 1000), 6, (2, 3), (1680, 1120)),
 ])
 def test_inference_transform_by_hand(size, hd_num, grid, valid):
