@@ -765,13 +765,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         rows each followed by ``plora_sub_GN``, one ``plora_glb_GN``, then the crops stitched into
         one (rows*G/2) x (cols*G/2) grid whose rows are each followed by ``plora_sub_GN``.
         """
-        grids = [(int(h), int(w)) for h, w in image_grids.tolist()]
-        expected_views = sum(1 + h * w for h, w in grids)
-        if pixel_values.shape[0] != expected_views:
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} views but image_grids {grids} need {expected_views} "
-                "(per image its global view, then rows x cols crops)"
-            )
+        grids = self._checked_grids(pixel_values, image_grids)
         features = self.vit(pixel_values)
         views, patches, width = features.shape
         grid = self.config.vision_grid
@@ -792,6 +786,18 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             pieces += [glb, glb_gn, sub]
             start += 1 + h * w
         return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def _checked_grids(pixel_values: torch.Tensor, image_grids: torch.Tensor) -> list[tuple[int, int]]:
+        """``image_grids`` as a list, after checking that ``pixel_values`` holds exactly their views."""
+        grids = [(int(h), int(w)) for h, w in image_grids.reshape(-1, 2).tolist()]
+        expected_views = sum(1 + h * w for h, w in grids)
+        if pixel_values.shape[0] != expected_views or min((min(g) for g in grids), default=1) < 1:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} views but image_grids {grids} need {expected_views} "
+                "(per image its global view, then rows x cols crops, each at least 1)"
+            )
+        return grids
 
     def get_hd_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
         """2.5: ``[tokens, hidden]``: :meth:`merge_hd_tokens` through the projector (separators included)."""
@@ -820,6 +826,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             raise ValueError("a 2.5 (HD) model needs image_grids [images, 2] (rows, cols) with pixel_values")
         if not hd and image_grids is not None:
             raise ValueError("image_grids is only for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        if hd:
+            self._checked_grids(pixel_values, image_grids)
         num_images = int(image_grids.shape[0]) if hd else int(pixel_values.shape[0])
         per_image = self.image_token_counts(image_grids, num_images)
         slots = int(image_mask.sum())
