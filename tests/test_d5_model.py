@@ -539,3 +539,40 @@ def test_dynamic_ntk_is_official_and_stateless():
     assert torch.equal(after_long, b_fresh)
     assert (padded[0] - a_alone[0]).abs().max() < 1e-5 and (padded[1, :20] - after_long[0]).abs().max() < 1e-5
     assert (packed[0, :30] - a_alone[0]).abs().max() < 1e-5 and (packed[0, 30:] - after_long[0]).abs().max() < 1e-5
+
+
+def test_hd_chat_images_use_the_inference_transform():
+    from PIL import Image
+
+    from xcft.model.image_processing_xcomposer2 import hd_crop_grid
+
+    model = tiny_model(seed=6)
+    wide, tall = Image.new("RGB", (200, 60), (10, 20, 30)), Image.new("RGB", (40, 150), (200, 100, 0))
+    pv, grids = model.hd_chat_images([wide])
+    assert grids.tolist() == [list(hd_crop_grid(200, 60, 24, inference=True, view_size=56))] == [[2, 4]]
+    assert pv.shape == (1 + 8, 3, 56, 56)
+    pv, grids = model.hd_chat_images([wide, tall])
+    assert grids.tolist() == [list(hd_crop_grid(*im.size, 6, inference=True, view_size=56)) for im in (wide, tall)]
+    assert pv.shape[0] == sum(1 + h * w for h, w in grids.tolist())
+    with torch.no_grad():  # the result is a valid model input
+        n = sum(model.config.hd_image_tokens(h, w) for h, w in grids.tolist())
+        ids = torch.full((1, n + 3), 5)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, 1 : 1 + n] = True
+        assert model(input_ids=ids, image_mask=mask, pixel_values=pv, image_grids=grids).logits.shape == (1, n + 3, 300)
+
+
+def test_save_and_reload_keeps_the_family(model, cases, views, tmp_path: Path):
+    from xcft.model.loading import load_model, save_pretrained
+
+    out = save_pretrained(model, None, tmp_path / "saved")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["family"], config["img_size"]) == ("2.5", 560)
+    again = load_model(out, dtype="float32", device="cpu")
+    assert again.config.hd and again.config.rope_parameters["rope_type"] == "dynamic"
+    batch = case_batch(case_by_name(cases, "p05"), views)
+    batch.pop("labels")
+    with torch.no_grad():
+        a = model(**batch, logits_to_keep=torch.tensor([0, 841, 875])).logits
+        b = again(**batch, logits_to_keep=torch.tensor([0, 841, 875])).logits
+    assert torch.equal(a, b)

@@ -1072,6 +1072,26 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 rows.append(torch.as_tensor(load_image(image, self.config.img_size)).float())
         return torch.stack(rows)
 
+    def hd_chat_images(self, images: Sequence[Any], hd_num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """2.5: paths / PIL images -> ``(pixel_values [V, 3, S, S], image_grids [N, 2])`` for chat.
+
+        The official 2.5 chat preprocessing: the inference HD transform (no x1.5 factor, padding at
+        the bottom / right) with ``hd_num`` 24 for one image and 6 each for several, unless given.
+        """
+        from .image_processing_xcomposer2 import chat_hd_num, load_hd_views
+
+        if not self.config.hd:
+            raise ValueError("hd_chat_images is for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        budget = chat_hd_num(len(images)) if hd_num is None else hd_num
+        views, grids = [], []
+        for image in images:
+            v, grid = load_hd_views(image, budget, inference=True, view_size=self.config.img_size)
+            views.append(v)
+            grids.append(grid)
+        size = self.config.img_size
+        pixel_values = torch.cat(views) if views else torch.zeros(0, 3, size, size)
+        return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
+
     @torch.no_grad()
     def chat(
         self,
