@@ -39,7 +39,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xcomposer2 import XComposer2Config
-from .template_xcomposer2 import IMAGE_PLACEHOLDER, OFFICIAL_GENERATION, OFFICIAL_SYSTEM_PROMPT, TURN_END, chat_prompt, place_images
+from .template_xcomposer2 import (
+    FAMILY_DEFAULT,
+    IMAGE_PLACEHOLDER,
+    OFFICIAL_GENERATION,
+    TURN_END,
+    chat_prompt,
+    default_system_prompt,
+    place_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -1021,31 +1029,55 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 model_inputs["image_grids"] = image_grids
         return model_inputs
 
+    def _chat_placement(self, query: str, history: Sequence[tuple[str, str]], num_images: int) -> tuple[str, bool]:
+        """``(query, lead)``: where images given without any ``<ImageHere>`` go, as the official chat of the family puts them.
+
+        2.5 with one such image: before the whole prompt (``lead``). Otherwise at the start of the query:
+        one placeholder per image (2.0), or ``Image1 <ImageHere>; Image2 <ImageHere>; `` (2.5).
+        """
+        unplaced = num_images and IMAGE_PLACEHOLDER not in query and not any(IMAGE_PLACEHOLDER in q for q, _ in history)
+        if self.config.hd and unplaced and num_images == 1:
+            return query, True
+        return place_images(query, history, num_images, numbered=self.config.hd), False
+
     def build_chat_inputs(
         self,
         tokenizer: Any,
         query: str,
         history: Sequence[tuple[str, str]] = (),
-        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
+        meta_instruction: str | None | Any = FAMILY_DEFAULT,
         num_images: int = 0,
-        bos_per_piece: bool = True,
+        bos_per_piece: bool | None = None,
+        image_slots: Sequence[int] | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Prompt ids (image slots hold the pad id) and image mask, as the official chat builds them.
+        """Prompt ids (image slots hold the pad id) and image mask, as the official chat of the family builds them.
 
-        The text is :func:`chat_prompt` (system turn when ``meta_instruction``, history, query,
-        answer header). It is split at ``<ImageHere>``; with ``bos_per_piece`` every non-empty
-        piece is tokenized with its own ``<s>`` (so one also follows each image), as the official
-        2.0 chat does; without it ``<s>`` comes once, at the start, as in training. Images given
-        without any placeholder go at the start of the query (the official code puts them after
-        the answer header, where the model never saw images in training).
+        The text is :func:`chat_prompt` (system turn when there is a system prompt, history, query,
+        answer header), split at ``<ImageHere>``. ``bos_per_piece`` (the 2.0 default): every non-empty
+        piece is tokenized with its own ``<s>``, so one also follows each image; otherwise (the 2.5
+        default, and how training encodes samples) ``<s>`` comes once, before the first piece even
+        when it is empty. The system prompt defaults to the family's (2.0: the official one; 2.5:
+        none). Images given without any placeholder: see :meth:`_chat_placement` (the official 2.0
+        code puts them after the answer header, where the model never saw images in training).
+        ``image_slots`` gives each image's slot count (2.5: from its crop grid; 2.0: fixed).
         """
-        query = place_images(query, history, num_images)
-        pieces = chat_prompt(query, history, meta_instruction).split(IMAGE_PLACEHOLDER)
+        hd = bool(self.config.hd)
+        if meta_instruction is FAMILY_DEFAULT:
+            meta_instruction = default_system_prompt(hd)
+        if bos_per_piece is None:
+            bos_per_piece = not hd
+        query, lead = self._chat_placement(query, history, num_images)
+        prompt = chat_prompt(query, history, meta_instruction)
+        pieces = (IMAGE_PLACEHOLDER + prompt if lead else prompt).split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != num_images:
             raise ValueError(
                 f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders (history included) but {num_images} "
                 "images were given; pass all of the conversation's images with every turn"
             )
+        if image_slots is None:
+            if hd and num_images:
+                raise ValueError("a 2.5 model needs image_slots (each image's slot count from its crop grid)")
+            image_slots = [self.image_tokens] * num_images if num_images else []
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else tokenizer.pad_token_id
         ids: list[int] = []
         mask: list[bool] = []
@@ -1056,8 +1088,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 ids += piece_ids
                 mask += [False] * len(piece_ids)
             if k < num_images:
-                ids += [pad_id] * self.image_tokens
-                mask += [True] * self.image_tokens
+                ids += [pad_id] * int(image_slots[k])
+                mask += [True] * int(image_slots[k])
         return torch.tensor([ids], dtype=torch.long), torch.tensor([mask], dtype=torch.bool)
 
     def _images_to_pixels(self, images: Sequence[Any]) -> torch.Tensor:
@@ -1099,19 +1131,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         query: str,
         images: Sequence[Any] | Any | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
+        meta_instruction: str | None | Any = FAMILY_DEFAULT,
         max_new_tokens: int = 1024,
         do_sample: bool = True,
         use_cache: bool = True,
-        bos_per_piece: bool = True,
+        bos_per_piece: bool | None = None,
+        hd_num: int | None = None,
         **generate_kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Answer ``query`` about ``images``; returns ``(response, history + [(query, response)])``.
 
-        The official prompt and generation settings by default (sampling with temperature 1.0,
-        top_p 0.8, repetition penalty 1.005); ``do_sample=False`` decodes greedily (no penalty).
-        ``bos_per_piece=False`` lays the prompt out as training encodes it (one ``<s>``), for
-        models trained from scratch on xcft's encoding (see :meth:`build_chat_inputs`).
+        The official prompt of the model's family and the official generation settings by default
+        (sampling with temperature 1.0, top_p 0.8, repetition penalty 1.005); ``do_sample=False``
+        decodes greedily (no penalty). ``bos_per_piece=False`` lays the prompt out as training
+        encodes it (one ``<s>``), for models trained from scratch on xcft's encoding (see
+        :meth:`build_chat_inputs`). 2.5 images go through the official inference HD transform
+        (``hd_num`` 24 for one image, 6 for several, unless given).
         Generation stops at EOS or ``[UNUSED_TOKEN_145]``.
         """
         if do_sample:
@@ -1121,13 +1156,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             images = [images]
         images = list(images or [])
         # Placed here so that the history keeps the placeholders: later turns see the images where they were.
-        query = place_images(query, history, len(images))
+        query, _ = self._chat_placement(query, history, len(images))
+        image_grids = image_slots = None
+        if self.config.hd and images:
+            pixel_values, image_grids = self.hd_chat_images(images, hd_num)
+            image_slots = self.image_token_counts(image_grids, len(images))
+        else:
+            pixel_values = self._images_to_pixels(images) if images else None
         input_ids, image_mask = self.build_chat_inputs(
-            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece
+            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece, image_slots=image_slots
         )
         device = self.model.tok_embeddings.weight.device
         input_ids, image_mask = input_ids.to(device), image_mask.to(device)
-        pixel_values = self._images_to_pixels(images).to(device) if images else None
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        if image_grids is not None:
+            generate_kwargs["image_grids"] = image_grids.to(device)
         eos_ids = [tokenizer.eos_token_id, tokenizer.turn_end_id]
         out = self.generate(
             input_ids=input_ids,
