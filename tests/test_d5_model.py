@@ -127,7 +127,7 @@ def test_load_no_missing_or_unexpected_keys(model, fixture_2d5_dir: Path):
     assert cfg.rope_parameters["rope_type"] == "dynamic" and cfg.max_position_embeddings == 24576
     assert tuple(model.plora_glb_GN.shape) == (1, 1, 192) and tuple(model.plora_sub_GN.shape) == (1, 1, 1, 192)
     with pytest.raises(ValueError, match="hd_image_tokens"):
-        cfg.image_tokens
+        _ = cfg.image_tokens
 
 
 def _copy_fixture(src: Path, dst: Path, drop: tuple[str, ...] = (), config_update: dict | None = None) -> Path:
@@ -157,7 +157,7 @@ def test_load_without_post_layernorm_and_inconsistent_folders(fixture_2d5_dir: P
     with pytest.raises(XcftError, match="plora_glb_GN but not its partner"):
         load_model(folder, dtype="float32", device="cpu")
     folder = _copy_fixture(fixture_2d5_dir, tmp_path / "declared_2_0", config_update={"family": "2.0"})
-    with pytest.raises(XcftError, match="config.json says family '2.0' but the weights are 2.5"):
+    with pytest.raises(XcftError, match=r"config.json says family '2\.0' but the weights are 2\.5"):
         load_model(folder, dtype="float32", device="cpu")
 
 
@@ -450,7 +450,7 @@ def test_tiny_batch_mixed_grids_and_text_row():
         with torch.no_grad():
             losses.append(model(**single).loss.item())
         counts.append(int((s["labels"][1:] != -100).sum()))
-    weighted = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    weighted = sum(loss * c for loss, c in zip(losses, counts)) / sum(counts)
     assert rel(out.loss.item(), weighted) < 1e-5
     with torch.no_grad():
         sums, n = model.sample_losses(**batch)
@@ -488,7 +488,7 @@ def test_2_0_model_rejects_grids_and_2_5_needs_even_grid():
     ids = torch.full((1, 5 + cfg.image_tokens), 3)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[0, 1 : 1 + cfg.image_tokens] = True
-    with pytest.raises(ValueError, match="only for 2.5"):
+    with pytest.raises(ValueError, match=r"only for 2\.5"):
         model(input_ids=ids, image_mask=mask, pixel_values=torch.zeros(1, 3, 28, 28), image_grids=torch.tensor([[1, 1]]))
     with pytest.raises(ValueError, match="must be even"):
         tiny_config(img_size=42)

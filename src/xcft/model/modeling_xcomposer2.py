@@ -839,13 +839,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             )
         if image_counts is not None:
             per_row = image_mask.sum(dim=1).to(image_counts.device)
-            counts = image_counts.tolist()
+            counts = [int(n) for n in image_counts.tolist()]
             if sum(counts) != num_images:
                 raise ValueError(f"image_counts {counts} add up to {sum(counts)} but the batch has {num_images} images")
-            bounds = [0]
+            wanted: list[int] = []
+            start = 0
             for n in counts:
-                bounds.append(bounds[-1] + int(n))
-            wanted = [sum(per_image[a:b]) for a, b in zip(bounds, bounds[1:])]
+                wanted.append(sum(per_image[start : start + n]))
+                start += n
             if per_row.tolist() != wanted:
                 raise ValueError(f"image slots per row {per_row.tolist()} do not match the images of each row {wanted}")
         if hd:
