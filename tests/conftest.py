@@ -71,6 +71,12 @@ def real_tokenizer() -> Path:
     return _need(SHARED_DIR / "assets" / "internlm2-tokenizer" / "tokenizer.model", "real InternLM2 tokenizer")
 
 
+@pytest.fixture(scope="session")
+def fixture_2d5_dir() -> Path:
+    """The tiny official InternLM-XComposer-2.5 checkpoint with recorded official outputs."""
+    return _need(SHARED_DIR / "fixtures" / "ixc2d5_tiny_public", "ixc2d5_tiny_public fixture")
+
+
 # ---------------------------------------------------------------------- built on the spot
 
 
