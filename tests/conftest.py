@@ -49,3 +49,9 @@ def examples_dir() -> Path:
 def real_tokenizer() -> Path:
     """Path of the real InternLM2 ``tokenizer.model``."""
     return _need(SHARED_DIR / "assets" / "internlm2-tokenizer" / "tokenizer.model", "real InternLM2 tokenizer")
+
+
+@pytest.fixture(scope="session")
+def fixture_2d5_dir() -> Path:
+    """The tiny official InternLM-XComposer-2.5 checkpoint with recorded official outputs."""
+    return _need(SHARED_DIR / "fixtures" / "ixc2d5_tiny_public", "ixc2d5_tiny_public fixture")
