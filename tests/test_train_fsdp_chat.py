@@ -118,7 +118,7 @@ def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
                         system=None, device="cpu", greedy=True) == 0
     assert len(seen) == 2
     first, second = seen
-    assert first[0] == "<ImageHere>Describe it." and first[1] == [] and first[2] and first[3] == 1
+    assert first[0] == "Describe it." and first[1] == [] and first[2] and first[3] == 1
     assert second[0] == "And the colours?" and second[1][0][0] == "<ImageHere>Describe it." and second[2]
     assert "assistant> " in capsys.readouterr().out
 

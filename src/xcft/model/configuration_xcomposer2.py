@@ -74,7 +74,7 @@ class XComposer2Config(PreTrainedConfig):
     ``family`` (``"2.0"`` or ``"2.5"``; official 2.5 folders say ``model_type: internlm2`` like
     any InternLM2, so the loader decides it from the weights and records it here),
     ``img_size`` (side of one view in pixels; the CLIP position grid is ``img_size // patch_size``;
-    default 490 for 2.0, 560 for 2.5),
+    0 or absent: 490 for 2.0, 560 for 2.5),
     ``max_length`` (token limit used by the data path), ``plora_r``/``plora_alpha``/
     ``plora_dropout`` (Partial LoRA; the loader overwrites ``plora_r`` with the rank found in
     the weights), ``vision_config`` (a CLIPVisionConfig) and ``projector_hidden_size``.
@@ -104,7 +104,7 @@ class XComposer2Config(PreTrainedConfig):
     bias: bool = False
     rope_parameters: dict | None = None
     family: str = FAMILY_2_0
-    img_size: int | None = None
+    img_size: int = 0
     max_length: int | None = None
     plora_r: int = 256
     plora_alpha: float = 256.0
@@ -115,7 +115,7 @@ class XComposer2Config(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {list(FAMILIES)}")
-        if self.img_size is None:
+        if not self.img_size:
             self.img_size = DEFAULT_IMG_SIZE[self.family]
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -194,10 +194,6 @@ class XComposer2Config(PreTrainedConfig):
         crops with a separator after each row: ``(rows*cols + 1) * g*g + 1 + (rows + 1) * g``.
         """
         return hd_tokens_for_grid(rows, cols, self.merged_grid)
-
-    @property
-    def plora_scaling(self) -> float:
-        return float(self.plora_alpha) / float(self.plora_r)
 
     # ------------------------------------------------------------------ reading folders
     @classmethod

@@ -329,17 +329,21 @@ def load_model(
 ) -> XComposer2ForCausalLM:
     """The model of an official folder or an xcft output folder (no remote code, no download)."""
     folder = Path(path)
+    config = load_config(folder)  # checks config.json before any weight is read
     state = read_state_dict(folder)
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     family, img_size = detect_family(state, raw.get("family"), source=str(folder))
-    overrides: dict[str, Any] = {"family": family}
+    overrides: dict[str, Any] = {}
+    if family != config.family:
+        overrides["family"] = family
     if img_size is not None:
         if raw.get("img_size") not in (None, img_size):
             raise XcftError(
                 f"{folder / 'config.json'} says img_size {raw['img_size']} but the 2.5 position table is for {img_size} px"
             )
         overrides["img_size"] = img_size
-    config = load_config(folder, **overrides)
+    if overrides:
+        config = load_config(folder, **overrides)
     rank = plora_rank_from_weights(state)
     if rank is not None and rank != config.plora_r:
         logger.info("Partial-LoRA rank %d read from the weights (config said %d)", rank, config.plora_r)

@@ -199,7 +199,7 @@ def apply_rotary_pos_emb(
 # ============================================================================ Partial LoRA
 
 
-# -- bench/perf (issue 6): row gather / add for the unique, sorted image indices. Same values as
+# -- row gather / add for the unique, sorted image indices. Same values as
 # index_select / index_add, but the backward of index_select (and index_add itself) accumulate
 # through a serial scatter-add on CPU (~7x slower than a copy); unique indices need no accumulation.
 class _GatherRows(torch.autograd.Function):
@@ -757,13 +757,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         rows each followed by ``plora_sub_GN``, one ``plora_glb_GN``, then the crops stitched into
         one (rows*G/2) x (cols*G/2) grid whose rows are each followed by ``plora_sub_GN``.
         """
-        grids = [(int(h), int(w)) for h, w in image_grids.tolist()]
-        expected_views = sum(1 + h * w for h, w in grids)
-        if pixel_values.shape[0] != expected_views:
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} views but image_grids {grids} need {expected_views} "
-                "(per image its global view, then rows x cols crops)"
-            )
+        grids = self._checked_grids(pixel_values, image_grids)
         features = self.vit(pixel_values)
         views, patches, width = features.shape
         grid = self.config.vision_grid
@@ -784,6 +778,18 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             pieces += [glb, glb_gn, sub]
             start += 1 + h * w
         return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def _checked_grids(pixel_values: torch.Tensor, image_grids: torch.Tensor) -> list[tuple[int, int]]:
+        """``image_grids`` as a list, after checking that ``pixel_values`` holds exactly their views."""
+        grids = [(int(h), int(w)) for h, w in image_grids.reshape(-1, 2).tolist()]
+        expected_views = sum(1 + h * w for h, w in grids)
+        if pixel_values.shape[0] != expected_views or min((min(g) for g in grids), default=1) < 1:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} views but image_grids {grids} need {expected_views} "
+                "(per image its global view, then rows x cols crops, each at least 1)"
+            )
+        return grids
 
     def get_hd_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
         """2.5: ``[tokens, hidden]``: :meth:`merge_hd_tokens` through the projector (separators included)."""
@@ -812,6 +818,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             raise ValueError("a 2.5 (HD) model needs image_grids [images, 2] (rows, cols) with pixel_values")
         if not hd and image_grids is not None:
             raise ValueError("image_grids is only for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        if hd:
+            self._checked_grids(pixel_values, image_grids)
         num_images = int(image_grids.shape[0]) if hd else int(pixel_values.shape[0])
         per_image = self.image_token_counts(image_grids, num_images)
         slots = int(image_mask.sum())
@@ -823,13 +831,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             )
         if image_counts is not None:
             per_row = image_mask.sum(dim=1).to(image_counts.device)
-            counts = image_counts.tolist()
+            counts = [int(n) for n in image_counts.tolist()]
             if sum(counts) != num_images:
                 raise ValueError(f"image_counts {counts} add up to {sum(counts)} but the batch has {num_images} images")
-            bounds = [0]
+            wanted: list[int] = []
+            start = 0
             for n in counts:
-                bounds.append(bounds[-1] + int(n))
-            wanted = [sum(per_image[a:b]) for a, b in zip(bounds, bounds[1:])]
+                wanted.append(sum(per_image[start : start + n]))
+                start += n
             if per_row.tolist() != wanted:
                 raise ValueError(f"image slots per row {per_row.tolist()} do not match the images of each row {wanted}")
         if hd:
@@ -1063,6 +1072,26 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             else:
                 rows.append(torch.as_tensor(load_image(image, self.config.img_size)).float())
         return torch.stack(rows)
+
+    def hd_chat_images(self, images: Sequence[Any], hd_num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """2.5: paths / PIL images -> ``(pixel_values [V, 3, S, S], image_grids [N, 2])`` for chat.
+
+        The official 2.5 chat preprocessing: the inference HD transform (no x1.5 factor, padding at
+        the bottom / right) with ``hd_num`` 24 for one image and 6 each for several, unless given.
+        """
+        from .image_processing_xcomposer2 import chat_hd_num, load_hd_views
+
+        if not self.config.hd:
+            raise ValueError("hd_chat_images is for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        budget = chat_hd_num(len(images)) if hd_num is None else hd_num
+        views, grids = [], []
+        for image in images:
+            v, grid = load_hd_views(image, budget, inference=True, view_size=self.config.img_size)
+            views.append(v)
+            grids.append(grid)
+        size = self.config.img_size
+        pixel_values = torch.cat(views) if views else torch.zeros(0, 3, size, size)
+        return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
 
     @torch.no_grad()
     def chat(
