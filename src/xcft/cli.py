@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
     p.add_argument("output", help="folder to write")
-    p.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
-    p.add_argument("--img-size", type=int, choices=[224, 490], default=None, help="default: 224 for tiny, 490 otherwise")
+    p.add_argument("--preset", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"], default="tiny",
+                   help="model shape; the -2.5 presets are InternLM-XComposer-2.5 (HD crops)")
+    p.add_argument("--img-size", type=int, choices=[224, 490, 560], default=None,
+                   help="image (view) side: default 224 for tiny and tiny-2.5, 490 for small and 7b, 560 for 7b-2.5")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: a small one built on the spot)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=init_model)

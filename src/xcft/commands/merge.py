@@ -19,12 +19,15 @@ import torch
 from PIL import Image
 
 from xcft.errors import XcftError
-from xcft.model.image_processing_xcomposer2 import load_image_tensor
+from xcft.model.image_processing_xcomposer2 import load_hd_views, load_image_tensor
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
+from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER, chat_prompt
 
 logger = logging.getLogger(__name__)
 
 PROBE_QUERY = "<ImageHere>Describe the picture in one sentence, then count to five: one, two, three, four, five."
+#: 2.5 probe: the synthetic square image at this crop budget has a 2x2 grid (global view, crops, separators).
+PROBE_HD_NUM = 4
 
 
 def probe_image(size: int) -> Image.Image:
@@ -38,6 +41,8 @@ def probe_image(size: int) -> Image.Image:
 def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     """Chat-format prompt with one image: input_ids, attention_mask, image_mask, pixel_values, image_counts."""
     base = unwrap_model(model)
+    if base.config.hd:
+        return _hd_probe_batch(base, tokenizer)
     input_ids, image_mask = base.build_chat_inputs(tokenizer, PROBE_QUERY, [], None, num_images=1)
     pixel_values = load_image_tensor(probe_image(base.config.img_size), base.config.img_size).unsqueeze(0)
     return {
@@ -46,6 +51,26 @@ def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
         "image_mask": image_mask,
         "pixel_values": pixel_values,
         "image_counts": torch.tensor([1]),
+    }
+
+
+def _hd_probe_batch(base: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """2.5: ``<s>``, one synthetic image with a 2x2 crop grid, then the question as a user turn (the training layout)."""
+    size = base.config.img_size
+    views, grid = load_hd_views(probe_image(size), PROBE_HD_NUM, view_size=size)
+    slots = base.config.hd_image_tokens(*grid)
+    text = tokenizer.encode_text(chat_prompt(PROBE_QUERY.replace(IMAGE_PLACEHOLDER, "")))
+    pad = base.config.pad_token_id if base.config.pad_token_id is not None else tokenizer.pad_token_id
+    input_ids = torch.tensor([[tokenizer.bos_token_id] + [pad] * slots + text])
+    image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    image_mask[0, 1 : 1 + slots] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "image_mask": image_mask,
+        "pixel_values": views,
+        "image_counts": torch.tensor([1]),
+        "image_grids": torch.tensor([grid]),
     }
 
 

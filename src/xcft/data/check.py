@@ -25,15 +25,13 @@ from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, Imag
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
 from xcft.errors import XcftError
-from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, FAMILY_2_0, FAMILY_2_5
+from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
 from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE, to_rgb
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMG_SIZE = 490
-#: Token limit of a 2.5 checkpoint whose config.json has none: the official finetune script's value.
-DEFAULT_MAX_LENGTH_2_5 = 16384
 
 
 # --------------------------------------------------------------------------- model settings
