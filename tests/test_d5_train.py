@@ -152,6 +152,34 @@ def test_tiny_2_5_trains_with_batch_2(tmp_path):
     assert json.loads((out / "config.json").read_text())["family"] == "2.5"
 
 
+@pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
+def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode):
+    out = tmp_path / "run"
+    rc = train_command(["--model_name_or_path", str(tiny25_base()), "--data_path", str(generated_data()),
+                        "--output_dir", str(out), "--given_num", "false", "--hd_num", "4", "--max_length", "1024",
+                        mode, "true", "--per_device_train_batch_size", "2", "--max_steps", "2",
+                        "--learning_rate", "1e-3", "--save_strategy", "no", *COMMON])
+    assert rc == 0
+    assert all(math.isfinite(v) for v in read_losses(out).values())
+
+
+def test_hd_lengths_and_bad_images(tmp_path):
+    from xcft.errors import DataError
+    from xcft.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny25_base())
+    ds = build_dataset(generated_data(), tok, 224, 1024, given_num=False, hd_num=4)
+    for i in range(len(ds)):  # lengths (grouping, packing) are the lengths of the items, without decoding
+        assert ds.lengths[i] == ds[i]["input_ids"].shape[0]
+        assert int(ds[i]["image_mask"].sum()) == sum(ds.image_spec.slots(g) for g in ds[i]["image_grids"].tolist())
+    thin = _image(tmp_path / "thin.png", (3000, 1), 5)  # aspect ratio beyond what the HD transform handles
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"id": "x", "image": thin, "conversations": [
+        {"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]}]))
+    with pytest.raises(DataError, match=r"sample 0 \(id 'x'\): image .*thin.png cannot be used: .*too elongated"):
+        build_dataset(data, tok, 224, 1024, given_num=False, hd_num=4)
+
+
 # --------------------------------------------------------------------------- official checkpoint and flags
 
 OFFICIAL_FLAGS = [

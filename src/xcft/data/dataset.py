@@ -56,9 +56,13 @@ def conversation_grids(conv: Conversation, spec: ImageSpec, cache: dict[Path, Gr
         grid = cache.get(path) if cache is not None else None
         if grid is None:
             try:
-                grid = spec.grid(*image_size(path))
-            except Exception as exc:  # PIL raises many types for broken headers; ValueError for degenerate sizes
+                size = image_size(path)
+            except Exception as exc:  # PIL raises many types for broken headers
                 raise DataError(f"{conv.where}: cannot read the size of image {path}: {exc}. Fix: replace or re-save the file") from exc
+            try:
+                grid = spec.grid(*size)
+            except ValueError as exc:  # e.g. an aspect ratio the HD transform cannot handle
+                raise DataError(f"{conv.where}: image {path} cannot be used: {exc}. Fix: crop or pad the image") from exc
             if cache is not None:
                 cache[path] = grid
         out.append(grid)
