@@ -72,7 +72,7 @@ def _ours(ds: XComposerDataset, i: int) -> tuple[list[int], list[int], list[int]
 
 def _bos_to_front(values: list[int], bos_at: int) -> list[int]:
     """The official one-image-no-placeholder row with its BOS (after the image) moved to the front."""
-    return [values[bos_at]] + values[:bos_at] + values[bos_at + 1 :]
+    return [values[bos_at], *values[:bos_at], *values[bos_at + 1 :]]
 
 
 def _bos_after_image(item: dict, span: int) -> dict:
@@ -181,7 +181,7 @@ def test_system_turn_is_a_system_turn(cases, model_and_tokenizer, fixture_2d5_di
     assistant_header = tok.encode_text("assistant\n")
     assert o_ids == ids[:2] + system_header + ids[2 + len(assistant_header) :]
     trained = [i for i, lab in zip(o_ids, o_labels) if lab != IGNORE_INDEX]
-    assert trained == tok.encode_text("Four.[UNUSED_TOKEN_145]") + [tok.eos_token_id]
+    assert trained == [*tok.encode_text("Four.[UNUSED_TOKEN_145]"), tok.eos_token_id]
 
 
 def test_grids_come_from_headers_without_decoding(cases, fixture_2d5_dir, monkeypatch, model_and_tokenizer, tmp_path):

@@ -57,7 +57,7 @@ def test_check_data_reports_hd_tokens_and_overlong_samples(capsys, examples_dir:
 def test_hd_num_is_rejected_for_a_2_0_model(capsys, examples_dir: Path, fixture_dir: Path) -> None:
     for cmd in ("check-data", "inspect"):
         extra = ["--index", "0"] if cmd == "inspect" else []
-        rc, out, err = _run(capsys, cmd, str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--hd-num", "6", *extra)
+        rc, _, err = _run(capsys, cmd, str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--hd-num", "6", *extra)
         assert rc == 1 and "2.0" in err and "--hd-num applies to 2.5 models only" in err and "Traceback" not in err
 
 

@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from test_train_fixtures import read_losses, run_fresh_python, workdir
-
 from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.data.dataset import DataCollator, build_dataset
@@ -36,7 +35,7 @@ COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed"
 SEPARATORS = ("plora_glb_GN", "plora_sub_GN")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny25_base() -> Path:
     """``xcft init-model --preset tiny-2.5``: 224 px views, a 1000-piece tokenizer built on the spot."""
     out = workdir() / "tiny25"
@@ -50,7 +49,7 @@ def _image(path: Path, size: tuple[int, int], seed: int) -> str:
     return str(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def generated_data() -> Path:
     """One-image (no placeholder), two-image (Image1/Image2) and text-only samples with varied image sizes."""
     root = workdir() / "gen25"
@@ -122,7 +121,7 @@ def test_vision_aligned_batch_has_a_1x1_blank_image():
 
     model, tok = load_pretrained(base, dtype="float32", device="cpu")
     ds = build_dataset(generated_data(), tok, 224, 1024, given_num=False, hd_num=4)
-    text = [i for i in range(len(ds)) if ds.conversation(i).id == "text"][0]
+    text = next(i for i in range(len(ds)) if ds.conversation(i).id == "text")
     items = [ds[text], ds[text]]
     plain = DataCollator(ds.pad_token_id)(items)
     assert plain["pixel_values"] is None and plain["image_grids"] is None

@@ -172,4 +172,4 @@ def eval_command(
     return 0
 
 
-__all__ = ["eval_command", "evaluate", "EvalDataset", "resolve_hd_num"]
+__all__ = ["EvalDataset", "eval_command", "evaluate", "resolve_hd_num"]

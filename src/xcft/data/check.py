@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation, slots_per_image
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
 from xcft.errors import XcftError
@@ -77,8 +77,9 @@ def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | 
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():
-                    if key in wanted:
+                present = set(fh.keys())
+                for key in wanted:
+                    if key in present:
                         shapes[key] = _Shape(fh.get_slice(key).get_shape())
         else:
             import torch

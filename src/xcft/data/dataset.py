@@ -17,9 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-
 from PIL import Image
+from torch.utils.data import Dataset
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.mixture import DataSpec, draw_count, epoch_draw, load_spec

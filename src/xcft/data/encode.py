@@ -311,4 +311,4 @@ def _without_prepended_placeholder(conv: Conversation) -> Conversation:
     return replace(conv, messages=messages)
 
 
-__all__ = ["EncodedSample", "Grid", "IGNORE_INDEX", "IMAGE_SLOT", "ImageSpec", "encode_conversation", "slots_per_image"]
+__all__ = ["IGNORE_INDEX", "IMAGE_SLOT", "EncodedSample", "Grid", "ImageSpec", "encode_conversation", "slots_per_image"]
