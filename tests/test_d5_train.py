@@ -151,6 +151,33 @@ def test_tiny_2_5_trains_with_batch_2(tmp_path):
     assert json.loads((out / "config.json").read_text())["family"] == "2.5"
 
 
+def test_lone_image_layout_2_5_and_2_0(tmp_path):
+    """2.5: <s>, the image, then every turn (a system turn too); 2.0 keeps the image inside the first user turn."""
+    from xcft.data.encode import IMAGE_SLOT, ImageSpec, encode_conversation
+    from xcft.data.schema import read_file
+    from xcft.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny25_base())
+    img = _image(tmp_path / "a.png", (300, 200), 7)
+    data = tmp_path / "s.json"
+    data.write_text(json.dumps([{"image": img, "conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "user", "value": "What?"}, {"from": "assistant", "value": "Noise."}]}]))
+    (conv,), _ = read_file(data)
+    spec = ImageSpec(224, 4)
+    enc = encode_conversation(conv, tok, spec, 4096, [(2, 2)])
+    n = spec.slots((2, 2))
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[1 : 1 + n] == [IMAGE_SLOT] * n
+    text = tok.decode(enc.input_ids[1 + n :], skip_special_tokens=False)
+    assert text.startswith("[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\nWhat?")
+    assert [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100] == [
+        *tok.encode_text("Noise.[UNUSED_TOKEN_145]"), tok.eos_token_id]
+    old = encode_conversation(conv, tok, 56, 4096)  # 2.0: after the user header
+    first = old.input_ids.index(IMAGE_SLOT)
+    assert tok.decode(old.input_ids[:first], skip_special_tokens=False).endswith("[UNUSED_TOKEN_146]user\n")
+    with pytest.raises(ValueError, match="one crop grid per image"):
+        encode_conversation(conv, tok, spec, 4096)
+
+
 @pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
 def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode):
     out = tmp_path / "run"
@@ -177,6 +204,46 @@ def test_hd_lengths_and_bad_images(tmp_path):
         {"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]}]))
     with pytest.raises(DataError, match=r"sample 0 \(id 'x'\): image .*thin.png cannot be used: .*too elongated"):
         build_dataset(data, tok, 224, 1024, given_num=False, hd_num=4)
+
+
+@functools.cache
+def tiny25_no_dropout() -> Path:
+    """tiny-2.5 without Partial-LoRA dropout, so several ranks reproduce a one-process run exactly."""
+    from xcft.model.loading import load_tokenizer, save_pretrained
+
+    model = build_model("tiny-2.5", vocab_size=1000, seed=1, plora_dropout=0.0)
+    return save_pretrained(model, load_tokenizer(tiny25_base()), workdir() / "tiny25_nodrop")
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_text_only_ranks_equals_one_process():
+    """ZeRO-3 gathers the tower's shards on every rank: a rank whose batch is text gets a blank 1x1 image."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    from test_train_fixtures import ROOT, subprocess_env
+
+    argv = ["--model_name_or_path", str(tiny25_no_dropout()), "--data_path", str(generated_data()),
+            "--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--max_steps", "3",
+            "--learning_rate", "1e-3", "--fix_vit", "false", "--save_strategy", "no", *COMMON]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = workdir() / "z3_25"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "xcft.cli", "train", *argv, "--output_dir", str(out), "--per_device_train_batch_size", "1",
+           "--deepspeed", str(ROOT / "configs" / "ds_zero3.json")]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    assert "one blank image" in r.stderr + r.stdout
+    ref = workdir() / "z3_25_ref"
+    assert train_command([*argv, "--output_dir", str(ref), "--per_device_train_batch_size", "2"]) == 0
+    got, expected = read_losses(out), read_losses(ref)
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
 
 
 # --------------------------------------------------------------------------- official checkpoint and flags
