@@ -25,7 +25,6 @@ from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrai
 logger = logging.getLogger(__name__)
 
 PROBE_QUERY = "<ImageHere>Describe the picture in one sentence, then count to five: one, two, three, four, five."
-#: 2.5 probe: the synthetic square image at this crop budget has a 2x2 grid (global view, crops, separators).
 
 
 def probe_image(size: int) -> Image.Image:
