@@ -7,7 +7,6 @@ flags, then load the outputs with plain transformers in a fresh process.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from test_train_fixtures import read_losses, run_fresh_python, workdir
 from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.data.dataset import DataCollator, build_dataset
@@ -33,12 +31,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
 SEPARATORS = ("plora_glb_GN", "plora_sub_GN")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@functools.cache
-def tiny25_base() -> Path:
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("d5train")
+
+
+@pytest.fixture(scope="module")
+def tiny25_base(workdir: Path) -> Path:
     """``xcft init-model --preset tiny-2.5``: 224 px views, a 1000-piece tokenizer built on the spot."""
-    out = workdir() / "tiny25"
+    out = workdir / "tiny25"
     assert main(["init-model", str(out), "--preset", "tiny-2.5", "--seed", "1"]) == 0
     return out
 
@@ -49,10 +53,10 @@ def _image(path: Path, size: tuple[int, int], seed: int) -> str:
     return str(path)
 
 
-@functools.cache
-def generated_data() -> Path:
+@pytest.fixture(scope="module")
+def generated_data(workdir: Path) -> Path:
     """One-image (no placeholder), two-image (Image1/Image2) and text-only samples with varied image sizes."""
-    root = workdir() / "gen25"
+    root = workdir / "gen25"
     root.mkdir(parents=True, exist_ok=True)
     wide = _image(root / "wide.png", (300, 200), 0)  # 2x2 at hd 4 with 224 px views
     small = _image(root / "small.png", (100, 60), 1)  # 1x1
@@ -72,10 +76,10 @@ def generated_data() -> Path:
 # --------------------------------------------------------------------------- flags
 
 
-def test_init_model_tiny_25_preset_is_a_2_5_folder():
-    config = json.loads((tiny25_base() / "config.json").read_text())
+def test_init_model_tiny_25_preset_is_a_2_5_folder(tiny25_base):
+    config = json.loads((tiny25_base / "config.json").read_text())
     assert config["family"] == "2.5" and config["img_size"] == 224
-    keys = load_file(str(tiny25_base() / "model.safetensors")).keys()
+    keys = load_file(str(tiny25_base / "model.safetensors")).keys()
     assert set(SEPARATORS) <= set(keys)
 
 
@@ -115,12 +119,12 @@ def test_separators_train_with_the_projector():
     assert trainable(use_lora=True, fix_vit=True, fix_sampler=False) == set()  # peft saves modules, not bare parameters
 
 
-def test_vision_aligned_batch_has_a_1x1_blank_image():
-    base = tiny25_base()
+def test_vision_aligned_batch_has_a_1x1_blank_image(tiny25_base, generated_data):
+    base = tiny25_base
     from xcft.model.loading import load_pretrained
 
     model, tok = load_pretrained(base, dtype="float32", device="cpu")
-    ds = build_dataset(generated_data(), tok, 224, 1024, given_num=False, hd_num=4)
+    ds = build_dataset(generated_data, tok, 224, 1024, given_num=False, hd_num=4)
     text = next(i for i in range(len(ds)) if ds.conversation(i).id == "text")
     items = [ds[text], ds[text]]
     plain = DataCollator(ds.pad_token_id)(items)
@@ -133,17 +137,17 @@ def test_vision_aligned_batch_has_a_1x1_blank_image():
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
-def test_tiny_2_5_trains_with_batch_2(tmp_path):
+def test_tiny_2_5_trains_with_batch_2(tmp_path, tiny25_base, generated_data, read_losses):
     """Generated HD data (three crop grids, two images in one sample, text), batch 2, full finetune incl. the ViT."""
     out = tmp_path / "run"
-    rc = train_command(["--model_name_or_path", str(tiny25_base()), "--data_path", str(generated_data()),
+    rc = train_command(["--model_name_or_path", str(tiny25_base), "--data_path", str(generated_data),
                         "--output_dir", str(out), "--given_num", "false", "--hd_num", "4", "--max_length", "1024",
                         "--per_device_train_batch_size", "2", "--max_steps", "3", "--learning_rate", "1e-3",
                         "--fix_vit", "false", "--save_strategy", "no", *COMMON])
     assert rc == 0
     losses = read_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
-    before, after = load_file(str(tiny25_base() / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    before, after = load_file(str(tiny25_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for name in SEPARATORS:
         assert not torch.equal(before[name], after[name]), f"{name} was not trained"
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vit.") and "post_layernorm" not in k)
@@ -151,13 +155,13 @@ def test_tiny_2_5_trains_with_batch_2(tmp_path):
     assert json.loads((out / "config.json").read_text())["family"] == "2.5"
 
 
-def test_lone_image_layout_2_5_and_2_0(tmp_path):
+def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base):
     """2.5: <s>, the image, then every turn (a system turn too); 2.0 keeps the image inside the first user turn."""
     from xcft.data.encode import IMAGE_SLOT, ImageSpec, encode_conversation
     from xcft.data.schema import read_file
     from xcft.model.loading import load_tokenizer
 
-    tok = load_tokenizer(tiny25_base())
+    tok = load_tokenizer(tiny25_base)
     img = _image(tmp_path / "a.png", (300, 200), 7)
     data = tmp_path / "s.json"
     data.write_text(json.dumps([{"image": img, "conversations": [
@@ -179,9 +183,9 @@ def test_lone_image_layout_2_5_and_2_0(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
-def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode):
+def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode, tiny25_base, generated_data, read_losses):
     out = tmp_path / "run"
-    rc = train_command(["--model_name_or_path", str(tiny25_base()), "--data_path", str(generated_data()),
+    rc = train_command(["--model_name_or_path", str(tiny25_base), "--data_path", str(generated_data),
                         "--output_dir", str(out), "--given_num", "false", "--hd_num", "4", "--max_length", "1024",
                         mode, "true", "--per_device_train_batch_size", "2", "--max_steps", "2",
                         "--learning_rate", "1e-3", "--save_strategy", "no", *COMMON])
@@ -189,12 +193,12 @@ def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode):
     assert all(math.isfinite(v) for v in read_losses(out).values())
 
 
-def test_hd_lengths_and_bad_images(tmp_path):
+def test_hd_lengths_and_bad_images(tmp_path, tiny25_base, generated_data):
     from xcft.errors import DataError
     from xcft.model.loading import load_tokenizer
 
-    tok = load_tokenizer(tiny25_base())
-    ds = build_dataset(generated_data(), tok, 224, 1024, given_num=False, hd_num=4)
+    tok = load_tokenizer(tiny25_base)
+    ds = build_dataset(generated_data, tok, 224, 1024, given_num=False, hd_num=4)
     for i in range(len(ds)):  # lengths (grouping, packing) are the lengths of the items, without decoding
         assert ds.lengths[i] == ds[i]["input_ids"].shape[0]
         assert int(ds[i]["image_mask"].sum()) == sum(ds.image_spec.slots(g) for g in ds[i]["image_grids"].tolist())
@@ -206,39 +210,39 @@ def test_hd_lengths_and_bad_images(tmp_path):
         build_dataset(data, tok, 224, 1024, given_num=False, hd_num=4)
 
 
-@functools.cache
-def tiny25_no_dropout() -> Path:
+@pytest.fixture(scope="module")
+def tiny25_no_dropout(workdir: Path, tiny25_base: Path) -> Path:
     """tiny-2.5 without Partial-LoRA dropout, so several ranks reproduce a one-process run exactly."""
     from xcft.model.loading import load_tokenizer, save_pretrained
 
     model = build_model("tiny-2.5", vocab_size=1000, seed=1, plora_dropout=0.0)
-    return save_pretrained(model, load_tokenizer(tiny25_base()), workdir() / "tiny25_nodrop")
+    return save_pretrained(model, load_tokenizer(tiny25_base), workdir / "tiny25_nodrop")
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_with_text_only_ranks_equals_one_process():
+def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
+    generated_data, tiny25_no_dropout, workdir, read_losses, subprocess_env
+):
     """ZeRO-3 gathers the tower's shards on every rank: a rank whose batch is text gets a blank 1x1 image."""
     pytest.importorskip("deepspeed")
     import socket
     import subprocess
     import sys
 
-    from test_train_fixtures import ROOT, subprocess_env
-
-    argv = ["--model_name_or_path", str(tiny25_no_dropout()), "--data_path", str(generated_data()),
+    argv = ["--model_name_or_path", str(tiny25_no_dropout), "--data_path", str(generated_data),
             "--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--max_steps", "3",
             "--learning_rate", "1e-3", "--fix_vit", "false", "--save_strategy", "no", *COMMON]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = workdir() / "z3_25"
+    out = workdir / "z3_25"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "xcft.cli", "train", *argv, "--output_dir", str(out), "--per_device_train_batch_size", "1",
            "--deepspeed", str(ROOT / "configs" / "ds_zero3.json")]
-    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     assert "one blank image" in r.stderr + r.stdout
-    ref = workdir() / "z3_25_ref"
+    ref = workdir / "z3_25_ref"
     assert train_command([*argv, "--output_dir", str(ref), "--per_device_train_batch_size", "2"]) == 0
     got, expected = read_losses(out), read_losses(ref)
     assert sorted(got) == sorted(expected) == [1, 2, 3]
@@ -266,7 +270,7 @@ print("SUM", float(logits.double().sum()), any(k == 'xcft' or k.startswith('xcft
 """
 
 
-def _fresh_logits_sum(path: Path) -> float:
+def _fresh_logits_sum(path: Path, run_fresh_python) -> float:
     r = run_fresh_python(FRESH_LOAD.format(path=str(path)))
     assert r.returncode == 0, r.stderr[-3000:]
     value, imported = r.stdout.split("SUM", 1)[1].split()
@@ -283,7 +287,7 @@ def _xcft_logits_sum(path: Path) -> float:
 
 
 @pytest.mark.slow
-def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path):
+def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path, read_losses, run_fresh_python):
     out = tmp_path / "full"
     rc = train_command(["--model_name_or_path", str(fixture_2d5_dir), "--data_path", str(examples_dir / "data.txt"),
                         "--output_dir", str(out), "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False",
@@ -294,11 +298,11 @@ def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path):
     before, after = load_file(str(fixture_2d5_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for name in (*SEPARATORS, "vision_proj.0.weight", "vit.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"):
         assert not torch.equal(before[name].float(), after[name].float()), f"{name} was not trained"
-    assert _fresh_logits_sum(out) == pytest.approx(_xcft_logits_sum(out), rel=1e-5)
+    assert _fresh_logits_sum(out, run_fresh_python) == pytest.approx(_xcft_logits_sum(out), rel=1e-5)
 
 
 @pytest.mark.slow
-def test_official_lora_flags_and_merge(fixture_2d5_dir, examples_dir, tmp_path, capsys):
+def test_official_lora_flags_and_merge(fixture_2d5_dir, examples_dir, tmp_path, capsys, run_fresh_python):
     out = tmp_path / "lora"
     rc = train_command(["--model_name_or_path", str(fixture_2d5_dir), "--data_path", str(examples_dir / "data.txt"),
                         "--output_dir", str(out), "--fix_vit", "True", "--fix_sampler", "False", "--use_lora", "True",
@@ -309,6 +313,6 @@ def test_official_lora_flags_and_merge(fixture_2d5_dir, examples_dir, tmp_path, 
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
     assert "1 image" in capsys.readouterr().out
-    assert _fresh_logits_sum(merged) == pytest.approx(_xcft_logits_sum(merged), rel=1e-5)
+    assert _fresh_logits_sum(merged, run_fresh_python) == pytest.approx(_xcft_logits_sum(merged), rel=1e-5)
     # the merged weights differ from the base: the adapter was trained
     assert _xcft_logits_sum(merged) != pytest.approx(_xcft_logits_sum(fixture_2d5_dir), rel=1e-7)

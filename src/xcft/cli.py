@@ -122,7 +122,9 @@ def demo(args: argparse.Namespace) -> int:
     """End-to-end demo: synthetic data, LoRA finetune, accuracy before/after, merge, chat."""
     from xcft.commands.demo.run import demo_command
 
-    return demo_command(output=args.output, steps=args.steps, quick=args.quick, output_format=args.format)
+    return demo_command(
+        output=args.output, steps=args.steps, quick=args.quick, output_format=args.format, family=args.family
+    )
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -242,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
     p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots")
+    p.add_argument(
+        "--family", choices=["2.0", "2.5"], default="2.0",
+        help="model family of the tiny base: 2.0 (one view per image) or 2.5 (HD crops and separators)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
     _add_format(p)
