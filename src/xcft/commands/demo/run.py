@@ -273,7 +273,8 @@ def run_demo(
             raise XcftError(f"xcft merge stopped with status {status}")
         merged_dir = str(parts["merged"])
         qa, adapter_answer = next((q, a) for q, a in after.replies if q.kind == "colour")
-        reload_q = {"image": qa.images[0], "question": qa.question.replace("<ImageHere>", ""), "answer": qa.answer}
+        # The question as trained, placeholder included: where an image without one goes differs by family.
+        reload_q = {"image": qa.images[0], "question": qa.question, "answer": qa.answer}
         reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
 
     # 7. loss plot + result
