@@ -15,7 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
@@ -141,12 +141,20 @@ def _decode_error(path: Path) -> str | None:
     return None
 
 
+#: ``progress(phase, done, total)``: phase is "reading", "images" or "encoding".
+ProgressFn = Callable[[str, int, int], None]
+PROGRESS_EVERY = 1000
+
+
 @dataclass
 class CheckResult:
     spec: DataSpec | None
     files: list[FileReport]
     problems: list[Problem]
     settings: Settings
+    # every sample read, per file in data.txt order (None where a sample could not be normalised),
+    # kept so that a caller can show any sample without reading the files again
+    conversations: list[list[Conversation | None]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -157,14 +165,25 @@ class CheckResult:
         return not self.errors and sum(f.drawn_per_epoch for f in self.files) > 0
 
 
-def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool = True, workers: int | None = None) -> CheckResult:
-    """Read, decode and encode everything once; collect every problem."""
+def run_check(
+    data: str | os.PathLike[str],
+    settings: Settings,
+    given_num: bool = True,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> CheckResult:
+    """Read, decode and encode everything once; collect every problem.
+
+    ``progress`` is called now and then with the phase and its counts (for a progress bar).
+    """
+    report_progress = progress or (lambda phase, done, total: None)
     spec, problems = resolve_data(data)
     files: list[FileReport] = []
     if spec is None:
         return CheckResult(None, files, problems, settings)
     per_file: list[list[Conversation | None]] = []
-    for src in spec.sources:
+    for k, src in enumerate(spec.sources):
+        report_progress("reading", k, len(spec.sources))
         convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         problems.extend(probs)
         per_file.append(convs)
@@ -173,11 +192,20 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
     # decode every distinct image once, in parallel
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
     n_workers = max(1, workers or os.cpu_count() or 1)
+    decode_errors: dict[Path, str | None] = {}
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decode_errors = dict(zip(paths, pool.map(_decode_error, paths)))
+        for k, (path, why) in enumerate(zip(paths, pool.map(_decode_error, paths))):
+            decode_errors[path] = why
+            if k % PROGRESS_EVERY == 0:
+                report_progress("images", k, len(paths))
 
+    n_samples = sum(len(convs) for convs in per_file)
+    done = 0
     for src, report, convs in zip(spec.sources, files, per_file):
         for conv in convs:
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                report_progress("encoding", done, n_samples)
             if conv is None:
                 continue
             bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
@@ -220,7 +248,7 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
             problems.append(
                 Problem(src.display, None, None, f"the number {src.number} draws no sample per epoch", "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)", level="warning", line=src.line)
             )
-    return CheckResult(spec, files, problems, settings)
+    return CheckResult(spec, files, problems, settings, per_file)
 
 
 # --------------------------------------------------------------------------- check-data output

@@ -36,6 +36,7 @@ def run_training(cfg: TrainConfig) -> int:
     from xcft.train.data import VisionAlignedCollator, build_datasets, needs_vision_alignment
     from xcft.train.trainer import (
         EpochDrawCallback,
+        JsonLogCallback,
         LossProgressCallback,
         SigtermCallback,
         XcftTrainer,
@@ -87,7 +88,7 @@ def run_training(cfg: TrainConfig) -> int:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[EpochDrawCallback(train_ds), sigterm],
+        callbacks=[EpochDrawCallback(train_ds), sigterm, JsonLogCallback()],
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
