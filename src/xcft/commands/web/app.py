@@ -320,8 +320,11 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                         c_images = gr.File(label="images (go with the first question)", file_count="multiple",
                                            file_types=["image"], type="filepath", elem_id="chat-images")
                         c_max = gr.Slider(1, 2048, value=256, step=1, label="max new tokens", elem_id="chat-max-new-tokens")
-                        c_sample = gr.Checkbox(label="sampling (off: greedy)", value=False, elem_id="chat-sampling")
+                        c_sample = gr.Checkbox(label="sampling (official settings: top_p 0.8; off: greedy)", value=True,
+                                               elem_id="chat-sampling")
                         c_temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (with sampling)", elem_id="chat-temperature")
+                        c_layout = gr.Checkbox(label="prompt as training encodes it (one <s>; models trained only with xcft)",
+                                               value=False, elem_id="chat-training-layout")
                     with gr.Column(scale=3):
                         c_bot = gr.Chatbot(label="chat", height=420, elem_id="chat-bot")
                         c_query = gr.Textbox(label="question", placeholder="Ask about the images; Enter sends", elem_id="chat-query")
@@ -348,7 +351,9 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
         check_outputs = [d_status, d_summary, d_hist, d_problems, d_count, d_state, d_sample, d_index]
 
         def on_check(data, model, img, max_len, given, level, text, progress=gr.Progress()):  # noqa: B008
-            return check_data(data, model, img, max_len, given, level, text, progress)
+            out = check_data(data, model, img, max_len, given, level, text, progress)
+            # a fresh mark on every answer, so the page (and a test) can tell a new result from the last one
+            return (f'<div class="xcft-check" data-done="{time.time():.6f}">{out[0]}</div>', *out[1:])
 
         d_check.click(on_check, check_inputs, check_outputs, concurrency_limit=2)
         d_data.submit(on_check, check_inputs, check_outputs, concurrency_limit=2)
@@ -451,28 +456,30 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
         c_load.click(on_load_model, [c_model], [c_status])
         c_model.submit(on_load_model, [c_model], [c_status])
 
-        def on_send(query, files, history, conv_images, messages, max_new, sampling, temperature):
+        def on_send(query, files, history, conv_images, messages, max_new, sampling, temperature, layout):
             messages = list(messages or [])
             try:
                 images = list(conv_images) if history else [str(f) for f in (files or [])]
-                prepared = chat_model.prepare_query(query, images, history)
+                if not (query or "").strip():
+                    raise XcftError("empty question")
                 if not history:
                     messages += [{"role": "user", "content": {"path": p}} for p in images]
                 messages += [{"role": "user", "content": query.strip()}, {"role": "assistant", "content": ""}]
                 yield messages, history, images, "", _status("answering ...")
-                answer = ""
-                for answer in chat_model.stream(prepared, images, history, max_new_tokens=int(max_new),
-                                                do_sample=bool(sampling), temperature=float(temperature)):
+                for answer, new_history in chat_model.stream(query, images, history, max_new_tokens=int(max_new),
+                                                             sampling=bool(sampling), temperature=float(temperature),
+                                                             training_layout=bool(layout)):
                     messages[-1] = {"role": "assistant", "content": answer}
-                    yield messages, history, images, "", gr.skip()
-                history = list(history) + [(prepared, answer)]
-                yield messages, history, images, "", _status(f"answered ({len(answer)} characters)", "ok")
+                    if new_history is None:
+                        yield messages, history, images, "", gr.skip()
+                    else:
+                        yield messages, new_history, images, "", _status(f"answered turn {len(new_history)} ({len(answer)} characters)", "ok")
             except Exception as exc:  # noqa: BLE001
-                if messages and messages[-1].get("role") == "assistant" and not messages[-1].get("content"):
+                while messages and messages[-1].get("role") == "assistant" and not messages[-1].get("content"):
                     messages = messages[:-1]
                 yield messages, history, conv_images, query, _error(exc)
 
-        send_io = ([c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_sample, c_temp],
+        send_io = ([c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_sample, c_temp, c_layout],
                    [c_bot, c_history, c_conv_images, c_query, c_status])
         c_send.click(on_send, *send_io)
         c_query.submit(on_send, *send_io)
