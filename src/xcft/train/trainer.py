@@ -348,10 +348,10 @@ class JsonLogCallback(TrainerCallback):
     """
 
     def __init__(self) -> None:
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self._first_step: int = 0
 
-    def _write(self, args, state, event: str, values: Optional[dict[str, Any]] = None) -> None:
+    def _write(self, args, state, event: str, values: dict[str, Any] | None = None) -> None:
         if not state.is_world_process_zero:
             return
         now = time.time()

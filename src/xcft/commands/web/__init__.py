@@ -25,7 +25,14 @@ def web_command(*, host: str = "127.0.0.1", port: int = 7860, workdir: str = "xc
 
     folder = Path(workdir).expanduser()
     demo = build_app(folder, device=device)
-    launch(demo, host, port, on_ready=lambda url: print(f"xcft web: open {url}  (work folder {folder.resolve()}; Ctrl-C stops the server, not the runs)", flush=True))
+    launch(
+        demo,
+        host,
+        port,
+        on_ready=lambda url: print(
+            f"xcft web: open {url}  (work folder {folder.resolve()}; Ctrl-C stops the server, not the runs)", flush=True
+        ),
+    )
     return 0
 
 

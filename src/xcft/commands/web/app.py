@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gradio as gr
 
@@ -88,8 +89,9 @@ def _data_outputs_empty(message_html: str) -> tuple[Any, ...]:
     return message_html, None, None, None, "", None, "", gr.update()
 
 
-def check_data(data: str, model: str, img_size: Any, max_length: Any, given_num: bool, level: str, text: str,
-               progress: Any = None) -> tuple[Any, ...]:
+def check_data(
+    data: str, model: str, img_size: Any, max_length: Any, given_num: bool, level: str, text: str, progress: Any = None
+) -> tuple[Any, ...]:
     """The one check-data pass; returns status, summary, histogram, problems, counts, index, sample, index box."""
     import pandas as pd
 
@@ -102,22 +104,33 @@ def check_data(data: str, model: str, img_size: Any, max_length: Any, given_num:
 
     try:
         start = time.perf_counter()
-        index = data_view.build_index(data, model, _int_or_none(img_size), _int_or_none(max_length), bool(given_num),
-                                      progress=report)
+        index = data_view.build_index(
+            data, model, _int_or_none(img_size), _int_or_none(max_length), bool(given_num), progress=report
+        )
         took = time.perf_counter() - start
-    except Exception as exc:  # noqa: BLE001 - shown in the page
+    except Exception as exc:
         return _data_outputs_empty(_error(exc))
     summary = pd.DataFrame(data_view.summary_rows(index), columns=data_view.SUMMARY_HEADERS)
     rows, matching = data_view.problem_rows(index, level, text)
     kind = "ok" if index.result.ok else "error"
-    status = (f'<div class="xcft-status xcft-{kind}" data-samples="{index.total}" data-seconds="{took:.2f}">'
-              f"{html.escape(data_view.verdict(index))} (checked in {took:.1f} s)</div>")
+    status = (
+        f'<div class="xcft-status xcft-{kind}" data-samples="{index.total}" data-seconds="{took:.2f}">'
+        f"{html.escape(data_view.verdict(index))} (checked in {took:.1f} s)</div>"
+    )
     if index.result.spec is None:  # the data path itself is wrong: its problem is the message
         first = index.result.problems[0] if index.result.problems else None
         return _data_outputs_empty(_status(str(first) if first else "no data", "error"))
     first_view = _view_html(index, 0) if index.total else ""
-    return (status, summary, data_view.length_histogram(index), _problems_frame(rows), _problem_count(len(rows), matching),
-            index, first_view, 0 if index.total else None)
+    return (
+        status,
+        summary,
+        data_view.length_histogram(index),
+        _problems_frame(rows),
+        _problem_count(len(rows), matching),
+        index,
+        first_view,
+        0 if index.total else None,
+    )
 
 
 def _problems_frame(rows: list[list[Any]]) -> Any:
@@ -144,7 +157,7 @@ def filter_problems(index: data_view.DataIndex | None, level: str, text: str) ->
 def _view_html(index: data_view.DataIndex, overall: int) -> str:
     try:
         return data_view.sample_view(index, overall).html
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _error(exc)
 
 
@@ -161,7 +174,7 @@ def show_sample(index: data_view.DataIndex | None, overall: Any, sample_id: str 
             target = int(overall) + step
             target = min(max(target, 0), max(index.total - 1, 0))
         return data_view.sample_view(index, target).html, target
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _error(exc), overall
 
 
@@ -175,15 +188,19 @@ def _run_status_html(st: RunStatus | None) -> str:
     eta = f" · ETA {_duration(st.eta_s)}" if st.eta_s is not None and st.active else ""
     steps = f"step {st.step} / {st.max_steps}{eta}" if st.max_steps else "waiting for the first step"
     last = f", last {st.loss[-1][1]:.4f}" if st.loss else ""
-    ev = f' · <span class="xcft-eval-points" data-n="{len(st.eval_loss)}">{len(st.eval_loss)} eval point(s)</span>' if st.eval_loss else ""
+    ev = (
+        f' · <span class="xcft-eval-points" data-n="{len(st.eval_loss)}">{len(st.eval_loss)} eval point(s)</span>'
+        if st.eval_loss
+        else ""
+    )
     kind = {"failed": " xcft-error", "ended": " xcft-error", "finished": " xcft-ok"}.get(st.state, "")
     return (
         f'<div class="xcft-run xcft-status{kind}" data-state="{st.state}" data-run="{html.escape(st.run_id)}">'
         f'<div><b class="xcft-run-state">{st.state}</b> — <span class="xcft-run-message">{html.escape(st.message)}</span></div>'
         f"{pct}<div>{steps} · "
         f'<span class="xcft-loss-points" data-n="{len(st.loss)}">{len(st.loss)} loss point(s){last}</span>{ev}</div>'
-        f'<div>output: <code>{html.escape(st.output_dir)}</code>'
-        + (f' · checkpoints: {", ".join(html.escape(Path(c).name) for c in st.checkpoints)}' if st.checkpoints else "")
+        f"<div>output: <code>{html.escape(st.output_dir)}</code>"
+        + (f" · checkpoints: {', '.join(html.escape(Path(c).name) for c in st.checkpoints)}" if st.checkpoints else "")
         + "</div></div>"
     )
 
@@ -191,7 +208,7 @@ def _run_status_html(st: RunStatus | None) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
 
 
@@ -201,7 +218,13 @@ def loss_figure(st: RunStatus | None) -> Any:
     fig = Figure(figsize=(7, 3.2), dpi=90)
     ax = fig.add_subplot(1, 1, 1)
     if st is not None and st.loss:
-        ax.plot([s for s, _ in st.loss], [v for _, v in st.loss], label="train loss", linewidth=1.3, marker="." if len(st.loss) < 60 else None)
+        ax.plot(
+            [s for s, _ in st.loss],
+            [v for _, v in st.loss],
+            label="train loss",
+            linewidth=1.3,
+            marker="." if len(st.loss) < 60 else None,
+        )
     if st is not None and st.eval_loss:
         ax.plot([s for s, _ in st.eval_loss], [v for _, v in st.eval_loss], "o-", label="eval loss")
     if st is None or not (st.loss or st.eval_loss):
@@ -236,24 +259,43 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
             # ------------------------------------------------------------------ Data
             with gr.Tab("Data", id="data", elem_id="tab-data"):
                 with gr.Row():
-                    d_data = gr.Textbox(label="data.txt or .json/.jsonl", placeholder="/path/to/data.txt", scale=3, elem_id="data-path")
+                    d_data = gr.Textbox(
+                        label="data.txt or .json/.jsonl", placeholder="/path/to/data.txt", scale=3, elem_id="data-path"
+                    )
                     d_model = gr.Textbox(label="model folder (tokenizer, img_size, max_length)", scale=3, elem_id="data-model")
                     d_img = gr.Number(label="img_size (0: the model's)", value=0, precision=0, scale=1, elem_id="data-img-size")
-                    d_max = gr.Number(label="max_length (0: the model's)", value=0, precision=0, scale=1, elem_id="data-max-length")
+                    d_max = gr.Number(
+                        label="max_length (0: the model's)", value=0, precision=0, scale=1, elem_id="data-max-length"
+                    )
                     d_given = gr.Checkbox(label="given_num (numbers are thousands)", value=True, scale=1)
                 d_check = gr.Button("Check", variant="primary", elem_id="data-check")
                 d_status = gr.HTML(elem_id="data-status")
-                d_summary = gr.Dataframe(headers=data_view.SUMMARY_HEADERS, label="summary per file (check-data)",
-                                         interactive=False, elem_id="data-summary", wrap=True)
+                d_summary = gr.Dataframe(
+                    headers=data_view.SUMMARY_HEADERS,
+                    label="summary per file (check-data)",
+                    interactive=False,
+                    elem_id="data-summary",
+                    wrap=True,
+                )
                 d_hist = gr.Plot(label="token lengths per file (dashed: max_length)", format="png", elem_id="data-hist")
                 with gr.Row():
-                    d_level = gr.Dropdown(["all", *data_view.LEVELS], value="all", label="level", scale=1, elem_id="problems-level")
+                    d_level = gr.Dropdown(
+                        ["all", *data_view.LEVELS], value="all", label="level", scale=1, elem_id="problems-level"
+                    )
                     d_filter = gr.Textbox(label="filter (file, id or text)", scale=3, elem_id="problems-filter")
                 d_count = gr.Markdown(elem_id="problems-count")
-                d_problems = gr.Dataframe(headers=data_view.PROBLEM_HEADERS, label="problems (click a row to open its sample)",
-                                          interactive=False, elem_id="data-problems", wrap=True, max_height=360)
+                d_problems = gr.Dataframe(
+                    headers=data_view.PROBLEM_HEADERS,
+                    label="problems (click a row to open its sample)",
+                    interactive=False,
+                    elem_id="data-problems",
+                    wrap=True,
+                    max_height=360,
+                )
                 with gr.Row():
-                    d_index = gr.Number(label="sample index (overall, data.txt order)", value=None, precision=0, elem_id="sample-index")
+                    d_index = gr.Number(
+                        label="sample index (overall, data.txt order)", value=None, precision=0, elem_id="sample-index"
+                    )
                     d_id = gr.Textbox(label="or sample id", elem_id="sample-id")
                     d_show = gr.Button("Show", elem_id="sample-show")
                     d_prev = gr.Button("◀ Previous", elem_id="sample-prev")
@@ -268,7 +310,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 rest = [f for f in fields if not f.common]
 
                 def component(f: train_form.FormField) -> Any:
-                    kw = {"label": f.name, "info": f.help or None, "elem_id": f"train-{f.name}"}
+                    kw: dict[str, Any] = {"label": f.name, "info": f.help or None, "elem_id": f"train-{f.name}"}
                     if f.kind == "bool":
                         return gr.Checkbox(value=f.form_default(), **kw)
                     if f.kind in ("choice", "optional_bool"):
@@ -286,16 +328,20 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                         members = [f for f in rest if f.group == group]
                         if not members:
                             continue
-                        with gr.Accordion(f"{title} ({len(members)})", open=False):
-                            with gr.Row():
-                                for column in (members[0::3], members[1::3], members[2::3]):
-                                    with gr.Column():
-                                        comps += [(f, component(f)) for f in column]
+                        with gr.Accordion(f"{title} ({len(members)})", open=False), gr.Row():
+                            for column in (members[0::3], members[1::3], members[2::3]):
+                                with gr.Column():
+                                    comps += [(f, component(f)) for f in column]
                 form_fields = [f for f, _ in comps]
                 form_comps = [c for _, c in comps]
                 with gr.Row():
                     t_cmd = gr.Code(label="equivalent command", language="shell", interactive=False, elem_id="train-command")
-                    t_yaml = gr.Code(label="the same as YAML (xcft train config.yaml)", language="yaml", interactive=False, elem_id="train-yaml")
+                    t_yaml = gr.Code(
+                        label="the same as YAML (xcft train config.yaml)",
+                        language="yaml",
+                        interactive=False,
+                        elem_id="train-yaml",
+                    )
                 with gr.Row():
                     t_start = gr.Button("Start", variant="primary", elem_id="train-start")
                     t_stop = gr.Button("Stop (SIGTERM: checkpoint, then stop)", variant="stop", elem_id="train-stop")
@@ -304,30 +350,51 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 t_action = gr.HTML(elem_id="train-action")
                 t_status = gr.HTML(_run_status_html(None), elem_id="train-status")
                 t_plot = gr.Plot(label="loss", format="png", elem_id="train-loss")
-                t_log = gr.Textbox(label="log (xcft train output)", lines=14, max_lines=14, autoscroll=True,
-                                   interactive=False, elem_id="train-log")
+                t_log = gr.Textbox(
+                    label="log (xcft train output)",
+                    lines=14,
+                    max_lines=14,
+                    autoscroll=True,
+                    interactive=False,
+                    elem_id="train-log",
+                )
                 t_sig = gr.State(None)
                 t_timer = gr.Timer(REFRESH_S)
 
             # ------------------------------------------------------------------ Chat
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 with gr.Row():
-                    c_model = gr.Textbox(label="model folder or LoRA adapter folder (its base is found from it)", scale=4, elem_id="chat-model")
+                    c_model = gr.Textbox(
+                        label="model folder or LoRA adapter folder (its base is found from it)", scale=4, elem_id="chat-model"
+                    )
                     c_load = gr.Button("Load", scale=1, elem_id="chat-load")
                 c_status = gr.HTML(elem_id="chat-status")
                 with gr.Row():
                     with gr.Column(scale=1):
-                        c_images = gr.File(label="images (go with the first question)", file_count="multiple",
-                                           file_types=["image"], type="filepath", elem_id="chat-images")
+                        c_images = gr.File(
+                            label="images (go with the first question)",
+                            file_count="multiple",
+                            file_types=["image"],
+                            type="filepath",
+                            elem_id="chat-images",
+                        )
                         c_max = gr.Slider(1, 2048, value=256, step=1, label="max new tokens", elem_id="chat-max-new-tokens")
-                        c_sample = gr.Checkbox(label="sampling (official settings: top_p 0.8; off: greedy)", value=True,
-                                               elem_id="chat-sampling")
-                        c_temp = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature (with sampling)", elem_id="chat-temperature")
-                        c_layout = gr.Checkbox(label="prompt as training encodes it (one <s>; models trained only with xcft)",
-                                               value=False, elem_id="chat-training-layout")
+                        c_sample = gr.Checkbox(
+                            label="sampling (official settings: top_p 0.8; off: greedy)", value=True, elem_id="chat-sampling"
+                        )
+                        c_temp = gr.Slider(
+                            0.05, 2.0, value=1.0, step=0.05, label="temperature (with sampling)", elem_id="chat-temperature"
+                        )
+                        c_layout = gr.Checkbox(
+                            label="prompt as training encodes it (one <s>; models trained only with xcft)",
+                            value=False,
+                            elem_id="chat-training-layout",
+                        )
                     with gr.Column(scale=3):
                         c_bot = gr.Chatbot(label="chat", height=420, elem_id="chat-bot")
-                        c_query = gr.Textbox(label="question", placeholder="Ask about the images; Enter sends", elem_id="chat-query")
+                        c_query = gr.Textbox(
+                            label="question", placeholder="Ask about the images; Enter sends", elem_id="chat-query"
+                        )
                         with gr.Row():
                             c_send = gr.Button("Send", variant="primary", elem_id="chat-send")
                             c_clear = gr.Button("Clear", elem_id="chat-clear")
@@ -336,8 +403,10 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
 
             # ------------------------------------------------------------------ Export
             with gr.Tab("Export", id="export", elem_id="tab-export"):
-                gr.Markdown("Merge a LoRA adapter into its base (`xcft merge`): the merged folder is reloaded and "
-                            "checked against base + adapter on a probe image and text before it is moved into place.")
+                gr.Markdown(
+                    "Merge a LoRA adapter into its base (`xcft merge`): the merged folder is reloaded and "
+                    "checked against base + adapter on a probe image and text before it is moved into place."
+                )
                 with gr.Row():
                     e_adapter = gr.Textbox(label="LoRA adapter folder (a --use_lora output)", elem_id="export-adapter")
                     e_base = gr.Textbox(label="base model (empty: the one the adapter names)", elem_id="export-base")
@@ -357,7 +426,9 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
 
         d_check.click(on_check, check_inputs, check_outputs, concurrency_limit=2)
         d_data.submit(on_check, check_inputs, check_outputs, concurrency_limit=2)
-        gr.on([d_level.change, d_filter.submit, d_filter.blur], filter_problems, [d_state, d_level, d_filter], [d_problems, d_count])
+        gr.on(
+            [d_level.change, d_filter.submit, d_filter.blur], filter_problems, [d_state, d_level, d_filter], [d_problems, d_count]
+        )
         d_show.click(lambda s, i, sid: show_sample(s, i, sid), [d_state, d_index, d_id], [d_sample, d_index])
         d_id.submit(lambda s, i, sid: show_sample(s, i, sid), [d_state, d_index, d_id], [d_sample, d_index])
         d_index.submit(lambda s, i: show_sample(s, i), [d_state, d_index], [d_sample, d_index])
@@ -379,7 +450,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 changed = train_form.changed_values(form_fields, values)
                 argv = train_form.to_argv(changed)
                 return train_form.command_preview(argv), train_form.yaml_preview(changed)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return f"# error: {_message(exc)}", ""
 
         gr.on([c.change for c in form_comps], preview, form_comps, [t_cmd, t_yaml], show_progress="hidden")
@@ -392,11 +463,14 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 if not changed.get("output_dir"):
                     changed["output_dir"] = _suggest_output_dir(workdir)
                 run_id = runs.start(train_form.to_argv(changed), str(changed["output_dir"]))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return _error(exc), gr.update(), gr.update()
             time.sleep(1.1)  # the next suggestion gets another time stamp
-            return (_status(f"started run {run_id}", "ok"), gr.update(choices=runs.run_ids(), value=run_id),
-                    gr.update(value=_suggest_output_dir(workdir)))
+            return (
+                _status(f"started run {run_id}", "ok"),
+                gr.update(choices=runs.run_ids(), value=run_id),
+                gr.update(value=_suggest_output_dir(workdir)),
+            )
 
         t_start.click(on_start, form_comps, [t_action, t_run, out_comp])
 
@@ -405,7 +479,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 if not run_id:
                     raise XcftError("no run selected")
                 return _status(runs.stop(run_id), "ok")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return _error(exc)
 
         def on_resume(run_id):
@@ -414,7 +488,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     raise XcftError("no run selected")
                 runs.resume(run_id)
                 return _status(f"resuming run {run_id} from its latest checkpoint", "ok")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return _error(exc)
 
         t_stop.click(on_stop, [t_run], [t_action])
@@ -425,7 +499,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 return _run_status_html(None), gr.skip(), "", last_sig
             try:
                 st = runs.status(run_id)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return _error(exc), gr.skip(), "", last_sig
             sig = (run_id, len(st.loss), len(st.eval_loss), st.state)
             plot = loss_figure(st) if sig != last_sig else gr.skip()
@@ -436,8 +510,8 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
 
         out_pos = [f.name for f in form_fields].index("output_dir")
 
-        def on_load(*values):
-            values = list(values)
+        def on_load(*raw):
+            values = list(raw)
             if not values[out_pos]:
                 values[out_pos] = _suggest_output_dir(workdir)
             cmd, yaml_text = preview(*values)
@@ -450,7 +524,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
         def on_load_model(path):
             try:
                 return _status(chat_model.load(path), "ok")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return _error(exc)
 
         c_load.click(on_load_model, [c_model], [c_status])
@@ -466,25 +540,42 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     messages += [{"role": "user", "content": {"path": p}} for p in images]
                 messages += [{"role": "user", "content": query.strip()}, {"role": "assistant", "content": ""}]
                 yield messages, history, images, "", _status("answering ...")
-                for answer, new_history in chat_model.stream(query, images, history, max_new_tokens=int(max_new),
-                                                             sampling=bool(sampling), temperature=float(temperature),
-                                                             training_layout=bool(layout)):
+                for answer, new_history in chat_model.stream(
+                    query,
+                    images,
+                    history,
+                    max_new_tokens=int(max_new),
+                    sampling=bool(sampling),
+                    temperature=float(temperature),
+                    training_layout=bool(layout),
+                ):
                     messages[-1] = {"role": "assistant", "content": answer}
                     if new_history is None:
                         yield messages, history, images, "", gr.skip()
                     else:
-                        yield messages, new_history, images, "", _status(f"answered turn {len(new_history)} ({len(answer)} characters)", "ok")
-            except Exception as exc:  # noqa: BLE001
+                        yield (
+                            messages,
+                            new_history,
+                            images,
+                            "",
+                            _status(f"answered turn {len(new_history)} ({len(answer)} characters)", "ok"),
+                        )
+            except Exception as exc:
                 while messages and messages[-1].get("role") == "assistant" and not messages[-1].get("content"):
                     messages = messages[:-1]
                 yield messages, history, conv_images, query, _error(exc)
 
-        send_io = ([c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_sample, c_temp, c_layout],
-                   [c_bot, c_history, c_conv_images, c_query, c_status])
+        send_io = (
+            [c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_sample, c_temp, c_layout],
+            [c_bot, c_history, c_conv_images, c_query, c_status],
+        )
         c_send.click(on_send, *send_io)
         c_query.submit(on_send, *send_io)
-        c_clear.click(lambda: ([], [], [], "", _status("cleared: the next question starts a new conversation")),
-                      None, [c_bot, c_history, c_conv_images, c_query, c_status])
+        c_clear.click(
+            lambda: ([], [], [], "", _status("cleared: the next question starts a new conversation")),
+            None,
+            [c_bot, c_history, c_conv_images, c_query, c_status],
+        )
 
         # ================================================================== wiring: Export
         def on_merge(adapter, base, output):
@@ -495,15 +586,17 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                         yield _status("merging ..."), p.log
                         continue
                     if p.ok:
-                        probe = (f'<div class="xcft-status xcft-ok xcft-probe" data-diff="{html.escape(p.diff or "")}">'
-                                 f"merged and verified: max |logit difference| merged vs base + adapter = "
-                                 f"<b class=\"xcft-diff\">{html.escape(p.diff or '?')}</b> "
-                                 f"(tolerance {html.escape(p.tolerance or '?')}); written to "
-                                 f"<code>{html.escape(output.strip())}</code></div>")
+                        probe = (
+                            f'<div class="xcft-status xcft-ok xcft-probe" data-diff="{html.escape(p.diff or "")}">'
+                            f"merged and verified: max |logit difference| merged vs base + adapter = "
+                            f'<b class="xcft-diff">{html.escape(p.diff or "?")}</b> '
+                            f"(tolerance {html.escape(p.tolerance or '?')}); written to "
+                            f"<code>{html.escape(output.strip())}</code></div>"
+                        )
                         yield probe, p.log
                     else:
                         yield _status(p.error or "merge failed", "error"), p.log
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 yield _error(exc), ""
 
         e_merge.click(on_merge, [e_adapter, e_base, e_output], [e_result, e_log])
@@ -514,8 +607,16 @@ def launch(demo: Any, host: str, port: int, *, block: bool = True, on_ready: Cal
     """Start the server; prints the address."""
     demo.queue(default_concurrency_limit=4)
     try:
-        app = demo.launch(server_name=host, server_port=port, css=CSS, ssr_mode=False, prevent_thread_lock=True,
-                          quiet=True, show_error=True, footer_links=[])
+        app = demo.launch(
+            server_name=host,
+            server_port=port,
+            css=CSS,
+            ssr_mode=False,
+            prevent_thread_lock=True,
+            quiet=True,
+            show_error=True,
+            footer_links=[],
+        )
     except OSError as exc:
         raise XcftError(f"cannot listen on {host}:{port} ({exc}); pass another --port") from None
     url = f"http://{host}:{port}/"

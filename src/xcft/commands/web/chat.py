@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from xcft.errors import XcftError
 
@@ -25,9 +26,9 @@ History = list[tuple[str, str]]
 class ChatModel:
     """At most one model in memory per server; loads and generations take turns."""
 
-    def __init__(self, device: Optional[str] = None) -> None:
+    def __init__(self, device: str | None = None) -> None:
         self.device = device
-        self.path: Optional[str] = None
+        self.path: str | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self._lock = threading.Lock()
@@ -51,12 +52,19 @@ class ChatModel:
         cfg = model.config
         what = f"LoRA adapter {folder} on base {base}" if base else f"model {folder}"
         n_params = sum(p.numel() for p in model.parameters())
-        return (f"loaded {what}: {n_params / 1e6:.1f}M parameters, img_size {cfg.img_size}, "
-                f"on {next(model.parameters()).device}")
+        return f"loaded {what}: {n_params / 1e6:.1f}M parameters, img_size {cfg.img_size}, on {next(model.parameters()).device}"
 
-    def stream(self, query: str, images: Sequence[str], history: Sequence[tuple[str, str]], *,
-               max_new_tokens: int = 256, sampling: bool = True, temperature: float = 1.0,
-               training_layout: bool = False) -> Iterator[tuple[str, Optional[History]]]:
+    def stream(
+        self,
+        query: str,
+        images: Sequence[str],
+        history: Sequence[tuple[str, str]],
+        *,
+        max_new_tokens: int = 256,
+        sampling: bool = True,
+        temperature: float = 1.0,
+        training_layout: bool = False,
+    ) -> Iterator[tuple[str, History | None]]:
         """Yield ``(answer so far, None)`` while generating, then ``(answer, new history)``.
 
         ``images`` are those of the conversation's first question; on later turns a placeholder in

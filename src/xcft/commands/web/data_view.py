@@ -21,8 +21,18 @@ from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_con
 from xcft.data.schema import Conversation, Problem
 from xcft.errors import XcftError
 
-SUMMARY_HEADERS = ["file", "samples", "usable", "drawn/epoch", "images", "tokens min", "tokens median", "tokens max",
-                   "supervised", "truncated"]
+SUMMARY_HEADERS = [
+    "file",
+    "samples",
+    "usable",
+    "drawn/epoch",
+    "images",
+    "tokens min",
+    "tokens median",
+    "tokens max",
+    "supervised",
+    "truncated",
+]
 PROBLEM_HEADERS = ["level", "file", "line", "sample", "id", "message", "fix", "overall index"]
 LEVELS = ("error", "warning", "info")
 #: Rows sent to the browser at most; the filter narrows the rest down.
@@ -66,10 +76,9 @@ class DataIndex:
                     if conv is not None:
                         self._by_id.setdefault(conv.id, self.offsets[f] + k)
             for p in self.result.problems:  # samples that failed to normalise keep their raw id in the problem
-                if p.index is not None and p.id is not None:
-                    f = self._file_number(p.file)
-                    if f is not None:
-                        self._by_id.setdefault(p.id, self.offsets[f] + p.index)
+                file_no = self._file_number(p.file)
+                if p.index is not None and p.id is not None and file_no is not None:
+                    self._by_id.setdefault(p.id, self.offsets[file_no] + p.index)
         if sample_id not in self._by_id:
             raise XcftError(f"{self.data}: no sample with id {sample_id!r}; check-data lists the samples per file")
         return self._by_id[sample_id]
@@ -87,8 +96,15 @@ class DataIndex:
         return self.offsets[f] + problem.index
 
 
-def build_index(data: str, model_dir: str, img_size: int | None, max_length: int | None, given_num: bool = True,
-                progress: ProgressFn | None = None, workers: int | None = None) -> DataIndex:
+def build_index(
+    data: str,
+    model_dir: str,
+    img_size: int | None,
+    max_length: int | None,
+    given_num: bool = True,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+) -> DataIndex:
     """Run the check-data pass (raises :class:`XcftError` for a bad model folder or sizes)."""
     if not str(data).strip():
         raise XcftError("no data given; enter the path of a data.txt or a .json/.jsonl file")
@@ -114,9 +130,18 @@ def summary_rows(index: DataIndex) -> list[list[Any]]:
         rows.append([f.display, f.samples, f.usable, f.drawn_per_epoch, f.images, *st, f.supervised, f.truncated])
     files = index.result.files
     st = _stats([n for f in files for n in f.lengths])
-    rows.append(["total", sum(f.samples for f in files), sum(f.usable for f in files),
-                 sum(f.drawn_per_epoch for f in files), sum(f.images for f in files), *st,
-                 sum(f.supervised for f in files), sum(f.truncated for f in files)])
+    rows.append(
+        [
+            "total",
+            sum(f.samples for f in files),
+            sum(f.usable for f in files),
+            sum(f.drawn_per_epoch for f in files),
+            sum(f.images for f in files),
+            *st,
+            sum(f.supervised for f in files),
+            sum(f.truncated for f in files),
+        ]
+    )
     return rows
 
 
@@ -134,17 +159,23 @@ def verdict(index: DataIndex) -> str:
     r = index.result
     counts = {lvl: sum(1 for p in r.problems if p.level == lvl) for lvl in LEVELS}
     s = index.settings
-    head = (f"{index.total} samples in {len(r.files)} file(s); img_size {s.img_size} "
-            f"({slots_per_image(s.img_size)} slots per image), max_length {s.max_length}. ")
+    head = (
+        f"{index.total} samples in {len(r.files)} file(s); img_size {s.img_size} "
+        f"({slots_per_image(s.img_size)} slots per image), max_length {s.max_length}. "
+    )
     notes = "".join(f"note: {n}. " for n in s.notes)
     if r.ok:
         return notes + head + f"OK: training can start ({counts['warning']} warning(s), {counts['info']} note(s))"
     if counts["error"]:
-        return notes + head + f"FAILED: {counts['error']} error(s), {counts['warning']} warning(s); fix the errors before training"
+        return (
+            notes + head + f"FAILED: {counts['error']} error(s), {counts['warning']} warning(s); fix the errors before training"
+        )
     return notes + head + "FAILED: no sample would be drawn per epoch"
 
 
-def problem_rows(index: DataIndex, level: str = "all", text: str = "", limit: int = MAX_PROBLEM_ROWS) -> tuple[list[list[Any]], int]:
+def problem_rows(
+    index: DataIndex, level: str = "all", text: str = "", limit: int = MAX_PROBLEM_ROWS
+) -> tuple[list[list[Any]], int]:
     """Problems matching the level and a case-insensitive text filter: (first ``limit`` rows, number matching)."""
     needle = (text or "").strip().lower()
     rows: list[list[Any]] = []
@@ -157,8 +188,18 @@ def problem_rows(index: DataIndex, level: str = "all", text: str = "", limit: in
         matching += 1
         if len(rows) < limit:
             overall = index.overall_index(p)
-            rows.append([p.level, p.file, "" if p.line is None else p.line, "" if p.index is None else p.index,
-                         "" if p.id is None else p.id, p.message, p.fix, "" if overall is None else overall])
+            rows.append(
+                [
+                    p.level,
+                    p.file,
+                    "" if p.line is None else p.line,
+                    "" if p.index is None else p.index,
+                    "" if p.id is None else p.id,
+                    p.message,
+                    p.fix,
+                    "" if overall is None else overall,
+                ]
+            )
     return rows, matching
 
 
@@ -183,8 +224,10 @@ def sample_view(index: DataIndex, overall: int) -> SampleView:
     if conv is None:
         parts.append(f'<div class="xcft-where">{html.escape(where)}</div>')
         parts.append(_problems_html(problems))
-        parts.append('<div class="xcft-note">This sample cannot be read as a conversation, so it is not encoded; '
-                     "fix the problem above.</div></div>")
+        parts.append(
+            '<div class="xcft-note">This sample cannot be read as a conversation, so it is not encoded; '
+            "fix the problem above.</div></div>"
+        )
         return SampleView(overall, "".join(parts), None)
     s = index.settings
     enc = encode_conversation(conv, s.tokenizer, s.img_size, s.max_length)
@@ -195,19 +238,26 @@ def sample_view(index: DataIndex, overall: int) -> SampleView:
         f'<span class="xcft-count" data-name="total"><b>{len(enc)}</b> tokens</span>'
         f'<span class="xcft-count" data-name="supervised"><b>{enc.num_supervised}</b> supervised</span>'
         f'<span class="xcft-count" data-name="image_slots"><b>{n_slots}</b> image slots '
-        f'({enc.num_images} image(s) × {slots_per_image(s.img_size)})</span>'
-        + (f'<span class="xcft-count xcft-truncated" data-name="untruncated">truncated: <b>{enc.untruncated_length}</b> '
-           f'tokens before the cut at max_length {s.max_length}</span>' if enc.truncated else "")
+        f"({enc.num_images} image(s) × {slots_per_image(s.img_size)})</span>"
+        + (
+            f'<span class="xcft-count xcft-truncated" data-name="untruncated">truncated: <b>{enc.untruncated_length}</b> '
+            f"tokens before the cut at max_length {s.max_length}</span>"
+            if enc.truncated
+            else ""
+        )
         + "</div>"
     )
     if problems:
         parts.append(_problems_html(problems))
     if conv.image_prepended:
-        parts.append('<div class="xcft-note">One image and no &lt;ImageHere&gt;: the image goes at the start of the '
-                     "first user turn.</div>")
+        parts.append(
+            '<div class="xcft-note">One image and no &lt;ImageHere&gt;: the image goes at the start of the first user turn.</div>'
+        )
     parts.append(_thumbnails_html(conv, enc))
-    parts.append('<div class="xcft-legend"><mark class="xcft-trained">trained tokens</mark> '
-                 '<span class="xcft-slot">image slots</span> other tokens are context (not trained)</div>')
+    parts.append(
+        '<div class="xcft-legend"><mark class="xcft-trained">trained tokens</mark> '
+        '<span class="xcft-slot">image slots</span> other tokens are context (not trained)</div>'
+    )
     parts.append(f'<div class="xcft-seq">{render_sequence_html(enc, s.tokenizer)}</div>')
     if enc.num_supervised == 0:
         parts.append('<div class="xcft-note">No supervised token: training skips this sample.</div>')
@@ -234,9 +284,16 @@ def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
     """Runs of equal trained-ness decoded together; image slots as labelled blocks; the cut marked."""
     out: list[str] = []
     ids, labels = enc.input_ids, enc.labels
-    specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token,
-                            tokenizer.convert_ids_to_tokens(tokenizer.turn_start_id),
-                            tokenizer.convert_ids_to_tokens(tokenizer.turn_end_id)) if t]
+    specials = [
+        t
+        for t in (
+            tokenizer.bos_token,
+            tokenizer.eos_token,
+            tokenizer.convert_ids_to_tokens(tokenizer.turn_start_id),
+            tokenizer.convert_ids_to_tokens(tokenizer.turn_end_id),
+        )
+        if t
+    ]
     i, image_no = 0, 0
     while i < len(ids):
         if ids[i] == IMAGE_SLOT:
@@ -255,13 +312,18 @@ def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
         for tok in specials:
             esc = html.escape(tok)
             text = text.replace(esc, f'<span class="xcft-special">{esc}</span>')
-        out.append(f'<mark class="xcft-trained" data-tokens="{j - i}">{text}</mark>' if trained
-                   else f'<span class="xcft-context" data-tokens="{j - i}">{text}</span>')
+        out.append(
+            f'<mark class="xcft-trained" data-tokens="{j - i}">{text}</mark>'
+            if trained
+            else f'<span class="xcft-context" data-tokens="{j - i}">{text}</span>'
+        )
         i = j
     if enc.truncated:
         dropped = f"; {enc.dropped_images} image(s) after the cut dropped" if enc.dropped_images else ""
-        out.append(f'<span class="xcft-cut">✂ cut here at {len(enc)} tokens '
-                   f'({enc.untruncated_length - len(enc)} token(s) dropped{dropped})</span>')
+        out.append(
+            f'<span class="xcft-cut">✂ cut here at {len(enc)} tokens '
+            f"({enc.untruncated_length - len(enc)} token(s) dropped{dropped})</span>"
+        )
     return "".join(out)
 
 
@@ -282,10 +344,15 @@ def _thumbnails_html(conv: Conversation, enc: EncodedSample) -> str:
         dropped = n > enc.num_images
         caption = f"{n}: {os.path.basename(str(path))}" + (" (dropped by truncation)" if dropped else "")
         src, why = thumbnail_data_uri(path)
-        body = (f'<img src="{src}" alt="image {n}">' if src
-                else f'<div class="xcft-broken">cannot decode: {html.escape(why or "")}</div>')
-        figs.append(f'<figure class="xcft-thumb{" xcft-dropped" if dropped else ""}" title="{html.escape(str(path))}">'
-                    f"{body}<figcaption>{html.escape(caption)}</figcaption></figure>")
+        body = (
+            f'<img src="{src}" alt="image {n}">'
+            if src
+            else f'<div class="xcft-broken">cannot decode: {html.escape(why or "")}</div>'
+        )
+        figs.append(
+            f'<figure class="xcft-thumb{" xcft-dropped" if dropped else ""}" title="{html.escape(str(path))}">'
+            f"{body}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     return f'<div class="xcft-thumbs">{"".join(figs)}</div>'
 
 

@@ -12,8 +12,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from xcft.errors import XcftError
 
@@ -25,9 +25,9 @@ class MergeProgress:
     log: str
     done: bool = False
     ok: bool = False
-    diff: Optional[str] = None
-    tolerance: Optional[str] = None
-    error: Optional[str] = None
+    diff: str | None = None
+    tolerance: str | None = None
+    error: str | None = None
 
 
 def merge_argv(adapter: str, output: str, base: str = "") -> list[str]:
@@ -43,8 +43,15 @@ def merge_argv(adapter: str, output: str, base: str = "") -> list[str]:
 def run_merge(argv: list[str]) -> Iterator[MergeProgress]:
     """Run ``xcft <argv>`` and yield the output so far; the last item has ``done`` set."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "xcft.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xcft.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        bufsize=1,
+    )
     lines: list[str] = ["$ xcft " + " ".join(argv)]
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -55,6 +62,6 @@ def run_merge(argv: list[str]) -> Iterator[MergeProgress]:
     m = _PROBE_RE.search(log)
     result = MergeProgress(log, done=True, ok=code == 0, diff=m and m.group("diff"), tolerance=m and m.group("tol"))
     if code != 0:
-        errors = [ln[len("error:"):].strip() for ln in lines if ln.startswith("error:")]
+        errors = [ln[len("error:") :].strip() for ln in lines if ln.startswith("error:")]
         result.error = errors[-1] if errors else f"xcft merge exited with status {code}"
     yield result

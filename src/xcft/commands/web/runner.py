@@ -42,8 +42,14 @@ def main(run_dir: str) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(root / LOG_NAME, "ab", buffering=0) as log:
         log.write(f"\n$ xcft train {' '.join(argv)}\n".encode())
-        proc = subprocess.Popen(train_command_line(argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=record.get("cwd") or None)
+        proc = subprocess.Popen(
+            train_command_line(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=record.get("cwd") or None,
+        )
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         write_atomic(root / PID_NAME, str(proc.pid))

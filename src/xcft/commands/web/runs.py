@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, write_atomic
 from xcft.errors import XcftError
@@ -39,7 +39,7 @@ class RunStatus:
     output_dir: str
     step: int = 0
     max_steps: int = 0
-    eta_s: Optional[float] = None
+    eta_s: float | None = None
     loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
@@ -55,7 +55,7 @@ class _LogCache:
     size_at: int = 0
     step: int = 0
     max_steps: int = 0
-    eta_s: Optional[float] = None
+    eta_s: float | None = None
     loss: dict[int, float] = field(default_factory=dict)
     eval_loss: dict[int, float] = field(default_factory=dict)
 
@@ -101,8 +101,14 @@ class RunManager:
         run_id = self._new_id(out)
         run_dir = self.root / run_id
         run_dir.mkdir()
-        record = {"id": run_id, "argv": list(argv), "output_dir": str(out.resolve()), "cwd": os.getcwd(),
-                  "started": time.time(), "resumes": 0}
+        record = {
+            "id": run_id,
+            "argv": list(argv),
+            "output_dir": str(out.resolve()),
+            "cwd": os.getcwd(),
+            "started": time.time(),
+            "resumes": 0,
+        }
         write_atomic(run_dir / RUN_RECORD, json.dumps(record, indent=1))
         self._launch(run_id)
         return run_id
@@ -121,11 +127,15 @@ class RunManager:
             (run_dir / name).unlink(missing_ok=True)
         self._logs.pop(run_id, None)
         # A session of its own: the training survives the server and signals aimed at the server's group.
-        self._children[run_id] = subprocess.Popen(
-            [sys.executable, "-m", "xcft.commands.web.runner", str(run_dir)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(run_dir / "runner.err", "ab"),
-            start_new_session=True, close_fds=True,
-        )
+        with open(run_dir / "runner.err", "ab") as err:
+            self._children[run_id] = subprocess.Popen(
+                [sys.executable, "-m", "xcft.commands.web.runner", str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                close_fds=True,
+            )
 
     def stop(self, run_id: str) -> str:
         """SIGTERM to the training process: it finishes the step, writes a checkpoint and exits."""
@@ -149,20 +159,20 @@ class RunManager:
         if not st.checkpoints:
             raise XcftError(f"run {run_id} has no checkpoint in {st.output_dir} to resume from; start a new run instead")
         record = self._record(run_id)
-        argv = _without_option(record["argv"], "resume_from_checkpoint") + ["--resume_from_checkpoint", "true"]
+        argv = [*_without_option(record["argv"], "resume_from_checkpoint"), "--resume_from_checkpoint", "true"]
         record.update(argv=argv, resumes=int(record.get("resumes", 0)) + 1, resumed=time.time())
         write_atomic(self.root / run_id / RUN_RECORD, json.dumps(record, indent=1))
         self._launch(run_id)
 
     # ------------------------------------------------------------------ state
 
-    def _train_pid(self, run_id: str) -> Optional[int]:
+    def _train_pid(self, run_id: str) -> int | None:
         try:
             return int((self.root / run_id / PID_NAME).read_text().strip())
         except (OSError, ValueError):
             return None
 
-    def _alive(self, run_id: str, pid: Optional[int], output_dir: str) -> bool:
+    def _alive(self, run_id: str, pid: int | None, output_dir: str) -> bool:
         """The training process is alive and is this run's (its command line names the output folder)."""
         if pid is None:
             return False
@@ -199,8 +209,11 @@ class RunManager:
             st.state, st.message = "finished", f"finished: output in {out}"
         elif exit_code == EXIT_SIGTERM:
             st.state = "stopped"
-            st.message = (f"stopped at step {st.step}; checkpoint written: {Path(last_ckpt).name}. Resume continues from it"
-                          if last_ckpt else f"stopped at step {st.step} (no checkpoint was written)")
+            st.message = (
+                f"stopped at step {st.step}; checkpoint written: {Path(last_ckpt).name}. Resume continues from it"
+                if last_ckpt
+                else f"stopped at step {st.step} (no checkpoint was written)"
+            )
         else:
             st.state = "failed"
             st.message = f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}"
@@ -268,7 +281,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _read_int(path: Path) -> Optional[int]:
+def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
@@ -298,5 +311,5 @@ def _last_error(log: Path) -> str:
     lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
     for ln in reversed(lines):
         if ln.startswith("error:"):
-            return ln[len("error:"):].strip()
+            return ln[len("error:") :].strip()
     return lines[-1] if lines else "no output"

@@ -14,9 +14,10 @@ import json
 import shlex
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any
 
 from xcft.errors import XcftError
 
@@ -98,11 +99,11 @@ def _field_kind(tp: Any, default: Any, metadata: typing.Mapping[str, Any]) -> tu
     optional = len(non_none) < len(args) or default is None
     if metadata.get("choices"):
         choices = tuple(str(c) for c in metadata["choices"])
-        return "choice", (("",) + choices) if optional else choices
+        return "choice", ("", *choices) if optional else choices
     enums = [a for a in non_none if isinstance(a, type) and issubclass(a, Enum)]
     if enums:
         choices = tuple(str(e.value) for e in enums[0])
-        return "choice", (("",) + choices) if optional else choices
+        return "choice", ("", *choices) if optional else choices
     if non_none == [bool]:
         return ("optional_bool", ("", "true", "false")) if default is None else ("bool", ())
     if non_none == [int] and default is not None:
@@ -137,7 +138,7 @@ def form_fields() -> list[FormField]:
             default = XCFT_DEFAULTS.get(f.name, default)
             kind, choices = _field_kind(hints.get(f.name, str), default, f.metadata)
             if kind == "choice" and str(_plain_default(default)) not in choices and default is not None:
-                choices = (str(_plain_default(default)),) + choices
+                choices = (str(_plain_default(default)), *choices)
             out.append(FormField(f.name, group, kind, default, choices, str(f.metadata.get("help", "")).replace("%%", "%")))
     order = {name: k for k, name in enumerate(COMMON_FIELDS)}
     return sorted(out, key=lambda f: (0, order[f.name]) if f.common else (1, 0))
@@ -149,6 +150,7 @@ def form_fields() -> list[FormField]:
 def _value(field: FormField, raw: Any) -> tuple[bool, Any]:
     """(differs from the default, typed value) for one form value."""
     kind, default = field.kind, field.default
+    value: Any
     if kind == "bool":
         value = bool(raw)
         return value != bool(default), value
