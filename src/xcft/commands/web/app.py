@@ -17,7 +17,8 @@ from typing import Any
 
 import gradio as gr
 
-from xcft.commands.web import data_view, train_form
+import xcft.commands.web.data_view as data_view
+import xcft.commands.web.train_form as train_form
 from xcft.commands.web.chat import ChatModel
 from xcft.commands.web.export import merge_argv, run_merge
 from xcft.commands.web.runs import RunManager, RunStatus
