@@ -414,21 +414,26 @@ def test_bad_input_shows_the_cli_message(page, web, capsys, tmp_path):
 
 def _start_run(page: Page, web: dict[str, Any], output: Path, max_steps: int, extra: dict[str, Any] | None = None) -> None:
     _tab(page, "Train")
+    # the page has loaded its state (it suggests an output folder) before anything is typed
+    page.wait_for_function("() => document.querySelector('#train-output_dir textarea').value.length > 0")
     _fill(page, "train-model_name_or_path", web["base"])
     _fill(page, "train-data_path", web["good"])
     page.locator("#train-use_lora input[type=checkbox]").check()
-    for key, value in {
-        "lora_r": 8,
-        "max_steps": max_steps,
-        "per_device_train_batch_size": 2,
-        "output_dir": output,
-        **(extra or {}),
-    }.items():
+    for key, value in {"lora_r": 8, "max_steps": max_steps, "per_device_train_batch_size": 2, "output_dir": output}.items():
         _fill(page, f"train-{key}", value)
-    page.wait_for_function("s => document.querySelector('#train-command').innerText.includes(s)", arg=f"--max_steps {max_steps}")
+    for key, value in (extra or {}).items():  # folded options: open their section first
+        if not page.locator(f"#train-{key}").is_visible():
+            page.locator("#train-more").get_by_text("all other options").first.click()
+            page.locator("#train-more").get_by_text("Training (TrainingArguments)").first.click()
+        _fill(page, f"train-{key}", value)
+    expected = ["--use_lora true", f"--output_dir {output}", "--lora_r 8", f"--max_steps {max_steps}"]
+    expected += [f"--{key} {value}" for key, value in (extra or {}).items()]
+    page.wait_for_function(
+        "parts => parts.every(p => document.querySelector('#train-command').innerText.includes(p))", arg=expected
+    )
     command = page.inner_text("#train-command")
-    assert "--use_lora true" in command and f"--output_dir {output}" in command and "--lora_r 8" in command
     assert f"max_steps: {max_steps}" in page.inner_text("#train-yaml")
+    assert all(part in command for part in expected)
     page.click("#train-start")
     page.wait_for_function("() => document.querySelector('#train-action').innerText.includes('started run')")
 

@@ -217,7 +217,8 @@ def run_check(
             enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
             if enc.truncated:
                 report.truncated += 1
-            if enc.num_supervised == 0:
+            n_supervised = enc.num_supervised  # a count over every label: once per sample
+            if n_supervised == 0:
                 report.skipped += 1
                 problems.append(
                     Problem(
@@ -230,7 +231,7 @@ def run_check(
                 continue
             report.usable += 1
             report.lengths.append(len(enc))
-            report.supervised += enc.num_supervised
+            report.supervised += n_supervised
         report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
         if report.valid and not report.usable:
             problems.append(

@@ -23,6 +23,7 @@ from xcft.commands.web.chat import ChatModel
 from xcft.commands.web.export import merge_argv, run_merge
 from xcft.commands.web.runs import RunManager, RunStatus
 from xcft.errors import XcftError
+from xcft.model.template_xcomposer2 import OFFICIAL_SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     interactive=False,
                     elem_id="data-summary",
                     wrap=True,
+                    column_widths=["28%", *(["8%"] * 9)],
                 )
                 d_hist = gr.Plot(label="token lengths per file (dashed: max_length)", format="png", elem_id="data-hist")
                 with gr.Row():
@@ -292,6 +294,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     elem_id="data-problems",
                     wrap=True,
                     max_height=360,
+                    column_widths=["7%", "16%", "5%", "6%", "8%", "30%", "21%", "7%"],
                 )
                 with gr.Row():
                     d_index = gr.Number(
@@ -380,6 +383,13 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                             elem_id="chat-images",
                         )
                         c_max = gr.Slider(1, 2048, value=256, step=1, label="max new tokens", elem_id="chat-max-new-tokens")
+                        c_system = gr.Textbox(
+                            value=OFFICIAL_SYSTEM_PROMPT,
+                            label="system prompt (the official one; empty: none)",
+                            lines=3,
+                            max_lines=6,
+                            elem_id="chat-system",
+                        )
                         c_sample = gr.Checkbox(
                             label="sampling (official settings: top_p 0.8; off: greedy)", value=True, elem_id="chat-sampling"
                         )
@@ -392,7 +402,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                             elem_id="chat-training-layout",
                         )
                     with gr.Column(scale=3):
-                        c_bot = gr.Chatbot(label="chat", height=420, elem_id="chat-bot")
+                        c_bot = gr.Chatbot(label="chat", height=520, elem_id="chat-bot")
                         c_query = gr.Textbox(
                             label="question", placeholder="Ask about the images; Enter sends", elem_id="chat-query"
                         )
@@ -454,7 +464,15 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
             except Exception as exc:
                 return f"# error: {_message(exc)}", ""
 
-        gr.on([c.change for c in form_comps], preview, form_comps, [t_cmd, t_yaml], show_progress="hidden")
+        # always_last: a burst of edits ends with the preview of the final form, never a stale one
+        gr.on(
+            [c.change for c in form_comps],
+            preview,
+            form_comps,
+            [t_cmd, t_yaml],
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
 
         out_comp = form_comps[[f.name for f in form_fields].index("output_dir")]
 
@@ -531,7 +549,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
         c_load.click(on_load_model, [c_model], [c_status])
         c_model.submit(on_load_model, [c_model], [c_status])
 
-        def on_send(query, files, history, conv_images, messages, max_new, sampling, temperature, layout):
+        def on_send(query, files, history, conv_images, messages, max_new, system, sampling, temperature, layout):
             messages = list(messages or [])
             try:
                 images = list(conv_images) if history else [str(f) for f in (files or [])]
@@ -546,6 +564,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     images,
                     history,
                     max_new_tokens=int(max_new),
+                    system=None if (system or "").strip() == OFFICIAL_SYSTEM_PROMPT.strip() else (system or "").strip(),
                     sampling=bool(sampling),
                     temperature=float(temperature),
                     training_layout=bool(layout),
@@ -567,7 +586,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 yield messages, history, conv_images, query, _error(exc)
 
         send_io = (
-            [c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_sample, c_temp, c_layout],
+            [c_query, c_images, c_history, c_conv_images, c_bot, c_max, c_system, c_sample, c_temp, c_layout],
             [c_bot, c_history, c_conv_images, c_query, c_status],
         )
         c_send.click(on_send, *send_io)

@@ -61,6 +61,7 @@ class ChatModel:
         history: Sequence[tuple[str, str]],
         *,
         max_new_tokens: int = 256,
+        system: str | None = None,
         sampling: bool = True,
         temperature: float = 1.0,
         training_layout: bool = False,
@@ -68,7 +69,8 @@ class ChatModel:
         """Yield ``(answer so far, None)`` while generating, then ``(answer, new history)``.
 
         ``images`` are those of the conversation's first question; on later turns a placeholder in
-        ``query`` is dropped, as ``xcft chat`` does.
+        ``query`` is dropped, as ``xcft chat`` does. ``system``: None for the official system prompt,
+        "" for none.
         """
         import torch
         from transformers import TextIteratorStreamer
@@ -97,7 +99,7 @@ class ChatModel:
                     super().put(torch.tensor(ids))
 
         streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
-        kwargs = generation_settings(int(max_new_tokens), None, greedy=not sampling, training_layout=training_layout)
+        kwargs = generation_settings(int(max_new_tokens), system, greedy=not sampling, training_layout=training_layout)
         if sampling:
             kwargs["temperature"] = max(float(temperature), 1e-3)
         result: list[tuple[str, History]] = []

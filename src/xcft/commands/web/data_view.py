@@ -391,9 +391,12 @@ def length_histogram(index: DataIndex) -> Any:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no usable sample", ha="center", va="center")
         ax.set_axis_off()
+    # one scale for every panel, from 0 to past max_length, so files compare at a glance
+    right = 1.03 * max([max_length] + [max(f.lengths) for f in files])
     for k, f in enumerate(files):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.hist(f.lengths, bins=min(40, max(5, len(set(f.lengths)))), color="#4c78a8")
+        ax.hist(f.lengths, bins=40, range=(0, right), color="#4c78a8")
+        ax.set_xlim(0, right)
         ax.axvline(max_length, color="#e45756", linestyle="--", linewidth=1)
         title = f.display if len(f.display) <= 40 else "…" + f.display[-39:]
         ax.set_title(f"{title} ({len(f.lengths)})", fontsize=9)
