@@ -130,7 +130,8 @@ class WebServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Launch the server; with ``wait``, return once it answers and has printed its address."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -144,6 +145,11 @@ class WebServer:
                 env=_env(),
                 cwd=str(self.workdir.parent),
             )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        assert self.proc is not None
         deadline = time.time() + SERVER_START_S
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -172,9 +178,14 @@ class WebServer:
 def web(tmp_path_factory) -> Iterator[dict[str, Any]]:
     _skip_without_browser()
     root = tmp_path_factory.mktemp("web")
-    assets = _build_assets(root)
     server = WebServer(root / "work", root / "server.log")
-    server.start()
+    server.start(wait=False)  # it starts up while the model and data are built
+    try:
+        assets = _build_assets(root)
+        server.wait()
+    except BaseException:
+        server.kill()
+        raise
     shots = root / "screenshots"
     shots.mkdir()
     env: dict[str, Any] = {"root": root, "server": server, "shots": shots, **assets}
@@ -472,11 +483,12 @@ def test_stop_resume_and_server_restart(page, web):
     train_pid = int((web["root"] / "work" / "runs" / run_id / "train.pid").read_text())
 
     web["server"].kill()  # the server dies; the training does not
-    time.sleep(1.0)
     os.kill(train_pid, 0)
     n_before = len((output / "trainer_log.jsonl").read_text().splitlines())
-    time.sleep(2.0)
-    assert len((output / "trainer_log.jsonl").read_text().splitlines()) > n_before, "training goes on without the server"
+    deadline = time.time() + 30
+    while len((output / "trainer_log.jsonl").read_text().splitlines()) <= n_before:
+        assert time.time() < deadline, "training goes on without the server"
+        time.sleep(0.2)
     web["server"].start()
     page.goto(web["server"].url)
     _tab(page, "Train")

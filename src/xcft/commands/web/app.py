@@ -484,12 +484,12 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 run_id = runs.start(train_form.to_argv(changed), str(changed["output_dir"]))
             except Exception as exc:
                 return _error(exc), gr.update(), gr.update()
-            time.sleep(1.1)  # the next suggestion gets another time stamp
-            return (
-                _status(f"started run {run_id}", "ok"),
-                gr.update(choices=runs.run_ids(), value=run_id),
-                gr.update(value=_suggest_output_dir(workdir)),
-            )
+            # a folder the page suggested is replaced by a fresh suggestion for the next run; one the user typed stays
+            next_output = gr.update()
+            if Path(str(changed["output_dir"])).parent == workdir / "output":
+                time.sleep(1.1)  # the next suggestion gets another time stamp
+                next_output = gr.update(value=_suggest_output_dir(workdir))
+            return _status(f"started run {run_id}", "ok"), gr.update(choices=runs.run_ids(), value=run_id), next_output
 
         t_start.click(on_start, form_comps, [t_action, t_run, out_comp])
 

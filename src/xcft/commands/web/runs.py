@@ -27,6 +27,7 @@ TRAINER_LOG_NAME = "trainer_log.jsonl"  # written by xcft.train.trainer.JsonLogC
 EXIT_SIGTERM = 143
 LOG_TAIL_BYTES = 64 * 1024
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass
@@ -264,6 +265,7 @@ class RunManager:
                 data = f.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
+        data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
         lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
         return "\n".join(lines[-max_lines:])
 

@@ -48,8 +48,8 @@ GROUP_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA", "training": "T
 class FormField:
     """One option of ``xcft train`` as the form shows it.
 
-    ``kind``: bool, optional_bool (unset / true / false), choice, int, float, text, list (space
-    separated) or json (a JSON object). ``default`` is the value ``xcft train`` uses when the option
+    ``kind``: bool, optional_bool (unset / true / false), choice, int, float, optional_number (empty:
+    unset), text, list (space separated) or json (a JSON object). ``default`` is the value ``xcft train`` uses when the option
     is not given.
     """
 
@@ -110,6 +110,8 @@ def _field_kind(tp: Any, default: Any, metadata: typing.Mapping[str, Any]) -> tu
         return "int", ()
     if non_none == [float] and default is not None:
         return "float", ()
+    if non_none in ([int], [float]):  # optional number: empty means unset
+        return "optional_number", ()
     if any(_is(a, dict) for a in non_none):
         return "json", ()
     if any(_is(a, list) for a in non_none) and not (isinstance(default, str) and default):
@@ -170,6 +172,13 @@ def _value(field: FormField, raw: Any) -> tuple[bool, Any]:
             return False, default
         value = text.lower() == "true"
         return default is None or value != bool(default), value
+    if kind == "optional_number":
+        if text == "":
+            return False, default
+        value = _parse_scalar(text)
+        if isinstance(value, str):
+            raise XcftError(f"{field.name}: {text!r} is not a number")
+        return value != default, value
     if kind == "list":
         value = text.replace(",", " ").split()
         return value != [str(v) for v in (default or [])], value
