@@ -92,7 +92,15 @@ def _data_outputs_empty(message_html: str) -> tuple[Any, ...]:
 
 
 def check_data(
-    data: str, model: str, img_size: Any, max_length: Any, given_num: bool, level: str, text: str, progress: Any = None
+    data: str,
+    model: str,
+    img_size: Any,
+    max_length: Any,
+    given_num: bool,
+    level: str,
+    text: str,
+    progress: Any = None,
+    hd_num: Any = None,
 ) -> tuple[Any, ...]:
     """The one check-data pass; returns status, summary, histogram, problems, counts, index, sample, index box."""
     import pandas as pd
@@ -107,7 +115,13 @@ def check_data(
     try:
         start = time.perf_counter()
         index = data_view.build_index(
-            data, model, _int_or_none(img_size), _int_or_none(max_length), bool(given_num), progress=report
+            data,
+            model,
+            _int_or_none(img_size),
+            _int_or_none(max_length),
+            bool(given_num),
+            progress=report,
+            hd_num=_int_or_none(hd_num),
         )
         took = time.perf_counter() - start
     except Exception as exc:
@@ -269,6 +283,9 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                     d_max = gr.Number(
                         label="max_length (0: the model's)", value=0, precision=0, scale=1, elem_id="data-max-length"
                     )
+                    d_hd = gr.Number(
+                        label="hd_num (2.5 models; 0: the default)", value=0, precision=0, scale=1, elem_id="data-hd-num"
+                    )
                     d_given = gr.Checkbox(label="given_num (numbers are thousands)", value=True, scale=1)
                 d_check = gr.Button("Check", variant="primary", elem_id="data-check")
                 d_status = gr.HTML(elem_id="data-status")
@@ -427,11 +444,11 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 e_log = gr.Textbox(label="xcft merge output", lines=10, interactive=False, elem_id="export-log")
 
         # ================================================================== wiring: Data
-        check_inputs = [d_data, d_model, d_img, d_max, d_given, d_level, d_filter]
+        check_inputs = [d_data, d_model, d_img, d_max, d_given, d_level, d_filter, d_hd]
         check_outputs = [d_status, d_summary, d_hist, d_problems, d_count, d_state, d_sample, d_index]
 
-        def on_check(data, model, img, max_len, given, level, text, progress=gr.Progress()):  # noqa: B008
-            out = check_data(data, model, img, max_len, given, level, text, progress)
+        def on_check(data, model, img, max_len, given, level, text, hd, progress=gr.Progress()):  # noqa: B008
+            out = check_data(data, model, img, max_len, given, level, text, progress, hd_num=hd)
             # a fresh mark on every answer, so the page (and a test) can tell a new result from the last one
             return (f'<div class="xcft-check" data-done="{time.time():.6f}">{out[0]}</div>', *out[1:])
 

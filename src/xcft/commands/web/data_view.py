@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.data.check import CheckResult, ProgressFn, Settings, load_settings, run_check
-from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
+from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, slots_per_image
 from xcft.data.schema import Conversation, Problem
 from xcft.errors import XcftError
 
@@ -104,13 +104,14 @@ def build_index(
     given_num: bool = True,
     progress: ProgressFn | None = None,
     workers: int | None = None,
+    hd_num: int | None = None,
 ) -> DataIndex:
     """Run the check-data pass (raises :class:`XcftError` for a bad model folder or sizes)."""
     if not str(data).strip():
         raise XcftError("no data given; enter the path of a data.txt or a .json/.jsonl file")
     if not str(model_dir).strip():
         raise XcftError("no model folder given; enter a checkpoint folder holding tokenizer.model and config.json")
-    settings = load_settings(model_dir.strip(), img_size, max_length)
+    settings = load_settings(model_dir.strip(), img_size, max_length, hd_num)
     result = run_check(data.strip(), settings, given_num=given_num, workers=workers, progress=progress)
     offsets, n = [], 0
     for convs in result.conversations:
@@ -159,10 +160,7 @@ def verdict(index: DataIndex) -> str:
     r = index.result
     counts = {lvl: sum(1 for p in r.problems if p.level == lvl) for lvl in LEVELS}
     s = index.settings
-    head = (
-        f"{index.total} samples in {len(r.files)} file(s); img_size {s.img_size} "
-        f"({slots_per_image(s.img_size)} slots per image), max_length {s.max_length}. "
-    )
+    head = f"{index.total} samples in {len(r.files)} file(s); {describe_images(s)}, max_length {s.max_length}. "
     notes = "".join(f"note: {n}. " for n in s.notes)
     if r.ok:
         return notes + head + f"OK: training can start ({counts['warning']} warning(s), {counts['info']} note(s))"
@@ -171,6 +169,12 @@ def verdict(index: DataIndex) -> str:
             notes + head + f"FAILED: {counts['error']} error(s), {counts['warning']} warning(s); fix the errors before training"
         )
     return notes + head + "FAILED: no sample would be drawn per epoch"
+
+
+def describe_images(s: Settings) -> str:
+    if s.hd_num is not None:
+        return f"XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num} (slots per image from its crop grid)"
+    return f"img_size {s.img_size} ({slots_per_image(s.img_size)} slots per image)"
 
 
 def problem_rows(
@@ -230,7 +234,13 @@ def sample_view(index: DataIndex, overall: int) -> SampleView:
         )
         return SampleView(overall, "".join(parts), None)
     s = index.settings
-    enc = encode_conversation(conv, s.tokenizer, s.img_size, s.max_length)
+    try:
+        enc = encode_for(conv, s)  # as training encodes it (2.5: crop grids from the image headers)
+    except Exception as exc:  # an image that cannot be read or tiled: its problem says why
+        parts.append(f'<div class="xcft-where">{html.escape(where)}</div>')
+        parts.append(_problems_html(problems))
+        parts.append(f'<div class="xcft-note">This sample cannot be encoded: {html.escape(str(exc))}</div></div>')
+        return SampleView(overall, "".join(parts), None)
     n_slots = sum(length for _, length in enc.image_spans)
     parts.append(f'<div class="xcft-where">{html.escape(where)}, id <code>{html.escape(repr(conv.id))}</code></div>')
     parts.append(
@@ -238,7 +248,7 @@ def sample_view(index: DataIndex, overall: int) -> SampleView:
         f'<span class="xcft-count" data-name="total"><b>{len(enc)}</b> tokens</span>'
         f'<span class="xcft-count" data-name="supervised"><b>{enc.num_supervised}</b> supervised</span>'
         f'<span class="xcft-count" data-name="image_slots"><b>{n_slots}</b> image slots '
-        f"({enc.num_images} image(s) × {slots_per_image(s.img_size)})</span>"
+        f"({enc.num_images} image(s))</span>"
         + (
             f'<span class="xcft-count xcft-truncated" data-name="untruncated">truncated: <b>{enc.untruncated_length}</b> '
             f"tokens before the cut at max_length {s.max_length}</span>"
@@ -301,7 +311,9 @@ def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
             while j < len(ids) and ids[j] == IMAGE_SLOT:
                 j += 1
             image_no += 1
-            out.append(f'<span class="xcft-slot" data-image="{image_no}">image {image_no} · {j - i} slots</span>')
+            grid = enc.image_grids[image_no - 1] if image_no <= len(enc.image_grids) else None
+            crops = f"{grid[0]}×{grid[1]} crops · " if grid is not None else ""
+            out.append(f'<span class="xcft-slot" data-image="{image_no}">image {image_no} · {crops}{j - i} slots</span>')
             i = j
             continue
         trained = labels[i] != IGNORE_INDEX
