@@ -10,7 +10,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 # DeepSpeed compiles a CPU op on first use (minutes): keep it outside the clone so every checkout reuses it
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/xcft/torch_extensions
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint web clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/xcft demo
+
+# the browser UI on http://127.0.0.1:7860 (runs started from it are kept in ./xcft-web)
+web: $(STAMP)
+	$(VENV)/bin/xcft web
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -127,6 +127,13 @@ def demo(args: argparse.Namespace) -> int:
     )
 
 
+def web(args: argparse.Namespace) -> int:
+    """Browser UI: look at the data, run and watch a finetune, chat with the result, merge."""
+    from xcft.commands.web import web_command
+
+    return web_command(host=args.host, port=args.port, workdir=args.workdir, device=args.device)
+
+
 def bench(args: argparse.Namespace) -> int:
     """Training-step and data-loading benchmarks."""
     from xcft.commands.bench import bench_command
@@ -252,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
     _add_format(p)
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("web", help="browser UI: data, training, chat, merge (needs xcft[web])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workdir", default="xcft-web", help="folder for the runs started from the page (default ./xcft-web)")
+    p.add_argument("--device", default=None, help="device for the Chat tab (default: cuda when available)")
+    p.set_defaults(func=web)
 
     p = sub.add_parser("bench", help="benchmarks: training steps or data loading")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

@@ -21,6 +21,7 @@ from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_a
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import (
     EpochDrawCallback,
+    JsonLogCallback,
     LossProgressCallback,
     SigtermCallback,
     XcftTrainer,
@@ -70,7 +71,7 @@ def run_training(cfg: TrainConfig) -> int:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[EpochDrawCallback(train_ds), sigterm],
+        callbacks=[EpochDrawCallback(train_ds), sigterm, JsonLogCallback()],
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

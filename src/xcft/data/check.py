@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,12 +209,20 @@ def _decode(path: Path) -> tuple[str | None, tuple[int, int]]:
         return f"{type(exc).__name__}: {exc}", (0, 0)
 
 
+#: ``progress(phase, done, total)``: phase is "reading", "images" or "encoding".
+ProgressFn = Callable[[str, int, int], None]
+PROGRESS_EVERY = 1000
+
+
 @dataclass
 class CheckResult:
     spec: DataSpec | None
     files: list[FileReport]
     problems: list[Problem]
     settings: Settings
+    # every sample read, per file in data.txt order (None where a sample could not be normalised),
+    # kept so that a caller can show any sample without reading the files again
+    conversations: list[list[Conversation | None]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Problem]:
@@ -224,14 +233,25 @@ class CheckResult:
         return not self.errors and sum(f.drawn_per_epoch for f in self.files) > 0
 
 
-def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool = True, workers: int | None = None) -> CheckResult:
-    """Read, decode and encode everything once; collect every problem."""
+def run_check(
+    data: str | os.PathLike[str],
+    settings: Settings,
+    given_num: bool = True,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> CheckResult:
+    """Read, decode and encode everything once; collect every problem.
+
+    ``progress`` is called now and then with the phase and its counts (for a progress bar).
+    """
+    report_progress = progress or (lambda phase, done, total: None)
     spec, problems = resolve_data(data)
     files: list[FileReport] = []
     if spec is None:
         return CheckResult(None, files, problems, settings)
     per_file: list[list[Conversation | None]] = []
-    for src in spec.sources:
+    for k, src in enumerate(spec.sources):
+        report_progress("reading", k, len(spec.sources))
         convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         problems.extend(probs)
         per_file.append(convs)
@@ -241,7 +261,11 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
     n_workers = max(1, workers or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decoded = dict(zip(paths, pool.map(_decode, paths)))
+        decoded: dict[Path, tuple[str | None, tuple[int, int]]] = {}
+        for k, (path, result) in enumerate(zip(paths, pool.map(_decode, paths))):
+            decoded[path] = result
+            if k % PROGRESS_EVERY == 0:
+                report_progress("images", k, len(paths))
     decode_errors = {p: why for p, (why, _) in decoded.items()}
     image_spec = settings.image_spec
     grids: dict[Path, Grid] = {}
@@ -253,8 +277,13 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
                 except ValueError as exc:  # e.g. too elongated for the HD transform
                     decode_errors[p] = str(exc)
 
+    n_samples = sum(len(convs) for convs in per_file)
+    done = 0
     for src, report, convs in zip(spec.sources, files, per_file):
         for conv in convs:
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                report_progress("encoding", done, n_samples)
             if conv is None:
                 continue
             bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
@@ -270,7 +299,8 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
             enc = encode_conversation(conv, settings.tokenizer, image_spec, settings.max_length, conv_grids)
             if enc.truncated:
                 report.truncated += 1
-            if enc.num_supervised == 0:
+            n_supervised = enc.num_supervised  # a count over every label: once per sample
+            if n_supervised == 0:
                 report.skipped += 1
                 problems.append(
                     Problem(
@@ -286,7 +316,7 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
             report.image_tokens += (
                 [image_spec.slots(g) for g in conv_grids] if conv_grids is not None else [image_spec.slots()] * len(conv.images)
             )
-            report.supervised += enc.num_supervised
+            report.supervised += n_supervised
         report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
         if report.valid and not report.usable:
             problems.append(
@@ -301,7 +331,7 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
             problems.append(
                 Problem(src.display, None, None, f"the number {src.number} draws no sample per epoch", "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)", level="warning", line=src.line)
             )
-    return CheckResult(spec, files, problems, settings)
+    return CheckResult(spec, files, problems, settings, per_file)
 
 
 # --------------------------------------------------------------------------- one sample

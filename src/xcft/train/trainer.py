@@ -4,18 +4,21 @@
 * :class:`XcftTrainer` — atomic checkpoints: a checkpoint is written into a staging folder and
   renamed to ``checkpoint-N`` only once every rank has finished, so a kill during a save never
   leaves a half-written ``checkpoint-N`` that ``--resume_from_checkpoint true`` would pick.
-* Callbacks: the per-epoch data.txt draw, SIGTERM -> save and stop, a progress bar with loss.
+* Callbacks: the per-epoch data.txt draw, SIGTERM -> save and stop, a progress bar with loss,
+  a JSON Lines log of progress and logged values (``trainer_log.jsonl``) that other processes can follow.
 * :func:`find_last_checkpoint`, :func:`plot_loss`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +34,7 @@ from xcft.model.loading import write_model_code
 logger = logging.getLogger(__name__)
 
 STAGING_DIR_NAME = ".xcft-staging"
+TRAINER_LOG_NAME = "trainer_log.jsonl"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 
@@ -342,6 +346,57 @@ class LossProgressCallback(ProgressCallback):
             self.training_bar.write(
                 f"done: {logs.get('train_runtime', 0):.1f} s, mean train loss {logs.get('train_loss', float('nan')):.4f}"
             )
+
+
+class JsonLogCallback(TrainerCallback):
+    """Appends one JSON object per line to ``output_dir/trainer_log.jsonl`` (main process only).
+
+    Lines: ``{"event": "begin"|"step"|"log"|"end", "step", "max_steps", "epoch", "time"}``, log lines
+    with every logged value (loss, eval_loss, learning_rate, ...). A monitor in another process (the
+    web UI) follows training through it, also after a restart; a resumed run appends, so a reader keeps
+    the last value per step. Each line is flushed at once.
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._first_step: int = 0
+
+    def _write(self, args, state, event: str, values: dict[str, Any] | None = None) -> None:
+        if not state.is_world_process_zero:
+            return
+        now = time.time()
+        record: dict[str, Any] = {
+            "event": event,
+            "step": int(state.global_step),
+            "max_steps": int(state.max_steps or 0),
+            "epoch": state.epoch,
+            "time": round(now, 3),
+        }
+        if self._start is not None and state.global_step > self._first_step:
+            elapsed = now - self._start
+            per_step = elapsed / (state.global_step - self._first_step)
+            record["eta_s"] = round(max(0, (state.max_steps or 0) - state.global_step) * per_step, 1)
+        for key, value in (values or {}).items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                record[key] = value
+        path = Path(args.output_dir) / TRAINER_LOG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.time()
+        self._first_step = int(state.global_step)
+        self._write(args, state, "begin")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._write(args, state, "step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._write(args, state, "log", logs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args, state, "end")
 
 
 # --------------------------------------------------------------------------- loss curve

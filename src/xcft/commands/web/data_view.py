@@ -1,0 +1,421 @@
+"""The Data tab's model: one check-data pass over a data set, then any sample on demand.
+
+:class:`DataIndex` holds the :class:`~xcft.data.check.CheckResult` of one pass (summary, problems
+and every normalised sample), so showing a sample costs one encode and a few thumbnails, not a
+re-read of the files. Everything here returns plain values (rows, HTML, a matplotlib figure); the
+page wiring lives in :mod:`xcft.commands.web.app`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, slots_per_image
+from xcft.data.schema import Conversation, Problem
+from xcft.errors import XcftError
+
+SUMMARY_HEADERS = [
+    "file",
+    "samples",
+    "usable",
+    "drawn/epoch",
+    "images",
+    "tokens min",
+    "tokens median",
+    "tokens max",
+    "supervised",
+    "truncated",
+]
+PROBLEM_HEADERS = ["level", "file", "line", "sample", "id", "message", "fix", "overall index"]
+LEVELS = ("error", "warning", "info")
+#: Rows sent to the browser at most; the filter narrows the rest down.
+MAX_PROBLEM_ROWS = 500
+THUMB_SIDE = 160
+#: Histograms drawn at most (one per file); more files are listed as left out.
+MAX_HISTOGRAMS = 12
+
+
+@dataclass
+class DataIndex:
+    """One checked data set: its summary, problems and samples, addressable by overall index or id."""
+
+    data: str
+    result: CheckResult
+    offsets: list[int] = field(default_factory=list)  # overall index of each file's first sample
+    _by_id: dict[str, int] | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.result.settings
+
+    @property
+    def total(self) -> int:
+        return sum(len(c) for c in self.result.conversations)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file number, sample number in that file) of an overall index, as ``xcft inspect --index`` counts."""
+        if not 0 <= index < self.total:
+            raise XcftError(f"{self.data}: no sample with index {index} (there are {self.total} samples)")
+        for f in range(len(self.offsets) - 1, -1, -1):
+            if index >= self.offsets[f]:
+                return f, index - self.offsets[f]
+        raise AssertionError("unreachable")
+
+    def index_of_id(self, sample_id: str) -> int:
+        if self._by_id is None:
+            self._by_id = {}
+            for f, convs in enumerate(self.result.conversations):
+                for k, conv in enumerate(convs):
+                    if conv is not None:
+                        self._by_id.setdefault(conv.id, self.offsets[f] + k)
+            for p in self.result.problems:  # samples that failed to normalise keep their raw id in the problem
+                file_no = self._file_number(p.file)
+                if p.index is not None and p.id is not None and file_no is not None:
+                    self._by_id.setdefault(p.id, self.offsets[file_no] + p.index)
+        if sample_id not in self._by_id:
+            raise XcftError(f"{self.data}: no sample with id {sample_id!r}; check-data lists the samples per file")
+        return self._by_id[sample_id]
+
+    def _file_number(self, display: str) -> int | None:
+        for f, report in enumerate(self.result.files):
+            if report.display == display:
+                return f
+        return None
+
+    def overall_index(self, problem: Problem) -> int | None:
+        f = self._file_number(problem.file)
+        if f is None or problem.index is None:
+            return None
+        return self.offsets[f] + problem.index
+
+
+def build_index(
+    data: str,
+    model_dir: str,
+    img_size: int | None,
+    max_length: int | None,
+    given_num: bool = True,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+    hd_num: int | None = None,
+) -> DataIndex:
+    """Run the check-data pass (raises :class:`XcftError` for a bad model folder or sizes)."""
+    if not str(data).strip():
+        raise XcftError("no data given; enter the path of a data.txt or a .json/.jsonl file")
+    if not str(model_dir).strip():
+        raise XcftError("no model folder given; enter a checkpoint folder holding tokenizer.model and config.json")
+    settings = load_settings(model_dir.strip(), img_size, max_length, hd_num)
+    result = run_check(data.strip(), settings, given_num=given_num, workers=workers, progress=progress)
+    offsets, n = [], 0
+    for convs in result.conversations:
+        offsets.append(n)
+        n += len(convs)
+    return DataIndex(data.strip(), result, offsets)
+
+
+# --------------------------------------------------------------------------- summary and problems
+
+
+def summary_rows(index: DataIndex) -> list[list[Any]]:
+    """One row per file and a total row (the check-data table, split into columns)."""
+    rows: list[list[Any]] = []
+    for f in index.result.files:
+        st = _stats(f.lengths)
+        rows.append([f.display, f.samples, f.usable, f.drawn_per_epoch, f.images, *st, f.supervised, f.truncated])
+    files = index.result.files
+    st = _stats([n for f in files for n in f.lengths])
+    rows.append(
+        [
+            "total",
+            sum(f.samples for f in files),
+            sum(f.usable for f in files),
+            sum(f.drawn_per_epoch for f in files),
+            sum(f.images for f in files),
+            *st,
+            sum(f.supervised for f in files),
+            sum(f.truncated for f in files),
+        ]
+    )
+    return rows
+
+
+def _stats(lengths: list[int]) -> list[Any]:
+    if not lengths:
+        return ["-", "-", "-"]
+    ordered = sorted(lengths)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return [ordered[0], int(median) if float(median).is_integer() else median, ordered[-1]]
+
+
+def verdict(index: DataIndex) -> str:
+    """The check-data closing line."""
+    r = index.result
+    counts = {lvl: sum(1 for p in r.problems if p.level == lvl) for lvl in LEVELS}
+    s = index.settings
+    head = f"{index.total} samples in {len(r.files)} file(s); {describe_images(s)}, max_length {s.max_length}. "
+    notes = "".join(f"note: {n}. " for n in s.notes)
+    if r.ok:
+        return notes + head + f"OK: training can start ({counts['warning']} warning(s), {counts['info']} note(s))"
+    if counts["error"]:
+        return (
+            notes + head + f"FAILED: {counts['error']} error(s), {counts['warning']} warning(s); fix the errors before training"
+        )
+    return notes + head + "FAILED: no sample would be drawn per epoch"
+
+
+def describe_images(s: Settings) -> str:
+    if s.hd_num is not None:
+        return f"XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num} (slots per image from its crop grid)"
+    return f"img_size {s.img_size} ({slots_per_image(s.img_size)} slots per image)"
+
+
+def problem_rows(
+    index: DataIndex, level: str = "all", text: str = "", limit: int = MAX_PROBLEM_ROWS
+) -> tuple[list[list[Any]], int]:
+    """Problems matching the level and a case-insensitive text filter: (first ``limit`` rows, number matching)."""
+    needle = (text or "").strip().lower()
+    rows: list[list[Any]] = []
+    matching = 0
+    for p in index.result.problems:
+        if level not in ("", "all", None) and p.level != level:
+            continue
+        if needle and needle not in f"{p.file} {p.id} {p.message} {p.fix}".lower():
+            continue
+        matching += 1
+        if len(rows) < limit:
+            overall = index.overall_index(p)
+            rows.append(
+                [
+                    p.level,
+                    p.file,
+                    "" if p.line is None else p.line,
+                    "" if p.index is None else p.index,
+                    "" if p.id is None else p.id,
+                    p.message,
+                    p.fix,
+                    "" if overall is None else overall,
+                ]
+            )
+    return rows, matching
+
+
+# --------------------------------------------------------------------------- one sample
+
+
+@dataclass
+class SampleView:
+    index: int
+    html: str
+    encoded: EncodedSample | None
+
+
+def sample_view(index: DataIndex, overall: int) -> SampleView:
+    """The page's view of one sample: images, the decoded sequence with image slots and trained text marked."""
+    f, k = index.locate(overall)
+    report = index.result.files[f]
+    conv = index.result.conversations[f][k]
+    problems = [p for p in index.result.problems if p.file == report.display and p.index == k]
+    where = f"{report.display}: sample {k} (overall index {overall})"
+    parts = [f'<div class="xcft-sample" data-index="{overall}">']
+    if conv is None:
+        parts.append(f'<div class="xcft-where">{html.escape(where)}</div>')
+        parts.append(_problems_html(problems))
+        parts.append(
+            '<div class="xcft-note">This sample cannot be read as a conversation, so it is not encoded; '
+            "fix the problem above.</div></div>"
+        )
+        return SampleView(overall, "".join(parts), None)
+    s = index.settings
+    try:
+        enc = encode_for(conv, s)  # as training encodes it (2.5: crop grids from the image headers)
+    except Exception as exc:  # an image that cannot be read or tiled: its problem says why
+        parts.append(f'<div class="xcft-where">{html.escape(where)}</div>')
+        parts.append(_problems_html(problems))
+        parts.append(f'<div class="xcft-note">This sample cannot be encoded: {html.escape(str(exc))}</div></div>')
+        return SampleView(overall, "".join(parts), None)
+    n_slots = sum(length for _, length in enc.image_spans)
+    parts.append(f'<div class="xcft-where">{html.escape(where)}, id <code>{html.escape(repr(conv.id))}</code></div>')
+    parts.append(
+        '<div class="xcft-counts">'
+        f'<span class="xcft-count" data-name="total"><b>{len(enc)}</b> tokens</span>'
+        f'<span class="xcft-count" data-name="supervised"><b>{enc.num_supervised}</b> supervised</span>'
+        f'<span class="xcft-count" data-name="image_slots"><b>{n_slots}</b> image slots '
+        f"({enc.num_images} image(s))</span>"
+        + (
+            f'<span class="xcft-count xcft-truncated" data-name="untruncated">truncated: <b>{enc.untruncated_length}</b> '
+            f"tokens before the cut at max_length {s.max_length}</span>"
+            if enc.truncated
+            else ""
+        )
+        + "</div>"
+    )
+    if problems:
+        parts.append(_problems_html(problems))
+    if conv.image_prepended:
+        parts.append(
+            '<div class="xcft-note">One image and no &lt;ImageHere&gt;: the image goes at the start of the first user turn.</div>'
+        )
+    parts.append(_thumbnails_html(conv, enc))
+    parts.append(
+        '<div class="xcft-legend"><mark class="xcft-trained">trained tokens</mark> '
+        '<span class="xcft-slot">image slots</span> other tokens are context (not trained)</div>'
+    )
+    parts.append(f'<div class="xcft-seq">{render_sequence_html(enc, s.tokenizer)}</div>')
+    if enc.num_supervised == 0:
+        parts.append('<div class="xcft-note">No supervised token: training skips this sample.</div>')
+    parts.append("</div>")
+    return SampleView(overall, "".join(parts), enc)
+
+
+def trained_runs(enc: EncodedSample) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of trained tokens that does not cross an image."""
+    runs, i, ids = [], 0, enc.input_ids
+    while i < len(ids):
+        if ids[i] == IMAGE_SLOT or enc.labels[i] == IGNORE_INDEX:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] != IMAGE_SLOT and enc.labels[j] != IGNORE_INDEX:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
+    """Runs of equal trained-ness decoded together; image slots as labelled blocks; the cut marked."""
+    out: list[str] = []
+    ids, labels = enc.input_ids, enc.labels
+    specials = [
+        t
+        for t in (
+            tokenizer.bos_token,
+            tokenizer.eos_token,
+            tokenizer.convert_ids_to_tokens(tokenizer.turn_start_id),
+            tokenizer.convert_ids_to_tokens(tokenizer.turn_end_id),
+        )
+        if t
+    ]
+    i, image_no = 0, 0
+    while i < len(ids):
+        if ids[i] == IMAGE_SLOT:
+            j = i
+            while j < len(ids) and ids[j] == IMAGE_SLOT:
+                j += 1
+            image_no += 1
+            grid = enc.image_grids[image_no - 1] if image_no <= len(enc.image_grids) else None
+            crops = f"{grid[0]}×{grid[1]} crops · " if grid is not None else ""
+            out.append(f'<span class="xcft-slot" data-image="{image_no}">image {image_no} · {crops}{j - i} slots</span>')
+            i = j
+            continue
+        trained = labels[i] != IGNORE_INDEX
+        j = i
+        while j < len(ids) and ids[j] != IMAGE_SLOT and (labels[j] != IGNORE_INDEX) == trained:
+            j += 1
+        text = html.escape(tokenizer.decode(ids[i:j], skip_special_tokens=False))
+        for tok in specials:
+            esc = html.escape(tok)
+            text = text.replace(esc, f'<span class="xcft-special">{esc}</span>')
+        out.append(
+            f'<mark class="xcft-trained" data-tokens="{j - i}">{text}</mark>'
+            if trained
+            else f'<span class="xcft-context" data-tokens="{j - i}">{text}</span>'
+        )
+        i = j
+    if enc.truncated:
+        dropped = f"; {enc.dropped_images} image(s) after the cut dropped" if enc.dropped_images else ""
+        out.append(
+            f'<span class="xcft-cut">✂ cut here at {len(enc)} tokens '
+            f"({enc.untruncated_length - len(enc)} token(s) dropped{dropped})</span>"
+        )
+    return "".join(out)
+
+
+def _problems_html(problems: list[Problem]) -> str:
+    if not problems:
+        return ""
+    items = "".join(
+        f'<li class="xcft-problem xcft-{p.level}"><b>{p.level.upper()}</b> {html.escape(str(p))}</li>' for p in problems
+    )
+    return f'<ul class="xcft-problems">{items}</ul>'
+
+
+def _thumbnails_html(conv: Conversation, enc: EncodedSample) -> str:
+    if not conv.images:
+        return '<div class="xcft-thumbs xcft-noimage">text only (no image)</div>'
+    figs = []
+    for n, path in enumerate(conv.images, start=1):
+        dropped = n > enc.num_images
+        caption = f"{n}: {os.path.basename(str(path))}" + (" (dropped by truncation)" if dropped else "")
+        src, why = thumbnail_data_uri(path)
+        body = (
+            f'<img src="{src}" alt="image {n}">'
+            if src
+            else f'<div class="xcft-broken">cannot decode: {html.escape(why or "")}</div>'
+        )
+        figs.append(
+            f'<figure class="xcft-thumb{" xcft-dropped" if dropped else ""}" title="{html.escape(str(path))}">'
+            f"{body}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return f'<div class="xcft-thumbs">{"".join(figs)}</div>'
+
+
+def thumbnail_data_uri(path: str | os.PathLike[str], side: int = THUMB_SIDE) -> tuple[str | None, str | None]:
+    """A small JPEG of the image as a data: URI (the page needs no file access), or (None, reason)."""
+    from PIL import Image
+
+    from xcft.model.image_processing_xcomposer2 import to_rgb
+
+    try:
+        with Image.open(Path(path)) as img:
+            img.draft("RGB", (side * 2, side * 2))  # JPEG: decode at reduced scale, enough for a thumbnail
+            rgb = to_rgb(img)
+            rgb.thumbnail((side, side))
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=80)
+    except Exception as exc:  # PIL raises many kinds for broken files
+        return None, f"{type(exc).__name__}: {exc}"
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+def length_histogram(index: DataIndex) -> Any:
+    """A matplotlib Figure: token lengths per file (one panel each), max_length marked."""
+    from matplotlib.figure import Figure
+
+    files = [f for f in index.result.files if f.lengths][:MAX_HISTOGRAMS]
+    n = max(1, len(files))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 2.6 * rows), dpi=90)
+    max_length = index.settings.max_length
+    if not files:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no usable sample", ha="center", va="center")
+        ax.set_axis_off()
+    # one scale for every panel, from 0 to past max_length, so files compare at a glance
+    right = 1.03 * max([max_length] + [max(f.lengths) for f in files])
+    for k, f in enumerate(files):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.hist(f.lengths, bins=40, range=(0, right), color="#4c78a8")
+        ax.set_xlim(0, right)
+        ax.axvline(max_length, color="#e45756", linestyle="--", linewidth=1)
+        title = f.display if len(f.display) <= 40 else "…" + f.display[-39:]
+        ax.set_title(f"{title} ({len(f.lengths)})", fontsize=9)
+        ax.set_xlabel("tokens (image slots included)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    left_out = len([f for f in index.result.files if f.lengths]) - len(files)
+    if left_out > 0:
+        fig.suptitle(f"first {len(files)} files shown ({left_out} more)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,317 @@
+"""Training runs started from the web UI: start, follow, stop, resume — all through files.
+
+A run lives in ``WORKDIR/runs/<id>/``: ``run.json`` (arguments, output folder, start time), the
+runner's ``train.log``, ``train.pid`` and, once it ended, ``exit_code``. Progress and losses come
+from the ``trainer_log.jsonl`` that ``xcft train`` appends in its output folder. Nothing is kept
+only in the server's memory, so a reloaded page, or a restarted server, finds every run again and
+shows it as running, finished, stopped or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, write_atomic
+from xcft.errors import XcftError
+
+TRAINER_LOG_NAME = "trainer_log.jsonl"  # written by xcft.train.trainer.JsonLogCallback
+EXIT_SIGTERM = 143
+LOG_TAIL_BYTES = 64 * 1024
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@dataclass
+class RunStatus:
+    """What the page shows about a run."""
+
+    run_id: str
+    state: str  # starting, running, finished, stopped, failed, ended
+    message: str
+    output_dir: str
+    step: int = 0
+    max_steps: int = 0
+    eta_s: float | None = None
+    loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running")
+
+
+@dataclass
+class _LogCache:
+    offset: int = 0
+    size_at: int = 0
+    step: int = 0
+    max_steps: int = 0
+    eta_s: float | None = None
+    loss: dict[int, float] = field(default_factory=dict)
+    eval_loss: dict[int, float] = field(default_factory=dict)
+
+
+class RunManager:
+    """The runs under one work folder (one instance per server)."""
+
+    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+        self.root = Path(workdir) / "runs"
+        self._children: dict[str, subprocess.Popen] = {}  # runners this server started (reaped on poll)
+        self._logs: dict[str, _LogCache] = {}
+
+    # ------------------------------------------------------------------ listing
+
+    def run_ids(self) -> list[str]:
+        """Every run recorded under the work folder, newest first."""
+        if not self.root.is_dir():
+            return []
+        runs = [p for p in self.root.iterdir() if (p / RUN_RECORD).is_file()]
+        runs.sort(key=lambda p: (self._record(p.name).get("started", 0), p.name), reverse=True)
+        return [p.name for p in runs]
+
+    def _record(self, run_id: str) -> dict[str, Any]:
+        path = self.root / run_id / RUN_RECORD
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise XcftError(f"run {run_id}: cannot read {path} ({exc})") from None
+
+    def record(self, run_id: str) -> dict[str, Any]:
+        return self._record(run_id)
+
+    # ------------------------------------------------------------------ start / stop / resume
+
+    def start(self, argv: list[str], output_dir: str) -> str:
+        """Start ``xcft train argv`` (argv names ``output_dir``); returns the run id."""
+        out = Path(output_dir).expanduser()
+        if any(self.status(r).active and Path(self._record(r)["output_dir"]) == out.resolve() for r in self.run_ids()):
+            raise XcftError(f"a run is already writing to {out}; stop it first or choose another output_dir")
+        if out.is_dir() and (any(out.glob("checkpoint-*")) or (out / "trainer_state.json").is_file()):
+            raise XcftError(f"output_dir {out} already holds a run; choose another folder, or select that run and press Resume")
+        self.root.mkdir(parents=True, exist_ok=True)
+        run_id = self._new_id(out)
+        run_dir = self.root / run_id
+        run_dir.mkdir()
+        record = {
+            "id": run_id,
+            "argv": list(argv),
+            "output_dir": str(out.resolve()),
+            "cwd": os.getcwd(),
+            "started": time.time(),
+            "resumes": 0,
+        }
+        write_atomic(run_dir / RUN_RECORD, json.dumps(record, indent=1))
+        self._launch(run_id)
+        return run_id
+
+    def _new_id(self, out: Path) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.name or "run").strip("-.") or "run"
+        run_id, n = base, 1
+        while (self.root / run_id).exists():
+            n += 1
+            run_id = f"{base}-{n}"
+        return run_id
+
+    def _launch(self, run_id: str) -> None:
+        run_dir = self.root / run_id
+        for name in (PID_NAME, EXIT_NAME):
+            (run_dir / name).unlink(missing_ok=True)
+        self._logs.pop(run_id, None)
+        # A session of its own: the training survives the server and signals aimed at the server's group.
+        with open(run_dir / "runner.err", "ab") as err:
+            self._children[run_id] = subprocess.Popen(
+                [sys.executable, "-m", "xcft.commands.web.runner", str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def stop(self, run_id: str) -> str:
+        """SIGTERM to the training process: it finishes the step, writes a checkpoint and exits."""
+        st = self.status(run_id)
+        if not st.active:
+            raise XcftError(f"run {run_id} is not running ({st.state})")
+        pid = self._train_pid(run_id)
+        if pid is None:
+            raise XcftError(f"run {run_id} is still starting; press Stop again in a moment")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            raise XcftError(f"run {run_id}: the training process {pid} has already ended") from None
+        return f"SIGTERM sent to process {pid}: it saves a checkpoint after the current step, then stops"
+
+    def resume(self, run_id: str) -> None:
+        """Start the run again from its latest checkpoint (``--resume_from_checkpoint true``)."""
+        st = self.status(run_id)
+        if st.active:
+            raise XcftError(f"run {run_id} is still running")
+        if not st.checkpoints:
+            raise XcftError(f"run {run_id} has no checkpoint in {st.output_dir} to resume from; start a new run instead")
+        record = self._record(run_id)
+        argv = [*_without_option(record["argv"], "resume_from_checkpoint"), "--resume_from_checkpoint", "true"]
+        record.update(argv=argv, resumes=int(record.get("resumes", 0)) + 1, resumed=time.time())
+        write_atomic(self.root / run_id / RUN_RECORD, json.dumps(record, indent=1))
+        self._launch(run_id)
+
+    # ------------------------------------------------------------------ state
+
+    def _train_pid(self, run_id: str) -> int | None:
+        try:
+            return int((self.root / run_id / PID_NAME).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _alive(self, run_id: str, pid: int | None, output_dir: str) -> bool:
+        """The training process is alive and is this run's (its command line names the output folder)."""
+        if pid is None:
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            return True
+        return "xcft" in cmdline and (output_dir in cmdline or Path(output_dir).name in cmdline)
+
+    def status(self, run_id: str) -> RunStatus:
+        record = self._record(run_id)
+        run_dir = self.root / run_id
+        out = record["output_dir"]
+        child = self._children.get(run_id)
+        runner_alive = child is not None and child.poll() is None
+        exit_code = _read_int(run_dir / EXIT_NAME)
+        pid = self._train_pid(run_id)
+        st = RunStatus(run_id, "", "", out)
+        self._read_trainer_log(run_id, Path(out), st)
+        st.checkpoints = _checkpoints(Path(out))
+        last_ckpt = st.checkpoints[-1] if st.checkpoints else None
+        if exit_code is None:
+            if self._alive(run_id, pid, out):
+                st.state, st.message = "running", f"running (process {pid})"
+            elif runner_alive and pid is None:
+                st.state, st.message = "starting", "starting xcft train ..."
+            else:
+                st.state, st.message = "ended", "ended without a recorded exit status (the runner was killed)"
+        elif exit_code == 0:
+            st.state, st.message = "finished", f"finished: output in {out}"
+        elif exit_code == EXIT_SIGTERM:
+            st.state = "stopped"
+            st.message = (
+                f"stopped at step {st.step}; checkpoint written: {Path(last_ckpt).name}. Resume continues from it"
+                if last_ckpt
+                else f"stopped at step {st.step} (no checkpoint was written)"
+            )
+        else:
+            st.state = "failed"
+            st.message = f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}"
+        return st
+
+    def _read_trainer_log(self, run_id: str, output_dir: Path, st: RunStatus) -> None:
+        """Follow ``trainer_log.jsonl`` incrementally (only the new lines are parsed)."""
+        cache = self._logs.setdefault(run_id, _LogCache())
+        path = output_dir / TRAINER_LOG_NAME
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        if size < cache.offset:  # replaced: start over
+            cache = self._logs[run_id] = _LogCache()
+        if size > cache.offset:
+            with open(path, "rb") as f:
+                f.seek(cache.offset)
+                chunk = f.read(size - cache.offset)
+            end = chunk.rfind(b"\n") + 1  # only whole lines; a half-written one is read next time
+            cache.offset += end
+            for line in chunk[:end].splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                step = int(rec.get("step", 0))
+                if rec.get("event") == "begin":  # a resumed run: values after its start step are redone
+                    cache.loss = {s: v for s, v in cache.loss.items() if s <= step}
+                    cache.eval_loss = {s: v for s, v in cache.eval_loss.items() if s <= step}
+                cache.step = step
+                cache.max_steps = int(rec.get("max_steps") or cache.max_steps)
+                cache.eta_s = rec.get("eta_s", cache.eta_s if rec.get("event") != "begin" else None)
+                if isinstance(rec.get("loss"), (int, float)):
+                    cache.loss[step] = float(rec["loss"])
+                if isinstance(rec.get("eval_loss"), (int, float)):
+                    cache.eval_loss[step] = float(rec["eval_loss"])
+        st.step, st.max_steps, st.eta_s = cache.step, cache.max_steps, cache.eta_s
+        st.loss = sorted(cache.loss.items())
+        st.eval_loss = sorted(cache.eval_loss.items())
+
+    def log_tail(self, run_id: str, max_lines: int = 200) -> str:
+        """The end of the run's log, progress-bar redraws collapsed to their last state."""
+        path = self.root / run_id / LOG_NAME
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+                data = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
+        lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
+        return "\n".join(lines[-max_lines:])
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for tok in argv:
+        if skip and not tok.startswith("--"):
+            continue
+        skip = False
+        if tok == f"--{name}" or tok.startswith(f"--{name}="):
+            skip = not tok.startswith(f"--{name}=")
+            continue
+        out.append(tok)
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _checkpoints(output_dir: Path) -> list[str]:
+    """Complete checkpoints (final name and trainer state), oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        if m and (child / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), str(child)))
+    return [p for _, p in sorted(found)]
+
+
+def _last_error(log: Path) -> str:
+    """The CLI's one-line error ("error: ...") from the log, else its last non-empty line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "no log"
+    lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln[len("error:") :].strip()
+    return lines[-1] if lines else "no output"

@@ -1,0 +1,561 @@
+"""``xcft web`` driven in a real headless browser (system Chromium through Playwright's Python API).
+
+One server per module, started as ``xcft web`` in a subprocess on a free port; every check goes
+through the page (clicks, typing, uploads) and reads what the page shows. Expected values come from
+the CLI (``xcft inspect --format json``, ``xcft check-data``) or from files the runs leave. Screenshots
+of each tab go to the test's temp folder (and, with ``XCFT_WEB_SCREENSHOTS=DIR``, to DIR, which is
+how the README's pictures are made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("gradio", reason="gradio is not installed (pip install 'xcft[web]')")
+try:
+    from playwright.sync_api import Page, sync_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    sync_playwright = None  # type: ignore[assignment]
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+IMG_SIZE = 56  # 16 slots per image: quick on a CPU
+MAX_LENGTH = 160
+SERVER_START_S = 180
+
+
+def _skip_without_browser() -> None:
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed (pip install 'xcft[test]'); the web UI tests drive a real browser")
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium); the web UI tests drive a real browser")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TOKENIZERS_PARALLELISM="false",
+        GRADIO_ANALYTICS_ENABLED="False",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+# --------------------------------------------------------------------------- what the tests work on
+
+
+def _build_assets(root: Path) -> dict[str, Path]:
+    """A tiny model folder and a data.txt with a clean file and a broken one (images made with PIL)."""
+    from PIL import Image
+
+    from xcft.data.spm_builder import build_tokenizer
+    from xcft.model.loading import save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    tok = build_tokenizer(root / "tok", vocab_size=1000)
+    model = build_model("tiny", img_size=IMG_SIZE, vocab_size=1000, seed=0, max_length=MAX_LENGTH)
+    base = save_pretrained(model, InternLM2Tokenizer.from_model_file(tok), root / "base")
+    data = root / "data"
+    (data / "img").mkdir(parents=True)
+    for i, colour in enumerate([(210, 40, 40), (40, 190, 60), (40, 60, 200)]):
+        img = Image.new("RGB", (96, 72), (235, 235, 235))
+        img.paste(Image.new("RGB", (48, 36), colour), (24, 18))
+        img.save(data / "img" / f"{i}.png")
+    good = [
+        {
+            "id": "red",
+            "image": "img/0.png",
+            "conversations": [
+                {"from": "user", "value": "<ImageHere>What colour is the square?"},
+                {"from": "assistant", "value": "The square is red."},
+            ],
+        },
+        {
+            "id": "hello",
+            "conversations": [
+                {"from": "user", "value": "Say hello."},
+                {"from": "assistant", "value": "Hello there."},
+                {"from": "user", "value": "Again."},
+                {"from": "assistant", "value": "Hello again."},
+            ],
+        },
+        {
+            "id": "two",
+            "image": ["img/1.png", "img/2.png"],
+            "conversations": [
+                {"from": "user", "value": "Compare <ImageHere> with <ImageHere>."},
+                {"from": "assistant", "value": "Green, then blue."},
+            ],
+        },
+    ]
+    bad = [
+        {"id": "fine", "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},
+        {"id": "narrator", "conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {
+            "id": "lost",
+            "image": "img/nope.png",
+            "conversations": [{"from": "user", "value": "<ImageHere>q"}, {"from": "assistant", "value": "a"}],
+        },
+    ]
+    (data / "good.json").write_text(json.dumps(good), encoding="utf-8")
+    (data / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    (data / "data.txt").write_text("good.json 0.006\nbad.json 0.003\n", encoding="utf-8")
+    return {"base": base, "data_txt": data / "data.txt", "good": data / "good.json", "image": data / "img" / "0.png"}
+
+
+class WebServer:
+    """``xcft web`` in a subprocess: start, kill (like a crash), start again on the same work folder."""
+
+    def __init__(self, workdir: Path, log: Path) -> None:
+        self.workdir, self.log = workdir, log
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, wait: bool = True) -> None:
+        """Launch the server; with ``wait``, return once it answers and has printed its address."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "xcft.cli", "web", "--port", str(port), "--workdir", str(self.workdir), "--device", "cpu"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=_env(),
+                cwd=str(self.workdir.parent),
+            )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        assert self.proc is not None
+        deadline = time.time() + SERVER_START_S
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"xcft web exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    # it answers, and it has printed its address for the user
+                    if r.status == 200 and f"open {self.url}" in self.log.read_text():
+                        break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError(
+                f"xcft web did not start (answer and print its address) within {SERVER_START_S} s:\n"
+                f"{self.log.read_text()[-3000:]}"
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    _skip_without_browser()
+    root = tmp_path_factory.mktemp("web")
+    server = WebServer(root / "work", root / "server.log")
+    server.start(wait=False)  # it starts up while the model and data are built
+    try:
+        assets = _build_assets(root)
+        server.wait()
+    except BaseException:
+        server.kill()
+        raise
+    shots = root / "screenshots"
+    shots.mkdir()
+    env: dict[str, Any] = {"root": root, "server": server, "shots": shots, **assets}
+    try:
+        yield env
+    finally:
+        server.kill()
+        for run_pid in (root / "work" / "runs").glob("*/train.pid"):  # nothing a test started keeps running
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(run_pid.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page(web) -> Iterator[Page]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(30_000)
+        pg.goto(web["server"].url)
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- page helpers
+
+
+def _tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _fill(page: Page, elem_id: str, value: Any) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.press("Tab")  # blur: number fields commit their value
+
+
+def _rows(page: Page, elem_id: str) -> list[list[str]]:
+    rows = page.locator(f"#{elem_id} .virtual-row")
+    return [[c.inner_text().strip() for c in rows.nth(i).locator("[role=gridcell]").all()] for i in range(rows.count())]
+
+
+def _shot(page: Page, web: dict[str, Any], name: str) -> None:
+    """Screenshot into the test folder; also into $XCFT_WEB_SCREENSHOTS (kept small for the docs)."""
+    path = web["shots"] / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0
+    docs = os.environ.get("XCFT_WEB_SCREENSHOTS")
+    if docs:
+        from PIL import Image
+
+        out = Path(docs) / f"web-{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as img:
+            img.convert("RGB").quantize(colors=128).save(out, optimize=True)
+
+
+def _check(page: Page, data: Path | str, model: Path | str, max_length: int = 0) -> None:
+    _tab(page, "Data")
+    _fill(page, "data-path", data)
+    _fill(page, "data-model", model)
+    _fill(page, "data-max-length", max_length)
+    mark = page.locator("#data-status .xcft-check")
+    before = mark.get_attribute("data-done") if mark.count() else ""
+    page.click("#data-check")
+    page.wait_for_function(
+        "b => { const e = document.querySelector('#data-status .xcft-check'); return e && e.dataset.done !== b; }",
+        arg=before,
+        timeout=120_000,
+    )
+    page.wait_for_timeout(300)  # the other outputs of the same answer render
+
+
+def _show_index(page: Page, index: int) -> None:
+    _fill(page, "sample-id", "")
+    _fill(page, "sample-index", index)
+    page.click("#sample-show")
+    page.wait_for_selector(f'#sample-view .xcft-sample[data-index="{index}"]')
+
+
+def _trained_texts(data: Path, model: Path, index: int, capsys) -> tuple[list[str], dict[str, Any]]:
+    """What ``xcft inspect --format json`` says is trained: each run of trained tokens, decoded."""
+    from xcft.cli import main
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    capsys.readouterr()
+    assert main(["inspect", str(data), "--model", str(model), "--index", str(index), "--format", "json"]) == 0
+    enc = json.loads(capsys.readouterr().out)
+    tok = InternLM2Tokenizer.from_model_file(model / "tokenizer.model")
+    runs, i = [], 0
+    ids, labels, mask = enc["input_ids"], enc["labels"], enc["image_mask"]
+    while i < len(ids):
+        if mask[i] or labels[i] == -100:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and not mask[j] and labels[j] != -100:
+            j += 1
+        runs.append(tok.decode(ids[i:j], skip_special_tokens=False))
+        i = j
+    return runs, enc
+
+
+def _run_state(page: Page) -> tuple[str, int]:
+    box = page.locator("#train-status .xcft-run")
+    if not box.count():
+        return "", 0
+    points = page.locator("#train-status .xcft-loss-points")
+    return box.first.get_attribute("data-state") or "", int(points.first.get_attribute("data-n") or 0) if points.count() else 0
+
+
+def _wait_run(page: Page, until, timeout: float = 240.0) -> list[tuple[str, int]]:
+    """Poll the page's run status until ``until(state, points)``; returns what was seen."""
+    seen: list[tuple[str, int]] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state, n = _run_state(page)
+        if not seen or seen[-1] != (state, n):
+            seen.append((state, n))
+        if until(state, n):
+            return seen
+        assert state not in ("failed", "ended"), (
+            page.inner_text("#train-status") + "\n" + page.locator("#train-log textarea").input_value()[-3000:]
+        )
+        page.wait_for_timeout(300)
+    raise AssertionError(f"run did not reach the expected state; seen {seen}\n{page.inner_text('#train-status')}")
+
+
+# --------------------------------------------------------------------------- Data tab
+
+
+def test_data_tab_summary_problems_and_histogram(page, web):
+    _check(page, web["data_txt"], web["base"])
+    status = page.inner_text("#data-status")
+    assert "6 samples in 2 file(s)" in status and "FAILED: 2 error(s)" in status
+    rows = {r[0]: r for r in _rows(page, "data-summary")}
+    assert set(rows) == {"good.json", "bad.json", "total"}
+    assert rows["good.json"][1:5] == ["3", "3", "6", "3"]  # samples, usable, drawn/epoch, images
+    assert rows["bad.json"][1:3] == ["3", "1"] and rows["total"][1] == "6"
+    assert page.locator("#data-hist img").count() == 1  # the length histogram is a picture
+
+    problems = _rows(page, "data-problems")
+    assert [(p[0], p[1], p[3], p[4]) for p in problems] == [
+        ("error", "bad.json", "1", "narrator"),
+        ("error", "bad.json", "2", "lost"),
+    ]
+    assert 'unknown role "narrator"' in problems[0][5] and "nope.png" in problems[1][5]
+
+    # the filter narrows the table; clicking a problem opens its sample
+    _fill(page, "problems-filter", "nope")
+    page.locator("#problems-filter textarea").press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('#data-problems .virtual-row').length === 1")
+    page.locator("#data-problems .virtual-row [role=gridcell]").nth(5).click()
+    page.wait_for_selector('#sample-view .xcft-sample[data-index="5"]')
+    view = page.inner_text("#sample-view")
+    assert "bad.json: sample 2 (overall index 5)" in view and "nope.png" in view and "not found" in view
+    _fill(page, "problems-filter", "")
+    page.locator("#problems-filter textarea").press("Enter")
+    _show_index(page, 0)
+    _shot(page, web, "data-generated")
+
+
+def test_sample_view_matches_inspect(page, web, capsys):
+    _check(page, web["data_txt"], web["base"])
+    for index, n_images in ((0, 1), (1, 0), (2, 2)):
+        if index == 1:  # paging: Next moves one sample on
+            page.click("#sample-next")
+            page.wait_for_selector('#sample-view .xcft-sample[data-index="1"]')
+        else:
+            _show_index(page, index)
+        expected, enc = _trained_texts(web["data_txt"], web["base"], index, capsys)
+        marks = [m.text_content() for m in page.locator("#sample-view .xcft-seq mark.xcft-trained").all()]
+        assert expected and marks == expected, (index, marks, expected)
+        assert page.locator("#sample-view .xcft-thumb img").count() == n_images
+        assert page.locator("#sample-view .xcft-seq .xcft-slot").count() == n_images
+        counts = {
+            c.get_attribute("data-name"): int(c.locator("b").first.inner_text())
+            for c in page.locator("#sample-view .xcft-count").all()
+        }
+        assert counts["total"] == len(enc["input_ids"])
+        assert counts["supervised"] == sum(1 for v in enc["labels"] if v != -100)
+        assert counts["image_slots"] == sum(enc["image_mask"]) == n_images * (IMG_SIZE // 14) ** 2
+    # by id
+    _fill(page, "sample-id", "hello")
+    page.click("#sample-show")
+    page.wait_for_selector('#sample-view .xcft-sample[data-index="1"]')
+
+
+def test_sample_view_marks_truncation(page, web):
+    _check(page, web["good"], web["base"], max_length=30)
+    _show_index(page, 2)  # two images of 16 slots: the cut at 30 falls inside the second one
+    view = page.locator("#sample-view")
+    assert view.locator(".xcft-cut").count() == 1 and view.locator(".xcft-truncated").count() == 1
+    assert view.locator(".xcft-thumb.xcft-dropped").count() == 1 and view.locator(".xcft-seq .xcft-slot").count() == 1
+
+
+def test_official_examples(page, web, examples_dir, fixture_dir):
+    _check(page, examples_dir / "data.txt", fixture_dir)
+    assert "OK: training can start" in page.inner_text("#data-status")
+    rows = {r[0]: r for r in _rows(page, "data-summary")}
+    assert len(rows) == 4 and rows["total"][1] == "6"
+    for name in (
+        "data/only_text_example.json",
+        "data/single_turn_single_image_example.json",
+        "data/multi_turn_multi_images_example.json",
+    ):
+        assert rows[name][1] == "2"
+    _show_index(page, 2)  # the first sample of the single-image file: one image, placed before its text
+    assert page.locator("#sample-view .xcft-thumb img").count() == 1
+    assert page.locator("#sample-view .xcft-seq mark.xcft-trained").count() >= 1
+    _shot(page, web, "data")
+
+
+def test_bad_input_shows_the_cli_message(page, web, capsys, tmp_path):
+    from xcft.cli import main
+
+    missing_model = tmp_path / "no-such-model"
+    capsys.readouterr()
+    assert main(["check-data", str(web["data_txt"]), "--model", str(missing_model)]) == 1
+    cli_line = capsys.readouterr().err.strip()
+    assert cli_line.startswith("error: ")
+    _check(page, web["data_txt"], missing_model)
+    assert page.inner_text("#data-status").strip() == cli_line
+
+    _check(page, tmp_path / "nothing.txt", web["base"])
+    assert "data path not found" in page.inner_text("#data-status")
+    _show_index_error = page.locator("#sample-view").inner_text()
+    assert "Traceback" not in _show_index_error
+    # the server is still there and answers the next request
+    _check(page, web["good"], web["base"])
+    assert "OK: training can start" in page.inner_text("#data-status")
+
+
+# --------------------------------------------------------------------------- Train tab
+
+
+def _start_run(page: Page, web: dict[str, Any], output: Path, max_steps: int, extra: dict[str, Any] | None = None) -> None:
+    _tab(page, "Train")
+    # the page has loaded its state (it suggests an output folder) before anything is typed
+    page.wait_for_function("() => document.querySelector('#train-output_dir textarea').value.length > 0")
+    _fill(page, "train-model_name_or_path", web["base"])
+    _fill(page, "train-data_path", web["good"])
+    page.locator("#train-use_lora input[type=checkbox]").check()
+    for key, value in {"lora_r": 8, "max_steps": max_steps, "per_device_train_batch_size": 2, "output_dir": output}.items():
+        _fill(page, f"train-{key}", value)
+    for key, value in (extra or {}).items():  # folded options: open their section first
+        if not page.locator(f"#train-{key}").is_visible():
+            page.locator("#train-more").get_by_text("all other options").first.click()
+            page.locator("#train-more").get_by_text("Training (TrainingArguments)").first.click()
+        _fill(page, f"train-{key}", value)
+    expected = ["--use_lora true", f"--output_dir {output}", "--lora_r 8", f"--max_steps {max_steps}"]
+    expected += [f"--{key} {value}" for key, value in (extra or {}).items()]
+    page.wait_for_function(
+        "parts => parts.every(p => document.querySelector('#train-command').innerText.includes(p))", arg=expected
+    )
+    command = page.inner_text("#train-command")
+    assert f"max_steps: {max_steps}" in page.inner_text("#train-yaml")
+    assert all(part in command for part in expected)
+    page.click("#train-start")
+    page.wait_for_function("() => document.querySelector('#train-action').innerText.includes('started run')")
+
+
+@pytest.fixture(scope="module")
+def finished_run(page, web) -> dict[str, Any]:
+    """A short LoRA run started and watched through the page."""
+    output = web["root"] / "runs-out" / "short"
+    _start_run(page, web, output, max_steps=6)
+    seen = _wait_run(page, lambda s, n: s == "finished")
+    return {"output": output, "seen": seen}
+
+
+@pytest.mark.slow
+def test_train_tab_runs_and_draws_the_loss_curve(page, web, finished_run):
+    seen, output = finished_run["seen"], finished_run["output"]
+    final_state, final_points = seen[-1]
+    assert final_state == "finished" and final_points == 6
+    assert any(s == "running" and n < final_points for s, n in seen), seen  # points arrived while it ran
+    assert (output / "adapter_config.json").is_file() and (output / "trainer_log.jsonl").is_file()
+    assert page.locator("#train-loss img").count() == 1
+    assert "finished" in page.locator("#train-log textarea").input_value()
+    _shot(page, web, "train")
+
+
+@pytest.mark.slow
+def test_stop_resume_and_server_restart(page, web):
+    output = web["root"] / "runs-out" / "long"
+    _start_run(page, web, output, max_steps=100_000, extra={"save_steps": 1_000_000})
+    _wait_run(page, lambda s, n: s == "running" and n >= 2)
+
+    page.reload()  # the page finds the running run again
+    _tab(page, "Train")
+    _wait_run(page, lambda s, n: s == "running" and n >= 2)
+    run_id = page.locator("#train-status .xcft-run").get_attribute("data-run")
+    train_pid = int((web["root"] / "work" / "runs" / run_id / "train.pid").read_text())
+
+    web["server"].kill()  # the server dies; the training does not
+    os.kill(train_pid, 0)
+    n_before = len((output / "trainer_log.jsonl").read_text().splitlines())
+    deadline = time.time() + 30
+    while len((output / "trainer_log.jsonl").read_text().splitlines()) <= n_before:
+        assert time.time() < deadline, "training goes on without the server"
+        time.sleep(0.2)
+    web["server"].start()
+    page.goto(web["server"].url)
+    _tab(page, "Train")
+    _wait_run(page, lambda s, n: s == "running")
+    assert page.locator("#train-status .xcft-run").get_attribute("data-run") == run_id
+
+    page.click("#train-stop")
+    seen = _wait_run(page, lambda s, n: s == "stopped")
+    message = page.inner_text("#train-status")
+    ckpt = re.search(r"checkpoint written: (checkpoint-\d+)", message)
+    assert ckpt, message
+    assert (output / ckpt.group(1) / "trainer_state.json").is_file()
+    stopped_step = int(ckpt.group(1).split("-")[1])
+
+    page.click("#train-resume")
+    _wait_run(page, lambda s, n: s == "running" and n > seen[-1][1])
+    assert f"resuming from {output / ckpt.group(1)}" in page.locator("#train-log textarea").input_value()
+    page.click("#train-stop")
+    _wait_run(page, lambda s, n: s == "stopped")
+    later = re.search(r"checkpoint written: checkpoint-(\d+)", page.inner_text("#train-status"))
+    assert later and int(later.group(1)) > stopped_step
+
+
+# --------------------------------------------------------------------------- Chat and Export
+
+
+@pytest.mark.slow
+def test_chat_with_the_trained_adapter(page, web, finished_run):
+    _tab(page, "Chat")
+    _fill(page, "chat-model", finished_run["output"])
+    page.click("#chat-load")
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('loaded')", timeout=120_000)
+    assert "LoRA adapter" in page.inner_text("#chat-status") and str(web["base"]) in page.inner_text("#chat-status")
+    page.locator("#chat-images input[type=file]").set_input_files(str(web["image"]))
+    page.wait_for_timeout(500)
+    page.locator("#chat-sampling input[type=checkbox]").uncheck()
+    _fill(page, "chat-max-new-tokens", 12)
+    for turn, question in enumerate(["What colour is the square?", "And the background?"]):
+        _fill(page, "chat-query", question)
+        page.click("#chat-send")
+        page.wait_for_function(
+            "s => document.querySelector('#chat-status').innerText.includes(s)", arg=f"answered turn {turn + 1} ", timeout=120_000
+        )
+        assert "error" not in page.inner_text("#chat-status")
+    bot = page.locator("#chat-bot [data-testid=bot]")
+    assert bot.count() == 2 and all(b.inner_text().strip() for b in bot.all())
+    assert page.locator("#chat-bot img").count() >= 1  # the uploaded image is in the conversation
+    _shot(page, web, "chat")
+    page.click("#chat-clear")
+    page.wait_for_function("() => document.querySelectorAll('#chat-bot [data-testid=bot]').length === 0")
+
+
+@pytest.mark.slow
+def test_export_merges_and_shows_the_probe_difference(page, web, finished_run):
+    merged = web["root"] / "merged"
+    _tab(page, "Export")
+    _fill(page, "export-adapter", finished_run["output"])
+    _fill(page, "export-output", merged)
+    page.click("#export-merge")
+    page.wait_for_selector("#export-result .xcft-probe, #export-result .xcft-error", timeout=180_000)
+    result = page.locator("#export-result .xcft-probe")
+    assert result.count() == 1, page.inner_text("#export-result") + page.locator("#export-log textarea").input_value()
+    diff = float(result.get_attribute("data-diff"))
+    tol = float(re.search(r"tolerance ([0-9.eE+-]+)", page.inner_text("#export-result")).group(1))
+    assert 0 <= diff <= tol
+    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+    _shot(page, web, "export")
+    page.click("#export-merge")  # the same output again: the CLI's refusal, in the page
+    page.wait_for_selector("#export-result .xcft-error", timeout=120_000)
+    assert "exists and is not empty" in page.inner_text("#export-result")
