@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
+from xcft.data.images import IMAGE_FIX, decode_problem
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
-from xcft.errors import XcftError
+from xcft.errors import ModelFolderError, XcftError
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,19 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
     if cfg_path.is_file():
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise XcftError(f"{cfg_path}: cannot read config.json ({exc}); fix or replace the file") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ModelFolderError(f"{cfg_path}: cannot read config.json ({exc}); fix or replace the file") from None
+        if not isinstance(config, dict):
+            raise ModelFolderError(
+                f"{cfg_path}: config.json is {type(config).__name__ if config is not None else 'null'}, not a JSON object; "
+                "fix or replace the file (it must be {\"img_size\": ..., ...})"
+            )
+        for key in ("img_size", "max_length"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ModelFolderError(
+                    f"{cfg_path}: {key} is {value!r} ({type(value).__name__}); expected a positive integer. Fix the file"
+                )
     if img_size is None:
         img_size = config.get("img_size")
         if img_size is None:
@@ -126,21 +138,6 @@ def _length_stats(lengths: list[int]) -> dict[str, float | int | None]:
     return {"min": min(lengths), "median": int(med) if float(med).is_integer() else med, "max": max(lengths)}
 
 
-def _decode_error(path: Path) -> str | None:
-    """None when the image decodes fully, else the reason."""
-    from PIL import Image
-
-    from xcft.model.image_processing_xcomposer2 import to_rgb
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            to_rgb(img)
-    except Exception as exc:  # PIL raises many kinds for broken files
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @dataclass
 class CheckResult:
     spec: DataSpec | None
@@ -174,7 +171,7 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
     n_workers = max(1, workers or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decode_errors = dict(zip(paths, pool.map(_decode_error, paths)))
+        decode_errors = dict(zip(paths, pool.map(decode_problem, paths)))
 
     for src, report, convs in zip(spec.sources, files, per_file):
         for conv in convs:
@@ -183,7 +180,7 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
             bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
             for p, why in bad:
                 problems.append(
-                    Problem(src.display, conv.index, conv.id, f"image {p} cannot be decoded ({why})", "replace the file or re-save it as JPEG/PNG")
+                    Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX)
                 )
             if bad:
                 continue

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xcft.errors import XcftError
+from xcft.errors import ModelFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -118,10 +118,9 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in INDEX_FILES:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise XcftError(f"{index} is not a valid shard index (no weight_map): {exc}") from exc
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelFolderError(f"{index} is not a valid shard index (no weight_map of file names); re-download it")
             files = sorted({folder / name for name in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
@@ -143,23 +142,48 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            part = load_file(str(path), device="cpu")
-        else:
-            try:
-                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # pickle errors are user-facing here: a file we refuse to unpickle
-                raise XcftError(
-                    f"{path} could not be read with torch.load(weights_only=True) ({exc}); "
-                    "convert it to safetensors in a trusted environment"
-                ) from exc
+        part = _read_weight_file(path)
         dup = set(part) & set(state)
         if dup:
             raise XcftError(f"{path} repeats tensors already read from another shard: {sorted(dup)[:5]}")
         state.update(part)
     return state
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one ``.safetensors`` or ``.bin`` file; a truncated, corrupt or unsafe file is one error line."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
+            raise ModelFolderError(
+                f"{path} cannot be read as safetensors ({_first_line(exc)}): the file is truncated or corrupt; "
+                "re-download or re-save it"
+            ) from None
+    import pickle
+
+    try:
+        part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors: never unpickled
+        raise ModelFolderError(
+            f"{path} could not be read with torch.load(weights_only=True) ({_first_line(exc)}); "
+            "convert it to safetensors in a trusted environment"
+        ) from None
+    except Exception as exc:  # a truncated zip archive, a file that is not a checkpoint at all
+        raise ModelFolderError(
+            f"{path} cannot be read as a PyTorch checkpoint ({_first_line(exc)}): the file is truncated or corrupt; "
+            "re-download or re-save it"
+        ) from None
+    if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+        raise ModelFolderError(f"{path} does not hold a state dict of tensors; re-download or re-save it")
+    return part
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def plora_rank_from_weights(state: dict[str, torch.Tensor]) -> int | None:
@@ -194,15 +218,91 @@ def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
 # ============================================================================ config + model
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json and friends); anything else is one error line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path} is not UTF-8 text (byte offset {exc.start}); re-download or fix the file") from None
+    except OSError as exc:
+        raise ModelFolderError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); re-download or fix the file"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelFolderError(f"{path} cannot be parsed ({_first_line(exc)}); re-download or fix the file") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(data), "null")
+        raise ModelFolderError(f"{path} holds {kind}, not a JSON object; re-download or fix the file")
+    return data
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "dict": (dict,),
+    "PreTrainedConfig": (dict,),
+    "None": (type(None),),
+}
+
+
+def check_config_types(raw: dict[str, Any], path: str | os.PathLike) -> None:
+    """Every field of :class:`XComposer2Config` present in ``raw`` has a JSON value of its declared type.
+
+    Catches ``"hidden_size": "4096"`` or ``"img_size": [490]`` as one line naming the field,
+    instead of a failure deep inside model construction.
+    """
+    for key, annotation in XComposer2Config.__annotations__.items():
+        if key not in raw or not isinstance(annotation, str):
+            continue
+        names = [part.strip() for part in annotation.split("|")]
+        allowed: tuple[type, ...] = ()
+        for name in names:
+            base = name.split("[", 1)[0]
+            if base == "list":
+                allowed += (list,)
+            elif base in _JSON_TYPES:
+                allowed += _JSON_TYPES[base]
+            else:
+                allowed = ()
+                break
+        if not allowed:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            expected = " or ".join("null" if n == "None" else "an object" if n in ("dict", "PreTrainedConfig") else n for n in names)
+            raise ModelFolderError(
+                f"{path}: field {key!r} is {json.dumps(value)[:80]} ({type(value).__name__}); expected {expected}. "
+                "Fix the file or re-download the checkpoint"
+            )
+
+
 def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config:
-    """Our configuration for an official or own folder (errors are user errors)."""
+    """Our configuration for an official or own folder; any problem with the files is one error line."""
+    from xcft.model.configuration_xcomposer2 import VISION_CONFIG_FILE
+
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise XcftError(f"{folder} has no config.json; pass a model folder (official checkpoint or xcft output)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} has no config.json; pass a model folder (official checkpoint or xcft output)")
+    raw = read_json_object(path)
+    check_config_types(raw, path)
+    if raw.get("vision_config") is None and (folder / VISION_CONFIG_FILE).is_file():
+        read_json_object(folder / VISION_CONFIG_FILE)
     try:
         return XComposer2Config.from_pretrained(str(folder), **overrides)
-    except ValueError as exc:
-        raise XcftError(f"{folder / 'config.json'}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFolderError(f"{path}: {_first_line(exc)}; fix the file or re-download the checkpoint") from None
 
 
 def build_from_state_dict(
@@ -213,8 +313,11 @@ def build_from_state_dict(
     device: torch.device,
     source: str = "checkpoint",
 ) -> XComposer2ForCausalLM:
-    """Build the model on the meta device and assign ``state`` (adapted) with strict key checks."""
-    state = dict(state)
+    """Build the model on the meta device and assign ``state`` (adapted) with strict key checks.
+
+    ``state`` is consumed: each tensor leaves the dict as its converted copy is made, so a dtype
+    change never holds two full copies of the weights.
+    """
     if POSITION_KEY in state:
         state[POSITION_KEY] = resize_position_table(state[POSITION_KEY], config.vision_grid)
     with torch.device("meta"):
@@ -233,7 +336,11 @@ def build_from_state_dict(
             raise XcftError(
                 f"{source}: tensor {key} has shape {tuple(value.shape)} but config.json implies {tuple(own[key].shape)}"
             )
-    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    converted = {}
+    for key in list(state):
+        value = state.pop(key)
+        converted[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        del value
     model.load_state_dict(converted, strict=True, assign=True)
     materialize_non_persistent_buffers(model, device)
     return model.eval()
@@ -250,7 +357,7 @@ def load_model(
     folder = Path(path)
     config = load_config(folder)
     state = read_state_dict(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_json_object(folder / "config.json")
     rank = plora_rank_from_weights(state)
     if rank is not None and rank != config.plora_r:
         logger.info("Partial-LoRA rank %d read from the weights (config said %d)", rank, config.plora_r)
@@ -276,8 +383,13 @@ def load_tokenizer(path: str | os.PathLike):
 
     model_file = Path(path) / "tokenizer.model"
     if not model_file.is_file():
-        raise XcftError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
-    return InternLM2Tokenizer.from_model_file(model_file)
+        raise ModelFolderError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
+    try:
+        return InternLM2Tokenizer.from_model_file(model_file)
+    except Exception as exc:  # sentencepiece raises RuntimeError/OSError for a file it cannot parse
+        raise ModelFolderError(
+            f"{model_file} is not a usable SentencePiece model ({_first_line(exc)}); copy the InternLM2 tokenizer.model again"
+        ) from None
 
 
 def load_pretrained(
@@ -294,11 +406,12 @@ def load_pretrained(
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise XcftError(f"model folder {folder} does not exist")
+        raise ModelFolderError(f"model folder {folder} does not exist")
     if is_adapter_folder(folder):
         return load_adapter_folder(folder, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(folder)  # first: a missing tokenizer should not cost a full weight load
     model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    return model, load_tokenizer(folder)
+    return model, tokenizer
 
 
 def load_adapter_folder(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
@@ -407,6 +520,8 @@ __all__ = [
     "load_model",
     "load_config",
     "load_tokenizer",
+    "read_json_object",
+    "check_config_types",
     "save_pretrained",
     "convert_command",
     "read_state_dict",

@@ -1,0 +1,7 @@
+"""``python -m xcft``: the same as the ``xcft`` command."""
+
+import sys
+
+from xcft.cli import main
+
+sys.exit(main())
