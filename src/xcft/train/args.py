@@ -197,7 +197,82 @@ def _make_parser():
     classes = _arg_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
-    return HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser = HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser.error = _one_line_error  # type: ignore[method-assign]
+    return parser
+
+
+def _one_line_error(message: str) -> None:
+    """argparse's error (usage + message + exit 2) as one XcftError line, e.g. a flag of the wrong type."""
+    raise XcftError(f"xcft train: {message}; run 'xcft train --help' for the options and their types")
+
+
+def _yaml_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check_value(key: str, value: Any, action: Any, source: str) -> Any:
+    """``value`` of option ``key`` from a YAML file, converted to the option's type; one error line otherwise.
+
+    argparse converts only string defaults, so a YAML ``learning_rate: [1, 2]`` would reach the
+    trainer unchecked; this applies the flag's own type to YAML values of any type.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    conv = action.type
+    choices = list(action.choices) if action.choices else None
+
+    def fail(expected: str) -> XcftError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return XcftError(f"{source}: option '{key}' is {shown} ({_yaml_type(value)}); expected {expected}")
+
+    def one(v: Any, expected_prefix: str = "") -> Any:
+        if conv is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise fail(expected_prefix + "a number")
+            try:
+                return float(v)
+            except ValueError:
+                raise fail(expected_prefix + "a number") from None
+        if conv is int:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not v.is_integer()):
+                raise fail(expected_prefix + "an integer")
+            try:
+                return int(v)
+            except ValueError:
+                raise fail(expected_prefix + "an integer") from None
+        if conv is string_to_bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                try:
+                    return string_to_bool(str(v))
+                except Exception:
+                    pass
+            raise fail("true or false")
+        if choices is not None:
+            text = getattr(v, "value", v)
+            if not isinstance(text, str) or text not in [getattr(c, "value", c) for c in choices]:
+                raise fail("one of " + ", ".join(str(getattr(c, "value", c)) for c in choices))
+            return conv(text) if conv is not None else text
+        if conv is str and isinstance(v, (bool, int, float)):
+            return str(v).lower() if isinstance(v, bool) else str(v)
+        return v
+
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        if not isinstance(items, list) or any(isinstance(v, (list, dict)) for v in items):
+            raise fail("a list of values")
+        return [one(v, "a list of ") for v in items]
+    if isinstance(value, (list, dict)) and (conv in (int, float, string_to_bool) or choices is not None):
+        return one(object())  # always fails, naming the expected type
+    return one(value)
 
 
 def valid_keys() -> list[str]:
@@ -376,7 +451,11 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         known = set(valid)
         defaults = {k: v for k, v in {**XCFT_DEFAULTS, **extra_defaults}.items() if k in known}
         parser.set_defaults(**copy.deepcopy(defaults))
-        parser.set_defaults(**file_values)
+        parser.set_defaults(**{
+            k: check_value(k, v, parser._option_string_actions[f"--{k}"], config_file or "config")
+            if f"--{k}" in parser._option_string_actions else v
+            for k, v in file_values.items()
+        })
         explicit = set(file_values) | _explicit_cli_keys(argv, parser)
         try:
             parsed = parser.parse_args_into_dataclasses(
