@@ -15,7 +15,7 @@
 #   XCFT_GPU_CHECK_TIMEOUT  seconds before the whole check is stopped (default 290)
 #   XCFT_GPU_CHECK_JSON     also write the results to this JSON file ($OUT/gpu_check.json when $OUT is set)
 #   PYTHON                  interpreter (default python3)
-# Further arguments go to python -m xcft.bench.gpu (e.g. --warmup 1, --calibration-seconds 0.1).
+# Further arguments go to python -m xcft.commands.bench.gpu (e.g. --warmup 1, --calibration-seconds 0.1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,5 +40,5 @@ if missing:
 PYCHECK
 
 echo "# xcft GPU check: preset $PRESET, $LENGTH tokens, $STEPS timed steps, configs $CONFIGS"
-exec timeout "${XCFT_GPU_CHECK_TIMEOUT:-290}" "$PY" -m xcft.bench.gpu \
+exec timeout "${XCFT_GPU_CHECK_TIMEOUT:-290}" "$PY" -m xcft.commands.bench.gpu \
   --preset "$PRESET" --length "$LENGTH" --steps "$STEPS" --configs "$CONFIGS" ${EXTRA[@]+"${EXTRA[@]}"} "$@"

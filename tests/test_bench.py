@@ -30,7 +30,7 @@ def run_json(capsys, argv):
 
 
 def test_bench_train_synthetic_json(capsys, monkeypatch):
-    monkeypatch.setattr("xcft.bench.train.calibration_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr("xcft.commands.bench.train.calibration_gflops", lambda *a, **k: 100.0)
     r = run_json(capsys, ["bench", "train", "--preset", "tiny", "--synthetic", "300", "--batch-size", "2", *QUICK, "--format", "json"])
     assert REQUIRED <= r.keys()
     assert r["samples_per_step"] == 2 and r["tokens_per_step"] == 600
@@ -42,7 +42,7 @@ def test_bench_train_synthetic_json(capsys, monkeypatch):
 
 
 def test_bench_train_packing_counts_samples_not_rows(capsys, monkeypatch):
-    monkeypatch.setattr("xcft.bench.train.calibration_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr("xcft.commands.bench.train.calibration_gflops", lambda *a, **k: 100.0)
     r = run_json(capsys, ["bench", "train", "--preset", "tiny", "--synthetic", "300", "--packing", "--max-length", "900",
                           "--no-cpu-reuse-memory", *QUICK, "--format", "json"])
     assert r["cpu_reuse_memory"] is False
@@ -52,7 +52,7 @@ def test_bench_train_packing_counts_samples_not_rows(capsys, monkeypatch):
 
 def test_bench_train_real_data_text_output(capsys, monkeypatch, fixture_dir, examples_dir):
     """The xcft train path on a real model folder and the official examples (text samples, batch 2)."""
-    monkeypatch.setattr("xcft.bench.train.calibration_gflops", lambda *a, **k: 100.0)
+    monkeypatch.setattr("xcft.commands.bench.train.calibration_gflops", lambda *a, **k: 100.0)
     assert main(["bench", "train", "--model", str(fixture_dir), "--data", str(examples_dir / "data.txt"),
                  "--source", "only_text", "--batch-size", "2", *QUICK]) == 0
     out = capsys.readouterr().out
@@ -69,7 +69,7 @@ def test_bench_train_rejects_bad_options(capsys):
 
 
 def test_bench_data_json_and_photo(capsys, monkeypatch, examples_dir):
-    import xcft.bench.data as bd
+    import xcft.commands.bench.data as bd
 
     monkeypatch.setattr(bd, "calibration_gflops", lambda *a, **k: 100.0)
     real = bd.images_per_second

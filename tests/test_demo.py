@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from xcft.demo.evaluate import chance_levels
-from xcft.demo.run import QUICK, run_demo
+from xcft.commands.demo.scoring import chance_levels
+from xcft.commands.demo.run import QUICK, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_blank_training_images_do_not_learn(tmp_path: Path) -> None:
 
 
 def test_text_and_json_output(quick, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import xcft.demo.run as run_mod
-    from xcft.demo import demo_command
+    import xcft.commands.demo.run as run_mod
+    from xcft.commands.demo.run import demo_command
 
     monkeypatch.setattr(run_mod, "run_demo", lambda *a, **k: quick)
     assert demo_command(output="unused", steps=None, quick=True, output_format="json") == 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xcft.demo.evaluate import chance_levels, first_word
-from xcft.demo.synthetic import COLOURS, QUESTIONS, SHAPES, draw_shape, generate_dataset, read_heldout
+from xcft.commands.demo.scoring import chance_levels, first_word
+from xcft.commands.demo.synthetic import COLOURS, QUESTIONS, SHAPES, draw_shape, generate_dataset, read_heldout
 
 
 @pytest.fixture(scope="module")

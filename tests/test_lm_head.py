@@ -53,9 +53,8 @@ def test_supervised_head_loss_and_grads_equal_full_head():
     batch = batch_of(model)
     results = []
     for supervised_only in (False, True):
-        model.config.supervised_logits_only = supervised_only
         model.zero_grad()
-        loss = model(**batch).loss if supervised_only else _full_loss(model, batch)
+        loss = model(**batch, supervised_logits_only=True).loss if supervised_only else _full_loss(model, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (full, g_full), (sup, g_sup) = results
@@ -65,8 +64,7 @@ def test_supervised_head_loss_and_grads_equal_full_head():
         torch.testing.assert_close(g_sup[name], g_full[name], rtol=1e-5, atol=1e-7, msg=name)
     # with the Trainer's num_items_in_batch (sum / count over the whole accumulated step)
     with torch.no_grad():
-        model.config.supervised_logits_only = True
-        a = model(**batch, num_items_in_batch=torch.tensor(100)).loss
+        a = model(**batch, num_items_in_batch=torch.tensor(100), supervised_logits_only=True).loss
         b = _full_loss(model, batch, torch.tensor(100))
     assert abs(a.item() - b.item()) <= 1e-6 * abs(b.item())
 
@@ -76,14 +74,13 @@ def test_supervised_head_only_projects_supervised_rows():
     [rows, vocab] tensor for backward (the gradients are formed chunk by chunk in the forward)."""
     model = build()
     model.train()
-    model.config.supervised_logits_only = True
     batch = batch_of(model)
     seen = []
     hook = model.output.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     saved = []
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-            out = model(**batch)
+            out = model(**batch, supervised_logits_only=True)
     finally:
         hook.remove()
     targets = int((batch["labels"][:, 1:] != -100).sum())
@@ -96,7 +93,7 @@ def test_supervised_head_only_projects_supervised_rows():
     # eval mode keeps the full logits (generation, eval)
     model.eval()
     with torch.no_grad():
-        logits = model(**batch).logits
+        logits = model(**batch, supervised_logits_only=True).logits
     assert logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
 
 
@@ -148,13 +145,12 @@ def test_replaced_head_falls_back_to_plain_loss():
     """A head that is not OutputHead (peft targeting 'output', resized embeddings) still trains, same loss."""
     model = build()
     model.train()
-    model.config.supervised_logits_only = True
     batch = batch_of(model)
     with torch.no_grad():
-        fused = model(**batch).loss
+        fused = model(**batch, supervised_logits_only=True).loss
     plain = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
     plain.weight = model.output.weight
     model.output = plain
     with torch.no_grad():
-        replaced = model(**batch).loss
+        replaced = model(**batch, supervised_logits_only=True).loss
     assert abs(replaced.item() - fused.item()) <= 1e-6 * fused.item()

@@ -41,7 +41,7 @@ def test_eval_prints_per_sample_losses(fixture_dir, examples_dir, capsys):
 
 
 def test_eval_text_output(fixture_dir, examples_dir, capsys):
-    from xcft.model.evaluate import eval_command
+    from xcft.commands.eval import eval_command
 
     rc = eval_command(
         str(examples_dir / "data" / "only_text_example.json"), model_dir=str(fixture_dir), max_length=64,

@@ -152,7 +152,7 @@ def test_init_model_command_writes_a_loadable_folder(tmp_path, capsys):
 
 
 def test_init_model_with_real_tokenizer(tmp_path, real_tokenizer):
-    from xcft.model.presets import init_model_command
+    from xcft.commands.init_model import init_model_command
 
     assert init_model_command(str(tmp_path / "t"), preset="tiny", img_size=490, tokenizer=str(real_tokenizer), seed=0) == 0
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())

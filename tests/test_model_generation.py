@@ -26,16 +26,17 @@ def test_chat_prompt_format(loaded):
     assert ids[0] == tok.bos_token_id and sum(mask) == 1225
     start = mask.index(True)
     assert all(mask[start : start + 1225]) and all(i == 2 for i in ids[start : start + 1225])
-    text = tok.decode(ids[1:start]) + "<ImageHere>" + tok.decode(ids[start + 1225 :])
+    assert ids[start + 1225] == tok.bos_token_id  # the official 2.0 chat: every text piece starts with <s>
+    text = tok.decode(ids[1:start]) + "<ImageHere>" + tok.decode(ids[start + 1226 :])
     assert text == (
         "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
         "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello![UNUSED_TOKEN_145]\n"
         "[UNUSED_TOKEN_146]user\nWhat is <ImageHere> this?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
     )
-    # no placeholder: the image goes first in the query; no meta instruction: no system turn
+    # no placeholder: the image goes first in the query; no system prompt: no system turn
     ids2, mask2 = model.build_chat_inputs(tok, "Describe it.", meta_instruction="", num_images=1)
     assert ids2[0, 1].item() == tok.turn_start_id and mask2[0].tolist().index(True) == 4  # BOS, [146], user, \n
-    with pytest.raises(ValueError, match="2 <ImageHere> placeholders but 1 images"):
+    with pytest.raises(ValueError, match="2 <ImageHere> placeholders .history included. but 1 images"):
         model.build_chat_inputs(tok, "<ImageHere><ImageHere>", num_images=1)
 
 
@@ -74,11 +75,12 @@ def test_chat_with_and_without_cache(loaded, shared_dir):
     answers = []
     for use_cache in (True, False):
         response, history = model.chat(
-            tok, "Describe the image.", images=[str(image)], max_new_tokens=5, use_cache=use_cache, min_new_tokens=5
+            tok, "Describe the image.", images=[str(image)], max_new_tokens=5, use_cache=use_cache, min_new_tokens=5,
+            do_sample=False,
         )
         answers.append(response)
-        assert history == [("Describe the image.", response)]
+        assert history == [("<ImageHere>Describe the image.", response)]  # the history keeps where the image went
     assert answers[0] == answers[1]
-    # text-only follow-up turn with history
-    response, history = model.chat(tok, "And then?", history=history, max_new_tokens=3)
+    # follow-up turn: the conversation's images come with every turn and stay where the history put them
+    response, history = model.chat(tok, "And then?", images=[str(image)], history=history, max_new_tokens=3, do_sample=False)
     assert len(history) == 2 and history[-1] == ("And then?", response)

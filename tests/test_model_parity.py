@@ -187,18 +187,16 @@ def test_padded_mixed_batch_equals_alone(model, cases, pixels):
     # The training forward (train mode, dropout 0 so it is deterministic; logits only where
     # labels are set) on the padded batch: token-weighted mean, or sum / num_items_in_batch.
     model.train()
-    model.config.supervised_logits_only = True
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     saved_p = [m.p for m in dropouts]
     try:
         for m in dropouts:
             m.p = 0.0
         with torch.no_grad():
-            loss = model(**batch).loss.item()
-            scaled = model(**batch, num_items_in_batch=torch.tensor(4 * int(n.sum()))).loss.item()
+            loss = model(**batch, supervised_logits_only=True).loss.item()
+            scaled = model(**batch, num_items_in_batch=torch.tensor(4 * int(n.sum())), supervised_logits_only=True).loss.item()
     finally:
         model.eval()
-        model.config.supervised_logits_only = False
         for m, p in zip(dropouts, saved_p):
             m.p = p
     assert rel(loss, weighted.item()) < 1e-5
@@ -232,7 +230,6 @@ def test_train_steps_p03(fixture_dir, cases, pixels):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model.config.supervised_logits_only = True
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith("vit."))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -244,7 +241,7 @@ def test_train_steps_p03(fixture_dir, cases, pixels):
     params = dict(model.named_parameters())
     for step in ref["steps"]:
         opt.zero_grad()
-        out = model(**inputs)
+        out = model(**inputs, supervised_logits_only=True)
         assert out.logits is None
         loss = out.loss
         assert rel(loss.item(), step["loss_before_update"]) < 1e-4, (step["step"], loss.item())

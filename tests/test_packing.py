@@ -156,16 +156,14 @@ def test_packed_loss_equals_unpacked_loss(model, samples, train_mode):
     unpacked = DataCollator(pad_token_id=2)(samples)
     packed = packed_batch(samples, [[0, 1], [2, 3]])
     model.train(train_mode)
-    model.config.supervised_logits_only = train_mode
     try:
         with torch.no_grad():
-            lu = _loss(model, unpacked)
-            lp = _loss(model, packed)
-            lu2 = _loss(model, unpacked, num_items_in_batch=torch.tensor(37))
-            lp2 = _loss(model, packed, num_items_in_batch=torch.tensor(37))
+            lu = _loss(model, unpacked, supervised_logits_only=train_mode)
+            lp = _loss(model, packed, supervised_logits_only=train_mode)
+            lu2 = _loss(model, unpacked, num_items_in_batch=torch.tensor(37), supervised_logits_only=train_mode)
+            lp2 = _loss(model, packed, num_items_in_batch=torch.tensor(37), supervised_logits_only=train_mode)
     finally:
         model.eval()
-        model.config.supervised_logits_only = False
     assert abs(lp.item() - lu.item()) <= 1e-5 * abs(lu.item())
     assert abs(lp2.item() - lu2.item()) <= 1e-5 * abs(lu2.item())
 
@@ -174,17 +172,15 @@ def test_packed_gradients_equal_unpacked_gradients(model, samples):
     unpacked = DataCollator(pad_token_id=2)(samples)
     packed = packed_batch(samples, [[0, 1, 2, 3]])
     model.train()
-    model.config.supervised_logits_only = True
     grads = []
     try:
         for batch in (unpacked, packed):
             model.zero_grad()
-            model(**batch).loss.backward()
+            model(**batch, supervised_logits_only=True).loss.backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     finally:
         model.zero_grad()
         model.eval()
-        model.config.supervised_logits_only = False
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

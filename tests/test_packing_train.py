@@ -11,7 +11,7 @@ from test_train_fixtures import EXAMPLES, read_losses, tiny_base, workdir
 
 from xcft.errors import XcftError
 from xcft.train.args import parse_train_args
-from xcft.train.entry import train_command
+from xcft.commands.train import train_command
 
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"official examples not found at {EXAMPLES}")
 
@@ -45,7 +45,7 @@ def test_group_by_length_run_and_options(tmp_path):
 def test_build_datasets_packs_and_sampler_groups(tmp_path):
     from xcft.data.packing import LengthGroupedSampler, PackedDataset, PackingCollator
     from xcft.model.loading import load_pretrained
-    from xcft.train.data import build_datasets
+    from xcft.train.datasets import build_datasets
     from xcft.train.trainer import XcftTrainer
 
     model, tok = load_pretrained(tiny_base(), dtype="float32", device="cpu")

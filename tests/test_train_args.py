@@ -135,7 +135,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_help_lists_official_and_hf_flags(capsys):
-    from xcft.train.entry import train_command
+    from xcft.commands.train import train_command
 
     assert train_command(["--help"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from test_train_fixtures import EXAMPLES, ROOT, read_losses, subprocess_env, tiny_base, workdir
 
-from xcft.train.entry import train_command
+from xcft.commands.train import train_command
 
 pytestmark = [
     pytest.mark.slow,

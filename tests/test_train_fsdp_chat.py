@@ -80,29 +80,29 @@ def panda():
 
 
 def test_chat_one_query_with_image(panda, capsys):
-    from xcft.train.chat import chat_command
+    from xcft.commands.chat import chat_command
 
     assert chat_command(model_dir=str(tiny_base()), images=[str(panda)], query="What is this?", max_new_tokens=5,
-                        meta_instruction=None, device="cpu") == 0
+                        system=None, device="cpu", greedy=True) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")
 
 
 def test_chat_query_placeholder_count_mismatch_is_an_error(panda):
     from xcft.errors import XcftError
-    from xcft.train.chat import chat_command
+    from xcft.commands.chat import chat_command
 
     with pytest.raises(XcftError, match="placeholder"):
         chat_command(model_dir=str(tiny_base()), images=[str(panda)], query="<ImageHere><ImageHere>two?",
-                     max_new_tokens=2, meta_instruction="", device="cpu")
+                     max_new_tokens=2, system="", device="cpu", greedy=True)
     with pytest.raises(XcftError, match="does not exist"):
         chat_command(model_dir=str(tiny_base()), images=["/no/such.jpg"], query="x", max_new_tokens=2,
-                     meta_instruction=None, device="cpu")
+                     system=None, device="cpu", greedy=True)
 
 
 def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
     from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
-    from xcft.train.chat import chat_command
+    from xcft.commands.chat import chat_command
 
     seen = []
     original = XComposer2ForCausalLM.chat
@@ -115,7 +115,7 @@ def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
     answers = iter(["Describe it.", "And the colours?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     assert chat_command(model_dir=str(tiny_base()), images=[str(panda)], query=None, max_new_tokens=4,
-                        meta_instruction=None, device="cpu") == 0
+                        system=None, device="cpu", greedy=True) == 0
     assert len(seen) == 2
     first, second = seen
     assert first[0] == "<ImageHere>Describe it." and first[1] == [] and first[2] and first[3] == 1
@@ -125,7 +125,7 @@ def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
 
 def test_chat_cli_on_lora_adapter(tmp_path):
     """`xcft chat --model ADAPTER --query` in a real process (the CLI wiring, adapter loading)."""
-    from xcft.train.entry import train_command
+    from xcft.commands.train import train_command
 
     out = tmp_path / "lora"
     assert train_command(["--model_name_or_path", str(tiny_base()), "--data_path", str(EXAMPLES / "data.txt"),

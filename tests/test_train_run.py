@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_train_fixtures import EXAMPLES, read_losses, run_fresh_python, small_fixed_data, tiny_base, workdir
 
 from xcft.errors import XcftError
-from xcft.train.entry import EXIT_SIGTERM, train_command
+from xcft.commands.train import EXIT_SIGTERM, train_command
 from xcft.train.trainer import STAGING_DIR_NAME, find_last_checkpoint
 
 pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"official examples not found at {EXAMPLES}")
@@ -100,7 +100,7 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run):
     assert any(".lora_A" in k for k in adapter) and any("vision_proj" in k for k in adapter)
     assert not any("Plora" in k for k in adapter), "Partial-LoRA weights stay frozen in LoRA mode"
     # The base weights, as seen through the adapter, are bit-identical to the base folder.
-    from xcft.train.adapters import load_adapter_model
+    from xcft.model.loading import load_adapter_model
 
     peft_model, _, _ = load_adapter_model(lora_run, dtype=torch.float32, device="cpu")
     base = _weights(tiny_base())
@@ -116,7 +116,7 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run):
 
 def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys):
     import xcft
-    from xcft.train.merge import merge_command, probe_batch, probe_logits
+    from xcft.commands.merge import merge_command, probe_batch, probe_logits
 
     merged = workdir() / "merged"
     assert merge_command(adapter=str(lora_run), output=str(merged), base=None) == 0
@@ -147,7 +147,7 @@ def test_merge_other_base_and_user_errors(lora_run, tmp_path):
     from xcft.model.loading import save_pretrained
     from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-    from xcft.train.merge import merge_command
+    from xcft.commands.merge import merge_command
 
     other = build_model("tiny", img_size=56, vocab_size=1000, seed=1, max_length=160)
     other_dir = save_pretrained(other, InternLM2Tokenizer.from_model_file(tiny_base() / "tokenizer.model"), tmp_path / "o")
@@ -246,7 +246,7 @@ def test_eval_split_and_eval_data_give_eval_loss(tmp_path):
 
 def test_epoch_redraw_differs_and_is_seeded(tmp_path):
     from xcft.train.args import parse_train_args
-    from xcft.train.data import build_datasets
+    from xcft.train.datasets import build_datasets
     from xcft.model.loading import load_tokenizer, load_config
 
     cfg = parse_train_args(["--model_name_or_path", str(tiny_base()), "--data_path", str(EXAMPLES / "data.txt"), "--seed", "5"])

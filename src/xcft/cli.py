@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from xcft.commands.bench.options import add_arguments as add_bench_train_arguments
 from xcft.errors import XcftError
 
 logger = logging.getLogger("xcft")
@@ -24,7 +25,7 @@ logger = logging.getLogger("xcft")
 
 def check_data(args: argparse.Namespace) -> int:
     """Read every sample and image once; print a summary and every problem found."""
-    from xcft.data.check import check_data_command
+    from xcft.commands.check_data import check_data_command
 
     return check_data_command(
         args.data,
@@ -39,7 +40,7 @@ def check_data(args: argparse.Namespace) -> int:
 
 def inspect(args: argparse.Namespace) -> int:
     """Show one encoded sample: tokens, supervised spans and image slots."""
-    from xcft.data.check import inspect_command
+    from xcft.commands.check_data import inspect_command
 
     return inspect_command(
         args.data,
@@ -54,7 +55,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def eval_(args: argparse.Namespace) -> int:
     """Per-sample and mean loss of a model on a data set."""
-    from xcft.model.evaluate import eval_command
+    from xcft.commands.eval import eval_command
 
     return eval_command(
         args.data,
@@ -69,7 +70,7 @@ def eval_(args: argparse.Namespace) -> int:
 
 def init_model(args: argparse.Namespace) -> int:
     """Write a randomly initialised model folder of a given preset shape."""
-    from xcft.model.presets import init_model_command
+    from xcft.commands.init_model import init_model_command
 
     return init_model_command(
         args.output, preset=args.preset, img_size=args.img_size, tokenizer=args.tokenizer, seed=args.seed
@@ -78,49 +79,51 @@ def init_model(args: argparse.Namespace) -> int:
 
 def train(argv: Sequence[str]) -> int:
     """Finetune (full or LoRA); accepts the official finetune.py flags and every TrainingArguments flag."""
-    from xcft.train.entry import train_command
+    from xcft.commands.train import train_command
 
     return train_command(list(argv))
 
 
 def merge(args: argparse.Namespace) -> int:
     """Merge a LoRA adapter into its base and verify the merged logits."""
-    from xcft.train.merge import merge_command
+    from xcft.commands.merge import merge_command
 
     return merge_command(adapter=args.adapter, output=args.output, base=args.base)
 
 
 def convert(args: argparse.Namespace) -> int:
     """Rewrite an official checkpoint folder as a self-contained xcft folder."""
-    from xcft.model.loading import convert_command
+    from xcft.commands.convert import convert_command
 
     return convert_command(args.source, args.output)
 
 
 def chat(args: argparse.Namespace) -> int:
     """Answer one query, or chat interactively, with a base, full or LoRA output."""
-    from xcft.train.chat import chat_command
+    from xcft.commands.chat import chat_command
 
     return chat_command(
         model_dir=args.model,
         images=args.image,
         query=args.query,
         max_new_tokens=args.max_new_tokens,
-        meta_instruction=args.meta_instruction,
+        system=args.system,
         device=args.device,
+        greedy=args.greedy,
+        training_layout=args.training_layout,
     )
 
 
 def demo(args: argparse.Namespace) -> int:
     """End-to-end demo: synthetic data, LoRA finetune, accuracy before/after, merge, chat."""
-    from xcft.demo import demo_command
+    from xcft.commands.demo.run import demo_command
 
     return demo_command(output=args.output, steps=args.steps, quick=args.quick, output_format=args.format)
 
 
 def bench(args: argparse.Namespace) -> int:
     """Training-step and data-loading benchmarks."""
-    from xcft.bench import bench_command
+    from xcft.commands.bench import bench_command
 
     return bench_command(args)
 
@@ -203,7 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--query", default=None, help="one question; without it an interactive session starts")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--meta-instruction", default=None, help="system prompt (default: the official one)")
+    p.add_argument(
+        "--system", "--meta-instruction", dest="system", default=None,
+        help="system prompt ('' for none; default: the official one)",
+    )
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the official sampling settings)")
+    p.add_argument(
+        "--training-layout", action="store_true",
+        help="one <s> at the start, as training encodes samples (for models trained from scratch with xcft)",
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=chat)
 
@@ -217,28 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: training steps or data loading")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     b = bsub.add_parser("train", help="time real training steps (the xcft train code path)")
-    g = b.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="model folder, as for xcft train")
-    g.add_argument("--preset", choices=["tiny", "small", "7b"], help="random weights of a preset, built on the device")
-    b.add_argument("--data", default=None, help="data.txt or JSON file, as for xcft train")
-    b.add_argument("--source", action="append", default=[], help="keep only data.txt files whose path contains this (repeatable)")
-    b.add_argument("--synthetic", type=int, default=None, metavar="LENGTH", help="synthetic samples of LENGTH tokens instead of --data")
-    b.add_argument("--synthetic-images", type=int, default=1, help="images per synthetic sample (default 1)")
-    b.add_argument("--batch-size", type=int, default=1, help="samples per step (rows per step with --packing)")
-    b.add_argument("--packing", action="store_true", help="pack samples into rows of max_length")
-    b.add_argument("--group-by-length", action="store_true", help="length-grouped batches (unpacked runs)")
-    b.add_argument("--steps", type=int, default=5, help="timed steps")
-    b.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    b.add_argument("--max-length", type=int, default=None)
-    b.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataloader_num_workers)")
-    b.add_argument("--lora", action="store_true", help="LoRA (use_lora true) instead of a full finetune")
-    b.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen weights in bf16 with --preset)")
-    b.add_argument("--activation-checkpointing", action="store_true")
-    b.add_argument("--full-head", action="store_true", help="output head at every position (for comparison)")
-    b.add_argument("--attn", default="auto", help="attention: auto (flash_attention_2 on a GPU when installed), sdpa, eager ...")
-    b.add_argument("--no-cpu-reuse-memory", action="store_true",
-                   help="CPU: let freed memory go back to the kernel (xcft train --cpu_reuse_memory false), for comparison")
-    b.add_argument("--seed", type=int, default=0)
+    add_bench_train_arguments(b)
     _add_format(b)
     b = bsub.add_parser("data", help="time image decoding and preprocessing")
     b.add_argument("--data", required=True)

@@ -1,8 +1,8 @@
-"""``xcft check-data`` and ``xcft inspect``.
+"""Checking a data set against a model's tokenizer and sizes, and finding one sample.
 
-check-data reads every file and decodes every image once (images in a thread pool), encodes every
-valid sample, then prints a per-file summary and every problem found, so a user with 40 broken
-samples sees 40 lines. Exit 0 when training can start (no error-level problem), 1 otherwise.
+:func:`run_check` reads every file and decodes every image once (images in a thread pool), encodes
+every valid sample, and collects a per-file report and every problem found, so a user with 40 broken
+samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page present the results.
 """
 
 from __future__ import annotations
@@ -11,23 +11,22 @@ import json
 import logging
 import os
 import statistics
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
 from xcft.data.images import IMAGE_FIX, decode_problem
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
 from xcft.errors import ModelFolderError, XcftError
+from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH
+from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMG_SIZE = 490
-DEFAULT_MAX_LENGTH = 4096
-MAX_NOTES_PER_FILE = 3
 
 
 # --------------------------------------------------------------------------- model settings
@@ -86,8 +85,6 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
         raise XcftError(f"no tokenizer.model in {d}; --model must be a checkpoint folder that holds the InternLM2 tokenizer.model")
-    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-
     try:
         tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
         tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
@@ -124,14 +121,14 @@ class FileReport:
             "usable": self.usable,
             "drawn_per_epoch": self.drawn_per_epoch,
             "images": self.images,
-            "tokens": _length_stats(self.lengths),
+            "tokens": length_stats(self.lengths),
             "supervised_tokens": self.supervised,
             "truncated": self.truncated,
             "skipped_no_supervised_token": self.skipped,
         }
 
 
-def _length_stats(lengths: list[int]) -> dict[str, float | int | None]:
+def length_stats(lengths: list[int]) -> dict[str, float | int | None]:
     if not lengths:
         return {"min": None, "median": None, "max": None}
     med = statistics.median(lengths)
@@ -220,110 +217,10 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
     return CheckResult(spec, files, problems, settings)
 
 
-# --------------------------------------------------------------------------- check-data output
+# --------------------------------------------------------------------------- one sample
 
 
-def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
-    s = result.settings
-    for note in s.notes:
-        print(f"note: {note}", file=out)
-    spi = slots_per_image(s.img_size)
-    print(f"data: {data}  (img_size {s.img_size}: {spi} slots per image; max_length {s.max_length})", file=out)
-    if result.files:
-        header = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
-        rows = []
-        for f in result.files:
-            st = _length_stats(f.lengths)
-            toks = "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
-            samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
-            rows.append((f.display, samples, str(f.drawn_per_epoch), str(f.images), toks, str(f.supervised), str(f.truncated)))
-        all_len = [n for f in result.files for n in f.lengths]
-        st = _length_stats(all_len)
-        rows.append((
-            "total",
-            str(sum(f.samples for f in result.files)),
-            str(sum(f.drawn_per_epoch for f in result.files)),
-            str(sum(f.images for f in result.files)),
-            "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}",
-            str(sum(f.supervised for f in result.files)),
-            str(sum(f.truncated for f in result.files)),
-        ))
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
-        print(fmt.format(*header), file=out)
-        for r in rows:
-            print(fmt.format(*r), file=out)
-        print("(samples shown as usable/total when some cannot be trained; tokens include image slots)", file=out)
-
-    errors = [p for p in result.problems if p.level == "error"]
-    warnings = [p for p in result.problems if p.level == "warning"]
-    notes = [p for p in result.problems if p.level == "info"]
-    if errors or warnings or notes:
-        print(file=out)
-    for p in errors:
-        print(f"ERROR {p}", file=out)
-    for p in warnings:
-        print(f"WARNING {p}", file=out)
-    # notes repeat per sample (e.g. every single-image sample without placeholder): a few per file
-    by_key: dict[tuple[str, str], list[Problem]] = {}
-    for p in notes:
-        by_key.setdefault((p.file, p.message), []).append(p)
-    for (file, _msg), group in by_key.items():
-        for p in group[:MAX_NOTES_PER_FILE]:
-            print(f"NOTE {p}", file=out)
-        if len(group) > MAX_NOTES_PER_FILE:
-            print(f"NOTE {file}: ... and {len(group) - MAX_NOTES_PER_FILE} more sample(s) with the same note", file=out)
-    print(file=out)
-    if result.ok:
-        print(f"OK: training can start ({len(warnings)} warning(s), {len(notes)} note(s))", file=out)
-    elif errors:
-        print(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s); fix the errors above before training", file=out)
-    else:
-        print("FAILED: no sample would be drawn per epoch", file=out)
-
-
-def check_data_command(
-    data: str,
-    *,
-    model_dir: str,
-    img_size: int | None = None,
-    max_length: int | None = None,
-    given_num: bool = True,
-    output_format: str = "text",
-    workers: int | None = None,
-) -> int:
-    """Validate a data.txt or JSON file against a model's tokenizer and sizes; 0 when training can start."""
-    settings = load_settings(model_dir, img_size, max_length)
-    result = run_check(data, settings, given_num=given_num, workers=workers)
-    if output_format == "json":
-        obj = {
-            "ok": result.ok,
-            "data": str(data),
-            "img_size": settings.img_size,
-            "max_length": settings.max_length,
-            "slots_per_image": slots_per_image(settings.img_size),
-            "notes": settings.notes,
-            "files": [f.to_dict() for f in result.files],
-            "total": {
-                "samples": sum(f.samples for f in result.files),
-                "drawn_per_epoch": sum(f.drawn_per_epoch for f in result.files),
-                "images": sum(f.images for f in result.files),
-                "tokens": _length_stats([n for f in result.files for n in f.lengths]),
-                "supervised_tokens": sum(f.supervised for f in result.files),
-            },
-            "errors": len(result.errors),
-            "problems": [p.to_dict() for p in result.problems],
-        }
-        print(json.dumps(obj, ensure_ascii=False, indent=1))
-    else:
-        _print_text(result, str(data), sys.stdout)
-    return 0 if result.ok else 1
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def _find_sample(data: str, settings: Settings, index: int | None, sample_id: str | None) -> tuple[Conversation | None, list[Problem], str]:
+def find_sample(data: str, settings: Settings, index: int | None, sample_id: str | None) -> tuple[Conversation | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
@@ -383,47 +280,4 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
-def inspect_command(
-    data: str,
-    *,
-    model_dir: str,
-    index: int | None = None,
-    sample_id: str | None = None,
-    img_size: int | None = None,
-    max_length: int | None = None,
-    output_format: str = "text",
-) -> int:
-    """Print how one sample is encoded (by overall index in data.txt order, or by id)."""
-    if (index is None) == (sample_id is None):
-        raise XcftError("give exactly one of --index or --id")
-    settings = load_settings(model_dir, img_size, max_length)
-    conv, problems, where = _find_sample(data, settings, index, sample_id)
-    errs = [p for p in problems if p.level == "error"]
-    if conv is None or errs:
-        for p in errs:
-            print(f"ERROR {p}", file=sys.stderr)
-        return 1
-    enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
-    if output_format == "json":
-        print(json.dumps({"input_ids": enc.input_ids, "labels": enc.labels, "image_mask": enc.image_mask}))
-        return 0
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print(f"{where}, id {conv.id!r}")
-    print(
-        f"{len(enc)} tokens ({enc.untruncated_length} before truncation), {enc.num_supervised} supervised, "
-        f"{enc.num_images} image(s){', truncated' if enc.truncated else ''}"
-        + (f", {enc.dropped_images} image(s) dropped by truncation" if enc.dropped_images else "")
-    )
-    for p in problems:
-        print(f"{p.level.upper()} {p}")
-    for path in conv.images[: enc.num_images]:
-        print(f"image: {path}")
-    legend = "supervised tokens in bold green" if color else "supervised tokens between « »"
-    print(f"--- ({legend})")
-    print(render_sample(enc, settings.tokenizer, color))
-    if enc.num_supervised == 0:
-        print("--- this sample has no supervised token: training skips it")
-    return 0
-
-
-__all__ = ["check_data_command", "inspect_command", "load_settings", "render_sample", "run_check"]
+__all__ = ["CheckResult", "FileReport", "Settings", "find_sample", "length_stats", "load_settings", "render_sample", "run_check"]

@@ -196,42 +196,56 @@ def build_dataset(
     return ds
 
 
+def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: bool = False) -> dict[str, Any]:
+    """Right-pad items into one batch (the batch contract in docs/ARCHITECTURE.md).
+
+    Unpacked: an ``attention_mask`` marks the real tokens. ``packed``: no mask; ``position_ids``
+    restart at 0 for every sample of a row (an item without them is one sample) and the row's
+    padding counts as a segment of its own, which selects block-diagonal attention in the model.
+    """
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [int(f["input_ids"].shape[0]) for f in features]
+    bsz, width = len(features), max(lengths)
+    input_ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
+    image_mask = torch.zeros((bsz, width), dtype=torch.bool)
+    layout = torch.zeros((bsz, width), dtype=torch.long)  # attention_mask, or position_ids when packed
+    pixels: list[torch.Tensor] = []
+    counts: list[int] = []
+    for b, (f, n) in enumerate(zip(features, lengths)):
+        input_ids[b, :n] = f["input_ids"]
+        labels[b, :n] = f["labels"]
+        image_mask[b, :n] = f["image_mask"]
+        if packed:
+            pos = f.get("position_ids")
+            layout[b, :n] = pos if pos is not None else torch.arange(n)
+            layout[b, n:] = torch.arange(width - n)
+        else:
+            layout[b, :n] = 1
+        pv = f.get("pixel_values")
+        k = 0 if pv is None else int(pv.shape[0])
+        if k:
+            pixels.append(pv)
+        counts.append(k)
+    return {
+        "input_ids": input_ids,
+        "position_ids" if packed else "attention_mask": layout,
+        "labels": labels,
+        "image_mask": image_mask,
+        "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
+        "image_counts": torch.tensor(counts, dtype=torch.long),
+    }
+
+
 @dataclass
 class DataCollator:
-    """Right-pads a list of items into a batch (see the batch contract in docs/ARCHITECTURE.md)."""
+    """Right-pads a list of items into a batch with an ``attention_mask`` (see :func:`pad_batch`)."""
 
     pad_token_id: int
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        bsz = len(features)
-        width = max(int(f["input_ids"].shape[0]) for f in features)
-        input_ids = torch.full((bsz, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((bsz, width), dtype=torch.long)
-        labels = torch.full((bsz, width), IGNORE_INDEX, dtype=torch.long)
-        image_mask = torch.zeros((bsz, width), dtype=torch.bool)
-        pixels: list[torch.Tensor] = []
-        counts: list[int] = []
-        for b, f in enumerate(features):
-            n = int(f["input_ids"].shape[0])
-            input_ids[b, :n] = f["input_ids"]
-            attention_mask[b, :n] = 1
-            labels[b, :n] = f["labels"]
-            image_mask[b, :n] = f["image_mask"]
-            pv = f.get("pixel_values")
-            k = 0 if pv is None else int(pv.shape[0])
-            if k:
-                pixels.append(pv)
-            counts.append(k)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "image_mask": image_mask,
-            "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
-            "image_counts": torch.tensor(counts, dtype=torch.long),
-        }
+        return pad_batch(features, self.pad_token_id)
 
 
-__all__ = ["DataCollator", "FileData", "XComposerDataset", "build_dataset", "read_data"]
+__all__ = ["DataCollator", "pad_batch", "FileData", "XComposerDataset", "build_dataset", "read_data"]

@@ -1,6 +1,6 @@
 """Conversation -> token ids, labels and image slots, following the official template.
 
-Template (reference doc §3): ``BOS`` then, per turn, ``[UNUSED_TOKEN_146]{role}\\n{value}
+Template (:mod:`xcft.model.template_xcomposer2`): ``BOS`` then, per turn, ``[UNUSED_TOKEN_146]{role}\\n{value}
 [UNUSED_TOKEN_145]\\n``, the last ``\\n`` replaced by ``EOS``. The text is split at every
 ``<ImageHere>``; each piece is tokenized on its own, and each image takes
 ``(img_size / 14)²`` slots (``-1`` in :attr:`EncodedSample.input_ids`).
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation
+from xcft.model.template_xcomposer2 import TURN_END, TURN_START, conversation_segments
 
 IGNORE_INDEX = -100
 IMAGE_SLOT = -1
@@ -74,23 +75,14 @@ class EncodedSample:
         return len(self.input_ids)
 
 
-def _chunks(conv: Conversation, turn_start: str, turn_end: str) -> list[tuple[str, bool, int]]:
-    """The conversation text as ``(text, trained, kind)`` chunks; kind 1 = a role header.
+def _chunks(conv: Conversation) -> list[tuple[str, bool, int]]:
+    """The conversation text as ``(text, trained, kind)`` chunks (kind 1 = a role header), from the chat template.
 
     Concatenating the chunk texts gives exactly the official conversation string (minus the final
     ``\\n</s>``, which becomes the EOS id).
     """
-    out: list[tuple[str, bool, int]] = []
-    last = len(conv.messages) - 1
-    for i, msg in enumerate(conv.messages):
-        trained = msg.role == "assistant"
-        out.append((turn_start, False, 0))
-        out.append((f"{msg.role}\n", False, 1))
-        out.append((msg.text, trained, 0))
-        out.append((turn_end, trained, 0))
-        if i != last:
-            out.append(("\n", False, 0))
-    return out
+    segments = conversation_segments([(m.role, m.text) for m in conv.messages])
+    return [(seg.text, seg.trained, int(seg.header)) for seg in segments]
 
 
 def _split_at_images(chunks: list[tuple[str, bool, int]]) -> list[list[tuple[str, bool, int]]]:
@@ -187,9 +179,7 @@ def encode_conversation(
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     n_slots = slots_per_image(img_size)
-    turn_start = tokenizer.convert_ids_to_tokens(tokenizer.turn_start_id)
-    turn_end = tokenizer.convert_ids_to_tokens(tokenizer.turn_end_id)
-    pieces = _split_at_images(_chunks(conv, turn_start, turn_end))
+    pieces = _split_at_images(_chunks(conv))
     n_images = len(pieces) - 1
     if n_images != len(conv.images):
         raise ValueError(f"{conv.where}: {n_images} placeholders but {len(conv.images)} images (normalize the sample first)")
@@ -202,7 +192,7 @@ def encode_conversation(
             spans.append((len(ids), n_slots))
             ids.extend([IMAGE_SLOT] * n_slots)
             trained.extend([False] * n_slots)
-        p_ids, p_flags = _tokenize_piece(piece, tokenizer, (turn_start, turn_end))
+        p_ids, p_flags = _tokenize_piece(piece, tokenizer, (TURN_START, TURN_END))
         ids.extend(p_ids)
         trained.extend(p_flags)
     ends_with_answer = conv.messages[-1].role == "assistant"

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from xcft.data.dataset import DataCollator, pad_batch
 from xcft.data.encode import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -192,41 +193,11 @@ class PackingCollator:
     pad_token_id: int
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        lengths = [int(f["input_ids"].shape[0]) for f in features]
-        width = max(lengths)
-        k = len(features)
-        input_ids = torch.full((k, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((k, width), IGNORE_INDEX, dtype=torch.long)
-        image_mask = torch.zeros((k, width), dtype=torch.bool)
-        position_ids = torch.zeros((k, width), dtype=torch.long)
-        pixels: list[torch.Tensor] = []
-        counts: list[int] = []
-        for r, (f, n) in enumerate(zip(features, lengths)):
-            input_ids[r, :n] = f["input_ids"]
-            labels[r, :n] = f["labels"]
-            image_mask[r, :n] = f["image_mask"]
-            position_ids[r, :n] = _positions(f)
-            position_ids[r, n:] = torch.arange(width - n)
-            pv = _pixels(f)
-            counts.append(0 if pv is None else int(pv.shape[0]))
-            if pv is not None:
-                pixels.append(pv)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "image_mask": image_mask,
-            "position_ids": position_ids,
-            "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
-            "image_counts": torch.tensor(counts, dtype=torch.long),
-        }
+        return pad_batch(features, self.pad_token_id, packed=True)
 
 
 def make_collator(pad_token_id: int, *, packing: bool = False) -> Any:
     """The training collator: :class:`PackingCollator` with ``packing``, else the padding ``DataCollator``."""
-    from xcft.data.dataset import DataCollator
-
     if packing:
         return PackingCollator(pad_token_id=int(pad_token_id))
     return DataCollator(pad_token_id=int(pad_token_id))

@@ -96,7 +96,6 @@ class XComposer2Config(PreTrainedConfig):
     plora_dropout: float = 0.05
     projector_hidden_size: int | None = None
     vision_config: dict | PreTrainedConfig | None = None
-    supervised_logits_only: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
@@ -166,6 +165,8 @@ def normalize_config_dict(config_dict: dict[str, Any], folder: str | None) -> di
     in ``folder`` supplies it; else the CLIP ViT-L/14-336 default applies.
     """
     config_dict = dict(config_dict)
+    # A training-time switch that folders saved by earlier xcft versions may carry; it is not a model property.
+    config_dict.pop("supervised_logits_only", None)
     archs = config_dict.get("architectures") or []
     if archs and not any(a in XCOMPOSER2_ARCHITECTURES for a in archs):
         raise ValueError(

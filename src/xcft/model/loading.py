@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
 from xcft.errors import ModelFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ SELF_CONTAINED_FILES = (
     "modeling_xcomposer2.py",
     "tokenization_internlm2.py",
     "image_processing_xcomposer2.py",
+    "template_xcomposer2.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_xcomposer2.XComposer2Config",
@@ -107,7 +109,15 @@ def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True for a peft adapter folder (it has adapter_config.json)."""
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The XComposer2ForCausalLM inside a peft and/or DDP/DeepSpeed wrapper (or the model itself)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # ============================================================================ reading weights
@@ -401,8 +411,8 @@ def load_pretrained(
     """``(model, tokenizer)`` from an official checkpoint folder or an xcft output folder.
 
     ``dtype`` None keeps the stored dtype (float32 when unknown); ``device`` None picks cuda
-    when available. The model is in eval mode. LoRA adapter folders (``adapter_config.json``)
-    go through :func:`load_adapter_folder`.
+    when available. The model is in eval mode. A LoRA adapter folder (``adapter_config.json``)
+    gives its base with the adapter merged in (:func:`load_adapter_folder`).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -414,22 +424,91 @@ def load_pretrained(
     return model, tokenizer
 
 
-def load_adapter_folder(path: Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
-    """Extension point for LoRA adapter folders (peft ``adapter_config.json`` naming a base model).
+# ============================================================================ LoRA adapter folders
 
-    The training package registers the real loader; until then this is a clear user error.
+
+def adapter_base_path(adapter_dir: str | os.PathLike, base: str | None = None) -> Path:
+    """The base model folder of an adapter: ``base`` when given, else the one its adapter_config.json names.
+
+    A relative name is tried against the current directory, then against the adapter folder.
     """
-    try:
-        from xcft.train.adapters import load_adapter_pretrained  # type: ignore[import-not-found]
-    except ImportError as exc:
+    adapter_dir = Path(adapter_dir)
+    conf_path = adapter_dir / ADAPTER_CONFIG
+    if not conf_path.is_file():
+        raise XcftError(f"{adapter_dir} is not a LoRA adapter folder (no {ADAPTER_CONFIG}); pass the output of a --use_lora run")
+    if base:
+        chosen = Path(base)
+    else:
+        try:
+            named = json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except json.JSONDecodeError as exc:
+            raise XcftError(f"{conf_path} is not valid JSON: {exc}") from None
+        if not named:
+            raise XcftError(f"{conf_path} names no base model (base_model_name_or_path); pass the base folder with --base")
+        chosen = Path(named)
+        if not chosen.is_absolute() and not chosen.is_dir() and (adapter_dir / chosen).is_dir():
+            chosen = adapter_dir / chosen
+    if not chosen.is_dir():
         raise XcftError(
-            f"{path} is a LoRA adapter folder (it has {ADAPTER_CONFIG}); loading adapters needs xcft.train, "
-            "which is not available in this installation. Merge it first with `xcft merge`."
-        ) from exc
-    return load_adapter_pretrained(path, dtype=dtype, device=device)
+            f"base model folder {chosen} of adapter {adapter_dir} does not exist; pass the base folder with --base"
+        )
+    return chosen.resolve()
+
+
+def load_adapter_model(
+    adapter_dir: str | os.PathLike,
+    *,
+    base: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any, Path]:
+    """``(peft_model, tokenizer, base_path)``: the base read with our classes, the adapter on top (eval mode).
+
+    Works for any base folder, including an official checkpoint whose own remote code would need
+    an old transformers: the base is read by our classes and peft applies the adapter on top.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    base_path = adapter_base_path(adapter_dir, base)
+    model = load_model(base_path, dtype=dtype, device=device)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise XcftError(f"cannot apply the adapter {adapter_dir} to the base {base_path}: {exc}") from None
+    peft_model.to(model.device)
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer.model").is_file() else base_path
+    return peft_model.eval(), load_tokenizer(tok_dir), base_path
+
+
+def load_adapter_folder(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[XComposer2ForCausalLM, Any]:
+    """``(model, tokenizer)`` for an adapter folder: base + adapter merged into a plain XComposer2 model.
+
+    Merging gives a model with ``chat``/``generate`` and the same outputs as base + adapter.
+    """
+    peft_model, tokenizer, base_path = load_adapter_model(path, dtype=dtype, device=device)
+    logger.info("loaded LoRA adapter %s on base %s (merged for inference)", path, base_path)
+    return peft_model.merge_and_unload().eval(), tokenizer
 
 
 # ============================================================================ saving
+
+
+def name_model_code(config: Any) -> None:
+    """Make the config.json that ``save_pretrained`` writes point at our model code (``auto_map``)."""
+    config.architectures = ["XComposer2ForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+
+
+def write_model_code(folder: str | os.PathLike) -> None:
+    """Copy the self-contained model/config/tokenizer/image files into a saved folder."""
+    for name in SELF_CONTAINED_FILES:
+        src = MODEL_DIR / name
+        if not src.is_file():
+            raise XcftError(f"cannot write a self-contained folder: {src} is missing from the xcft installation")
+        shutil.copyfile(src, Path(folder) / name)
 
 
 def save_pretrained(
@@ -450,15 +529,9 @@ def save_pretrained(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        config = model.config
-        config.architectures = ["XComposer2ForCausalLM"]
-        config.auto_map = dict(AUTO_MAP)
+        name_model_code(model.config)
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        for name in SELF_CONTAINED_FILES:
-            src = MODEL_DIR / name
-            if not src.is_file():
-                raise XcftError(f"cannot write a self-contained folder: {src} is missing from the xcft installation")
-            shutil.copyfile(src, tmp / name)
+        write_model_code(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _check_saved_names(model, tmp)
@@ -503,18 +576,6 @@ def _check_saved_names(model: XComposer2ForCausalLM, folder: Path) -> None:
         )
 
 
-def convert_command(source: str, output: str) -> int:
-    """``xcft convert OFFICIAL_DIR OUT_DIR``: load with our classes, write a self-contained copy."""
-    model, tokenizer = load_pretrained(source, dtype=None, device="cpu")
-    out = save_pretrained(model, tokenizer, output)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"converted {source} -> {out} ({n_params / 1e6:.1f}M parameters, {model.config.dtype}, "
-        f"img_size {model.config.img_size}, Partial-LoRA rank {model.config.plora_r})"
-    )
-    return 0
-
-
 __all__ = [
     "load_pretrained",
     "load_model",
@@ -523,7 +584,12 @@ __all__ = [
     "read_json_object",
     "check_config_types",
     "save_pretrained",
-    "convert_command",
+    "load_adapter_model",
+    "adapter_base_path",
+    "is_adapter_folder",
+    "write_model_code",
+    "name_model_code",
+    "unwrap_model",
     "read_state_dict",
     "resize_position_table",
     "plora_rank_from_weights",

@@ -34,6 +34,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xcomposer2 import XComposer2Config
+from .template_xcomposer2 import IMAGE_PLACEHOLDER, OFFICIAL_GENERATION, OFFICIAL_SYSTEM_PROMPT, TURN_END, chat_prompt, place_images
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +52,6 @@ _BASE_OUTPUT_CACHE = _cache_name({f.name for f in dataclasses.fields(BaseModelOu
 _LM_OUTPUT_CACHE = _cache_name({f.name for f in dataclasses.fields(CausalLMOutputWithPast)})
 
 IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<ImageHere>"
-TURN_START = "[UNUSED_TOKEN_146]"
-TURN_END = "[UNUSED_TOKEN_145]"
-#: Our own neutral system prompt for :meth:`XComposer2ForCausalLM.chat` (the reference docs
-#: do not quote the official one). Pass ``meta_instruction=""`` for none.
-DEFAULT_META_INSTRUCTION = (
-    "You are a helpful multimodal assistant. You answer questions about the images and text you are given "
-    "accurately and concisely, in the language of the question."
-)
 
 
 # ============================================================================ norm
@@ -748,13 +740,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
         cache: Cache | None = None,
+        supervised_logits_only: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Loss = token cross-entropy of ``logits[:, :-1]`` vs ``labels[:, 1:]`` (see :func:`causal_lm_loss`).
 
         ``cache`` is transformers 5's name for ``past_key_values``; either works. With
-        ``config.supervised_logits_only`` in training, logits are computed only at supervised
-        positions (the returned ``logits`` is then None).
+        ``supervised_logits_only`` in training (the trainer's choice), logits are computed only
+        at supervised positions (the returned ``logits`` is then None).
         """
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
@@ -769,7 +762,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
 
         loss = None
         logits = None
-        if labels is not None and self.training and self.config.supervised_logits_only:
+        if labels is not None and self.training and supervised_logits_only:
             loss = self.supervised_loss(hidden_states, labels, num_items_in_batch)
         else:
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -880,35 +873,35 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         tokenizer: Any,
         query: str,
         history: Sequence[tuple[str, str]] = (),
-        meta_instruction: str | None = DEFAULT_META_INSTRUCTION,
+        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
         num_images: int = 0,
+        bos_per_piece: bool = True,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Prompt ids (image slots hold the pad id) and image mask in the official chat format.
+        """Prompt ids (image slots hold the pad id) and image mask, as the official chat builds them.
 
-        ``[UNUSED_TOKEN_146]system\\n{meta}[UNUSED_TOKEN_145]\\n`` (when ``meta_instruction``),
-        then each history turn, then the query, ending ``[UNUSED_TOKEN_146]assistant\\n``. With
-        images and no ``<ImageHere>`` anywhere, the images go first in the query.
+        The text is :func:`chat_prompt` (system turn when ``meta_instruction``, history, query,
+        answer header). It is split at ``<ImageHere>``; with ``bos_per_piece`` every non-empty
+        piece is tokenized with its own ``<s>`` (so one also follows each image), as the official
+        2.0 chat does; without it ``<s>`` comes once, at the start, as in training. Images given
+        without any placeholder go at the start of the query (the official code puts them after
+        the answer header, where the model never saw images in training).
         """
-        if num_images and IMAGE_PLACEHOLDER not in query and not any(IMAGE_PLACEHOLDER in q for q, _ in history):
-            query = IMAGE_PLACEHOLDER * num_images + query
-        prompt = ""
-        if meta_instruction:
-            prompt += f"{TURN_START}system\n{meta_instruction}{TURN_END}\n"
-        for user, assistant in history:
-            prompt += f"{TURN_START}user\n{user}{TURN_END}\n{TURN_START}assistant\n{assistant}{TURN_END}\n"
-        prompt += f"{TURN_START}user\n{query}{TURN_END}\n{TURN_START}assistant\n"
-        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        query = place_images(query, history, num_images)
+        pieces = chat_prompt(query, history, meta_instruction).split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != num_images:
             raise ValueError(
-                f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {num_images} images were given"
+                f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders (history included) but {num_images} "
+                "images were given; pass all of the conversation's images with every turn"
             )
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else tokenizer.pad_token_id
-        ids: list[int] = [tokenizer.bos_token_id]
-        mask: list[bool] = [False]
+        ids: list[int] = []
+        mask: list[bool] = []
         for k, piece in enumerate(pieces):
-            piece_ids = tokenizer.encode_text(piece) if piece else []
-            ids += piece_ids
-            mask += [False] * len(piece_ids)
+            if piece or (k == 0 and not bos_per_piece):
+                bos = [tokenizer.bos_token_id] if bos_per_piece or k == 0 else []
+                piece_ids = bos + (tokenizer.encode_text(piece) if piece else [])
+                ids += piece_ids
+                mask += [False] * len(piece_ids)
             if k < num_images:
                 ids += [pad_id] * self.image_tokens
                 mask += [True] * self.image_tokens
@@ -933,21 +926,32 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         query: str,
         images: Sequence[Any] | Any | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        meta_instruction: str | None = DEFAULT_META_INSTRUCTION,
+        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
         max_new_tokens: int = 1024,
-        do_sample: bool = False,
+        do_sample: bool = True,
         use_cache: bool = True,
+        bos_per_piece: bool = True,
         **generate_kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Answer ``query`` about ``images``; returns ``(response, history + [(query, response)])``.
 
-        Generation stops at EOS or ``[UNUSED_TOKEN_145]``; greedy by default.
+        The official prompt and generation settings by default (sampling with temperature 1.0,
+        top_p 0.8, repetition penalty 1.005); ``do_sample=False`` decodes greedily (no penalty).
+        ``bos_per_piece=False`` lays the prompt out as training encodes it (one ``<s>``), for
+        models trained from scratch on xcft's encoding (see :meth:`build_chat_inputs`).
+        Generation stops at EOS or ``[UNUSED_TOKEN_145]``.
         """
+        if do_sample:
+            generate_kwargs = {**{k: v for k, v in OFFICIAL_GENERATION.items() if k != "do_sample"}, **generate_kwargs}
         history = [tuple(turn) for turn in (history or [])]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         images = list(images or [])
-        input_ids, image_mask = self.build_chat_inputs(tokenizer, query, history, meta_instruction, len(images))
+        # Placed here so that the history keeps the placeholders: later turns see the images where they were.
+        query = place_images(query, history, len(images))
+        input_ids, image_mask = self.build_chat_inputs(
+            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece
+        )
         device = self.model.tok_embeddings.weight.device
         input_ids, image_mask = input_ids.to(device), image_mask.to(device)
         pixel_values = self._images_to_pixels(images).to(device) if images else None
@@ -986,5 +990,4 @@ __all__ = [
     "PLoRALinear",
     "causal_lm_loss",
     "materialize_non_persistent_buffers",
-    "DEFAULT_META_INSTRUCTION",
 ]

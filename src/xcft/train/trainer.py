@@ -24,7 +24,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from xcft.data.packing import LengthGroupedSampler
 from xcft.errors import XcftError
+from xcft.model.loading import write_model_code
 
 logger = logging.getLogger(__name__)
 
@@ -106,39 +108,7 @@ def configure_trainable(model: torch.nn.Module, *, use_lora: bool, fix_vit: bool
     return peft_model
 
 
-def unwrap_base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The XComposer2ForCausalLM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 # --------------------------------------------------------------------------- checkpoints
-
-
-def prepare_for_self_contained_save(model: torch.nn.Module) -> None:
-    """Make the config.json that save_pretrained writes name our model code (auto_map)."""
-    from xcft.model.loading import AUTO_MAP
-
-    if hasattr(model, "peft_config"):
-        return
-    model.config.architectures = ["XComposer2ForCausalLM"]
-    model.config.auto_map = dict(AUTO_MAP)
-
-
-def make_self_contained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """Copy our model code next to a full model's weights so trust_remote_code loading needs no xcft."""
-    from xcft.model.loading import MODEL_DIR, SELF_CONTAINED_FILES
-
-    if hasattr(model, "peft_config") or not (Path(folder) / "config.json").is_file():
-        return
-    for name in SELF_CONTAINED_FILES:
-        shutil.copyfile(MODEL_DIR / name, Path(folder) / name)
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
@@ -193,24 +163,36 @@ def clear_staging(output_dir: str | os.PathLike) -> None:
 
 
 class XcftTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically (staging folder + rename)."""
+    """Trainer whose checkpoints appear atomically (staging folder + rename).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``supervised_head`` (default on): in training the output head runs only at supervised
+    positions; the loss is the same and no [batch, length, vocab] logits tensor is made. It is a
+    forward argument, so nothing about training ends up in the model's config.
+    """
+
+    def __init__(self, *args: Any, supervised_head: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._xcft_staging = False
+        self.supervised_head = supervised_head
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self.supervised_head and model.training:
+            inputs = {**inputs, "supervised_logits_only": True}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Save as Trainer does; a full model folder also gets our model code (self-contained folder)."""
         super()._save(output_dir, state_dict=state_dict)
-        make_self_contained(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        folder = Path(output_dir or self.args.output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "peft_config") and (folder / "config.json").is_file():
+            write_model_code(folder)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Length grouping from the dataset's own lengths (the stock sampler would decode every image to measure)."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
         grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length" or getattr(self.args, "group_by_length", False)
         if grouped and hasattr(ds, "lengths"):
-            from xcft.data.packing import LengthGroupedSampler
-
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(ds, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=seed)
         return super()._get_train_sampler(train_dataset)

@@ -18,8 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from xcft.data.dataset import DataCollator, make_item, read_data
+from xcft.data.encode import encode_conversation
 from xcft.errors import DataError, XcftError
+from xcft.model.loading import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +43,6 @@ class EvalDataset(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from xcft.data.dataset import make_item
-        from xcft.data.encode import encode_conversation
-
         conv = self.conversations[i]
         enc = encode_conversation(conv, self.tokenizer, self.img_size, self.max_length)
         return {**make_item(conv, enc, self.pad_token_id, self.img_size), "index": i}
@@ -51,10 +52,6 @@ def evaluate(
     model: Any, tokenizer: Any, data: str, *, max_length: int | None = None, batch_size: int = 4, progress: bool = True
 ) -> dict[str, Any]:
     """Per-sample and overall loss of ``model`` on ``data`` (see the module docstring)."""
-    from tqdm import tqdm
-
-    from xcft.data.dataset import DataCollator, read_data
-
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
     max_length = int(max_length or model.config.max_length)
@@ -111,8 +108,6 @@ def eval_command(
     device: str | None = None,
 ) -> int:
     """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean."""
-    from xcft.model.loading import load_pretrained
-
     model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device)
     result = evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size)
     if output_format == "json":

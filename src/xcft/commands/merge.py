@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from xcft.errors import XcftError
+from xcft.model.image_processing_xcomposer2 import load_image_tensor
+from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +32,8 @@ PROBE_QUERY = "<ImageHere>Describe the picture in one sentence, then count to fi
 PROBE_POSITIONS = 32
 
 
-def probe_image(size: int) -> "Any":
+def probe_image(size: int) -> Image.Image:
     """A deterministic synthetic RGB image (gradients + a square) so the probe needs no file."""
-    from PIL import Image
-
     y, x = np.mgrid[0:size, 0:size]
     rgb = np.stack([(x * 255 // max(size - 1, 1)), (y * 255 // max(size - 1, 1)), ((x + y) * 127 // max(size - 1, 1))], -1)
     rgb[size // 4 : size // 2, size // 4 : size // 2] = (250, 30, 30)
@@ -41,9 +42,7 @@ def probe_image(size: int) -> "Any":
 
 def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     """Chat-format prompt with one image: input_ids, attention_mask, image_mask, pixel_values, image_counts."""
-    from xcft.model.image_processing_xcomposer2 import load_image_tensor
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     input_ids, image_mask = base.build_chat_inputs(tokenizer, PROBE_QUERY, [], None, num_images=1)
     pixel_values = load_image_tensor(probe_image(base.config.img_size), base.config.img_size).unsqueeze(0)
     return {
@@ -70,9 +69,6 @@ def tolerance(reference: torch.Tensor) -> float:
 
 def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
     """Merge ``adapter`` into its base (or ``base``), write ``output``, verify; returns the exit status."""
-    from xcft.model.loading import load_pretrained, save_pretrained
-    from xcft.train.adapters import load_adapter_model
-
     out = Path(output).resolve()
     if out.exists() and any(out.iterdir()):
         raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")

@@ -1,8 +1,8 @@
 """``xcft bench``: training-step and data-loading benchmarks (figures only; never pass/fail).
 
 ``xcft bench train`` times real optimizer steps through the ``xcft train`` code path
-(:mod:`xcft.bench.train`); ``xcft bench data`` times image preprocessing (:mod:`xcft.bench.data`).
-Every report carries a machine calibration figure (:mod:`xcft.bench.calibrate`) so that numbers
+(:mod:`xcft.commands.bench.train`); ``xcft bench data`` times image preprocessing (:mod:`xcft.commands.bench.data`).
+Every report carries a machine calibration figure (:mod:`xcft.commands.bench.calibrate`) so that numbers
 taken on different machines, or under different load, can be compared.
 """
 
@@ -13,6 +13,7 @@ import contextlib
 import json
 import sys
 
+from xcft.commands.bench.options import from_namespace
 from xcft.errors import XcftError
 
 
@@ -31,37 +32,17 @@ def _photo_size(text: str | None) -> tuple[int, int] | None:
 def bench_command(args: argparse.Namespace) -> int:
     """Entry point of ``xcft bench train`` / ``xcft bench data``; prints text or one JSON object."""
     if args.bench_command == "train":
-        from xcft.bench.train import TrainBenchOptions, format_train_result, run_train_bench
+        # torch and the training stack load only when a benchmark runs (keeps `xcft --help` fast)
+        from xcft.commands.bench.train import format_train_result, run_train_bench
 
-        opts = TrainBenchOptions(
-            model=args.model,
-            preset=getattr(args, "preset", None),
-            data=args.data,
-            sources=tuple(getattr(args, "source", None) or ()),
-            synthetic=getattr(args, "synthetic", None),
-            synthetic_images=getattr(args, "synthetic_images", 1),
-            batch_size=args.batch_size,
-            packing=args.packing,
-            group_by_length=getattr(args, "group_by_length", False),
-            steps=args.steps,
-            warmup=args.warmup,
-            max_length=args.max_length,
-            workers=getattr(args, "workers", 0),
-            use_lora=getattr(args, "lora", False),
-            bf16=getattr(args, "bf16", False),
-            activation_checkpointing=getattr(args, "activation_checkpointing", False),
-            full_head=getattr(args, "full_head", False),
-            attn=getattr(args, "attn", "auto"),
-            seed=getattr(args, "seed", 0),
-            cpu_reuse_memory=not getattr(args, "no_cpu_reuse_memory", False),
-        )
+        opts = from_namespace(args)
         # Libraries print to stdout (DeepSpeed's accelerator notice, Trainer logs): keep it for the report.
         with contextlib.redirect_stdout(sys.stderr):
             result = run_train_bench(opts)
         print(json.dumps(result) if args.format == "json" else format_train_result(result))
         return 0
     if args.bench_command == "data":
-        from xcft.bench.data import format_data_result, run_data_bench
+        from xcft.commands.bench.data import format_data_result, run_data_bench
 
         with contextlib.redirect_stdout(sys.stderr):
             result = run_data_bench(

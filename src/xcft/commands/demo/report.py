@@ -17,7 +17,7 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """Render a demo result dict (see :class:`xcft.demo.run.DemoResult.to_dict`) as a few aligned lines."""
+    """Render a demo result dict (see :class:`xcft.commands.demo.run.DemoResult.to_dict`) as a few aligned lines."""
     before, after = result["accuracy_before"], result["accuracy_after"]
     kinds = [k for k in ("colour", "shape", "compare", "text") if k in result["per_kind_after"]]
     rows = [("held-out accuracy", _pct(before), _pct(after))]

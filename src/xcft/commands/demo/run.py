@@ -4,7 +4,7 @@ Every stage uses the code path a user's run uses: the data is written in the off
 with a ``data.txt``; the base model is an ordinary saved folder; training is ``xcft train`` (its
 library entry point, with the official flags); the adapter is evaluated by loading the adapter
 folder; merging is ``xcft merge``; the merged folder is queried by ``xcft chat`` in a new process.
-Accuracies are measured by greedy chat on held-out images (see :mod:`xcft.demo.evaluate`).
+Accuracies are measured by greedy chat on held-out images (see :mod:`xcft.commands.demo.scoring`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from xcft.commands.demo.report import format_table, plot_loss, to_json
+from xcft.commands.demo.scoring import HEADLINE_KINDS, answer_accuracy, chance_levels
+from xcft.commands.demo.synthetic import generate_dataset
+from xcft.commands.merge import merge_command
+from xcft.commands.train import train_command
+from xcft.data.spm_builder import build_tokenizer
 from xcft.errors import XcftError
+from xcft.model.loading import load_pretrained, save_pretrained
+from xcft.model.presets import build_model
+from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +56,7 @@ class DemoPreset:
     img_size: int = 224
     warmup: float = 0.05
     shape_fraction: float = 0.5  # share of one-image samples that ask the shape (colour is learned faster)
-    shapes: tuple[str, ...] | None = None  # None: xcft.demo.synthetic.SHAPES
+    shapes: tuple[str, ...] | None = None  # None: xcft.commands.demo.synthetic.SHAPES
     # tiny decoder / vision sizes (xcft.model.presets "tiny" with these overrides)
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -150,7 +161,7 @@ def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 30
     """Ask the merged folder one question with ``xcft chat`` in a fresh Python process."""
     cmd = [
         sys.executable, "-m", "xcft.cli", "chat", "--model", str(merged), "--image", image, "--query", question,
-        "--meta-instruction", "", "--max-new-tokens", "4", "--device", "cpu",
+        "--system", "", "--greedy", "--training-layout", "--max-new-tokens", "4", "--device", "cpu",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -177,17 +188,6 @@ def run_demo(
     colour and shape accuracy must stay at chance. ``merge`` False skips merging and the
     fresh-process chat (the tests' control run needs only the accuracies).
     """
-    import torch
-
-    from xcft.data.spm_builder import build_tokenizer
-    from xcft.demo.evaluate import HEADLINE_KINDS, answer_accuracy, chance_levels
-    from xcft.demo.report import plot_loss
-    from xcft.demo.synthetic import generate_dataset
-    from xcft.model.loading import load_pretrained, save_pretrained
-    from xcft.model.presets import build_model
-    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-    from xcft.train.entry import train_command
-
     t_start = time.perf_counter()
     preset = preset or (QUICK if quick else FULL)
     n_steps = int(steps if steps is not None else preset.steps)
@@ -250,8 +250,6 @@ def run_demo(
     # 6. merge, then one question to the merged folder in a new process
     merged_dir = reload_answer = reload_q = adapter_answer = None
     if merge:
-        from xcft.train.merge import merge_command
-
         with _redirect(quiet):
             status = merge_command(adapter=str(parts["lora"]), output=str(parts["merged"]), base=None)
         if status != 0:
@@ -296,8 +294,6 @@ def run_demo(
 
 def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text") -> int:
     """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
-    from xcft.demo.report import format_table, to_json
-
     quiet = output_format == "json"
     # In JSON mode stdout carries the one JSON object only: everything the stages print (and
     # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.

@@ -1,7 +1,7 @@
 """Held-out answer accuracy by greedy chat, the way a user would query the model.
 
-Each question goes through ``model.chat`` (the same prompt template the training data is encoded
-with, no system prompt, greedy decoding), and the first word of the reply is compared with the
+Each question goes through ``model.chat`` laid out as the training data is encoded (one ``<s>``, no
+system prompt; the demo's model is trained from scratch on that layout), with greedy decoding, and the first word of the reply is compared with the
 one-word answer. Nothing about the expected answer reaches the model, so the number is only as
 good as what the model learned; with ``blank_images`` every image is replaced by zero
 ``pixel_values`` (no visual information at all), which is the control that shows the answers
@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from xcft.demo.synthetic import COLOURS, QA, SHAPES
+from xcft.commands.demo.synthetic import COLOURS, QA, SHAPES
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def answer_accuracy(
                 continue
             images: list[Any] = [torch.zeros(3, size, size) for _ in qa.images] if blank_images else list(qa.images)
             reply, _ = chat(
-                tokenizer, qa.question, images=images, meta_instruction=None, max_new_tokens=max_new_tokens, do_sample=False
+                tokenizer, qa.question, images=images, meta_instruction=None, max_new_tokens=max_new_tokens, do_sample=False,
+                bos_per_piece=False,
             )
             replies.append((qa, reply))
             hits.setdefault(qa.kind, []).append(first_word(reply) == qa.answer.lower())

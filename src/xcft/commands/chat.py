@@ -12,19 +12,19 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers import TextStreamer
 
 from xcft.errors import XcftError
+from xcft.model.loading import load_pretrained, resolve_device
+from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
 HELP_TEXT = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 
 
-def make_streamer(tokenizer: Any, stop_ids: Sequence[int]):
+def make_streamer(tokenizer: Any, stop_ids: Sequence[int]) -> TextStreamer:
     """A transformers TextStreamer over our tokenizer that prints new tokens as they come, minus stop tokens."""
-    from transformers import TextStreamer
-
     stops = {int(i) for i in stop_ids if i is not None}
 
     class _Streamer(TextStreamer):
@@ -42,8 +42,6 @@ def make_streamer(tokenizer: Any, stop_ids: Sequence[int]):
 
 def load_for_chat(model_dir: str, device: Optional[str]) -> tuple[Any, Any]:
     """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
-    from xcft.model.loading import load_pretrained, resolve_device
-
     if not Path(model_dir).is_dir():
         raise XcftError(f"model folder {model_dir} does not exist")
     dev = resolve_device(device)
@@ -59,17 +57,23 @@ def _check_images(images: Sequence[str]) -> list[str]:
     return list(images)
 
 
-def _with_placeholders(query: str, n_images: int) -> str:
-    """Images go where ``<ImageHere>`` stands; with none in the text they go first."""
-    found = query.count(IMAGE_PLACEHOLDER)
-    if n_images and found == 0:
-        return IMAGE_PLACEHOLDER * n_images + query
-    if found != n_images:
-        raise XcftError(
-            f"the query has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} --image file(s) were given; "
-            f"use one {IMAGE_PLACEHOLDER} per image, or none to put the images first"
-        )
-    return query
+def generation_settings(
+    max_new_tokens: int, system: Optional[str], greedy: bool, training_layout: bool = False
+) -> dict[str, Any]:
+    """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
+    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
+    if training_layout:
+        kwargs["bos_per_piece"] = False
+    if system is not None:
+        kwargs["meta_instruction"] = system or None  # "" -> no system prompt
+    return kwargs
+
+
+def _ask(model: Any, tokenizer: Any, query: str, images: list[str], **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+    try:
+        return model.chat(tokenizer, query, images=images or None, **kwargs)
+    except ValueError as exc:  # placeholder/image count mismatch
+        raise XcftError(f"{exc}; use one <ImageHere> per --image, or none to put the images first") from None
 
 
 def chat_command(
@@ -78,18 +82,18 @@ def chat_command(
     images: Sequence[str],
     query: Optional[str],
     max_new_tokens: int,
-    meta_instruction: Optional[str],
+    system: Optional[str],
     device: Optional[str],
+    greedy: bool = False,
+    training_layout: bool = False,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = _check_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device)
-    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
-    if meta_instruction is not None:
-        kwargs["meta_instruction"] = meta_instruction or None  # "" -> no system prompt
+    kwargs = generation_settings(max_new_tokens, system, greedy, training_layout)
     stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
     if query is not None:
-        response, _ = model.chat(tokenizer, _with_placeholders(query, len(images)), images=images or None, **kwargs)
+        response, _ = _ask(model, tokenizer, query, images, **kwargs)
         print(response)
         return 0
     return _interactive(model, tokenizer, images, kwargs, stop_ids)
@@ -113,10 +117,10 @@ def _interactive(model: Any, tokenizer: Any, images: list[str], kwargs: dict[str
             print("(history cleared)", file=sys.stderr)
             continue
         # The images belong to the first turn; later turns see them through the history's placeholders.
-        query = _with_placeholders(text, len(images)) if not history else text
+        query = text
         if history and IMAGE_PLACEHOLDER in text:
             print(f"(only the first question can hold images; {IMAGE_PLACEHOLDER} ignored)", file=sys.stderr)
             query = text.replace(IMAGE_PLACEHOLDER, "")
         print("assistant> ", end="", flush=True)
         streamer = make_streamer(tokenizer, stop_ids)
-        _, history = model.chat(tokenizer, query, images=images or None, history=history, streamer=streamer, **kwargs)
+        _, history = _ask(model, tokenizer, query, images, history=history, streamer=streamer, **kwargs)

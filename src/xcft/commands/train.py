@@ -2,19 +2,32 @@
 
 Accepts every flag of the official ``finetune.py`` and every Hugging Face ``TrainingArguments`` flag,
 optionally after a YAML config file (see :mod:`xcft.train.args`).
+The steps themselves live in :mod:`xcft.train`; this module only puts them in order.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
-import torch
+from transformers import set_seed
+from transformers.trainer_callback import ProgressCallback
 
-from xcft.errors import XcftError
+from xcft.model.loading import unwrap_model
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
+from xcft.train.datasets import VisionAlignedCollator, build_datasets, needs_vision_alignment
+from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
+from xcft.train.trainer import (
+    EpochDrawCallback,
+    LossProgressCallback,
+    SigtermCallback,
+    XcftTrainer,
+    clear_staging,
+    plot_loss,
+    resolve_resume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +43,7 @@ def train_command(argv: list[str]) -> int:
 
 
 def run_training(cfg: TrainConfig) -> int:
-    from transformers import set_seed
-    from transformers.trainer_callback import ProgressCallback
-
-    from xcft.train.data import VisionAlignedCollator, build_datasets, needs_vision_alignment
-    from xcft.train.trainer import (
-        EpochDrawCallback,
-        LossProgressCallback,
-        SigtermCallback,
-        XcftTrainer,
-        clear_staging,
-        configure_trainable,
-        count_parameters,
-        plot_loss,
-        prepare_for_self_contained_save,
-        resolve_resume,
-    )
-
+    """One training run as configured; returns the process exit status (143 after SIGTERM)."""
     args = cfg.training
     if cfg.logging_dir:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", cfg.logging_dir)
@@ -55,24 +52,10 @@ def run_training(cfg: TrainConfig) -> int:
 
     # ---- model
     model, tokenizer = load_base_model(cfg)
-    model = configure_trainable(
-        model,
-        use_lora=cfg.model.use_lora,
-        fix_vit=cfg.model.fix_vit,
-        fix_sampler=cfg.model.fix_sampler,
-        lora=cfg.lora,
-        base_path=cfg.model.model_name_or_path,
-        gradient_checkpointing=bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing),
-    )
-    _trainable_in_float32(model)
-    prepare_for_self_contained_save(model)
-    trainable, total = count_parameters(model)
-    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
-    if trainable == 0:
-        raise XcftError("no parameter is trainable: check --use_lora, --fix_vit and --fix_sampler")
+    model = prepare_model_for_training(cfg, model, base_path=cfg.model.model_name_or_path)
 
     # ---- data
-    base_config = _base_config(model)
+    base_config = unwrap_model(model).config
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
     if needs_vision_alignment(args, model):
         collator = VisionAlignedCollator(collator, int(base_config.img_size), int(base_config.image_tokens), train_ds.pad_token_id)
@@ -98,14 +81,7 @@ def run_training(cfg: TrainConfig) -> int:
         path = write_resolved_config(cfg, args.output_dir)
         logger.info("resolved configuration written to %s", path)
     trainer.accelerator.wait_for_everyone()
-
-    # Supervised-only LM head in training (issue 6): same loss, no [batch, length, vocab] logits.
-    head_before = getattr(base_config, "supervised_logits_only", False)
-    base_config.supervised_logits_only = True
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    finally:
-        base_config.supervised_logits_only = head_before
+    trainer.train(resume_from_checkpoint=resume)
 
     # ---- save
     if args.should_save:
@@ -128,52 +104,10 @@ def run_training(cfg: TrainConfig) -> int:
     return 0
 
 
-def apply_host_settings(cfg: TrainConfig) -> bool:
-    """Process-wide settings of a CPU run (before the model is loaded): see :mod:`xcft.train.host_memory`.
-
-    Returns whether freed memory is now kept for reuse.
-    """
-    from xcft.train.host_memory import keep_freed_memory
-
-    on_cpu = bool(getattr(cfg.training, "use_cpu", False)) or not torch.cuda.is_available()
-    return bool(on_cpu and cfg.model.cpu_reuse_memory and keep_freed_memory())
-
-
-def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """Load the model to train (float32 master weights unless --model_dtype says otherwise) and its tokenizer."""
-    from xcft.model.loading import load_pretrained
-
-    path = cfg.model.model_name_or_path
-    if not Path(path).is_dir():
-        raise XcftError(
-            f"--model_name_or_path {path}: no such folder. xcft loads local folders only (nothing is downloaded); "
-            "download the checkpoint first, e.g. with huggingface-cli download"
-        )
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.model_dtype]
-    model, tokenizer = load_pretrained(path, dtype=dtype, device="cpu")
-    if cfg.model.model_dtype != "float32" and not cfg.model.use_lora:
-        logger.warning("--model_dtype %s in a full finetune: trainable weights are kept in float32", cfg.model.model_dtype)
-    return model, tokenizer
-
-
-def _trainable_in_float32(model: torch.nn.Module) -> None:
-    """Optimiser state needs float32 master weights; frozen weights may stay in a half dtype."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-
-
-def _base_config(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.config
-
-
 def _finish_output(cfg: TrainConfig) -> None:
     """Check the saved output is what the docs promise (adapter names its base by absolute path)."""
     out = Path(cfg.training.output_dir)
     if cfg.model.use_lora:
-        import json
-
         conf_path = out / "adapter_config.json"
         if conf_path.is_file():
             conf = json.loads(conf_path.read_text())

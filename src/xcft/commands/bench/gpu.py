@@ -43,7 +43,8 @@ def run_gpu_check(preset: str = "7b", length: int = 4096, steps: int = 4, warmup
                   configs: Sequence[str] = ("ac-unpacked", "ac-packed", "noac-unpacked", "noac-packed"),
                   bf16: bool | None = None, calibration_seconds: float = 0.3) -> list[dict[str, Any]]:
     """Run the check; returns one result (or error) per configuration, in order."""
-    from xcft.bench.train import TrainBenchOptions, prepare_model, run_train_bench
+    from xcft.commands.bench.options import TrainBenchOptions
+    from xcft.commands.bench.train import prepare_model, run_train_bench
     from xcft.train.args import parse_train_args
 
     if bf16 is None:
@@ -51,7 +52,7 @@ def run_gpu_check(preset: str = "7b", length: int = 4096, steps: int = 4, warmup
     base = TrainBenchOptions(preset=preset, synthetic=length, synthetic_images=images, batch_size=1, steps=steps,
                              warmup=warmup, max_length=length, use_lora=True, bf16=bf16,
                              calibration_seconds=calibration_seconds)
-    from xcft.bench.train import _train_argv
+    from xcft.commands.bench.train import _train_argv
 
     t0 = time.perf_counter()
     cfg = parse_train_args(_train_argv(base, "/tmp/xcft-gpu-check"))
@@ -94,7 +95,7 @@ def _line(e: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xcft.bench.gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m xcft.commands.bench.gpu", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="7b")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)

@@ -10,7 +10,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from xcft.data.dataset import DataCollator, XComposerDataset, read_data
+from xcft.data.mixture import draw_count, load_spec
+from xcft.data.packing import PackedDataset, PackingCollator
 from xcft.errors import XcftError
+from xcft.model.loading import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
             f"--img_size {img_size} differs from the model's img_size {model_img} (its vision position table is "
             f"built for {model_img} px); drop --img_size or pass {model_img}"
         )
-    max_length = int(cfg.data.max_length or getattr(model_config, "max_length", 0) or 4096)
+    max_length = int(cfg.data.max_length or model_config.max_length)
     return img_size, max_length
 
 
@@ -65,8 +69,6 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
 
 def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]:
     """Recompute each file's per-epoch draw for its (smaller) training part (ratios apply to what is left)."""
-    from xcft.data.mixture import draw_count, load_spec
-
     sources = load_spec(data_path).sources
     if len(sources) != len(files):
         return files
@@ -78,8 +80,6 @@ def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]
 
 def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Optional[Any], Any]:
     """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
-    from xcft.data.dataset import DataCollator, XComposerDataset, read_data
-
     img_size, max_length = resolve_lengths(cfg, model_config)
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
@@ -104,9 +104,7 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Op
         len(train_ds), img_size, max_length, f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
     )
     collator = DataCollator(pad_token_id=train_ds.pad_token_id)
-    if getattr(cfg.data, "packing", False):  # -- speed (issue 6): packed rows, block-diagonal attention
-        from xcft.data.packing import PackedDataset, PackingCollator
-
+    if cfg.data.packing:  # packed rows, block-diagonal attention
         train_ds = PackedDataset(train_ds, max_length)
         collator = PackingCollator(pad_token_id=train_ds.pad_token_id)  # also batches the unpacked eval set
     return train_ds, eval_ds, collator
@@ -174,5 +172,5 @@ def needs_vision_alignment(training_args: Any, model: Any) -> bool:
         return False
     if ds.is_zero3():
         return True
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     return any(p.requires_grad for p in base.vit.parameters()) or any(p.requires_grad for p in base.vision_proj.parameters())

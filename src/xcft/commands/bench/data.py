@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from xcft.bench.calibrate import calibration_gflops
+from xcft.commands.bench.calibrate import calibration_gflops
 from xcft.errors import XcftError
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """``xcft bench train``: time real training steps through the ``xcft train`` code path.
 
 What runs is what ``xcft train`` runs: the options are parsed by :func:`xcft.train.args.parse_train_args`,
-the model is loaded by :func:`xcft.train.entry.load_base_model` (or built from a preset on the
+the model is loaded by :func:`xcft.train.setup.load_base_model` (or built from a preset on the
 device, for shape-only checks such as the 7b GPU check), frozen by
-:func:`xcft.train.trainer.configure_trainable`, the data is read and encoded by :mod:`xcft.data`
+:func:`xcft.train.setup.prepare_model_for_training`, the data is read and encoded by :mod:`xcft.data`
 (packed by :class:`xcft.data.packing.PackedDataset` with ``--packing``), batched by the training
 collator, and trained by the Hugging Face Trainer subclass :class:`xcft.train.trainer.XcftTrainer`
 (its own ``training_step``: forward, loss, backward; then clipping and the AdamW step). The only
@@ -24,47 +24,27 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from xcft.bench.calibrate import calibration_gflops
-from xcft.bench.flops import StepCounts, gpu_peak_flops, step_flops
+from xcft.commands.bench.calibrate import calibration_gflops
+from xcft.commands.bench.flops import StepCounts, gpu_peak_flops, step_flops
+from xcft.commands.bench.options import TrainBenchOptions
+from xcft.data.dataset import XComposerDataset, read_data
+from xcft.data.packing import PackedDataset, make_collator
 from xcft.errors import XcftError
+from xcft.model.loading import unwrap_model
+from xcft.model.presets import build_model
+from xcft.train.args import parse_train_args
+from xcft.train.datasets import resolve_lengths
+from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
+from xcft.train.trainer import XcftTrainer
 
 logger = logging.getLogger(__name__)
 
 COUNTS_KEY = "xcft_bench_counts"
-
-
-@dataclass
-class TrainBenchOptions:
-    """One benchmark run (the ``xcft bench train`` flags)."""
-
-    model: Optional[str] = None  # model folder (as for xcft train)
-    preset: Optional[str] = None  # or: random weights of a preset, built on the device
-    data: Optional[str] = None  # data.txt or JSON (as for xcft train)
-    sources: Sequence[str] = ()  # keep only the data.txt files whose path contains one of these
-    synthetic: Optional[int] = None  # or: synthetic samples of this many tokens
-    synthetic_images: int = 1
-    batch_size: int = 1
-    packing: bool = False
-    group_by_length: bool = False
-    steps: int = 5
-    warmup: int = 1
-    max_length: Optional[int] = None
-    workers: int = 0
-    use_lora: bool = False
-    fix_vit: bool = True
-    bf16: bool = False
-    activation_checkpointing: bool = False
-    full_head: bool = False  # compute the output head at every position (for comparison)
-    attn: str = "auto"
-    seed: int = 0
-    calibration_seconds: float = 0.3  # per calibration repeat (5 repeats before and after the run)
-    cpu_reuse_memory: bool = True  # xcft train --cpu_reuse_memory (CPU allocator setting)
-    extra_args: Sequence[str] = field(default_factory=tuple)  # more xcft train flags
 
 
 # --------------------------------------------------------------------------- data
@@ -161,7 +141,6 @@ def _scaled_files(files: list[Any], samples: int) -> list[Any]:
 
 def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_config: Any) -> tuple[Any, Any]:
     """(train dataset, collator) with enough samples for ``warmup + steps`` steps in one epoch."""
-    from xcft.data.packing import PackedDataset, make_collator
 
     steps = opts.warmup + opts.steps
     rows_needed = steps * opts.batch_size
@@ -173,8 +152,6 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
         ds: Any = SyntheticDataset(rows_needed * per_row, opts.synthetic, opts.synthetic_images, int(base_config.image_tokens),
                                    img_size, int(base_config.vocab_size), pad, opts.seed)
     else:
-        from xcft.data.dataset import XComposerDataset, read_data
-        from xcft.train.data import resolve_lengths
 
         img_size, max_length = resolve_lengths(cfg, base_config)
         files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
@@ -203,8 +180,6 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
 
 
 def _bench_trainer_class():
-    from xcft.train.trainer import XcftTrainer
-
     class BenchTrainer(XcftTrainer):
         """XcftTrainer that takes the bench's token counts off each batch before its training_step."""
 
@@ -320,15 +295,10 @@ def _resolve_attn(attn: str, cuda: bool) -> Optional[str]:
 
 
 def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
-    """(model ready to train, tokenizer or None): loaded / built, head mode set, frozen as ``xcft train`` does."""
-    from xcft.train.entry import _trainable_in_float32, load_base_model
-    from xcft.train.trainer import configure_trainable
-
+    """(model ready to train, tokenizer or None): loaded / built and frozen as ``xcft train`` does."""
     cuda = torch.cuda.is_available()
     attn = _resolve_attn(opts.attn, cuda)
     if opts.preset:
-        from xcft.model.presets import build_model
-
         dtype = torch.bfloat16 if opts.bf16 else torch.float32
         model = build_model(opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu",
                             attn_implementation=attn or "sdpa")
@@ -337,13 +307,7 @@ def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
         model, tokenizer = load_base_model(cfg)
         if attn is not None:
             model.set_attn_implementation(attn)
-    model.config.supervised_logits_only = not opts.full_head
-    model = configure_trainable(
-        model, use_lora=cfg.model.use_lora, fix_vit=cfg.model.fix_vit, fix_sampler=cfg.model.fix_sampler,
-        lora=cfg.lora, base_path=None, gradient_checkpointing=_wants_checkpointing(cfg.training),
-    )
-    _trainable_in_float32(model)
-    return model, tokenizer
+    return prepare_model_for_training(cfg, model), tokenizer
 
 
 def _check_options(opts: TrainBenchOptions) -> None:
@@ -365,9 +329,6 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     ``prepared`` = (model, tokenizer) from :func:`prepare_model` reuses one model for several runs
     (the GPU check); the model's trainable parameters then carry over from run to run.
     """
-    from xcft.train.args import parse_train_args
-    from xcft.train.entry import _base_config, apply_host_settings
-
     _check_options(opts)
     cuda = torch.cuda.is_available()
     calib_before = calibration_gflops(opts.calibration_seconds)
@@ -375,16 +336,17 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         cfg = parse_train_args(_train_argv(opts, out))
         reuse_memory = apply_host_settings(cfg)
         model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_model(model)
         if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
-        base_config = _base_config(model)
+        base_config = base.config
         train_ds, collator = build_bench_data(opts, cfg, tokenizer, base_config)
 
         trainer_ref: list = []
         timer = _timer_callback(trainer_ref, cuda)
         trainer_cls = _bench_trainer_class()
         trainer = trainer_cls(model=model, args=cfg.training, train_dataset=train_ds, data_collator=collator,
+                              supervised_head=not opts.full_head,
                               processing_class=tokenizer, callbacks=[timer])
         from transformers.trainer_callback import PrinterCallback
 

@@ -1,0 +1,61 @@
+"""``xcft init-model``: a randomly initialised, self-contained model folder of a preset shape."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from xcft.data.spm_builder import build_tokenizer
+from xcft.errors import XcftError
+from xcft.model.loading import save_pretrained
+from xcft.model.presets import SMALL_TOKENIZER_VOCAB, build_model
+from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer_for(tokenizer: str | None, workdir: Path):
+    """The tokenizer to ship: the given ``tokenizer.model``, or a small one built on the spot."""
+    if tokenizer:
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise XcftError(f"--tokenizer {tokenizer}: no such tokenizer.model file")
+        local = workdir / "tokenizer.model"
+        shutil.copyfile(path, local)
+    else:
+        local = build_tokenizer(workdir, vocab_size=SMALL_TOKENIZER_VOCAB)
+    try:
+        return InternLM2Tokenizer.from_model_file(local)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise XcftError(f"{tokenizer or local}: not a usable InternLM2 SentencePiece model ({exc})") from exc
+
+
+def init_model_command(
+    output: str, *, preset: str = "tiny", img_size: int | None = None, tokenizer: str | None = None, seed: int = 0
+) -> int:
+    """``xcft init-model``: write a randomly initialised, self-contained model folder."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    with tempfile.TemporaryDirectory(prefix="xcft-tok-") as work:
+        tok = _tokenizer_for(tokenizer, Path(work))
+        vocab = int(tok.vocab_size)
+        if preset != "tiny" and tokenizer is None:
+            logger.info("no --tokenizer given: the %s preset uses a %d-piece tokenizer built on the spot", preset, vocab)
+        device = "cuda" if preset == "7b" and torch.cuda.is_available() else "cpu"
+        model = build_model(preset, img_size, vocab, seed=seed, device=device)
+        if device != "cpu":
+            model = model.to("cpu")
+        path = save_pretrained(model, tok, out)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {path}: preset {preset}, {n_params / 1e6:.1f}M parameters, vocab {vocab}, "
+        f"img_size {model.config.img_size} ({model.config.image_tokens} slots per image), {model.config.dtype}"
+    )
+    return 0
