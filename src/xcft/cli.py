@@ -246,6 +246,8 @@ def _run(func: Callable[[], int]) -> int:
     try:
         return func()
     except XcftError as exc:
+        # -v keeps the traceback (and the OS-level cause of a failed save) for bug reports
+        logger.debug("traceback of the error below", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -141,7 +141,8 @@ def check_output_folder(folder: str | os.PathLike, *, flag: str = "--output_dir"
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{flag} {out} is a file, not a folder; choose a new or empty folder")
     if out.is_dir() and not is_marked(out):
-        names = sorted(c.name for c in out.iterdir())
+        # ``.xcft*`` names are xcft's own (a marker being written by another rank of this run)
+        names = sorted(c.name for c in out.iterdir() if not c.name.startswith(OWN_PREFIX))
         if names:
             raise OutputFolderError(
                 f"{flag} {out} already holds files xcft did not write ({_shown(names)}); xcft never changes them. "
@@ -214,6 +215,13 @@ class OutputFolder:
         marker = read_marker(self.path)
         if marker is None or set(marker.get("entries") or []) != names:
             write_marker(self.path, self.command, names)
+
+    def declare(self, names: Iterable[str]) -> None:
+        """Record ``names`` as xcft's before writing them (refused when one is a foreign entry)."""
+        names = set(names)
+        self.check_writable(names)
+        listed = set((read_marker(self.path) or {}).get("entries") or [])
+        write_marker(self.path, self.command, listed | names)
 
     def check_writable(self, names: Iterable[str]) -> None:
         """Refuse to write ``names`` when one of them is a foreign entry."""

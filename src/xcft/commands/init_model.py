@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from xcft.data.spm_builder import build_tokenizer
-from xcft.errors import XcftError
+from xcft.errors import OutputFolderError, XcftError
+from xcft.output_dir import check_output_folder
 from xcft.model.loading import save_pretrained
 from xcft.model.presets import SMALL_TOKENIZER_VOCAB, build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
@@ -41,8 +42,9 @@ def init_model_command(
 ) -> int:
     """``xcft init-model``: write a randomly initialised, self-contained model folder."""
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    check_output_folder(out, flag="output folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputFolderError(f"output folder {out} already holds an earlier xcft output; choose a new or empty folder")
     with tempfile.TemporaryDirectory(prefix="xcft-tok-") as work:
         tok = _tokenizer_for(tokenizer, Path(work))
         vocab = int(tok.vocab_size)
@@ -52,7 +54,7 @@ def init_model_command(
         model = build_model(preset, img_size, vocab, seed=seed, device=device)
         if device != "cpu":
             model = model.to("cpu")
-        path = save_pretrained(model, tok, out)
+        path = save_pretrained(model, tok, out, command="init-model")
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"wrote {path}: preset {preset}, {n_params / 1e6:.1f}M parameters, vocab {vocab}, "

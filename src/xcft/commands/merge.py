@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xcft.errors import XcftError
+from xcft.errors import OutputFolderError, XcftError
 from xcft.model.image_processing_xcomposer2 import load_image_tensor
+from xcft.output_dir import check_no_overlap, check_output_folder
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,15 @@ def tolerance(reference: torch.Tensor) -> float:
 def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
     """Merge ``adapter`` into its base (or ``base``), write ``output``, verify; returns the exit status."""
     out = Path(output).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    check_output_folder(out, flag="--output")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputFolderError(f"--output {out} already holds an earlier xcft output; choose a new or empty folder")
+    inputs = [("the adapter folder", Path(adapter))]
+    if base:
+        inputs.append(("the base model folder", Path(base)))
+    check_no_overlap(out, inputs, flag="--output")
     peft_model, tokenizer, base_path = load_adapter_model(adapter, base=base, dtype=torch.float32, device="cpu")
+    check_no_overlap(out, [("the base model folder", base_path)], flag="--output")
     print(f"base:    {base_path}")
     print(f"adapter: {Path(adapter).resolve()}")
     batch = probe_batch(peft_model, tokenizer)
@@ -82,7 +89,7 @@ def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
-        written = save_pretrained(merged, tokenizer, tmp_root / "model")
+        written = save_pretrained(merged, tokenizer, tmp_root / "model", command="merge")
         # Only one copy of the weights at a time: the merged model goes before the reload.
         del merged, peft_model
         gc.collect()

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from xcft.errors import ModelFolderError, XcftError
+from xcft.errors import ModelFolderError, OutputFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
+from xcft.output_dir import check_output_folder, foreign_entries, save_errors, staging_dir, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -439,10 +440,9 @@ def adapter_base_path(adapter_dir: str | os.PathLike, base: str | None = None) -
     if base:
         chosen = Path(base)
     else:
-        try:
-            named = json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except json.JSONDecodeError as exc:
-            raise XcftError(f"{conf_path} is not valid JSON: {exc}") from None
+        named = read_json_object(conf_path).get("base_model_name_or_path")
+        if named is not None and not isinstance(named, str):
+            raise ModelFolderError(f"{conf_path}: base_model_name_or_path is {named!r}, not a folder name; pass the base folder with --base")
         if not named:
             raise XcftError(f"{conf_path} names no base model (base_model_name_or_path); pass the base folder with --base")
         chosen = Path(named)
@@ -474,8 +474,8 @@ def load_adapter_model(
     model = load_model(base_path, dtype=dtype, device=device)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise XcftError(f"cannot apply the adapter {adapter_dir} to the base {base_path}: {exc}") from None
+    except Exception as exc:  # peft: ValueError/KeyError for mismatches; safetensors errors for a broken file
+        raise ModelFolderError(f"cannot apply the adapter {adapter_dir} to the base {base_path}: {_first_line(exc)}") from None
     peft_model.to(model.device)
     tok_dir = adapter_dir if (adapter_dir / "tokenizer.model").is_file() else base_path
     return peft_model.eval(), load_tokenizer(tok_dir), base_path
@@ -518,24 +518,38 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    command: str = "save",
 ) -> Path:
     """Write a self-contained model folder (see module docstring); returns its path.
 
-    The folder appears complete or not at all: everything goes to a temporary sibling first.
+    The folder appears complete or not at all: everything goes to a temporary sibling first,
+    starting with xcft's marker (:mod:`xcft.output_dir`). ``output`` must be new or empty;
+    ``overwrite`` replaces an earlier xcft output, never a folder holding anything else. A full
+    disk or another I/O failure is one :class:`~xcft.errors.SaveError` line and leaves nothing behind.
     """
     out = Path(output).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output_folder(out, flag="output folder")
+    if out.is_dir() and any(out.iterdir()):
+        foreign = foreign_entries(out)
+        if not overwrite or foreign:
+            raise OutputFolderError(
+                f"output folder {out} already holds an earlier xcft output"
+                + (f" and files xcft did not write ({', '.join(foreign[:3])})" if foreign else "")
+                + "; choose a new or empty folder"
+            )
+    tmp = staging_dir(out.parent, out.name)
     try:
-        name_model_code(model.config)
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        write_model_code(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        _check_saved_names(model, tmp)
-        _set_default_permissions(tmp)
+        with save_errors("the model folder", out, remains=lambda: f"nothing was written to {out}",
+                         cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            write_marker(tmp, command)  # first, so that even a half-written folder is recognisably xcft's
+            name_model_code(model.config)
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+            write_model_code(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _check_saved_names(model, tmp)
+            write_marker(tmp, command, [c.name for c in tmp.iterdir() if not c.name.startswith(".xcft")])
+            _set_default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

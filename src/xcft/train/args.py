@@ -156,6 +156,20 @@ class LoraArguments:
     )
 
 
+@dataclass
+class OutputArguments:
+    """What a run may do to its --output_dir (the rest of the output options are TrainingArguments')."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir that holds checkpoints or the result of an earlier xcft run: "
+            "removes only what xcft wrote there (never your files). Without it such a folder is refused unless "
+            "--resume_from_checkpoint is given."
+        },
+    )
+
+
 # Flags of older transformers versions that official finetune.sh files pass. Value: the new name, or
 # None for "accepted and ignored".
 LEGACY_ALIASES: dict[str, Optional[str]] = {
@@ -166,7 +180,6 @@ LEGACY_ALIASES: dict[str, Optional[str]] = {
     "no_cuda": "use_cpu",
     "per_gpu_train_batch_size": "per_device_train_batch_size",
     "per_gpu_eval_batch_size": "per_device_eval_batch_size",
-    "overwrite_output_dir": None,
     "save_safetensors": None,
     "logging_dir": None,  # handled: becomes the TensorBoard folder
 }
@@ -180,6 +193,7 @@ class TrainConfig:
     data: DataArguments
     lora: LoraArguments
     training: Any  # transformers.TrainingArguments
+    output: OutputArguments = field(default_factory=OutputArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
     logging_dir: Optional[str] = None
     config_file: Optional[str] = None
@@ -188,7 +202,7 @@ class TrainConfig:
 def _arg_classes() -> tuple[type, ...]:
     from transformers import TrainingArguments
 
-    return (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, LoraArguments, OutputArguments, TrainingArguments)
 
 
 def _make_parser():
@@ -478,14 +492,14 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             )
         return groups, explicit
 
-    (model_args, data_args, lora_args, training_args), explicit = parse({})
+    (model_args, data_args, lora_args, output_args, training_args), explicit = parse({})
     conditional: dict[str, Any] = {}
     if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
         conditional["eval_strategy"] = "epoch"
     if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
         conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
     if conditional:
-        (model_args, data_args, lora_args, training_args), explicit = parse(conditional)
+        (model_args, data_args, lora_args, output_args, training_args), explicit = parse(conditional)
 
     if not model_args.model_name_or_path:
         raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
@@ -525,6 +539,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         data=data_args,
         lora=lora_args,
         training=training_args,
+        output=output_args,
         explicit=explicit,
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
         config_file=config_file,
@@ -547,7 +562,7 @@ def _plain(value: Any) -> Any:
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
     out: dict[str, Any] = {}
-    for group in (cfg.model, cfg.data, cfg.lora):
+    for group in (cfg.model, cfg.data, cfg.lora, cfg.output):
         out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
     training = cfg.training.to_dict()
     for f in dataclasses.fields(cfg.training):
