@@ -49,15 +49,9 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
     config: dict[str, Any] = {}
     cfg_path = d / "config.json"
     if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise ModelFolderError(f"{cfg_path}: cannot read config.json ({exc}); fix or replace the file") from None
-        if not isinstance(config, dict):
-            raise ModelFolderError(
-                f"{cfg_path}: config.json is {type(config).__name__ if config is not None else 'null'}, not a JSON object; "
-                "fix or replace the file (it must be {\"img_size\": ..., ...})"
-            )
+        from xcft.model.loading import read_json_object
+
+        config = read_json_object(cfg_path)
         for key in ("img_size", "max_length"):
             value = config.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
