@@ -142,9 +142,9 @@ def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int, best: Opti
         best_path = Path(best).resolve()
         keep_best = [c for c in found if c.resolve() == best_path]
         if keep_best:
-            found = [c for c in found if c not in keep_best] + keep_best
             if limit == 1 and found[-1] != keep_best[0]:
-                limit = 2
+                limit = 2  # keep the best and the latest (so that training can resume)
+            found = [c for c in found if c not in keep_best] + keep_best
     doomed = found[: max(0, len(found) - limit)]
     for path in doomed:
         logger.info("deleting older checkpoint %s (save_total_limit %d)", path, limit)
