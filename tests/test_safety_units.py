@@ -158,7 +158,7 @@ def test_json_type_messages_use_articles(tmp_path):
     _, problems = normalize_sample({"conversations": {"a": 1}}, file="f.json", index=0, search_dirs=[tmp_path])
     assert '"conversations" is an object, expected a list' in problems[0].message
     _, problems = normalize_sample(["x"], file="f.json", index=0, search_dirs=[tmp_path])
-    assert "sample is an array, expected an object" in problems[0].message
+    assert "sample is a JSON array, expected an object" in problems[0].message
 
 
 def test_yaml_values_are_checked_against_option_types(tmp_path):

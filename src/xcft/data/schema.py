@@ -168,7 +168,7 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
                 )
             ]
         if not isinstance(data, list):
-            return [], [Problem(name, None, None, f"top level is {_a_json_type(data)}, expected an array of samples", "the file must be [ {sample}, {sample}, ... ]")]
+            return [], [Problem(name, None, None, f"top level is a JSON {_json_type(data)}, expected an array of samples", "the file must be [ {sample}, {sample}, ... ]")]
         if not data:
             return [], [Problem(name, None, None, "the array holds no samples", "add samples or remove the file from data.txt")]
         return [(None, rec) for rec in data], []
@@ -297,7 +297,7 @@ def normalize_sample(
         problems.append(Problem(file, index, sid, msg, fix, level, line))
 
     if not isinstance(record, dict):
-        problem(f"sample is {_a_json_type(record)}, expected an object", 'each sample must look like {"id": ..., "conversations": [...]}')
+        problem(f"sample is a JSON {_json_type(record)}, expected an object", 'each sample must look like {"id": ..., "conversations": [...]}')
         return None, problems
 
     # id

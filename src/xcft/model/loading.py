@@ -420,7 +420,8 @@ def load_pretrained(
         raise ModelFolderError(f"model folder {folder} does not exist")
     if is_adapter_folder(folder):
         return load_adapter_folder(folder, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(folder)  # first: a missing tokenizer should not cost a full weight load
+    load_config(folder)  # the cheap checks first: a broken config or a missing tokenizer costs no weight load
+    tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
     return model, tokenizer
 
