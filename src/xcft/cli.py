@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=eval_)
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
-    p.add_argument("output", help="folder to write")
+    p.add_argument("output", help="folder to write (new or empty; see README Safety)")
     p.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
     p.add_argument("--img-size", type=int, choices=[224, 490], default=None, help="default: 224 for tiny, 490 otherwise")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: a small one built on the spot)")
@@ -192,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("--adapter", "--adapter_model_name", dest="adapter", required=True, help="LoRA output folder")
-    p.add_argument("--output", "--output_name", dest="output", required=True, help="folder for the merged model")
+    p.add_argument("--output", "--output_name", dest="output", required=True, help="folder for the merged model (new or empty)")
     p.add_argument("--base", "--base_model_name", dest="base", default=None, help="base model (default: from the adapter)")
     p.set_defaults(func=merge)
 
     p = sub.add_parser("convert", help="rewrite an official checkpoint as a self-contained folder")
     p.add_argument("source", help="official checkpoint folder")
-    p.add_argument("output", help="folder to write")
+    p.add_argument("output", help="folder to write (new or empty; see README Safety)")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("chat", help="chat with a model about images")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=chat)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
-    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots")
+    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots (new, empty or an earlier demo's; only the demo's own files are replaced)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
     _add_format(p)
