@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv/ when it is missing.
+# Entry points: `make demo`, `make test` and `make test-fast`. Each builds .venv/ when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# everything but the multi-process, demo and long training tests (under 2 minutes on 2 cores)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -1,13 +1,24 @@
 """Shared pytest fixtures.
 
-Tests that need the read-only reference material in ``../shared`` (next to the project
-root) use the fixtures below; they skip with a clear reason when that folder is absent,
-so the suite still runs on a plain checkout.
+Two kinds of fixtures live here:
+
+* Built on the spot (no outside files): a SentencePiece tokenizer from ``xcft.data.spm_builder``,
+  tiny model folders saved with xcft's own save path, a small data set in the official layout
+  (``data.txt`` + JSON files + PIL images) and a builder of random batch-contract items. Every
+  test that does not compare against official reference numbers uses only these, so it runs on
+  a plain checkout.
+* The read-only reference material in ``../shared`` (official checkpoint with recorded outputs,
+  the real tokenizer, the official example data). Only parity tests and tests of the official
+  example data use it; they skip with one clear reason when it is absent. ``XCFT_SHARED_DIR``
+  points elsewhere (``XCFT_SHARED_DIR=/nonexistent`` shows what runs without it).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +29,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = PROJECT_ROOT.parent / "shared"
+SHARED_DIR = Path(os.environ.get("XCFT_SHARED_DIR") or PROJECT_ROOT.parent / "shared")
+
+#: Shape of the default tiny model folder: 56-px images (4 x 4 patches -> 16 slots per image),
+#: 160-token samples and the 1000-piece built tokenizer keep a training step well under a second.
+TINY_IMG_SIZE = 56
+TINY_MAX_LENGTH = 160
+TINY_VOCAB = 1000
+
+
+# ---------------------------------------------------------------------- ../shared (parity only)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -49,3 +69,200 @@ def examples_dir() -> Path:
 def real_tokenizer() -> Path:
     """Path of the real InternLM2 ``tokenizer.model``."""
     return _need(SHARED_DIR / "assets" / "internlm2-tokenizer" / "tokenizer.model", "real InternLM2 tokenizer")
+
+
+@pytest.fixture(scope="session")
+def fixture_2d5_dir() -> Path:
+    """The tiny official InternLM-XComposer-2.5 checkpoint with recorded official outputs."""
+    return _need(SHARED_DIR / "fixtures" / "ixc2d5_tiny_public", "ixc2d5_tiny_public fixture")
+
+
+# ---------------------------------------------------------------------- built on the spot
+
+
+@pytest.fixture(scope="session")
+def built_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a 1000-piece InternLM2-convention ``tokenizer.model`` built by xcft (about a second)."""
+    from xcft.data.spm_builder import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("built-tokenizer"), vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tok(built_tokenizer: Path):
+    """An ``InternLM2Tokenizer`` over the built tokenizer."""
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    return InternLM2Tokenizer.from_model_file(built_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path) -> Callable[..., Path]:
+    """``tiny_folder(img_size=56, max_length=160, seed=0)``: a saved tiny model folder, built once per argument set.
+
+    The folder is what ``xcft init-model`` writes (weights, config, self-contained code, the built
+    tokenizer). Partial-LoRA dropout is 0: multi-process runs draw dropout masks per rank, so their
+    losses would only match a 1-process run approximately (LoRA dropout still exercises RNG state).
+    Treat the folders as read-only; copy one before changing it.
+    """
+    from xcft.model.loading import save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    built: dict[tuple[int, int, int], Path] = {}
+
+    def make(img_size: int = TINY_IMG_SIZE, max_length: int = TINY_MAX_LENGTH, seed: int = 0) -> Path:
+        key = (img_size, max_length, seed)
+        if key not in built:
+            model = build_model("tiny", img_size=img_size, vocab_size=TINY_VOCAB, seed=seed, max_length=max_length,
+                                plora_dropout=0.0)
+            tokenizer = InternLM2Tokenizer.from_model_file(built_tokenizer)
+            out = tmp_path_factory.mktemp("tiny-model") / f"tiny-{img_size}-{max_length}-{seed}"
+            built[key] = save_pretrained(model, tokenizer, out)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_folder: Callable[..., Path]) -> Path:
+    """The default tiny model folder (img_size 56, max_length 160, 1000-piece tokenizer)."""
+    return tiny_folder()
+
+
+def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int], mark: tuple[int, int, int]) -> str:
+    """A plain picture with a filled rectangle: different colours and aspect ratios, saved by PIL."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, colour)
+    w, h = size
+    ImageDraw.Draw(img).rectangle([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=mark)
+    img.save(path)
+    return f"data/images/{path.name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``data.txt`` of a small mixture in the official layout, like the official examples.
+
+    Three JSON files under ``data/`` (text only: 2 samples drawn 20 times; one image per sample:
+    2 drawn 10 times; two images per sample: 2 drawn 10 times) = 40 samples per epoch, images in
+    ``data/images/`` referenced relative to the data.txt folder. Some answers are longer than 160 tokens, so the
+    tiny folder's max_length truncates them.
+    """
+    root = tmp_path_factory.mktemp("tiny-data")
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    red = _image(images / "red.png", (200, 30, 30), (64, 48), (250, 250, 250))
+    blue = _image(images / "blue.jpg", (30, 30, 200), (40, 80), (0, 0, 0))
+    green = _image(images / "green.png", (30, 180, 30), (90, 90), (250, 250, 0))
+    grey = _image(images / "grey.jpeg", (120, 120, 120), (120, 60), (255, 0, 255))
+    long_answer = " ".join(["The sun rises in the east and the river moves slowly to the sea."] * 12)
+
+    def turn(user: str, answer: str) -> list[dict[str, str]]:
+        return [{"from": "human", "value": user}, {"from": "bot", "value": answer}]
+
+    files = {
+        "text.json": [
+            {"id": 0, "conversations": turn("Can you describe a long day by the river?", long_answer)},
+            {"id": 1, "conversations": turn("What is two plus three?", "Two plus three is five.")
+                + turn("And three plus four?", "Seven.")},
+        ],
+        "single.json": [
+            {"id": 0, "image": [red], "conversations": turn("<ImageHere>What colour is the picture?", "It is red.")},
+            {"id": 1, "image": [blue], "conversations": turn("Describe this image. <ImageHere>", long_answer)},
+        ],
+        "multi.json": [
+            {"id": 0, "image": [green, grey], "conversations":
+                turn("Image1: <ImageHere>; Image2: <ImageHere>. Are they the same colour?", "No, green and grey.")
+                + turn("Which one is larger?", "The first one.")},
+            {"id": 1, "image": [grey, red], "conversations":
+                turn("Image1: <ImageHere>; Image2: <ImageHere>. What do you see?", "A grey picture and a red one.")},
+        ],
+    }
+    for name, samples in files.items():
+        (root / "data" / name).write_text(json.dumps(samples, indent=1), encoding="utf-8")
+    txt = root / "data.txt"
+    txt.write_text("data/text.json 0.02\ndata/single.json 0.01\ndata/multi.json 0.01\n", encoding="utf-8")
+    return txt
+
+
+@pytest.fixture(scope="session")
+def random_item() -> Callable[..., dict]:
+    """``random_item(model, gen, n_text=12, images=1, prompt_divisor=2)``: a random item in the batch contract.
+
+    BOS and text, then per image a block of slots followed by text; the first 1/prompt_divisor of
+    the positions is prompt (no labels), image slots never have labels (docs/ARCHITECTURE.md).
+    """
+    import torch
+
+    def make(model, gen: torch.Generator, n_text: int = 12, images: int = 1, prompt_divisor: int = 2) -> dict:
+        slots = model.image_tokens
+        high = min(290, model.config.vocab_size)
+        ids = [1] + torch.randint(3, high, (n_text,), generator=gen).tolist()
+        mask = [False] * len(ids)
+        for _ in range(images):
+            ids += [2] * slots
+            mask += [True] * slots
+            more = torch.randint(3, high, (n_text,), generator=gen).tolist()
+            ids += more
+            mask += [False] * len(more)
+        ids_t = torch.tensor(ids)
+        labels = ids_t.clone()
+        labels[: len(ids) // prompt_divisor] = -100
+        labels[torch.tensor(mask)] = -100
+        size = model.config.img_size
+        return {
+            "input_ids": ids_t,
+            "labels": labels,
+            "image_mask": torch.tensor(mask),
+            "pixel_values": torch.randn(images, 3, size, size, generator=gen),
+        }
+
+    return make
+
+
+# ---------------------------------------------------------------------- child processes, run outputs
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: one thread, offline, shared DeepSpeed op cache, src on the path."""
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "xcft" / "torch_extensions")
+        ),
+        PYTHONPATH=str(PROJECT_ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_fresh_python(subprocess_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """``run_fresh_python(code)``: run code in a fresh interpreter whose path does NOT include xcft's sources."""
+    import subprocess
+
+    cwd = tmp_path_factory.mktemp("fresh-python")
+
+    def run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        env = dict(subprocess_env, PYTHONPATH="", HF_MODULES_CACHE=str(cwd / "hf_modules"))
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def read_losses() -> Callable[[Path], dict[int, float]]:
+    """``read_losses(output_dir)``: step -> logged training loss, from the trainer_state.json a run left."""
+
+    def read(output_dir: Path) -> dict[int, float]:
+        state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+    return read

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from xcft.cli import main
 
@@ -63,20 +62,36 @@ def test_bench_train_real_data_text_output(capsys, monkeypatch, fixture_dir, exa
     assert "padding fraction  0.0197" in out
 
 
+def test_bench_train_model_folder_and_data_text_output(capsys, monkeypatch, tiny_base, tiny_data, tok):
+    """The same path on a tiny folder and a mixture built in tmp: padding from the two text samples' lengths."""
+    from xcft.data import build_dataset
+
+    monkeypatch.setattr("xcft.commands.bench.train.calibration_gflops", lambda *a, **k: 100.0)
+    assert main(["bench", "train", "--model", str(tiny_base), "--data", str(tiny_data),
+                 "--source", "text", "--batch-size", "2", *QUICK]) == 0
+    out = capsys.readouterr().out
+    for label in ("seconds/step", "samples/s", "tokens/s", "padding fraction", "peak RSS", "calibration"):
+        assert label in out
+    assert "2.0 samples/step" in out
+    lengths = build_dataset(tiny_data.parent / "data" / "text.json", tok, 56, 160).lengths
+    assert len(lengths) == 2 and min(lengths) < max(lengths) == 160
+    assert f"padding fraction  {1 - sum(lengths) / (2 * max(lengths)):.4f}" in out
+
+
 def test_bench_train_rejects_bad_options(capsys):
     assert main(["bench", "train", "--preset", "tiny", "--data", "x.json"]) == 1
     assert "--synthetic" in capsys.readouterr().err
 
 
-def test_bench_data_json_and_photo(capsys, monkeypatch, examples_dir):
+def test_bench_data_json_and_photo(capsys, monkeypatch, tiny_data):
     import xcft.commands.bench.data as bd
 
     monkeypatch.setattr(bd, "calibration_gflops", lambda *a, **k: 100.0)
     real = bd.images_per_second
     monkeypatch.setattr(bd, "images_per_second", lambda *a, **k: real(*a, **{**k, "min_seconds": 0.05, "min_images": 3}))
-    r = run_json(capsys, ["bench", "data", "--data", str(examples_dir / "data.txt"), "--img-size", "224",
+    r = run_json(capsys, ["bench", "data", "--data", str(tiny_data), "--img-size", "224",
                           "--photo", "1600x1200", "--format", "json"])
-    assert r["images_per_s"] > 0 and r["distinct_images"] == 5 and r["calibration_gflops"] == 100.0
+    assert r["images_per_s"] > 0 and r["distinct_images"] == 4 and r["calibration_gflops"] == 100.0
     ph = r["photo"]
     assert ph["exact_images_per_s"] > 0 and ph["fast_jpeg_images_per_s"] > 0
     assert 0 < ph["mean_abs_diff"] < 0.05  # fast JPEG: close, but not bit-exact
@@ -90,6 +105,7 @@ def test_lookup_normalisation_is_bit_equal():
     assert normalize(rgb).tobytes() == normalize_reference(rgb).tobytes()
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu_with_the_tiny_preset(tmp_path):
     """benchmarks/gpu_check.sh end to end with XCFT_GPU_CHECK_PRESET=tiny: four configurations, no failure."""
     env = {**os.environ, "XCFT_GPU_CHECK_PRESET": "tiny", "XCFT_GPU_CHECK_LENGTH": "600", "XCFT_GPU_CHECK_STEPS": "1",

@@ -2,7 +2,8 @@
 
 The official prompts are written out by hand from the official chat's rules (system turn, turns,
 answer header; ``<s>`` before every non-empty text piece around the images), independently of
-xcft's template code. Tokenizer and model are built here, so no reference files are needed.
+xcft's template code. Tokenizer (conftest ``tok``) and model are built on the spot, so no reference
+files are needed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import torch
 
 from xcft.data.encode import encode_conversation
 from xcft.data.schema import Conversation, Message
-from xcft.data.spm_builder import build_tokenizer
 from xcft.model.presets import build_model
 from xcft.model.template_xcomposer2 import OFFICIAL_SYSTEM_PROMPT
-from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
 OFFICIAL_META = (
@@ -27,11 +26,6 @@ OFFICIAL_META = (
     "- InternLM-XComposer (浦语·灵笔) is capable of comprehending and articulating responses effectively based on "
     "the provided image."
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return InternLM2Tokenizer.from_model_file(build_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +114,100 @@ def test_chat_defaults_to_official_sampling(tok, model, monkeypatch):
     seen.clear()
     model.chat(tok, "Hi", do_sample=False)
     assert seen["do_sample"] is False and "temperature" not in seen
+
+
+# ============================================================================ 2.5
+
+
+@pytest.fixture(scope="module")
+def model25(tok):
+    from xcft.model.configuration_xcomposer2 import XComposer2Config
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+
+    torch.manual_seed(0)
+    config = XComposer2Config(
+        family="2.5", vocab_size=int(tok.vocab_size), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, img_size=56, plora_r=8, plora_alpha=8.0, max_length=4096,
+        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "patch_size": 14},
+    )
+    return XComposer2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.new("RGB", (150, 70), (200, 30, 30)).save(path)
+    return path
+
+
+def _slots25(model, path, hd_num):
+    from PIL import Image
+
+    from xcft.model.image_processing_xcomposer2 import hd_crop_grid
+
+    with Image.open(path) as img:
+        rows, cols = hd_crop_grid(*img.size, hd_num, inference=True, view_size=model.config.img_size)
+    return model.config.hd_image_tokens(rows, cols)
+
+
+def _official25(tok, pieces: list[str], slots: list[int]) -> list[int]:
+    """Hand-built official 2.5 ids: ``<s>`` once before the first piece (even empty), image slots between pieces."""
+    ids = [tok.bos_token_id]
+    for k, piece in enumerate(pieces):
+        ids += tok.encode_text(piece) if piece else []
+        if k < len(pieces) - 1:
+            ids += [2] * slots[k]
+    return ids
+
+
+def _spy_generate(model, monkeypatch):
+    seen = {}
+
+    def fake_generate(**kwargs):
+        seen.update(kwargs)
+        return torch.cat([kwargs["input_ids"], torch.tensor([[2]])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    return seen
+
+
+def test_chat25_text_only_has_no_system_prompt(tok, model25, monkeypatch):
+    seen = _spy_generate(model25, monkeypatch)
+    model25.chat(tok, "Hello?")
+    assert seen["input_ids"][0].tolist() == [tok.bos_token_id] + tok.encode_text(f"{S}user\nHello?{E}\n{S}assistant\n")
+    # use_meta: the official system prompt on request
+    model25.chat(tok, "Hello?", meta_instruction=OFFICIAL_SYSTEM_PROMPT)
+    text = f"{S}system\n{OFFICIAL_META}{E}\n{S}user\nHello?{E}\n{S}assistant\n"
+    assert seen["input_ids"][0].tolist() == [tok.bos_token_id] + tok.encode_text(text)
+
+
+def test_chat25_one_image_without_placeholder_goes_before_the_prompt(tok, model25, photo, monkeypatch):
+    seen = _spy_generate(model25, monkeypatch)
+    model25.chat(tok, "What is this?", images=[str(photo)])
+    slots = _slots25(model25, photo, 24)
+    want = _official25(tok, ["", f"{S}user\nWhat is this?{E}\n{S}assistant\n"], [slots])
+    assert seen["input_ids"][0].tolist() == want
+    assert int(seen["image_mask"].sum()) == slots and seen["image_grids"].shape == (1, 2)
+
+
+def test_chat25_image_with_placeholder_and_history(tok, model25, photo, monkeypatch):
+    seen = _spy_generate(model25, monkeypatch)
+    model25.chat(tok, "<ImageHere>And now?", images=[str(photo)], history=[("Hi", "Hello!")])
+    pieces = [f"{S}user\nHi{E}\n{S}assistant\nHello!{E}\n{S}user\n", f"And now?{E}\n{S}assistant\n"]
+    assert seen["input_ids"][0].tolist() == _official25(tok, pieces, [_slots25(model25, photo, 24)])
+
+
+def test_chat25_several_images_are_numbered_with_hd_num_6(tok, model25, photo, monkeypatch):
+    seen = _spy_generate(model25, monkeypatch)
+    model25.chat(tok, "Compare them.", images=[str(photo), str(photo)])
+    slots = _slots25(model25, photo, 6)
+    pieces = [f"{S}user\nImage1 ", "; Image2 ", f"; Compare them.{E}\n{S}assistant\n"]
+    assert seen["input_ids"][0].tolist() == _official25(tok, pieces, [slots, slots])
+
+
+def test_chat25_generates_end_to_end(tok, model25, photo):
+    reply, history = model25.chat(tok, "What is this?", images=[str(photo)], max_new_tokens=3, do_sample=False)
+    assert isinstance(reply, str) and history == [("What is this?", reply)]

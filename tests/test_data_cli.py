@@ -1,4 +1,8 @@
-"""check-data and inspect through xcft.cli.main: summaries, one line per problem, exit codes."""
+"""check-data and inspect through xcft.cli.main: summaries, one line per problem, exit codes.
+
+The official example data is checked against the official fixture folder (../shared); every
+bad-input test uses a tiny model folder built on the spot (490-px images: 1225 slots each).
+"""
 
 from __future__ import annotations
 
@@ -52,6 +56,22 @@ def test_file_with_nothing_trainable_is_an_error(capsys, examples_dir: Path, fix
     assert out.count("WARNING") == 2 and "skipped in training" in out
 
 
+def test_official_layout_mixture_check_and_inspect(capsys, tiny_data: Path, tiny_base: Path) -> None:
+    """The same summary on a mixture built in tmp (16 slots per 56-px image, answers cut at 160 tokens)."""
+    rc, out, err = _run(capsys, "check-data", str(tiny_data), "--model", str(tiny_base))
+    assert rc == 0, out + err
+    assert "OK: training can start" in out and "16 slots per image" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("data/", "total"))}
+    assert lines["data/text.json"][1:4] == ["2", "20", "0"]
+    assert lines["data/multi.json"][1:4] == ["2", "10", "4"]
+    assert lines["total"][1:4] == ["6", "40", "6"]
+    rc, out, _ = _run(capsys, "inspect", str(tiny_data), "--model", str(tiny_base), "--index", "4", "--format", "json")
+    obj = json.loads(out)
+    slots = [i for i, m in enumerate(obj["image_mask"]) if m]
+    assert rc == 0 and len(slots) == 2 * 16 and all(obj["input_ids"][i] == -1 for i in slots)
+    assert all(obj["labels"][i] == -100 for i in slots) and len(obj["input_ids"]) <= 160
+
+
 def _write(tmp_path: Path, name: str, content) -> Path:
     p = tmp_path / name
     if isinstance(content, bytes):
@@ -63,8 +83,13 @@ def _write(tmp_path: Path, name: str, content) -> Path:
     return p
 
 
-def _check(capsys, path: Path, fixture_dir: Path) -> tuple[int, str]:
-    rc, out, err = _run(capsys, "check-data", str(path), "--model", str(fixture_dir))
+@pytest.fixture(scope="module")
+def model_dir(tiny_folder) -> Path:
+    return tiny_folder(img_size=490, max_length=4096)
+
+
+def _check(capsys, path: Path, model_dir: Path) -> tuple[int, str]:
+    rc, out, err = _run(capsys, "check-data", str(path), "--model", str(model_dir))
     assert "Traceback" not in out + err
     return rc, out + err
 
@@ -87,12 +112,12 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_CASES))
-def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, fixture_dir: Path) -> None:
+def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, model_dir: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "i.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     name, content, expected = BAD_CASES[kind]
     path = _write(tmp_path, name, content)
-    rc, text = _check(capsys, path, fixture_dir)
+    rc, text = _check(capsys, path, model_dir)
     assert rc == 1
     assert expected in text
     assert "FAILED" in text
@@ -100,27 +125,27 @@ def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, fixture_dir: Path) -
     assert len(errors) == 1 and str(path) in errors[0]
 
 
-def test_bad_data_txt_line(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+def test_bad_data_txt_line(capsys, tmp_path: Path, model_dir: Path) -> None:
     _write(tmp_path, "a.json", [{"conversations": OK_TURNS}])
     txt = _write(tmp_path, "data.txt", "# mix\na.json 0.001\na.json\nb.json 1\n")
-    rc, text = _check(capsys, txt, fixture_dir)
+    rc, text = _check(capsys, txt, model_dir)
     assert rc == 1
     errors = [l for l in text.splitlines() if l.startswith("ERROR")]
     assert len(errors) == 2
     assert "data.txt line 3" in errors[0] and "data.txt line 4" in errors[1] and "not found" in errors[1]
 
 
-def test_forty_broken_samples_forty_lines(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+def test_forty_broken_samples_forty_lines(capsys, tmp_path: Path, model_dir: Path) -> None:
     good = {"conversations": OK_TURNS}
     bad = {"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}
     path = _write(tmp_path, "many.jsonl", "\n".join(json.dumps(bad if i % 2 else good) for i in range(80)))
-    rc, text = _check(capsys, path, fixture_dir)
+    rc, text = _check(capsys, path, model_dir)
     errors = [l for l in text.splitlines() if l.startswith("ERROR")]
     assert rc == 1 and len(errors) == 40
     assert "sample 79 (id '79')" in errors[-1] and "line 80" in errors[-1]
 
 
-def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path, fixture_dir: Path) -> None:
+def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path, model_dir: Path) -> None:
     sub = tmp_path / "sub"
     sub.mkdir()
     Image.new("RGB", (8, 8)).save(sub / "pic.png")
@@ -129,7 +154,7 @@ def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path
         {"conversations": OK_TURNS},
     ])
     txt = _write(tmp_path, "data.txt", "sub/d.json 0.004\n")
-    rc, out, _ = _run(capsys, "check-data", str(txt), "--model", str(fixture_dir), "--max-length", "300")
+    rc, out, _ = _run(capsys, "check-data", str(txt), "--model", str(model_dir), "--max-length", "300")
     assert rc == 0 and "OK" in out
     # at 300 tokens the image sample keeps nothing trainable: reported and skipped, not an error
     assert "WARNING" in out and "skipped in training" in out
@@ -152,11 +177,11 @@ def test_inspect_text_and_json(capsys, examples_dir: Path, fixture_dir: Path) ->
     assert all(obj["labels"][i] == -100 for i in slots)
 
 
-def test_inspect_errors(capsys, tmp_path: Path, examples_dir: Path, fixture_dir: Path) -> None:
-    rc, _, err = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "99")
+def test_inspect_errors(capsys, tmp_path: Path, tiny_data: Path, model_dir: Path) -> None:
+    rc, _, err = _run(capsys, "inspect", str(tiny_data), "--model", str(model_dir), "--index", "99")
     assert rc == 1 and "no sample with index 99" in err
     path = _write(tmp_path, "a.json", [{"conversations": OK_TURNS}, {"conversations": [{"from": "x", "value": "q"}]}])
-    rc, _, err = _run(capsys, "inspect", str(path), "--model", str(fixture_dir), "--index", "1")
+    rc, _, err = _run(capsys, "inspect", str(path), "--model", str(model_dir), "--index", "1")
     assert rc == 1 and 'unknown role "x"' in err
     rc, _, err = _run(capsys, "check-data", str(path), "--model", str(tmp_path))
     assert rc == 1 and "no tokenizer.model" in err

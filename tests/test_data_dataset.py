@@ -13,12 +13,6 @@ from PIL import Image
 from xcft.data import DataCollator, build_dataset
 from xcft.data.encode import IGNORE_INDEX
 from xcft.errors import DataError
-from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(real_tokenizer: Path) -> InternLM2Tokenizer:
-    return InternLM2Tokenizer.from_model_file(real_tokenizer)
 
 
 def test_official_examples_load_as_they_are(tok, examples_dir: Path) -> None:
@@ -34,8 +28,8 @@ def test_official_examples_load_as_they_are(tok, examples_dir: Path) -> None:
     assert item["image_mask"][4] and not item["image_mask"][3]  # image at the start of the first user turn
 
 
-def test_getitem_honours_index_and_set_epoch(tok, examples_dir: Path) -> None:
-    ds = build_dataset(examples_dir / "data.txt", tok, 490, 4096, seed=1)
+def test_getitem_honours_index_and_set_epoch(tok, tiny_data: Path) -> None:
+    ds = build_dataset(tiny_data, tok, 56, 160, seed=1)
     draw0 = ds.draw.copy()
     for i in (0, 17, 39):
         conv, enc = ds.encode(i)
@@ -45,7 +39,7 @@ def test_getitem_honours_index_and_set_epoch(tok, examples_dir: Path) -> None:
     assert len(ds) == 40 and not np.array_equal(ds.draw, draw0)
     ds.set_epoch(0)
     assert np.array_equal(ds.draw, draw0)
-    other = build_dataset(examples_dir / "data.txt", tok, 490, 4096, seed=1)
+    other = build_dataset(tiny_data, tok, 56, 160, seed=1)
     assert np.array_equal(other.draw, draw0)  # every rank computes the same draw
     with pytest.raises(IndexError):
         ds[40]
@@ -117,12 +111,12 @@ def test_undecodable_image_raises_data_error(tok, tmp_path: Path) -> None:
         ds[0]
 
 
-def test_dataloader_workers_and_pickling(tok, examples_dir: Path) -> None:
+def test_dataloader_workers_and_pickling(tok, tiny_data: Path) -> None:
     import pickle
 
     from torch.utils.data import DataLoader
 
-    ds = build_dataset(examples_dir / "data.txt", tok, 490, 4096)
+    ds = build_dataset(tiny_data, tok, 56, 160)
     clone = pickle.loads(pickle.dumps(ds))  # what a spawn-started worker receives
     assert torch.equal(clone[5]["input_ids"], ds[5]["input_ids"])
     loader = DataLoader(ds, batch_size=8, num_workers=1, collate_fn=DataCollator(tok.pad_token_id))

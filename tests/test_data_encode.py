@@ -1,4 +1,5 @@
-"""Encoder parity with the official data path (public fixture) and our deliberate differences."""
+"""Encoder parity with the official data path (public fixture, real tokenizer) and our deliberate
+differences; the behaviour tests use the tokenizer built on the spot."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ WELL_FORMED = ["p01", "p02", "p03", "p04", "p05", "p06", "p07", "p08", "p11"]
 
 
 @pytest.fixture(scope="module")
-def tok(real_tokenizer: Path) -> InternLM2Tokenizer:
+def real_tok(real_tokenizer: Path) -> InternLM2Tokenizer:
     return InternLM2Tokenizer.from_model_file(real_tokenizer)
 
 
@@ -35,9 +36,9 @@ def _conv(case: dict, examples_dir: Path) -> Conversation:
 
 
 @pytest.mark.parametrize("name", WELL_FORMED + ["p09"])
-def test_parity_with_fixture(name: str, tok, cases, examples_dir: Path) -> None:
+def test_parity_with_fixture(name: str, real_tok, cases, examples_dir: Path) -> None:
     case = cases[name]
-    enc = encode_conversation(_conv(case, examples_dir), tok, 490, case["max_length"])
+    enc = encode_conversation(_conv(case, examples_dir), real_tok, 490, case["max_length"])
     assert enc.input_ids == case["input_ids_image_as_-1"]
     assert enc.labels == case["labels"]
     assert [int(m) for m in enc.image_mask] == case["im_mask"]
@@ -48,9 +49,9 @@ def test_parity_with_fixture(name: str, tok, cases, examples_dir: Path) -> None:
     assert enc.truncated == (name == "p09")
 
 
-def test_p10_never_splits_an_image(tok, cases, examples_dir: Path) -> None:
+def test_p10_never_splits_an_image(real_tok, cases, examples_dir: Path) -> None:
     case = cases["p10"]
-    enc = encode_conversation(_conv(case, examples_dir), tok, 490, case["max_length"])
+    enc = encode_conversation(_conv(case, examples_dir), real_tok, 490, case["max_length"])
     start2 = case["image_spans_[start,len]"][1][0]
     # the official code keeps 740 slots of image 2 and trains a stray "\n"; we end before image 2
     assert len(enc) == start2 == 1260
@@ -62,7 +63,7 @@ def test_p10_never_splits_an_image(tok, cases, examples_dir: Path) -> None:
     official = case["labels"][:start2]
     stray = [i for i, (a, b) in enumerate(zip(enc.labels, official)) if a != b]
     assert len(stray) == 1 and case["input_ids_image_as_-1"][stray[0]] == 364
-    assert enc.labels[stray[0] - 1] == tok.turn_end_id
+    assert enc.labels[stray[0] - 1] == real_tok.turn_end_id
     assert enc.num_supervised == case["num_target_tokens"] - 1
 
 

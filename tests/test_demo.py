@@ -2,6 +2,7 @@
 
 One quick demo run (module fixture) is shared by the assertions; the control run trains on blank
 images and must not learn colours. The numbers are measured by greedy chat on held-out images.
+Every test that runs the demo is marked slow (minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from xcft.commands.demo.scoring import chance_levels
 from xcft.commands.demo.run import QUICK, run_demo
+from xcft.commands.demo.scoring import chance_levels
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +21,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory):
     return run_demo(tmp_path_factory.mktemp("demo") / "out", quick=True)
 
 
+@pytest.mark.slow
 def test_quick_demo_learns(quick) -> None:
     r = quick
     assert r.steps == QUICK.steps
@@ -30,6 +32,7 @@ def test_quick_demo_learns(quick) -> None:
     assert len(r.losses) == r.steps
 
 
+@pytest.mark.slow
 def test_vision_path_is_what_learned(quick) -> None:
     # the same trained model, every image replaced by zero pixels: colour answers fall to chance
     chance = chance_levels()["colour"]
@@ -37,6 +40,7 @@ def test_vision_path_is_what_learned(quick) -> None:
     assert quick.accuracy_blank_images <= chance + 0.15
 
 
+@pytest.mark.slow
 def test_artifacts_and_fresh_process_answer(quick) -> None:
     out = Path(quick.output_dir)
     assert (out / "loss.png").stat().st_size > 1000
@@ -51,6 +55,7 @@ def test_artifacts_and_fresh_process_answer(quick) -> None:
     assert quick.reload_answer.split()[0] == quick.reload_question["answer"]
 
 
+@pytest.mark.slow
 def test_blank_training_images_do_not_learn(tmp_path: Path) -> None:
     """Control: the same run with flat grey training images cannot learn colours (nothing leaks via text)."""
     r = run_demo(tmp_path / "blank", quick=True, blank_train_images=True, merge=False)
@@ -58,6 +63,7 @@ def test_blank_training_images_do_not_learn(tmp_path: Path) -> None:
     assert r.loss_last < r.loss_first  # it did train (the answer format), it just cannot see
 
 
+@pytest.mark.slow
 def test_text_and_json_output(quick, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import xcft.commands.demo.run as run_mod
     from xcft.commands.demo.run import demo_command

@@ -4,11 +4,9 @@ DDP-friendly gradients, dtypes, presets and init-model."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from batch_helpers import random_item
 
 torch.set_num_threads(1)
 
@@ -18,9 +16,6 @@ def tiny(**kw):
 
     return build_model("tiny", vocab_size=300, seed=1, **kw)
 
-
-def sample(model, gen: torch.Generator, n_text: int = 12, images: int = 1):
-    return random_item(model, gen, n_text, images)
 
 def collate(items):
     from xcft.data.dataset import DataCollator
@@ -34,14 +29,14 @@ def grads(model, batch):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_grads():
+def test_gradient_checkpointing_gives_the_same_grads(random_item):
     model = tiny()
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     gen = torch.Generator().manual_seed(0)
-    batch = collate([sample(model, gen), sample(model, gen, n_text=5, images=0)])
+    batch = collate([random_item(model, gen), random_item(model, gen, n_text=5, images=0)])
     ref = grads(model, batch)
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -57,28 +52,28 @@ def test_gradient_checkpointing_gives_the_same_grads():
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_every_trainable_parameter_gets_a_gradient_even_without_images():
+def test_every_trainable_parameter_gets_a_gradient_even_without_images(random_item):
     """DDP without find_unused_parameters needs a gradient for every Partial-LoRA weight on every rank;
     post_layernorm (unused by the features) is also kept in the graph when images are present."""
     model = tiny()
     model.train()
     gen = torch.Generator().manual_seed(0)
-    text_only = collate([sample(model, gen, images=0)])
+    text_only = collate([random_item(model, gen, images=0)])
     text_only["pixel_values"] = None
     got = grads(model, text_only)
     lora = [n for n, _ in model.named_parameters() if "Plora" in n]
     assert lora and all(n in got for n in lora)
     assert all(float(got[n].abs().sum()) == 0.0 for n in lora)  # zero-weighted: no effect on the update
-    with_image = collate([sample(model, gen)])
+    with_image = collate([random_item(model, gen)])
     got = grads(model, with_image)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in got]
     assert missing == []
 
 
-def test_eager_and_sdpa_agree():
+def test_eager_and_sdpa_agree(random_item):
     gen = torch.Generator().manual_seed(0)
     model = tiny()
-    batch = collate([sample(model, gen), sample(model, gen, n_text=3, images=0)])
+    batch = collate([random_item(model, gen), random_item(model, gen, n_text=3, images=0)])
     with torch.no_grad():
         sdpa = model(**batch).logits
         model.config._attn_implementation = "eager"
@@ -87,12 +82,12 @@ def test_eager_and_sdpa_agree():
     torch.testing.assert_close(eager[mask], sdpa[mask], rtol=1e-4, atol=1e-5)
 
 
-def test_packed_rows_equal_separate_rows():
+def test_packed_rows_equal_separate_rows(random_item):
     """Packing hook: two samples in one row with restarting position_ids (and no attention mask)
     give the same per-sample losses as the two samples apart (block-diagonal causal mask)."""
     model = tiny()
     gen = torch.Generator().manual_seed(0)
-    a, b = sample(model, gen), sample(model, gen, n_text=7, images=0)
+    a, b = random_item(model, gen), random_item(model, gen, n_text=7, images=0)
     with torch.no_grad():
         sa, na = model.sample_losses(**collate([a]))
         sb, nb = model.sample_losses(**collate([b]))
@@ -108,12 +103,12 @@ def test_packed_rows_equal_separate_rows():
     assert abs(sp.item() - (sa.item() + sb.item())) < 1e-4 * abs(sp.item())
 
 
-def test_bf16_forward_and_backward():
+def test_bf16_forward_and_backward(random_item):
     model = tiny(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     model.train()
     gen = torch.Generator().manual_seed(0)
-    batch = collate([sample(model, gen)])
+    batch = collate([random_item(model, gen)])
     loss = model(**batch).loss
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
@@ -151,23 +146,34 @@ def test_init_model_command_writes_a_loadable_folder(tmp_path, capsys):
     assert isinstance(response, str)
 
 
-def test_init_model_with_real_tokenizer(tmp_path, real_tokenizer):
+def test_init_model_with_a_given_tokenizer(tmp_path):
+    """--tokenizer is copied as is and sets the vocabulary (600 pieces here, not the built-in 1000)."""
     from xcft.commands.init_model import init_model_command
+    from xcft.data.spm_builder import build_tokenizer
 
-    assert init_model_command(str(tmp_path / "t"), preset="tiny", img_size=490, tokenizer=str(real_tokenizer), seed=0) == 0
+    given = build_tokenizer(tmp_path / "tok", vocab_size=600)
+    assert init_model_command(str(tmp_path / "t"), preset="tiny", img_size=490, tokenizer=str(given), seed=0) == 0
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert cfg["vocab_size"] == 92544 and cfg["img_size"] == 490
-    assert (tmp_path / "t" / "tokenizer.model").read_bytes() == Path(real_tokenizer).read_bytes()
+    assert cfg["vocab_size"] == 600 and cfg["img_size"] == 490
+    assert (tmp_path / "t" / "tokenizer.model").read_bytes() == given.read_bytes()
 
 
-def test_peft_lora_wraps_the_partial_lora_linears_and_merges():
+def test_image_count_mismatch_is_rejected(random_item):
+    model = tiny()
+    item = random_item(model, torch.Generator().manual_seed(0))
+    batch = {k: v[None] if k != "pixel_values" else torch.cat([v, v]) for k, v in item.items()}
+    with pytest.raises(ValueError, match=f"image_mask marks {model.image_tokens} slots"):
+        model(**batch)
+
+
+def test_peft_lora_wraps_the_partial_lora_linears_and_merges(random_item):
     """The official LoRA targets (attention.wqkv ... feed_forward.w3) wrap our PLoRA linears;
     Partial LoRA still sees the image positions, and merging keeps the logits."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny()
     gen = torch.Generator().manual_seed(0)
-    batch = collate([sample(model, gen), sample(model, gen, images=0)])
+    batch = collate([random_item(model, gen), random_item(model, gen, images=0)])
     targets = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     wrapped = [n for n, m in peft_model.named_modules() if type(m).__module__.startswith("peft") and n.endswith(("wqkv", "w2"))]

@@ -1,4 +1,4 @@
-"""Generation: the chat prompt format, KV-cache vs no-cache greedy decoding, images in chat."""
+"""Generation: the chat prompt format, KV-cache vs no-cache greedy decoding, images in chat (tiny folder)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,25 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def loaded(fixture_dir: Path):
+def loaded(tiny_base: Path):
     from xcft.model.loading import load_pretrained
 
-    return load_pretrained(fixture_dir, dtype="float32", device="cpu")
+    return load_pretrained(tiny_base, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A photo-like picture: a colour gradient with a dark disc."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:90, 0:120]
+    rgb = np.stack([x * 2, y * 2, 255 - x - y], axis=-1).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    ImageDraw.Draw(img).ellipse([30, 20, 80, 70], fill=(20, 20, 20))
+    path = tmp_path_factory.mktemp("gen-image") / "disc.jpg"
+    img.save(path)
+    return path
 
 
 def test_chat_prompt_format(loaded):
@@ -23,11 +38,12 @@ def test_chat_prompt_format(loaded):
         tok, "What is <ImageHere> this?", history=[("Hi", "Hello!")], meta_instruction="Be brief.", num_images=1
     )
     ids, mask = ids[0].tolist(), mask[0].tolist()
-    assert ids[0] == tok.bos_token_id and sum(mask) == 1225
+    slots = model.image_tokens
+    assert ids[0] == tok.bos_token_id and sum(mask) == slots == 16
     start = mask.index(True)
-    assert all(mask[start : start + 1225]) and all(i == 2 for i in ids[start : start + 1225])
-    assert ids[start + 1225] == tok.bos_token_id  # the official 2.0 chat: every text piece starts with <s>
-    text = tok.decode(ids[1:start]) + "<ImageHere>" + tok.decode(ids[start + 1226 :])
+    assert all(mask[start : start + slots]) and all(i == 2 for i in ids[start : start + slots])
+    assert ids[start + slots] == tok.bos_token_id  # the official 2.0 chat: every text piece starts with <s>
+    text = tok.decode(ids[1:start]) + "<ImageHere>" + tok.decode(ids[start + slots + 1 :])
     assert text == (
         "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
         "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello![UNUSED_TOKEN_145]\n"
@@ -35,14 +51,14 @@ def test_chat_prompt_format(loaded):
     )
     # no placeholder: the image goes first in the query; no system prompt: no system turn
     ids2, mask2 = model.build_chat_inputs(tok, "Describe it.", meta_instruction="", num_images=1)
-    assert ids2[0, 1].item() == tok.turn_start_id and mask2[0].tolist().index(True) == 4  # BOS, [146], user, \n
+    header = [tok.bos_token_id] + tok.encode_text("[UNUSED_TOKEN_146]user\n")
+    assert ids2[0, : len(header)].tolist() == header and mask2[0].tolist().index(True) == len(header)
     with pytest.raises(ValueError, match="2 <ImageHere> placeholders .history included. but 1 images"):
         model.build_chat_inputs(tok, "<ImageHere><ImageHere>", num_images=1)
 
 
-def test_greedy_generation_with_and_without_cache_agree(loaded, shared_dir):
+def test_greedy_generation_with_and_without_cache_agree(loaded, image):
     model, tok = loaded
-    image = shared_dir / "assets" / "official-examples" / "data" / "images" / "panda.jpeg"
     ids, mask = model.build_chat_inputs(tok, "What animal is this?", num_images=1)
     from xcft.model.image_processing_xcomposer2 import load_image
 
@@ -69,9 +85,8 @@ def test_greedy_generation_with_and_without_cache_agree(loaded, shared_dir):
     assert (with_img - without).abs().max() > 1e-3
 
 
-def test_chat_with_and_without_cache(loaded, shared_dir):
+def test_chat_with_and_without_cache(loaded, image):
     model, tok = loaded
-    image = shared_dir / "assets" / "official-examples" / "data" / "images" / "panda.jpeg"
     answers = []
     for use_cache in (True, False):
         response, history = model.chat(

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from batch_helpers import random_item
 
 from xcft.data.dataset import DataCollator
 from xcft.data.packing import (
@@ -30,22 +29,19 @@ def tiny_model():
     return build_model("tiny", vocab_size=300, seed=3, plora_dropout=0.0)
 
 
-def make_sample(model, gen: torch.Generator, n_text: int, images: int) -> dict[str, torch.Tensor]:
-    return random_item(model, gen, n_text, images, prompt_divisor=3)
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
 
 
 @pytest.fixture(scope="module")
-def samples(model):
+def samples(model, random_item):
     gen = torch.Generator().manual_seed(0)
     return [
-        make_sample(model, gen, 9, 1),
-        make_sample(model, gen, 14, 0),
-        make_sample(model, gen, 5, 2),
-        make_sample(model, gen, 21, 0),
+        random_item(model, gen, 9, 1, prompt_divisor=3),
+        random_item(model, gen, 14, 0, prompt_divisor=3),
+        random_item(model, gen, 5, 2, prompt_divisor=3),
+        random_item(model, gen, 21, 0, prompt_divisor=3),
     ]
 
 

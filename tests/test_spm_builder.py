@@ -12,12 +12,11 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from xcft.data.spm_builder import DEMO_COLOURS, DEMO_SHAPES, TURN_END, TURN_START, build_tokenizer
 from xcft.errors import XcftError
 
-REAL_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "internlm2-tokenizer" / "tokenizer.model"
-
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+def built(built_tokenizer: Path) -> Path:
+    """The conftest tokenizer: build_tokenizer with the default corpus and vocabulary."""
+    return built_tokenizer
 
 
 def _proto(path: Path) -> pb.ModelProto:
@@ -60,10 +59,8 @@ def test_byte_fallback_and_whitespace_round_trip(built: Path) -> None:
     assert sp.encode("2024", out_type=str) == ["2", "0", "2", "4"]  # split_digits
 
 
-def test_normalizer_settings_match_real_tokenizer(built: Path) -> None:
-    if not REAL_TOKENIZER.exists():
-        pytest.skip(f"real tokenizer not found at {REAL_TOKENIZER} (../shared is absent)")
-    ours, real = _proto(built), _proto(REAL_TOKENIZER)
+def test_normalizer_settings_match_real_tokenizer(built: Path, real_tokenizer: Path) -> None:
+    ours, real = _proto(built), _proto(real_tokenizer)
     for field in ("name", "add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):
         assert getattr(ours.normalizer_spec, field) == getattr(real.normalizer_spec, field), field
     for field in ("model_type", "split_digits", "byte_fallback", "unk_id", "bos_id", "eos_id", "pad_id"):

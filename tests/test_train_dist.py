@@ -11,19 +11,18 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_fixtures import EXAMPLES, ROOT, read_losses, subprocess_env, tiny_base, workdir
-
 from xcft.commands.train import train_command
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"official examples not found at {EXAMPLES}"),
-]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "11", "--max_steps", "3",
           "--learning_rate", "1e-3"]
@@ -35,23 +34,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _argv(out, *extra):
-    return ["--model_name_or_path", str(tiny_base()), "--data_path", str(EXAMPLES / "data.txt"),
-            "--output_dir", str(out), *COMMON, *extra]
+@pytest.fixture(scope="module")
+def runs(tiny_base, tiny_data, subprocess_env, read_losses):
+    """``runs.torchrun(out, *flags)`` (2 processes, batch 1 each) and ``runs.single(out, *flags)`` (1 process,
+    batch 2: the same global batch, returns its losses), both on the tiny folder and mixture."""
 
+    def argv(out, *extra):
+        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data),
+                "--output_dir", str(out), *COMMON, *extra]
 
-def _torchrun(out, *extra, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "xcft.cli", "train", *_argv(out, "--per_device_train_batch_size", "1", *extra)]
-    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
-    return r
+    def torchrun(out, *extra, timeout=600):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+               "-m", "xcft.cli", "train", *argv(out, "--per_device_train_batch_size", "1", *extra)]
+        r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+        return r
 
+    def single(out, *extra):
+        assert train_command(argv(out, "--per_device_train_batch_size", "2", *extra)) == 0
+        return read_losses(out)
 
-def _single(out, *extra):
-    """The same global batch (2) in one process."""
-    assert train_command(_argv(out, "--per_device_train_batch_size", "2", *extra)) == 0
-    return read_losses(out)
+    return SimpleNamespace(torchrun=torchrun, single=single)
 
 
 def _assert_same_losses(got, expected, rel):
@@ -60,48 +63,48 @@ def _assert_same_losses(got, expected, rel):
         assert got[step] == pytest.approx(expected[step], rel=rel), (step, got, expected)
 
 
-def test_ddp_two_processes_equal_one_process():
-    out = workdir() / "ddp"
-    _torchrun(out, "--ddp_backend", "gloo", "--save_strategy", "no", "--fix_sampler", "false")
-    expected = _single(workdir() / "ddp_ref", "--save_strategy", "no", "--fix_sampler", "false")
+def test_ddp_two_processes_equal_one_process(runs, read_losses, tmp_path):
+    out = tmp_path / "ddp"
+    runs.torchrun(out, "--ddp_backend", "gloo", "--save_strategy", "no", "--fix_sampler", "false")
+    expected = runs.single(tmp_path / "ddp_ref", "--save_strategy", "no", "--fix_sampler", "false")
     _assert_same_losses(read_losses(out), expected, rel=1e-5)
     assert (out / "model.safetensors").is_file() and (out / "modeling_xcomposer2.py").is_file()
 
 
-def test_deepspeed_zero2_lora_two_processes():
+def test_deepspeed_zero2_lora_two_processes(runs, read_losses, tiny_base, tmp_path):
     pytest.importorskip("deepspeed")
     import xcft
 
-    out = workdir() / "z2"
+    out = tmp_path / "z2"
     # fix_sampler false: the projector is trained inside the adapter; text-only and image batches
     # meet on the two ranks, which needs the vision-aligned batches.
     args = ["--use_lora", "--lora_r", "4", "--lora_dropout", "0", "--fix_sampler", "false", "--save_steps", "2"]
-    _torchrun(out, "--deepspeed", str(ROOT / "configs" / "ds_zero2.json"), *args)
-    expected = _single(workdir() / "z2_ref", *args)
+    runs.torchrun(out, "--deepspeed", str(ROOT / "configs" / "ds_zero2.json"), *args)
+    expected = runs.single(tmp_path / "z2_ref", *args)
     _assert_same_losses(read_losses(out), expected, rel=1e-4)
     conf = json.loads((out / "adapter_config.json").read_text())
-    assert conf["base_model_name_or_path"] == str(tiny_base().resolve())
+    assert conf["base_model_name_or_path"] == str(tiny_base.resolve())
     ckpt = out / "checkpoint-2"
     assert (ckpt / "adapter_model.safetensors").is_file()
     # no full model weights in an intermediate LoRA checkpoint (DeepSpeed states exclude frozen weights)
-    base_bytes = (tiny_base() / "model.safetensors").stat().st_size
+    base_bytes = (tiny_base / "model.safetensors").stat().st_size
     assert not list(ckpt.glob("model*.safetensors"))
     assert all(p.stat().st_size < base_bytes / 2 for p in ckpt.rglob("*") if p.is_file())
     model, _ = xcft.load_pretrained(str(out), dtype=torch.float32, device="cpu")
     assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 1000)
 
 
-def test_deepspeed_zero3_full_two_processes_saves_consolidated_weights():
+def test_deepspeed_zero3_full_two_processes_saves_consolidated_weights(runs, read_losses, tiny_base, tmp_path):
     pytest.importorskip("deepspeed")
     import xcft
 
-    out = workdir() / "z3"
+    out = tmp_path / "z3"
     args = ["--fix_vit", "false", "--save_strategy", "no"]
-    _torchrun(out, "--deepspeed", str(ROOT / "configs" / "ds_zero3.json"), *args)
-    expected = _single(workdir() / "z3_ref", *args)
+    runs.torchrun(out, "--deepspeed", str(ROOT / "configs" / "ds_zero3.json"), *args)
+    expected = runs.single(tmp_path / "z3_ref", *args)
     _assert_same_losses(read_losses(out), expected, rel=1e-4)
     saved = load_file(str(out / "model.safetensors"))
-    base = load_file(str(tiny_base() / "model.safetensors"))
+    base = load_file(str(tiny_base / "model.safetensors"))
     assert saved.keys() == base.keys()
     for k in base:
         assert saved[k].shape == base[k].shape, k  # consolidated, not ZeRO-3 shards

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-from test_train_fixtures import EXAMPLES, IMG_SIZE, ROOT, subprocess_env, tiny_base, workdir
+ROOT = Path(__file__).resolve().parents[1]
 
 FSDP_SCRIPT = r"""
 import json, os, sys, tempfile
@@ -58,11 +58,12 @@ dist.destroy_process_group()
 """
 
 
-def test_fully_shard_wraps_decoder_and_clip_layers_and_matches_unsharded():
-    script = workdir() / "fsdp_check.py"
+@pytest.mark.slow
+def test_fully_shard_wraps_decoder_and_clip_layers_and_matches_unsharded(tmp_path, tiny_base, subprocess_env):
+    script = tmp_path / "fsdp_check.py"
     script.write_text(FSDP_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(tiny_base()), str(ROOT / "configs" / "fsdp.json")],
-                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(script), str(tiny_base), str(ROOT / "configs" / "fsdp.json")],
+                       env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     assert res["kinds"] == ["CLIPEncoderLayer", "XComposer2DecoderLayer"]
@@ -72,37 +73,34 @@ def test_fully_shard_wraps_decoder_and_clip_layers_and_matches_unsharded():
 
 
 @pytest.fixture(scope="module")
-def panda():
-    path = EXAMPLES / "data" / "images" / "panda.jpeg"
-    if not path.is_file():
-        pytest.skip(f"example image not found at {path}")
-    return path
+def picture(tiny_data):
+    return tiny_data.parent / "data" / "images" / "blue.jpg"
 
 
-def test_chat_one_query_with_image(panda, capsys):
+def test_chat_one_query_with_image(picture, tiny_base, capsys):
     from xcft.commands.chat import chat_command
 
-    assert chat_command(model_dir=str(tiny_base()), images=[str(panda)], query="What is this?", max_new_tokens=5,
+    assert chat_command(model_dir=str(tiny_base), images=[str(picture)], query="What is this?", max_new_tokens=5,
                         system=None, device="cpu", greedy=True) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n")
 
 
-def test_chat_query_placeholder_count_mismatch_is_an_error(panda):
-    from xcft.errors import XcftError
+def test_chat_query_placeholder_count_mismatch_is_an_error(picture, tiny_base):
     from xcft.commands.chat import chat_command
+    from xcft.errors import XcftError
 
     with pytest.raises(XcftError, match="placeholder"):
-        chat_command(model_dir=str(tiny_base()), images=[str(panda)], query="<ImageHere><ImageHere>two?",
+        chat_command(model_dir=str(tiny_base), images=[str(picture)], query="<ImageHere><ImageHere>two?",
                      max_new_tokens=2, system="", device="cpu", greedy=True)
     with pytest.raises(XcftError, match="not found"):
-        chat_command(model_dir=str(tiny_base()), images=["/no/such.jpg"], query="x", max_new_tokens=2,
+        chat_command(model_dir=str(tiny_base), images=["/no/such.jpg"], query="x", max_new_tokens=2,
                      system=None, device="cpu", greedy=True)
 
 
-def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
-    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+def test_chat_interactive_keeps_history_and_streams(picture, tiny_base, monkeypatch, capsys):
     from xcft.commands.chat import chat_command
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
 
     seen = []
     original = XComposer2ForCausalLM.chat
@@ -114,25 +112,25 @@ def test_chat_interactive_keeps_history_and_streams(panda, monkeypatch, capsys):
     monkeypatch.setattr(XComposer2ForCausalLM, "chat", spy)
     answers = iter(["Describe it.", "And the colours?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    assert chat_command(model_dir=str(tiny_base()), images=[str(panda)], query=None, max_new_tokens=4,
+    assert chat_command(model_dir=str(tiny_base), images=[str(picture)], query=None, max_new_tokens=4,
                         system=None, device="cpu", greedy=True) == 0
     assert len(seen) == 2
     first, second = seen
-    assert first[0] == "<ImageHere>Describe it." and first[1] == [] and first[2] and first[3] == 1
+    assert first[0] == "Describe it." and first[1] == [] and first[2] and first[3] == 1
     assert second[0] == "And the colours?" and second[1][0][0] == "<ImageHere>Describe it." and second[2]
     assert "assistant> " in capsys.readouterr().out
 
 
-def test_chat_cli_on_lora_adapter(tmp_path):
+def test_chat_cli_on_lora_adapter(tmp_path, tiny_base, tiny_data, subprocess_env):
     """`xcft chat --model ADAPTER --query` in a real process (the CLI wiring, adapter loading)."""
     from xcft.commands.train import train_command
 
     out = tmp_path / "lora"
-    assert train_command(["--model_name_or_path", str(tiny_base()), "--data_path", str(EXAMPLES / "data.txt"),
+    assert train_command(["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data),
                           "--output_dir", str(out), "--use_cpu", "--disable_tqdm", "true", "--report_to", "none",
                           "--max_steps", "1", "--use_lora", "--lora_r", "2", "--save_strategy", "no"]) == 0
     r = subprocess.run([sys.executable, "-m", "xcft.cli", "chat", "--model", str(out), "--query", "Hi",
                         "--max-new-tokens", "3", "--device", "cpu"],
-                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                       env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.endswith("\n")

@@ -5,28 +5,50 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_fixtures import EXAMPLES, read_losses, run_fresh_python, small_fixed_data, tiny_base, workdir
-
-from xcft.errors import XcftError
 from xcft.commands.train import EXIT_SIGTERM, train_command
+from xcft.errors import XcftError
 from xcft.train.trainer import STAGING_DIR_NAME, find_last_checkpoint
-
-pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason=f"official examples not found at {EXAMPLES}")
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
 
 
-def _train(out, *extra, data=None):
-    argv = ["--model_name_or_path", str(tiny_base()), "--data_path", str(data or EXAMPLES / "data.txt"),
-            "--output_dir", str(out), *COMMON, *extra]
-    return train_command(argv)
+@pytest.fixture(scope="module")
+def train(tiny_base, tiny_data):
+    """``train(out, *flags, data=None)``: ``xcft train`` of the tiny folder on the tiny mixture (or ``data``)."""
+
+    def run(out, *extra, data=None):
+        argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(data or tiny_data),
+                "--output_dir", str(out), *COMMON, *extra]
+        return train_command(argv)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_fixed_data(tiny_data, tmp_path_factory):
+    """Four short samples (two with an image) in one JSON file: a set a tiny model can fit."""
+    images = tiny_data.parent / "data" / "images"
+    samples = [
+        {"id": "a", "image": [str(images / "red.png")],
+         "conversations": [{"from": "user", "value": "<ImageHere>What colour is this?"},
+                           {"from": "assistant", "value": "It is red."}]},
+        {"id": "b", "conversations": [{"from": "user", "value": "Say hello."},
+                                      {"from": "assistant", "value": "Hello there, friend."}]},
+        {"id": "c", "image": [str(images / "green.png")],
+         "conversations": [{"from": "user", "value": "<ImageHere>Is this a square?"},
+                           {"from": "assistant", "value": "Yes, a yellow square on green."}]},
+        {"id": "d", "conversations": [{"from": "user", "value": "Count to three."},
+                                      {"from": "assistant", "value": "One, two, three."}]},
+    ]
+    path = tmp_path_factory.mktemp("fixed") / "fixed.json"
+    path.write_text(json.dumps(samples))
+    return path
 
 
 def _weights(folder):
@@ -34,26 +56,26 @@ def _weights(folder):
 
 
 @pytest.fixture(scope="module")
-def full_run():
-    out = workdir() / "full"
-    rc = _train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_steps", "2",
+def full_run(train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    rc = train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_steps", "2",
                 "--learning_rate", "1e-3", "--fix_vit", "true", "--fix_sampler", "true", "--report_to", "tensorboard")
     assert rc == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def lora_run():
-    out = workdir() / "lora"
-    rc = _train(out, "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "4",
+def lora_run(train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "out"
+    rc = train(out, "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "4",
                 "--per_device_train_batch_size", "2", "--save_steps", "2", "--learning_rate", "1e-2",
                 "--fix_sampler", "false")
     assert rc == 0
     return out
 
 
-def test_full_run_outputs_and_freezing(full_run):
-    base = _weights(tiny_base())
+def test_full_run_outputs_and_freezing(full_run, tiny_base, read_losses):
+    base = _weights(tiny_base)
     after = _weights(full_run)
     assert base.keys() == after.keys()
     frozen = [k for k in base if k.startswith(("vit.", "vision_proj."))]
@@ -74,7 +96,7 @@ def test_full_run_outputs_and_freezing(full_run):
     assert set(read_losses(full_run)) == {1, 2, 3, 4}
 
 
-def test_full_output_loads_without_xcft(full_run):
+def test_full_output_loads_without_xcft(full_run, run_fresh_python):
     r = run_fresh_python(f"""
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -87,9 +109,9 @@ print("OK", any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
     assert "OK False" in r.stdout
 
 
-def test_lora_run_freezes_base_and_saves_adapter(lora_run):
+def test_lora_run_freezes_base_and_saves_adapter(lora_run, tiny_base):
     conf = json.loads((lora_run / "adapter_config.json").read_text())
-    assert conf["base_model_name_or_path"] == str(tiny_base().resolve())
+    assert conf["base_model_name_or_path"] == str(tiny_base.resolve())
     assert os.path.isabs(conf["base_model_name_or_path"])
     assert (lora_run / "tokenizer.model").is_file()
     assert not (lora_run / "model.safetensors").exists()
@@ -103,7 +125,7 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run):
     from xcft.model.loading import load_adapter_model
 
     peft_model, _, _ = load_adapter_model(lora_run, dtype=torch.float32, device="cpu")
-    base = _weights(tiny_base())
+    base = _weights(tiny_base)
     state = peft_model.get_base_model().state_dict()
     originals = {k.replace(".base_layer", "").replace(".original_module", ""): v for k, v in state.items()
                  if ".lora_" not in k and "modules_to_save" not in k}
@@ -114,11 +136,11 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run):
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA weights were trained"
 
 
-def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys):
+def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys, tmp_path, run_fresh_python):
     import xcft
     from xcft.commands.merge import merge_command, probe_batch, probe_logits
 
-    merged = workdir() / "merged"
+    merged = tmp_path / "merged"
     assert merge_command(adapter=str(lora_run), output=str(merged), base=None) == 0
     out = capsys.readouterr().out
     assert "max abs logit diff merged vs adapter" in out
@@ -143,27 +165,27 @@ print("DIFF", d, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
     assert float(diff) < 1e-4 and imported == "False"
 
 
-def test_merge_other_base_and_user_errors(lora_run, tmp_path):
+def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base):
+    from xcft.commands.merge import merge_command
     from xcft.model.loading import save_pretrained
     from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-    from xcft.commands.merge import merge_command
 
     other = build_model("tiny", img_size=56, vocab_size=1000, seed=1, max_length=160)
-    other_dir = save_pretrained(other, InternLM2Tokenizer.from_model_file(tiny_base() / "tokenizer.model"), tmp_path / "o")
+    other_dir = save_pretrained(other, InternLM2Tokenizer.from_model_file(tiny_base / "tokenizer.model"), tmp_path / "o")
     # --base overrides the adapter's base: merging onto it is still checked against base + adapter...
     assert merge_command(adapter=str(lora_run), output=str(tmp_path / "m"), base=str(other_dir)) == 0
     # ...while a missing base or a non-adapter folder is a user error.
     with pytest.raises(XcftError, match="not a LoRA adapter folder"):
-        merge_command(adapter=str(tiny_base()), output=str(tmp_path / "m2"))
+        merge_command(adapter=str(tiny_base), output=str(tmp_path / "m2"))
     with pytest.raises(XcftError, match="already holds an earlier xcft output"):
         merge_command(adapter=str(lora_run), output=str(tmp_path / "m"))
 
 
-def test_loss_decreases_on_small_fixed_set(tmp_path):
+def test_loss_decreases_on_small_fixed_set(tmp_path, train, small_fixed_data, read_losses):
     out = tmp_path / "fit"
-    rc = _train(out, "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-                "--save_strategy", "no", "--lr_scheduler_type", "constant", data=small_fixed_data())
+    rc = train(out, "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
+               "--save_strategy", "no", "--lr_scheduler_type", "constant", data=small_fixed_data)
     assert rc == 0
     losses = read_losses(out)
     first = sum(losses[s] for s in (1, 2, 3)) / 3
@@ -171,11 +193,11 @@ def test_loss_decreases_on_small_fixed_set(tmp_path):
     assert last < 0.6 * first, (first, last)
 
 
-def test_sigterm_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch):
+def test_sigterm_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch, train, read_losses):
     args = ["--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
             "--save_steps", "100", "--use_lora", "--lora_r", "4", "--lora_dropout", "0.1"]
     ref = tmp_path / "ref"
-    assert _train(ref, *args) == 0
+    assert train(ref, *args) == 0
     expected = read_losses(ref)
 
     from xcft.train.trainer import XcftTrainer
@@ -190,18 +212,18 @@ def test_sigterm_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch
 
     run = tmp_path / "run"
     monkeypatch.setattr(XcftTrainer, "training_step", step_then_sigterm)
-    assert _train(run, *args) == EXIT_SIGTERM
+    assert train(run, *args) == EXIT_SIGTERM
     monkeypatch.setattr(XcftTrainer, "training_step", original)
     assert find_last_checkpoint(run) == str(run / "checkpoint-3")
     assert not (run / "adapter_model.safetensors").exists(), "an interrupted run writes no final output"
-    assert _train(run, *args, "--resume_from_checkpoint", "true") == 0
+    assert train(run, *args, "--resume_from_checkpoint", "true") == 0
     got = read_losses(run)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
 
 
-def test_kill_during_save_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch):
+def test_kill_during_save_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch, train):
     from transformers import Trainer
 
     out = tmp_path / "k"
@@ -215,21 +237,21 @@ def test_kill_during_save_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", die_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        _train(out, *args)
+        train(out, *args)
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", original)
     assert (out / STAGING_DIR_NAME / "checkpoint-4").is_dir()  # the half-written one
     assert not (out / "checkpoint-4").exists()
     assert find_last_checkpoint(out) == str(out / "checkpoint-2")
-    assert _train(out, *args, "--resume_from_checkpoint", "true") == 0
+    assert train(out, *args, "--resume_from_checkpoint", "true") == 0
     assert not (out / STAGING_DIR_NAME).exists()
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
     with pytest.raises(XcftError, match="not a complete checkpoint"):
-        _train(tmp_path / "x", *args, "--resume_from_checkpoint", str(out))
+        train(tmp_path / "x", *args, "--resume_from_checkpoint", str(out))
 
 
-def test_eval_split_and_eval_data_give_eval_loss(tmp_path):
+def test_eval_split_and_eval_data_give_eval_loss(tmp_path, train, small_fixed_data):
     out = tmp_path / "ev"
-    rc = _train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_split", "0.25",
+    rc = train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_split", "0.25",
                 "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no", "--use_lora", "--lora_r", "4")
     assert rc == 0
     state = json.loads((out / "trainer_state.json").read_text())
@@ -237,22 +259,22 @@ def test_eval_split_and_eval_data_give_eval_loss(tmp_path):
     assert [h["step"] for h in evals] == [2, 4] and all(h["eval_loss"] > 0 for h in evals)
     assert (out / "loss.png").stat().st_size > 1000
     out2 = tmp_path / "ev2"
-    rc = _train(out2, "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_data_path",
-                str(small_fixed_data()), "--save_strategy", "no", "--use_lora", "--lora_r", "4", "--num_train_epochs", "1")
+    rc = train(out2, "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_data_path",
+                str(small_fixed_data), "--save_strategy", "no", "--use_lora", "--lora_r", "4", "--num_train_epochs", "1")
     assert rc == 0
     state = json.loads((out2 / "trainer_state.json").read_text())
     assert any("eval_loss" in h for h in state["log_history"])  # eval_strategy defaults to epoch with eval data
 
 
-def test_epoch_redraw_differs_and_is_seeded(tmp_path):
+def test_epoch_redraw_differs_and_is_seeded(tiny_base, tiny_data):
+    from xcft.model.loading import load_config, load_tokenizer
     from xcft.train.args import parse_train_args
     from xcft.train.datasets import build_datasets
-    from xcft.model.loading import load_tokenizer, load_config
 
-    cfg = parse_train_args(["--model_name_or_path", str(tiny_base()), "--data_path", str(EXAMPLES / "data.txt"), "--seed", "5"])
-    tok = load_tokenizer(tiny_base())
-    ds, _, _ = build_datasets(cfg, tok, load_config(tiny_base()))
-    ds2, _, _ = build_datasets(cfg, tok, load_config(tiny_base()))
+    cfg = parse_train_args(["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--seed", "5"])
+    tok = load_tokenizer(tiny_base)
+    ds, _, _ = build_datasets(cfg, tok, load_config(tiny_base))
+    ds2, _, _ = build_datasets(cfg, tok, load_config(tiny_base))
     e0 = ds.draw.copy()
     ds.set_epoch(1)
     assert not (ds.draw == e0).all()
@@ -260,10 +282,10 @@ def test_epoch_redraw_differs_and_is_seeded(tmp_path):
     assert (ds.draw == ds2.draw).all()
 
 
-def test_user_errors(tmp_path):
+def test_user_errors(tmp_path, train):
     with pytest.raises(XcftError, match="no such folder"):
         train_command(["--model_name_or_path", str(tmp_path / "nope"), "--data_path", "x"])
     with pytest.raises(XcftError, match="img_size"):
-        _train(tmp_path / "o", "--img_size", "224", "--max_steps", "1")
+        train(tmp_path / "o", "--img_size", "224", "--max_steps", "1")
     with pytest.raises(XcftError, match="lora_target_modules"):
-        _train(tmp_path / "o2", "--use_lora", "--lora_target_modules", "no_such_module", "--max_steps", "1")
+        train(tmp_path / "o2", "--use_lora", "--lora_target_modules", "no_such_module", "--max_steps", "1")

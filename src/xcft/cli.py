@@ -111,6 +111,7 @@ def chat(args: argparse.Namespace) -> int:
         device=args.device,
         greedy=args.greedy,
         training_layout=args.training_layout,
+        hd_num=args.hd_num,
     )
 
 
@@ -214,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--training-layout", action="store_true",
         help="one <s> at the start, as training encodes samples (for models trained from scratch with xcft)",
+    )
+    p.add_argument(
+        "--hd-num", type=int, default=None,
+        help="2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)",
     )
     p.add_argument("--device", default=None)
     p.set_defaults(func=chat)

@@ -57,10 +57,14 @@ def _check_images(images: Sequence[str]) -> list[Any]:
 
 
 def generation_settings(
-    max_new_tokens: int, system: Optional[str], greedy: bool, training_layout: bool = False
+    max_new_tokens: int, system: Optional[str], greedy: bool, training_layout: bool = False, hd_num: Optional[int] = None
 ) -> dict[str, Any]:
     """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
+    if hd_num is not None:
+        if hd_num < 1:
+            raise XcftError(f"--hd-num {hd_num}: give at least 1 (crops per image of a 2.5 model)")
+        kwargs["hd_num"] = int(hd_num)
     if training_layout:
         kwargs["bos_per_piece"] = False
     if system is not None:
@@ -85,11 +89,14 @@ def chat_command(
     device: Optional[str],
     greedy: bool = False,
     training_layout: bool = False,
+    hd_num: Optional[int] = None,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = _check_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device)
-    kwargs = generation_settings(max_new_tokens, system, greedy, training_layout)
+    kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
+    if hd_num is not None and not model.config.hd:
+        raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
     stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
     if query is not None:
         response, _ = _ask(model, tokenizer, query, images, **kwargs)

@@ -42,16 +42,24 @@ def probe_image(size: int) -> Image.Image:
 
 
 def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
-    """Chat-format prompt with one image: input_ids, attention_mask, image_mask, pixel_values, image_counts."""
+    """Chat-format prompt with one image: input_ids, attention_mask, image_mask, pixel_values, image_counts (+ image_grids for 2.5)."""
     base = unwrap_model(model)
-    input_ids, image_mask = base.build_chat_inputs(tokenizer, PROBE_QUERY, [], None, num_images=1)
-    pixel_values = load_image_tensor(probe_image(base.config.img_size), base.config.img_size).unsqueeze(0)
+    extra: dict[str, torch.Tensor] = {}
+    if base.config.hd:
+        pixel_values, grids = base.hd_chat_images([probe_image(2 * base.config.img_size)])
+        slots = base.image_token_counts(grids, 1)
+        extra["image_grids"] = grids
+    else:
+        pixel_values = load_image_tensor(probe_image(base.config.img_size), base.config.img_size).unsqueeze(0)
+        slots = None
+    input_ids, image_mask = base.build_chat_inputs(tokenizer, PROBE_QUERY, [], None, num_images=1, image_slots=slots)
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "image_mask": image_mask,
         "pixel_values": pixel_values,
         "image_counts": torch.tensor([1]),
+        **extra,
     }
 
 

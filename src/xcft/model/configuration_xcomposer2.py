@@ -1,6 +1,7 @@
-"""Configuration of InternLM-XComposer2 (InternLM2 decoder + Partial LoRA + CLIP vision tower).
+"""Configuration of InternLM-XComposer2 and 2.5 (InternLM2 decoder + Partial LoRA + CLIP vision tower).
 
-Self-contained: imports only the standard library and transformers, because
+Self-contained: imports only the standard library, transformers and the image-processing file
+(for the 2.5 token count), because
 ``save_pretrained`` copies this file into model folders loaded with ``trust_remote_code``.
 
 The official ``config.json`` has ``model_type: "internlm"`` and no vision section; this
@@ -18,6 +19,8 @@ import os
 from typing import Any
 
 from transformers import CLIPVisionConfig, PreTrainedConfig
+
+from .image_processing_xcomposer2 import hd_tokens_for_grid
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,14 @@ CLIP_VIT_L_14_336 = {
 
 VISION_CONFIG_FILE = "vision_config.json"
 
+#: Model families. 2.0: one fixed-size view per image, one token per patch. 2.5 (HD): a global
+#: view plus a grid of crops per image, 2x2 patch merge and two learned separator tokens.
+FAMILY_2_0 = "2.0"
+FAMILY_2_5 = "2.5"
+FAMILIES = (FAMILY_2_0, FAMILY_2_5)
+#: View side in pixels when ``img_size`` is not given: the 2.0 VL release and the 2.5 release.
+DEFAULT_IMG_SIZE = {FAMILY_2_0: 490, FAMILY_2_5: 560}
+
 
 def _vision_dict(value: Any) -> dict[str, Any]:
     """A vision config as a plain dict without the keys a CLIPVisionConfig does not take."""
@@ -60,7 +71,10 @@ class XComposer2Config(PreTrainedConfig):
     """Configuration of :class:`XComposer2ForCausalLM`.
 
     Decoder keys are the official InternLM2 ones. Extra keys the model reads:
-    ``img_size`` (input side in pixels; the CLIP position grid is ``img_size // patch_size``),
+    ``family`` (``"2.0"`` or ``"2.5"``; official 2.5 folders say ``model_type: internlm2`` like
+    any InternLM2, so the loader decides it from the weights and records it here),
+    ``img_size`` (side of one view in pixels; the CLIP position grid is ``img_size // patch_size``;
+    0 or absent: 490 for 2.0, 560 for 2.5),
     ``max_length`` (token limit used by the data path), ``plora_r``/``plora_alpha``/
     ``plora_dropout`` (Partial LoRA; the loader overwrites ``plora_r`` with the rank found in
     the weights), ``vision_config`` (a CLIPVisionConfig) and ``projector_hidden_size``.
@@ -91,7 +105,8 @@ class XComposer2Config(PreTrainedConfig):
     tie_word_embeddings: bool = False
     bias: bool = False
     rope_parameters: dict | None = None
-    img_size: int = 490
+    family: str = FAMILY_2_0
+    img_size: int = 0
     max_length: int | None = None
     plora_r: int = 256
     plora_alpha: float = 256.0
@@ -100,6 +115,10 @@ class XComposer2Config(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {list(FAMILIES)}")
+        if not self.img_size:
+            self.img_size = DEFAULT_IMG_SIZE[self.family]
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.projector_hidden_size is None:
@@ -122,6 +141,11 @@ class XComposer2Config(PreTrainedConfig):
         if self.img_size % self.vision_config.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of the patch size {self.vision_config.patch_size}")
         self.vision_config.image_size = self.img_size
+        if self.hd and self.vision_grid % 2:
+            raise ValueError(
+                f"a 2.5 model merges 2x2 patches: img_size {self.img_size} / patch {self.vision_config.patch_size} "
+                f"= {self.vision_grid} patches per side must be even"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -141,13 +165,37 @@ class XComposer2Config(PreTrainedConfig):
         return self.img_size // self.vision_config.patch_size
 
     @property
+    def hd(self) -> bool:
+        """True for the 2.5 family: variable crop grids, 2x2 merge, separator tokens."""
+        return self.family == FAMILY_2_5
+
+    @property
     def image_tokens(self) -> int:
-        """Feature vectors (token slots) per image: the patch grid without the class token."""
+        """2.0: feature vectors (token slots) per image, the patch grid without the class token.
+
+        A 2.5 image has a count that depends on its crop grid: use :meth:`hd_image_tokens`.
+        """
+        if self.hd:
+            raise ValueError("a 2.5 (HD) image has no fixed token count; use config.hd_image_tokens(rows, cols)")
         return self.vision_grid**2
 
     @property
-    def plora_scaling(self) -> float:
-        return float(self.plora_alpha) / float(self.plora_r)
+    def merged_grid(self) -> int:
+        """2.5: tokens per view side after the 2x2 patch merge (20 at 560 px, patch 14)."""
+        return self.vision_grid // 2
+
+    @property
+    def projector_input_size(self) -> int:
+        """Width of the projector input: the tower width (2.0) or four merged patches (2.5)."""
+        return self.vision_config.hidden_size * (4 if self.hd else 1)
+
+    def hd_image_tokens(self, rows: int, cols: int) -> int:
+        """2.5: token slots of an image with a ``rows x cols`` crop grid.
+
+        Global view with a separator after each of its rows, one separator, then the stitched
+        crops with a separator after each row: ``(rows*cols + 1) * g*g + 1 + (rows + 1) * g``.
+        """
+        return hd_tokens_for_grid(rows, cols, self.merged_grid)
 
     # ------------------------------------------------------------------ reading folders
     @classmethod
@@ -191,4 +239,12 @@ def normalize_config_dict(config_dict: dict[str, Any], folder: str | None) -> di
     return config_dict
 
 
-__all__ = ["XComposer2Config", "normalize_config_dict", "XCOMPOSER2_ARCHITECTURES", "DEFAULT_MAX_LENGTH"]
+__all__ = [
+    "XComposer2Config",
+    "normalize_config_dict",
+    "XCOMPOSER2_ARCHITECTURES",
+    "DEFAULT_MAX_LENGTH",
+    "FAMILY_2_0",
+    "FAMILY_2_5",
+    "FAMILIES",
+]

@@ -3,9 +3,11 @@
 ``load_pretrained`` never executes a folder's ``.py`` files and never downloads: it reads
 ``config.json`` with :class:`XComposer2Config`, builds :class:`XComposer2ForCausalLM` on the
 meta device, reads the weights (``.safetensors`` or ``.bin`` with ``weights_only=True``,
-sharded or not), adapts the two things official folders may differ in (the Partial-LoRA rank,
-read from the weights; a 577-row CLIP-336 position table, interpolated to the model's grid),
-and assigns them with no missing or unexpected key allowed.
+sharded or not), adapts the things official folders may differ in (the model family, 2.0 or
+2.5, read from the weights because an official 2.5 ``config.json`` only says ``internlm2``; the
+Partial-LoRA rank, read from the weights; a 577-row CLIP-336 position table, interpolated to the
+2.0 model's grid; the unused CLIP ``post_layernorm``, which official 2.5 finetunes drop), and
+assigns them with no other missing or unexpected key allowed.
 
 ``save_pretrained`` writes a folder that a process without xcft can load with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``: config with
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from xcft.errors import ModelFolderError, OutputFolderError, XcftError
-from xcft.model.configuration_xcomposer2 import XComposer2Config
+from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
 from xcft.output_dir import check_output_folder, foreign_entries, save_errors, staging_dir, write_marker
 
@@ -66,6 +68,15 @@ AUTO_MAP = {
 }
 ADAPTER_CONFIG = "adapter_config.json"
 POSITION_KEY = "vit.vision_tower.vision_model.embeddings.position_embedding.weight"
+PATCH_KEY = "vit.vision_tower.vision_model.embeddings.patch_embedding.weight"
+PROJECTOR_KEY = "vision_proj.0.weight"
+SEPARATOR_KEYS = ("plora_glb_GN", "plora_sub_GN")
+#: CLIP's post-layernorm only feeds the pooled output, which no feature uses; official 2.5 full
+#: finetunes (fix_vit false) replace it by an identity, so their folders lack these two tensors.
+POST_LAYERNORM_KEYS = (
+    "vit.vision_tower.vision_model.post_layernorm.weight",
+    "vit.vision_tower.vision_model.post_layernorm.bias",
+)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -226,6 +237,55 @@ def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_row, pos], dim=0)
 
 
+def detect_family(state: dict[str, torch.Tensor], declared: str | None = None, source: str = "checkpoint") -> tuple[str, int | None]:
+    """``(family, img_size)`` of a checkpoint, read from its tensors.
+
+    2.5 checkpoints have the two separators ``plora_glb_GN``/``plora_sub_GN`` and a projector
+    whose input is four tower widths (2x2 merged patches); 2.0 checkpoints have neither. Both
+    signs must agree. For 2.5 the view size follows from the position table (used as stored:
+    1601 rows = 40 x 40 patches of 14 px = 560 px); for 2.0 ``img_size`` stays the config's
+    (None). ``declared`` is a ``family`` already in ``config.json`` (our own folders): it must match.
+    A state without vision tensors keeps the declared family (2.0 when none).
+    """
+    present = [k for k in SEPARATOR_KEYS if k in state]
+    if len(present) == 1:
+        raise XcftError(f"{source} has {present[0]} but not its partner: a 2.5 checkpoint has both {list(SEPARATOR_KEYS)}")
+    signs: dict[str, str] = {}
+    if present:
+        signs["separator tensors"] = FAMILY_2_5
+    elif PROJECTOR_KEY in state:
+        signs["no separator tensors"] = FAMILY_2_0
+    if PROJECTOR_KEY in state and PATCH_KEY in state:
+        tower, proj_in = state[PATCH_KEY].shape[0], state[PROJECTOR_KEY].shape[1]
+        if proj_in == 4 * tower:
+            signs[f"projector input {proj_in} = 4 x tower width {tower}"] = FAMILY_2_5
+        elif proj_in == tower:
+            signs[f"projector input {proj_in} = tower width"] = FAMILY_2_0
+        else:
+            raise XcftError(
+                f"{source}: projector input width {proj_in} is neither the tower width {tower} (2.0) nor 4x it (2.5)"
+            )
+    families = set(signs.values())
+    if len(families) > 1:
+        raise XcftError(f"{source} mixes 2.0 and 2.5 signs: {signs}; the checkpoint is inconsistent")
+    if not families:
+        return declared or FAMILY_2_0, None
+    family = families.pop()
+    if declared is not None and declared != family:
+        raise XcftError(f"{source}: config.json says family {declared!r} but the weights are {family} ({', '.join(signs)})")
+    img_size = None
+    if family == FAMILY_2_5 and POSITION_KEY in state and PATCH_KEY in state:
+        rows = state[POSITION_KEY].shape[0]
+        grid = math.isqrt(rows - 1)
+        if grid * grid != rows - 1 or grid % 2:
+            raise XcftError(
+                f"{source}: the 2.5 position table has {rows} rows; it needs an even square grid plus a class row"
+            )
+        img_size = grid * state[PATCH_KEY].shape[-1]
+    logger.info("model family %s (%s)%s", family, ", ".join(signs), f", view {img_size} px" if img_size else "")
+    return family, img_size
+
+
 # ============================================================================ config + model
 
 
@@ -299,7 +359,11 @@ def check_config_types(raw: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config:
-    """Our configuration for an official or own folder; any problem with the files is one error line."""
+    """Our configuration for an official or own folder; any problem with the files is one error line.
+
+    ``overrides`` replace ``config.json`` values before the configuration is built, so derived
+    values (the vision tower's image size from ``img_size``) follow them.
+    """
     from xcft.model.configuration_xcomposer2 import VISION_CONFIG_FILE
 
     folder = Path(folder)
@@ -311,7 +375,9 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config
     if raw.get("vision_config") is None and (folder / VISION_CONFIG_FILE).is_file():
         read_json_object(folder / VISION_CONFIG_FILE)
     try:
-        return XComposer2Config.from_pretrained(str(folder), **overrides)
+        config_dict, _ = XComposer2Config.get_config_dict(str(folder))
+        config_dict.update(overrides)
+        return XComposer2Config.from_dict(config_dict)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ModelFolderError(f"{path}: {_first_line(exc)}; fix the file or re-download the checkpoint") from None
 
@@ -331,6 +397,11 @@ def build_from_state_dict(
     """
     if POSITION_KEY in state:
         state[POSITION_KEY] = resize_position_table(state[POSITION_KEY], config.vision_grid)
+    if any(k in state for k in (PATCH_KEY, POSITION_KEY)):
+        for key in POST_LAYERNORM_KEYS:  # never applied and always frozen: the identity LayerNorm init
+            if key not in state:
+                width = config.vision_config.hidden_size
+                state[key] = torch.ones(width) if key.endswith("weight") else torch.zeros(width)
     with torch.device("meta"):
         model = XComposer2ForCausalLM(config)
     expected = set(model.state_dict())
@@ -366,9 +437,21 @@ def load_model(
 ) -> XComposer2ForCausalLM:
     """The model of an official folder or an xcft output folder (no remote code, no download)."""
     folder = Path(path)
-    config = load_config(folder)
+    config = load_config(folder)  # checks config.json before any weight is read
     state = read_state_dict(folder)
     raw = read_json_object(folder / "config.json")
+    family, img_size = detect_family(state, raw.get("family"), source=str(folder))
+    overrides: dict[str, Any] = {}
+    if family != config.family:
+        overrides["family"] = family
+    if img_size is not None:
+        if raw.get("img_size") not in (None, img_size):
+            raise XcftError(
+                f"{folder / 'config.json'} says img_size {raw['img_size']} but the 2.5 position table is for {img_size} px"
+            )
+        overrides["img_size"] = img_size
+    if overrides:
+        config = load_config(folder, **overrides)
     rank = plora_rank_from_weights(state)
     if rank is not None and rank != config.plora_r:
         logger.info("Partial-LoRA rank %d read from the weights (config said %d)", rank, config.plora_r)
@@ -607,6 +690,7 @@ __all__ = [
     "unwrap_model",
     "read_state_dict",
     "resize_position_table",
+    "detect_family",
     "plora_rank_from_weights",
     "build_from_state_dict",
     "resolve_dtype",

@@ -3,15 +3,20 @@
 Self-contained (standard library, torch, PIL, transformers and relative imports only):
 ``save_pretrained`` copies this file into model folders loaded with ``trust_remote_code``.
 
-Read top to bottom in dependency order: RMSNorm -> rotary embedding -> Partial-LoRA linear ->
+Read top to bottom in dependency order: RMSNorm -> rotary embedding (dynamic NTK) -> Partial-LoRA linear ->
 attention -> MLP -> decoder layer -> decoder -> vision tower -> XComposer2ForCausalLM.
 State-dict names are exactly the official ones, so official checkpoint folders load with no
 missing or unexpected key.
 
+One class serves both families (``config.family``). 2.0: one view per image, one token per
+patch. 2.5: per image a global view and a grid of crops, 2x2 patch merge, separator tokens
+``plora_glb_GN`` / ``plora_sub_GN`` (only 2.5 models have them), dynamic-NTK RoPE.
+
 Batch contract (docs/ARCHITECTURE.md): ``input_ids`` hold the pad id at image slots,
 ``image_mask`` is True there (and selects where Partial LoRA applies), ``pixel_values`` holds
-every image of the batch in row order, and the model checks that the slot count equals
-``images * image_tokens`` before splicing the projected features in with ``masked_scatter``.
+every image (2.0) or every view (2.5, with ``image_grids``) of the batch in row order, and the
+model checks that the slot count equals the images' token counts before splicing the projected
+features in with ``masked_scatter``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_xcomposer2 import XComposer2Config
-from .template_xcomposer2 import IMAGE_PLACEHOLDER, OFFICIAL_GENERATION, OFFICIAL_SYSTEM_PROMPT, TURN_END, chat_prompt, place_images
+from .template_xcomposer2 import (
+    FAMILY_DEFAULT,
+    IMAGE_PLACEHOLDER,
+    OFFICIAL_GENERATION,
+    TURN_END,
+    chat_prompt,
+    default_system_prompt,
+    place_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +89,47 @@ class XComposer2RMSNorm(nn.Module):
 # ============================================================================ rotary
 
 
+def _rope_inv_freq(base: float, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``1 / base^(2i/d)`` in float32, as the official InternLM2 computes it."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+
+
+def dynamic_ntk_base(theta: float, dim: int, factor: float, max_positions: int, seq_len: int) -> float:
+    """The official dynamic-NTK RoPE base for a sequence of ``seq_len`` positions (theta itself up to ``max_positions``)."""
+    if seq_len <= max_positions:
+        return theta
+    return theta * ((factor * seq_len / max_positions) - (factor - 1)) ** (dim / (dim - 2))
+
+
+def segment_lengths(position_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per position, the length of the sequence it belongs to: the largest ``position + 1`` of its segment.
+
+    A segment is a run of increasing positions (packed rows restart at 0); positions where ``valid``
+    is False (padding) do not count, so a padded row gets the length it has alone.
+    """
+    pos = position_ids
+    restart = torch.ones_like(pos, dtype=torch.bool)
+    restart[:, 1:] = pos[:, 1:] <= pos[:, :-1]
+    segment = restart.long().cumsum(dim=1) - 1
+    ends = pos + 1 if valid is None else (pos + 1) * valid.to(pos.dtype)
+    longest = torch.zeros_like(pos).scatter_reduce(1, segment, ends, reduce="amax", include_self=True)
+    return longest.gather(1, segment).clamp(min=1)
+
+
 class XComposer2RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE with inverse frequencies 1/theta^(2i/d), computed in float32."""
+    """Rotate-half RoPE with inverse frequencies 1/theta^(2i/d), computed in float32.
+
+    With ``rope_type: dynamic`` (the 2.5 release: factor 2 above 24576 positions) the base grows
+    with the sequence length as in the official code. Unlike the official code, which keeps the
+    enlarged base for every later call, the length is that of the current call's own sequence
+    (per packed sample, padding excluded), so a result never depends on earlier calls.
+    """
 
     def __init__(self, config: XComposer2Config, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        rope_init_fn: Callable = self.compute_default_rope_parameters
-        if self.rope_type != "default":
-            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = rope_init_fn(config, device)
+        inv_freq, self.attention_scaling = self._init_parameters(device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
@@ -94,24 +137,52 @@ class XComposer2RotaryEmbedding(nn.Module):
     def compute_default_rope_parameters(
         config: XComposer2Config, device: torch.device | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, float]:
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
-        return inv_freq, 1.0
+        return _rope_inv_freq(config.rope_parameters["rope_theta"], config.head_dim, device), 1.0
+
+    def _init_parameters(self, device: torch.device | str | None) -> tuple[torch.Tensor, float]:
+        """The frequencies at short lengths (dynamic NTK starts from the plain ones)."""
+        if self.rope_type in ("default", "dynamic"):
+            return self.compute_default_rope_parameters(self.config, device)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
 
     def reset_inv_freq(self, device: torch.device | str | None = None) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
-        inv_freq, self.attention_scaling = (
-            self.compute_default_rope_parameters(self.config, device)
-            if self.rope_type == "default"
-            else ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device)
-        )
+        inv_freq, self.attention_scaling = self._init_parameters(device)
         self.inv_freq = inv_freq
         self.original_inv_freq = inv_freq.clone()
 
+    def _dynamic_inv_freq(self, position_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Per position ``[B, L, d/2]`` frequencies from the NTK base of the sequence each position is in."""
+        params = self.config.rope_parameters
+        lengths = segment_lengths(position_ids, valid)
+        unique, inverse = torch.unique(lengths, return_inverse=True)
+        table = torch.stack([
+            _rope_inv_freq(
+                dynamic_ntk_base(
+                    params["rope_theta"], self.config.head_dim, float(params["factor"]),
+                    self.config.max_position_embeddings, int(n),
+                ),
+                self.config.head_dim,
+                position_ids.device,
+            )
+            for n in unique.tolist()
+        ])
+        return table[inverse]
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor, total_len: int | None = None, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at ``position_ids``. ``total_len`` (cached + current positions) and ``valid``
+        ([B, L] attention mask of the current positions) matter only for dynamic NTK, which, as in
+        the official code, acts only when ``total_len`` exceeds ``max_position_embeddings``."""
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
+        if (
+            self.rope_type == "dynamic"
+            and total_len is not None
+            and total_len > self.config.max_position_embeddings
+        ):
+            inv_freq = self._dynamic_inv_freq(position_ids.expand(x.shape[0], -1), valid)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
@@ -136,7 +207,7 @@ def apply_rotary_pos_emb(
 # ============================================================================ Partial LoRA
 
 
-# -- bench/perf (issue 6): row gather / add for the unique, sorted image indices. Same values as
+# -- row gather / add for the unique, sorted image indices. Same values as
 # index_select / index_add, but the backward of index_select (and index_add itself) accumulate
 # through a serial scatter-add on CPU (~7x slower than a copy); unique indices need no accumulation.
 class _GatherRows(torch.autograd.Function):
@@ -390,9 +461,7 @@ class XComposer2PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, XComposer2RotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config) if module.rope_type == "default" else (
-                ROPE_INIT_FUNCTIONS[module.rope_type](module.config)
-            )
+            inv_freq, _ = module._init_parameters(None)
             with torch.no_grad():
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
@@ -459,7 +528,9 @@ class XComposer2Model(XComposer2PreTrainedModel):
         )
         plora_index = flat_image_index(image_mask)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        q_len = inputs_embeds.shape[1]
+        valid = attention_mask[:, -q_len:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        position_embeddings = self.rotary_emb(hidden_states, position_ids, past_seen + q_len, valid)
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states,
@@ -649,10 +720,16 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         self.output = OutputHead(config.hidden_size, config.vocab_size, bias=False)
         self.vit = XComposer2VisionTower(config)
         self.vision_proj = nn.Sequential(
-            nn.Linear(config.vision_config.hidden_size, config.projector_hidden_size),
+            nn.Linear(config.projector_input_size, config.projector_hidden_size),
             nn.GELU(),
             nn.Linear(config.projector_hidden_size, config.hidden_size),
         )
+        if config.hd:
+            # The 2.5 separators: glb_GN between the global view and the crops, sub_GN after every
+            # token row. Zeros at construction, as the official code (its init never touches them).
+            width = config.projector_input_size
+            self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, width))
+            self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, width))
         self.post_init()
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None and generation_config.max_length == config.max_length:
@@ -679,9 +756,64 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ images
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] pixels -> [N, image_tokens, hidden] projected features."""
+        """2.0: [N, 3, S, S] pixels -> [N, image_tokens, hidden] projected features."""
         features = self.vit(pixel_values)
         return self.vision_proj(features.to(self.vision_proj[0].weight.dtype))
+
+    def merge_hd_tokens(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
+        """2.5: all views of all images -> ``[tokens, 4 * tower width]`` merged tokens with separators, unprojected.
+
+        ``pixel_values`` [V, 3, S, S] holds, image after image, its global view then its crops in
+        row-major order; ``image_grids`` [N, 2] the (rows, cols) of each image. One tower call for
+        every view. Per view the G x G patch features become (G/2) x (G/2) tokens of four patches,
+        channels ordered (row offset, column offset, channel). Per image: the global view's token
+        rows each followed by ``plora_sub_GN``, one ``plora_glb_GN``, then the crops stitched into
+        one (rows*G/2) x (cols*G/2) grid whose rows are each followed by ``plora_sub_GN``.
+        """
+        grids = self._checked_grids(pixel_values, image_grids)
+        features = self.vit(pixel_values)
+        views, patches, width = features.shape
+        grid = self.config.vision_grid
+        if patches != grid * grid:
+            raise ValueError(f"the tower gave {patches} patches per view, expected {grid * grid} (img_size {self.config.img_size})")
+        g = grid // 2
+        merged = features.reshape(views, g, 2, g, 2, width).permute(0, 1, 3, 2, 4, 5).reshape(views, g, g, 4 * width)
+        merged = merged.to(self.plora_sub_GN.dtype)
+        sub_gn = self.plora_sub_GN.reshape(1, 1, 4 * width)
+        glb_gn = self.plora_glb_GN.reshape(1, 4 * width)
+        pieces: list[torch.Tensor] = []
+        start = 0
+        for h, w in grids:
+            glb = torch.cat([merged[start], sub_gn.expand(g, 1, -1)], dim=1).reshape(-1, 4 * width)
+            crops = merged[start + 1 : start + 1 + h * w].reshape(h, w, g, g, -1).permute(0, 2, 1, 3, 4)
+            crops = crops.reshape(h * g, w * g, -1)
+            sub = torch.cat([crops, sub_gn.expand(h * g, 1, -1)], dim=1).reshape(-1, 4 * width)
+            pieces += [glb, glb_gn, sub]
+            start += 1 + h * w
+        return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def _checked_grids(pixel_values: torch.Tensor, image_grids: torch.Tensor) -> list[tuple[int, int]]:
+        """``image_grids`` as a list, after checking that ``pixel_values`` holds exactly their views."""
+        grids = [(int(h), int(w)) for h, w in image_grids.reshape(-1, 2).tolist()]
+        expected_views = sum(1 + h * w for h, w in grids)
+        if pixel_values.shape[0] != expected_views or min((min(g) for g in grids), default=1) < 1:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} views but image_grids {grids} need {expected_views} "
+                "(per image its global view, then rows x cols crops, each at least 1)"
+            )
+        return grids
+
+    def get_hd_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
+        """2.5: ``[tokens, hidden]``: :meth:`merge_hd_tokens` through the projector (separators included)."""
+        tokens = self.merge_hd_tokens(pixel_values, image_grids)
+        return self.vision_proj(tokens.to(self.vision_proj[0].weight.dtype))
+
+    def image_token_counts(self, image_grids: torch.Tensor | None, num_images: int) -> list[int]:
+        """Token slots of each image: fixed for 2.0, from each crop grid for 2.5."""
+        if not self.config.hd:
+            return [self.image_tokens] * num_images
+        return [self.config.hd_image_tokens(int(h), int(w)) for h, w in image_grids.tolist()]
 
     def splice_image_features(
         self,
@@ -689,25 +821,44 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         image_mask: torch.Tensor,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Put the projected features of ``pixel_values`` (batch row order) at the ``image_mask`` slots."""
         if image_mask is None:
             raise ValueError("pixel_values given without image_mask: the model cannot tell where the images go")
+        hd = self.config.hd
+        if hd and image_grids is None:
+            raise ValueError("a 2.5 (HD) model needs image_grids [images, 2] (rows, cols) with pixel_values")
+        if not hd and image_grids is not None:
+            raise ValueError("image_grids is only for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        if hd:
+            self._checked_grids(pixel_values, image_grids)
+        num_images = int(image_grids.shape[0]) if hd else int(pixel_values.shape[0])
+        per_image = self.image_token_counts(image_grids, num_images)
         slots = int(image_mask.sum())
-        per_image = self.image_tokens
-        if slots != pixel_values.shape[0] * per_image:
+        if slots != sum(per_image):
+            what = f"images with crop grids {image_grids.tolist()}" if hd else f"images of {self.image_tokens} slots each"
             raise ValueError(
-                f"image_mask marks {slots} slots but pixel_values holds {pixel_values.shape[0]} images of "
-                f"{per_image} slots each ({pixel_values.shape[0] * per_image}); every image needs exactly "
-                f"{per_image} consecutive slots (img_size {self.config.img_size})"
+                f"image_mask marks {slots} slots but pixel_values holds {num_images} {what} ({sum(per_image)}); "
+                f"every image needs exactly its number of consecutive slots (img_size {self.config.img_size})"
             )
         if image_counts is not None:
             per_row = image_mask.sum(dim=1).to(image_counts.device)
-            if not torch.equal(per_row, image_counts.to(per_row.dtype) * per_image):
-                raise ValueError(
-                    f"image slots per row {per_row.tolist()} do not match image_counts {image_counts.tolist()} x {per_image}"
-                )
-        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            counts = [int(n) for n in image_counts.tolist()]
+            if sum(counts) != num_images:
+                raise ValueError(f"image_counts {counts} add up to {sum(counts)} but the batch has {num_images} images")
+            wanted: list[int] = []
+            start = 0
+            for n in counts:
+                wanted.append(sum(per_image[start : start + n]))
+                start += n
+            if per_row.tolist() != wanted:
+                raise ValueError(f"image slots per row {per_row.tolist()} do not match the images of each row {wanted}")
+        if hd:
+            features = self.get_hd_image_features(pixel_values, image_grids)
+        else:
+            features = self.get_image_features(pixel_values)
+        features = features.to(inputs_embeds.dtype)
         mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features.reshape(-1))
 
@@ -741,6 +892,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
@@ -750,6 +902,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Loss = token cross-entropy of ``logits[:, :-1]`` vs ``labels[:, 1:]`` (see :func:`causal_lm_loss`).
 
+        Images: see :meth:`splice_image_features` (2.5 models also take ``image_grids``).
         ``cache`` is transformers 5's name for ``past_key_values``; either works. With
         ``supervised_logits_only`` in training (the trainer's choice), logits are computed only
         at supervised positions (the returned ``logits`` is then None).
@@ -761,7 +914,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             kwargs.pop(key, None)
         outputs = self._decode(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_mask, image_counts,
-            use_cache, **kwargs,
+            use_cache, image_grids=image_grids, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
@@ -789,6 +942,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         image_mask: torch.Tensor | None,
         image_counts: torch.Tensor | None,
         use_cache: bool | None,
+        image_grids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Embed, splice the images in, run the decoder: the final-norm hidden states."""
@@ -800,7 +954,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.model.tok_embeddings(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts)
+                inputs_embeds = self.splice_image_features(
+                    inputs_embeds, pixel_values, image_mask, image_counts, image_grids
+                )
             elif image_mask is not None and bool(image_mask.any()):
                 raise ValueError(
                     "image_mask marks image slots but no pixel_values were given; pass the images, or pass "
@@ -827,6 +983,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of a batch: (summed token cross-entropy [B] float64, supervised token count [B]).
@@ -835,7 +992,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         positions, so no [B, L, vocab] tensor is made.
         """
         hidden = self._decode(
-            input_ids, attention_mask, kwargs.get("position_ids"), None, None, pixel_values, image_mask, image_counts, False
+            input_ids, attention_mask, kwargs.get("position_ids"), None, None, pixel_values, image_mask, image_counts, False,
+            image_grids=image_grids,
         ).last_hidden_state
         shift_labels = labels[:, 1:].to(hidden.device)
         keep = shift_labels != IGNORE_INDEX
@@ -866,38 +1024,66 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         """GenerationMixin's preparation; ``image_mask`` is kept whole and aligned in :meth:`forward`."""
         image_mask = kwargs.pop("image_mask", None)
         image_counts = kwargs.pop("image_counts", None)
+        image_grids = kwargs.pop("image_grids", None)
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if image_mask is not None:
             model_inputs["image_mask"] = image_mask
-        if model_inputs.get("pixel_values") is not None and image_counts is not None:
-            model_inputs["image_counts"] = image_counts
+        if model_inputs.get("pixel_values") is not None:
+            if image_counts is not None:
+                model_inputs["image_counts"] = image_counts
+            if image_grids is not None:
+                model_inputs["image_grids"] = image_grids
         return model_inputs
+
+    def _chat_placement(self, query: str, history: Sequence[tuple[str, str]], num_images: int) -> tuple[str, bool]:
+        """``(query, lead)``: where images given without any ``<ImageHere>`` go, as the official chat of the family puts them.
+
+        2.5 with one such image: before the whole prompt (``lead``). Otherwise at the start of the query:
+        one placeholder per image (2.0), or ``Image1 <ImageHere>; Image2 <ImageHere>; `` (2.5).
+        """
+        unplaced = num_images and IMAGE_PLACEHOLDER not in query and not any(IMAGE_PLACEHOLDER in q for q, _ in history)
+        if self.config.hd and unplaced and num_images == 1:
+            return query, True
+        return place_images(query, history, num_images, numbered=self.config.hd), False
 
     def build_chat_inputs(
         self,
         tokenizer: Any,
         query: str,
         history: Sequence[tuple[str, str]] = (),
-        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
+        meta_instruction: str | None | Any = FAMILY_DEFAULT,
         num_images: int = 0,
-        bos_per_piece: bool = True,
+        bos_per_piece: bool | None = None,
+        image_slots: Sequence[int] | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Prompt ids (image slots hold the pad id) and image mask, as the official chat builds them.
+        """Prompt ids (image slots hold the pad id) and image mask, as the official chat of the family builds them.
 
-        The text is :func:`chat_prompt` (system turn when ``meta_instruction``, history, query,
-        answer header). It is split at ``<ImageHere>``; with ``bos_per_piece`` every non-empty
-        piece is tokenized with its own ``<s>`` (so one also follows each image), as the official
-        2.0 chat does; without it ``<s>`` comes once, at the start, as in training. Images given
-        without any placeholder go at the start of the query (the official code puts them after
-        the answer header, where the model never saw images in training).
+        The text is :func:`chat_prompt` (system turn when there is a system prompt, history, query,
+        answer header), split at ``<ImageHere>``. ``bos_per_piece`` (the 2.0 default): every non-empty
+        piece is tokenized with its own ``<s>``, so one also follows each image; otherwise (the 2.5
+        default, and how training encodes samples) ``<s>`` comes once, before the first piece even
+        when it is empty. The system prompt defaults to the family's (2.0: the official one; 2.5:
+        none). Images given without any placeholder: see :meth:`_chat_placement` (the official 2.0
+        code puts them after the answer header, where the model never saw images in training).
+        ``image_slots`` gives each image's slot count (2.5: from its crop grid; 2.0: fixed).
         """
-        query = place_images(query, history, num_images)
-        pieces = chat_prompt(query, history, meta_instruction).split(IMAGE_PLACEHOLDER)
+        hd = bool(self.config.hd)
+        if meta_instruction is FAMILY_DEFAULT:
+            meta_instruction = default_system_prompt(hd)
+        if bos_per_piece is None:
+            bos_per_piece = not hd
+        query, lead = self._chat_placement(query, history, num_images)
+        prompt = chat_prompt(query, history, meta_instruction)
+        pieces = (IMAGE_PLACEHOLDER + prompt if lead else prompt).split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != num_images:
             raise ValueError(
                 f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders (history included) but {num_images} "
                 "images were given; pass all of the conversation's images with every turn"
             )
+        if image_slots is None:
+            if hd and num_images:
+                raise ValueError("a 2.5 model needs image_slots (each image's slot count from its crop grid)")
+            image_slots = [self.image_tokens] * num_images if num_images else []
         pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else tokenizer.pad_token_id
         ids: list[int] = []
         mask: list[bool] = []
@@ -908,8 +1094,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 ids += piece_ids
                 mask += [False] * len(piece_ids)
             if k < num_images:
-                ids += [pad_id] * self.image_tokens
-                mask += [True] * self.image_tokens
+                ids += [pad_id] * int(image_slots[k])
+                mask += [True] * int(image_slots[k])
         return torch.tensor([ids], dtype=torch.long), torch.tensor([mask], dtype=torch.bool)
 
     def _images_to_pixels(self, images: Sequence[Any]) -> torch.Tensor:
@@ -924,6 +1110,26 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 rows.append(torch.as_tensor(load_image(image, self.config.img_size)).float())
         return torch.stack(rows)
 
+    def hd_chat_images(self, images: Sequence[Any], hd_num: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """2.5: paths / PIL images -> ``(pixel_values [V, 3, S, S], image_grids [N, 2])`` for chat.
+
+        The official 2.5 chat preprocessing: the inference HD transform (no x1.5 factor, padding at
+        the bottom / right) with ``hd_num`` 24 for one image and 6 each for several, unless given.
+        """
+        from .image_processing_xcomposer2 import chat_hd_num, load_hd_views
+
+        if not self.config.hd:
+            raise ValueError("hd_chat_images is for 2.5 (HD) models; this is a 2.0 model (config.family)")
+        budget = chat_hd_num(len(images)) if hd_num is None else hd_num
+        views, grids = [], []
+        for image in images:
+            v, grid = load_hd_views(image, budget, inference=True, view_size=self.config.img_size)
+            views.append(v)
+            grids.append(grid)
+        size = self.config.img_size
+        pixel_values = torch.cat(views) if views else torch.zeros(0, 3, size, size)
+        return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
+
     @torch.no_grad()
     def chat(
         self,
@@ -931,19 +1137,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         query: str,
         images: Sequence[Any] | Any | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        meta_instruction: str | None = OFFICIAL_SYSTEM_PROMPT,
+        meta_instruction: str | None | Any = FAMILY_DEFAULT,
         max_new_tokens: int = 1024,
         do_sample: bool = True,
         use_cache: bool = True,
-        bos_per_piece: bool = True,
+        bos_per_piece: bool | None = None,
+        hd_num: int | None = None,
         **generate_kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Answer ``query`` about ``images``; returns ``(response, history + [(query, response)])``.
 
-        The official prompt and generation settings by default (sampling with temperature 1.0,
-        top_p 0.8, repetition penalty 1.005); ``do_sample=False`` decodes greedily (no penalty).
-        ``bos_per_piece=False`` lays the prompt out as training encodes it (one ``<s>``), for
-        models trained from scratch on xcft's encoding (see :meth:`build_chat_inputs`).
+        The official prompt of the model's family and the official generation settings by default
+        (sampling with temperature 1.0, top_p 0.8, repetition penalty 1.005); ``do_sample=False``
+        decodes greedily (no penalty). ``bos_per_piece=False`` lays the prompt out as training
+        encodes it (one ``<s>``), for models trained from scratch on xcft's encoding (see
+        :meth:`build_chat_inputs`). 2.5 images go through the official inference HD transform
+        (``hd_num`` 24 for one image, 6 for several, unless given).
         Generation stops at EOS or ``[UNUSED_TOKEN_145]``.
         """
         if do_sample:
@@ -953,13 +1162,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             images = [images]
         images = list(images or [])
         # Placed here so that the history keeps the placeholders: later turns see the images where they were.
-        query = place_images(query, history, len(images))
+        query, _ = self._chat_placement(query, history, len(images))
+        image_grids = image_slots = None
+        if self.config.hd and images:
+            pixel_values, image_grids = self.hd_chat_images(images, hd_num)
+            image_slots = self.image_token_counts(image_grids, len(images))
+        else:
+            pixel_values = self._images_to_pixels(images) if images else None
         input_ids, image_mask = self.build_chat_inputs(
-            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece
+            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece, image_slots=image_slots
         )
         device = self.model.tok_embeddings.weight.device
         input_ids, image_mask = input_ids.to(device), image_mask.to(device)
-        pixel_values = self._images_to_pixels(images).to(device) if images else None
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device)
+        if image_grids is not None:
+            generate_kwargs["image_grids"] = image_grids.to(device)
         eos_ids = [tokenizer.eos_token_id, tokenizer.turn_end_id]
         out = self.generate(
             input_ids=input_ids,

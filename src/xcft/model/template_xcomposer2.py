@@ -33,6 +33,22 @@ OFFICIAL_SYSTEM_PROMPT = "\n".join(
     ]
 )
 
+class _FamilyDefault:
+    """Marks "the model family's own default" for the system prompt (an immutable marker)."""
+
+    def __repr__(self) -> str:
+        return "FAMILY_DEFAULT"
+
+
+#: ``meta_instruction`` default of ``model.chat``: the official system prompt for 2.0, none for 2.5.
+FAMILY_DEFAULT = _FamilyDefault()
+
+
+def default_system_prompt(hd: bool) -> str | None:
+    """The official chat's system prompt: 2.0 uses :data:`OFFICIAL_SYSTEM_PROMPT`, 2.5 none (``use_meta=False``)."""
+    return None if hd else OFFICIAL_SYSTEM_PROMPT
+
+
 #: Sampling settings of the official chat (both families); ``do_sample=False`` gives greedy decoding.
 OFFICIAL_GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 0.8, "repetition_penalty": 1.005}
 
@@ -95,12 +111,14 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "OFFICIAL_GENERATION",
     "OFFICIAL_SYSTEM_PROMPT",
+    "FAMILY_DEFAULT",
     "Segment",
     "TURN_END",
     "TURN_START",
     "chat_prompt",
     "chat_turns",
     "conversation_segments",
+    "default_system_prompt",
     "place_images",
     "turn_segments",
 ]

@@ -121,7 +121,7 @@ class DataArguments:
             "Used when eval_data_path is not given."
         },
     )
-    # -- speed (issue 6): packing and length grouping (see README "Speed and memory")
+    # -- speed: packing and length grouping (see README "Speed and memory")
     packing: bool = field(
         default=False,
         metadata={

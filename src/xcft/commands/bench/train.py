@@ -269,10 +269,6 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
     return argv + list(opts.extra_args)
 
 
-def _wants_checkpointing(training_args: Any) -> bool:
-    return bool(getattr(training_args, "activation_checkpointing", None) or getattr(training_args, "gradient_checkpointing", False))
-
-
 def _checkpointing_on(model: Any) -> bool:
     """Whether activation checkpointing is on (transformers 5 name first, then the old one)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):

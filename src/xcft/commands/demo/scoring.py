@@ -47,9 +47,6 @@ class Accuracy:
     counts: dict[str, int]
     replies: list[tuple[QA, str]] = field(default_factory=list)
 
-    def correct(self, qa: QA, reply: str) -> bool:
-        return first_word(reply) == qa.answer.lower()
-
 
 @torch.no_grad()
 def answer_accuracy(
