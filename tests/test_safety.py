@@ -388,3 +388,24 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
     peak_mb = int(proc.stdout.split("PEAK_KB")[1].split()[0]) / 1024
     assert peak_mb < 1000, f"merge peaked at {peak_mb:.0f} MB"
     assert is_marked(tmp_path / "merged") and (tmp_path / "merged" / MARKER_NAME).is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path):
+    import socket
+
+    _, base, data = world
+    out = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from safety_helpers import cli_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "xcft", *train_args(base, data, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "1",
+                                     "--ddp_backend", "gloo", "--per_device_train_batch_size", "1")]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert is_marked(out) and is_marked(out / "checkpoint-2") and not (out / "checkpoint-1").exists()
+    assert len((out / LOCK_NAME).read_text().split()) == 1  # one holder: the main process
+    FolderLock(out).acquire().release()
