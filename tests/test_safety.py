@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from safety_helpers import build_base, build_data, error_line, snapshot, train_args, xcft
-
 from xcft.cli import main as cli_main
 from xcft.commands.train import train_command
 from xcft.output_dir import LOCK_NAME, MARKER_NAME, FolderLock, is_marked
@@ -369,7 +368,7 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
     import xcft as xcft_lib
 
     base = build_base(tmp_path / "base", vocab_size=92544, img_size=490, hidden_size=32, intermediate_size=80)
-    model, tokenizer = xcft_lib.load_pretrained(base, device="cpu")
+    model, _ = xcft_lib.load_pretrained(base, device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["attention.wqkv"], task_type="CAUSAL_LM"))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:

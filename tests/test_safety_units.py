@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from safety_helpers import build_base
-
 from xcft.errors import ModelFolderError, OutputFolderError, SaveError, XcftError
 from xcft.output_dir import (
     FolderLock,
@@ -37,7 +36,7 @@ def test_claim_marks_first_and_tracks_only_what_xcft_wrote(tmp_path):
     again = OutputFolder.claim(out, "train")
     assert again.foreign == {"notes.txt"} and foreign_entries(out) == ["notes.txt"]
     assert "adapter.bin" in own_entries(out)
-    with pytest.raises(OutputFolderError, match="notes.txt"):
+    with pytest.raises(OutputFolderError, match=r"notes\.txt"):
         again.check_writable(["notes.txt"])
     assert again.remove_own() == ["adapter.bin"]
     assert sorted(p.name for p in out.iterdir()) == [".xcft-output.json", "notes.txt"]
@@ -69,9 +68,8 @@ def test_overlap_rules(tmp_path):
 def test_lock_is_exclusive_names_the_pid_and_is_released(tmp_path):
     import os
 
-    with FolderLock(tmp_path):
-        with pytest.raises(OutputFolderError, match=f"PID {os.getpid()}"):
-            FolderLock(tmp_path).acquire()
+    with FolderLock(tmp_path), pytest.raises(OutputFolderError, match=f"PID {os.getpid()}"):
+        FolderLock(tmp_path).acquire()
     FolderLock(tmp_path).acquire().release()
 
 
@@ -108,13 +106,14 @@ def test_io_failure_reasons_and_save_errors(tmp_path):
     assert io_failure_reason(torch_error, tmp_path).startswith("write failed")  # plenty of space here
     assert io_failure_reason(ValueError("a bug"), tmp_path) is None
     cleaned = []
-    with pytest.raises(SaveError, match=r"cannot write checkpoint-7 to .*: No space left on device; nothing remains"):
-        with save_errors("checkpoint-7", tmp_path, remains=lambda: "nothing remains", cleanup=lambda: cleaned.append(1)):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with (
+        pytest.raises(SaveError, match=r"cannot write checkpoint-7 to .*: No space left on device; nothing remains"),
+        save_errors("checkpoint-7", tmp_path, remains=lambda: "nothing remains", cleanup=lambda: cleaned.append(1)),
+    ):
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert cleaned == [1]
-    with pytest.raises(ValueError):  # not an I/O failure: passes through unchanged
-        with save_errors("x", tmp_path):
-            raise ValueError("a bug")
+    with pytest.raises(ValueError), save_errors("x", tmp_path):  # not an I/O failure: passes through unchanged
+        raise ValueError("a bug")
 
 
 @pytest.fixture(scope="module")

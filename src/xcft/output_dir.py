@@ -36,8 +36,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 from xcft.errors import OutputFolderError, SaveError, XcftError
 
@@ -54,7 +54,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # --------------------------------------------------------------------------- marker
 
 
-def read_marker(folder: str | os.PathLike) -> Optional[dict]:
+def read_marker(folder: str | os.PathLike) -> dict | None:
     """The marker of ``folder`` (a dict), or None when it has none (or an unreadable one)."""
     path = Path(folder) / MARKER_NAME
     try:
@@ -197,7 +197,7 @@ class OutputFolder:
         self.foreign: set[str] = set()
 
     @classmethod
-    def claim(cls, path: str | os.PathLike, command: str, *, flag: str = "--output_dir") -> "OutputFolder":
+    def claim(cls, path: str | os.PathLike, command: str, *, flag: str = "--output_dir") -> OutputFolder:
         """Check ``path`` (see :func:`check_output_folder`), create it and write the marker first."""
         check_output_folder(path, flag=flag)
         folder = cls(path, command)
@@ -289,9 +289,9 @@ class FolderLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -322,14 +322,14 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def _read_holder(fd: int) -> Optional[int]:
+def _read_holder(fd: int) -> int | None:
     try:
         text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         return int(text.split()[0]) if text else None
@@ -344,7 +344,7 @@ _RUST_OS_ERROR = re.compile(r"os error (\d+)")
 _STREAM_WRITER = ("inline_container", "PytorchStreamWriter", "file write failed", "iostream error")
 
 
-def _free_bytes(path: Path) -> Optional[int]:
+def _free_bytes(path: Path) -> int | None:
     p = path
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -355,7 +355,7 @@ def _free_bytes(path: Path) -> Optional[int]:
     return st.f_bavail * st.f_frsize
 
 
-def io_failure_reason(exc: BaseException, where: str | os.PathLike) -> Optional[str]:
+def io_failure_reason(exc: BaseException, where: str | os.PathLike) -> str | None:
     """The OS reason of a failed write (``"No space left on device"`` ...), or None when ``exc`` is no I/O failure.
 
     Looks through the exception chain: an ``OSError`` gives its errno; safetensors' Rust errors
@@ -363,7 +363,7 @@ def io_failure_reason(exc: BaseException, where: str | os.PathLike) -> Optional[
     system is then recognised by its free space.
     """
     chain: list[BaseException] = []
-    e: Optional[BaseException] = exc
+    e: BaseException | None = exc
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
@@ -388,8 +388,8 @@ def save_errors(
     what: str,
     where: str | os.PathLike,
     *,
-    remains: Optional[Callable[[], str]] = None,
-    cleanup: Optional[Callable[[], None]] = None,
+    remains: Callable[[], str] | None = None,
+    cleanup: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Turn an I/O failure inside the block into one :class:`SaveError` line.
 
@@ -420,9 +420,9 @@ def staging_dir(parent: str | os.PathLike, name: str) -> Path:
 
 
 __all__ = [
-    "FolderLock",
     "LOCK_NAME",
     "MARKER_NAME",
+    "FolderLock",
     "OutputFolder",
     "check_no_overlap",
     "check_output_folder",

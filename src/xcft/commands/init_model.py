@@ -11,10 +11,10 @@ import torch
 
 from xcft.data.spm_builder import build_tokenizer
 from xcft.errors import OutputFolderError, XcftError
-from xcft.output_dir import check_output_folder
 from xcft.model.loading import save_pretrained
 from xcft.model.presets import SMALL_TOKENIZER_VOCAB, build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+from xcft.output_dir import check_output_folder
 
 logger = logging.getLogger(__name__)
 

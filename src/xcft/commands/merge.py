@@ -21,8 +21,8 @@ from PIL import Image
 
 from xcft.errors import OutputFolderError, XcftError
 from xcft.model.image_processing_xcomposer2 import load_image_tensor
-from xcft.output_dir import check_no_overlap, check_output_folder
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
+from xcft.output_dir import check_no_overlap, check_output_folder
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from xcft.train.args import RESOLVED_CONFIG_NAME, TrainConfig, parse_train_args,
 from xcft.train.datasets import VisionAlignedCollator, build_datasets, needs_vision_alignment
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import (
+    STAGING_DIR_NAME,
+    TRAINER_STATE_NAME,
     EpochDrawCallback,
     LossProgressCallback,
     SigtermCallback,
-    STAGING_DIR_NAME,
-    TRAINER_STATE_NAME,
     XcftTrainer,
     clear_staging,
     plot_loss,

@@ -7,7 +7,6 @@ samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics

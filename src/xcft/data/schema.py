@@ -232,7 +232,7 @@ def _parse_failure(exc: BaseException, text: str, line_offset: int = 0) -> tuple
         )
     limit = _max_int_digits()
     if limit:
-        m = re.search(r"\d{%d,}" % (limit + 1), text)
+        m = re.search(rf"\d{{{limit + 1},}}", text)
         if m:
             line = text.count("\n", 0, m.start()) + 1 + line_offset
             return f"a number with {len(m.group(0))} digits (Python reads at most {limit})", line

@@ -22,13 +22,11 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from xcft.errors import ModelFolderError, OutputFolderError, XcftError

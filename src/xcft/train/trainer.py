@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -118,7 +119,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_dir() and _CHECKPOINT_RE.match(p.name) is not None and (p / TRAINER_STATE_NAME).is_file()
 
 
-def find_last_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
+def find_last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The complete ``checkpoint-N`` xcft wrote with the largest N in ``output_dir`` (staging folders never count)."""
     found = [c for c in own_checkpoints(output_dir) if is_complete_checkpoint(c)]
     return str(found[-1]) if found else None
@@ -132,7 +133,7 @@ def remaining_checkpoint(output_dir: str | os.PathLike) -> str:
     return f"the last complete checkpoint, {last}, is intact (continue with --resume_from_checkpoint true)"
 
 
-def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int, best: Optional[str] = None) -> list[Path]:
+def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int, best: str | None = None) -> list[Path]:
     """Delete the oldest checkpoints xcft wrote beyond ``limit`` (the best one is kept); returns the deleted ones.
 
     Only folders that carry xcft's marker count: a ``checkpoint-N`` someone else put there is never deleted.
@@ -188,10 +189,8 @@ def clear_staging(output_dir: str | os.PathLike) -> None:
 def _remove_staging(staging: str | os.PathLike, name: str) -> None:
     """Remove a half-written checkpoint (freeing its space) and the staging folder when nothing else is in it."""
     shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(staging)
-    except OSError:
-        pass
 
 
 class XcftTrainer(Trainer):
