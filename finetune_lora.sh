@@ -4,6 +4,11 @@
 # Multi-node: run the same command on every node with NNODES, NODE_RANK, MASTER_ADDR (and
 # GPUS_PER_NODE, MASTER_PORT) set. Extra arguments are passed on to `xcft train`.
 # The output folder is a peft adapter; merge it with: xcft merge --adapter output/finetune_lora --output merged
+# InternLM-XComposer-2.5 (internlm-xcomposer2d5-7b): the same script; xcft detects the family from the
+# weights and uses --hd_num 18 and, when config.json has none, --max_length 16384 by default. The official
+# 2.5 settings, explicitly:
+#   MODEL=/path/to/internlm-xcomposer2d5-7b DATA=data.txt sh finetune_lora.sh --hd_num 18 --max_length 16384
+# (check the token counts first: xcft check-data data.txt --model /path/to/internlm-xcomposer2d5-7b --hd-num 18)
 set -eu
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 DIR=$(cd "$(dirname "$0")" && pwd)

@@ -84,3 +84,15 @@ def test_cli_parses_demo_flags() -> None:
 
     args = build_parser().parse_args(["demo", "--output", "x", "--steps", "7", "--quick", "--format", "json"])
     assert (args.output, args.steps, args.quick, args.format) == ("x", 7, True, "json")
+
+
+@pytest.mark.slow
+def test_quick_demo_on_the_2_5_family(tmp_path: Path) -> None:
+    """`xcft demo --family 2.5 --quick`: a tiny 2.5 model (HD views, separators) learns colours through its vision path."""
+    r = run_demo(tmp_path / "d25", quick=True, family="2.5")
+    saved = json.loads((Path(r.output_dir) / "base" / "config.json").read_text())
+    assert saved["family"] == "2.5"
+    assert r.per_kind_after["colour"] >= chance_levels()["colour"] + 0.4, r.per_kind_after
+    assert r.accuracy_blank_images <= chance_levels()["colour"] + 0.15
+    assert r.loss_last < 0.5 * r.loss_first
+    assert r.merged_dir and (Path(r.merged_dir) / "config.json").is_file()

@@ -35,6 +35,7 @@ def check_data(args: argparse.Namespace) -> int:
         given_num=args.given_num,
         output_format=args.format,
         workers=args.workers,
+        hd_num=args.hd_num,
     )
 
 
@@ -50,6 +51,7 @@ def inspect(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         max_length=args.max_length,
         output_format=args.format,
+        hd_num=args.hd_num,
     )
 
 
@@ -65,6 +67,7 @@ def eval_(args: argparse.Namespace) -> int:
         output_format=args.format,
         dtype=args.dtype,
         device=args.device,
+        hd_num=args.hd_num,
     )
 
 
@@ -119,7 +122,9 @@ def demo(args: argparse.Namespace) -> int:
     """End-to-end demo: synthetic data, LoRA finetune, accuracy before/after, merge, chat."""
     from xcft.commands.demo.run import demo_command
 
-    return demo_command(output=args.output, steps=args.steps, quick=args.quick, output_format=args.format)
+    return demo_command(
+        output=args.output, steps=args.steps, quick=args.quick, output_format=args.format, family=args.family
+    )
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -159,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="data.txt numbers are thousands of samples (true, default) or ratios (false)",
     )
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count)")
+    p.add_argument(
+        "--hd-num", type=int, default=None,
+        help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
+    )
     _add_format(p)
     p.set_defaults(func=check_data)
 
@@ -170,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id", help="sample id")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument(
+        "--hd-num", type=int, default=None,
+        help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
+    )
     _add_format(p)
     p.set_defaults(func=inspect)
 
@@ -180,13 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--hd-num", type=int, default=None,
+        help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
+    )
     _add_format(p)
     p.set_defaults(func=eval_)
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
     p.add_argument("output", help="folder to write (new or empty; see README Safety)")
-    p.add_argument("--preset", choices=["tiny", "small", "7b"], default="tiny")
-    p.add_argument("--img-size", type=int, choices=[224, 490], default=None, help="default: 224 for tiny, 490 otherwise")
+    p.add_argument("--preset", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"], default="tiny",
+                   help="model shape; the -2.5 presets are InternLM-XComposer-2.5 (HD crops)")
+    p.add_argument("--img-size", type=int, choices=[224, 490, 560], default=None,
+                   help="image (view) side: default 224 for tiny and tiny-2.5, 490 for small and 7b, 560 for 7b-2.5")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: a small one built on the spot)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=init_model)
@@ -225,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
     p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots (new, empty or an earlier demo's; only the demo's own files are replaced)")
+    p.add_argument(
+        "--family", choices=["2.0", "2.5"], default="2.0",
+        help="model family of the tiny base: 2.0 (one view per image) or 2.5 (HD crops and separators)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
     p.add_argument("--quick", action="store_true", help="fewer samples and steps (for tests)")
     _add_format(p)

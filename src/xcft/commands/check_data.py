@@ -11,45 +11,60 @@ import os
 import sys
 from typing import TextIO
 
-from xcft.data.check import CheckResult, find_sample, length_stats, load_settings, render_sample, run_check
-from xcft.data.encode import encode_conversation, slots_per_image
+from xcft.data.check import CheckResult, Settings, encode_for, find_sample, length_stats, load_settings, render_sample, run_check
+from xcft.data.encode import slots_per_image
 from xcft.data.schema import Problem
 from xcft.errors import XcftError
 
 MAX_NOTES_PER_FILE = 3
 
 
+def _stats_text(values: list[int]) -> str:
+    st = length_stats(values)
+    return "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
+
+
+def _describe_images(s: Settings) -> str:
+    if s.hd_num is not None:
+        return f"InternLM-XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num}: slots per image from its crop grid"
+    return f"img_size {s.img_size}: {slots_per_image(s.img_size)} slots per image"
+
+
 def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
     s = result.settings
+    hd = s.hd_num is not None
     for note in s.notes:
         print(f"note: {note}", file=out)
-    spi = slots_per_image(s.img_size)
-    print(f"data: {data}  (img_size {s.img_size}: {spi} slots per image; max_length {s.max_length})", file=out)
+    print(f"data: {data}  ({_describe_images(s)}; max_length {s.max_length})", file=out)
     if result.files:
         header = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
+        if hd:
+            header += ("image tokens min/median/max",)
         rows = []
         for f in result.files:
-            st = length_stats(f.lengths)
-            toks = "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
             samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
-            rows.append((f.display, samples, str(f.drawn_per_epoch), str(f.images), toks, str(f.supervised), str(f.truncated)))
-        all_len = [n for f in result.files for n in f.lengths]
-        st = length_stats(all_len)
-        rows.append((
+            row = (f.display, samples, str(f.drawn_per_epoch), str(f.images), _stats_text(f.lengths), str(f.supervised), str(f.truncated))
+            rows.append(row + ((_stats_text(f.image_tokens),) if hd else ()))
+        total = (
             "total",
             str(sum(f.samples for f in result.files)),
             str(sum(f.drawn_per_epoch for f in result.files)),
             str(sum(f.images for f in result.files)),
-            "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}",
+            _stats_text([n for f in result.files for n in f.lengths]),
             str(sum(f.supervised for f in result.files)),
             str(sum(f.truncated for f in result.files)),
-        ))
+        )
+        rows.append(total + ((_stats_text([n for f in result.files for n in f.image_tokens]),) if hd else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
         print(fmt.format(*header), file=out)
         for r in rows:
             print(fmt.format(*r), file=out)
-        print("(samples shown as usable/total when some cannot be trained; tokens include image slots)", file=out)
+        print(
+            "(samples shown as usable/total when some cannot be trained; tokens include image slots; "
+            "truncated = longer than max_length)",
+            file=out,
+        )
 
     errors = [p for p in result.problems if p.level == "error"]
     warnings = [p for p in result.problems if p.level == "warning"]
@@ -87,9 +102,10 @@ def check_data_command(
     given_num: bool = True,
     output_format: str = "text",
     workers: int | None = None,
+    hd_num: int | None = None,
 ) -> int:
     """Validate a data.txt or JSON file against a model's tokenizer and sizes; 0 when training can start."""
-    settings = load_settings(model_dir, img_size, max_length)
+    settings = load_settings(model_dir, img_size, max_length, hd_num)
     result = run_check(data, settings, given_num=given_num, workers=workers)
     if output_format == "json":
         obj = {
@@ -97,7 +113,9 @@ def check_data_command(
             "data": str(data),
             "img_size": settings.img_size,
             "max_length": settings.max_length,
-            "slots_per_image": slots_per_image(settings.img_size),
+            "slots_per_image": None if settings.hd_num is not None else slots_per_image(settings.img_size),
+            "family": settings.family,
+            "hd_num": settings.hd_num,
             "notes": settings.notes,
             "files": [f.to_dict() for f in result.files],
             "total": {
@@ -106,6 +124,8 @@ def check_data_command(
                 "images": sum(f.images for f in result.files),
                 "tokens": length_stats([n for f in result.files for n in f.lengths]),
                 "supervised_tokens": sum(f.supervised for f in result.files),
+                "over_max_length": sum(f.truncated for f in result.files),
+                "image_tokens": length_stats([n for f in result.files for n in f.image_tokens]),
             },
             "errors": len(result.errors),
             "problems": [p.to_dict() for p in result.problems],
@@ -125,18 +145,19 @@ def inspect_command(
     img_size: int | None = None,
     max_length: int | None = None,
     output_format: str = "text",
+    hd_num: int | None = None,
 ) -> int:
     """Print how one sample is encoded (by overall index in data.txt order, or by id)."""
     if (index is None) == (sample_id is None):
         raise XcftError("give exactly one of --index or --id")
-    settings = load_settings(model_dir, img_size, max_length)
+    settings = load_settings(model_dir, img_size, max_length, hd_num)
     conv, problems, where = find_sample(data, settings, index, sample_id)
     errs = [p for p in problems if p.level == "error"]
     if conv is None or errs:
         for p in errs:
             print(f"ERROR {p}", file=sys.stderr)
         return 1
-    enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
+    enc = encode_for(conv, settings)
     if output_format == "json":
         print(json.dumps({"input_ids": enc.input_ids, "labels": enc.labels, "image_mask": enc.image_mask}))
         return 0

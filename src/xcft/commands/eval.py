@@ -21,21 +21,38 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from xcft.data.dataset import DataCollator, make_item, read_data
-from xcft.data.encode import encode_conversation
+from xcft.data.encode import Grid, ImageSpec, encode_conversation
 from xcft.errors import DataError, XcftError
+from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import load_pretrained
 
 logger = logging.getLogger(__name__)
 
 
 class EvalDataset(Dataset):
-    """Every usable conversation once, as batch-contract items (``xcft.data`` encoding)."""
+    """Every usable conversation once, as batch-contract items (``xcft.data`` encoding).
 
-    def __init__(self, conversations: list[Any], tokenizer: Any, img_size: int, max_length: int) -> None:
+    2.5 (``hd_num`` set): ``grids`` holds each conversation's image crop grids (from :func:`read_data`).
+    """
+
+    def __init__(
+        self,
+        conversations: list[Any],
+        tokenizer: Any,
+        img_size: int,
+        max_length: int,
+        hd_num: int | None = None,
+        grids: list[list[Grid]] | None = None,
+    ) -> None:
         self.conversations = conversations
         self.tokenizer = tokenizer
         self.img_size = int(img_size)
         self.max_length = int(max_length)
+        self.hd_num = hd_num
+        self.spec = ImageSpec(self.img_size, hd_num)
+        self.grids = grids
+        if hd_num is not None and (grids is None or len(grids) != len(conversations)):
+            raise ValueError("2.5 evaluation needs the crop grids of every conversation")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(tokenizer.eos_token_id if pad is None else pad)
 
@@ -44,23 +61,51 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         conv = self.conversations[i]
-        enc = encode_conversation(conv, self.tokenizer, self.img_size, self.max_length)
-        return {**make_item(conv, enc, self.pad_token_id, self.img_size), "index": i}
+        grids = self.grids[i] if self.grids is not None else None
+        enc = encode_conversation(conv, self.tokenizer, self.spec, self.max_length, grids)
+        return {**make_item(conv, enc, self.pad_token_id, self.img_size, hd_num=self.hd_num), "index": i}
+
+
+def resolve_hd_num(config: Any, hd_num: int | None) -> int | None:
+    """The crop budget for a model: the given one or 18 for 2.5; an error when given for a 2.0 model."""
+    if getattr(config, "hd", False):
+        hd_num = HD_NUM_TRAIN if hd_num is None else int(hd_num)
+        if hd_num < 1:
+            raise XcftError(f"--hd-num must be at least 1 (crops per image), got {hd_num}")
+        return hd_num
+    if hd_num is not None:
+        raise XcftError(
+            f"--hd-num {hd_num}: this is an InternLM-XComposer2 (2.0) model, whose images are one fixed-size view; "
+            "--hd-num applies to 2.5 models only. Drop it"
+        )
+    return None
 
 
 def evaluate(
-    model: Any, tokenizer: Any, data: str, *, max_length: int | None = None, batch_size: int = 4, progress: bool = True
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    *,
+    max_length: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    hd_num: int | None = None,
 ) -> dict[str, Any]:
-    """Per-sample and overall loss of ``model`` on ``data`` (see the module docstring)."""
+    """Per-sample and overall loss of ``model`` on ``data`` (see the module docstring).
+
+    ``hd_num``: crop budget of a 2.5 model (default 18, the training default).
+    """
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
+    hd_num = resolve_hd_num(model.config, hd_num)
     max_length = int(max_length or model.config.max_length)
-    files = read_data(data, tokenizer, model.config.img_size, max_length)
+    files = read_data(data, tokenizer, model.config.img_size, max_length, hd_num=hd_num)
     conversations = [conv for f in files for conv in f.conversations]
+    grids = [g for f in files for g in f.grids] if hd_num is not None else None
     skipped = sum(f.skipped for f in files)
     if not conversations:
         raise DataError(f"{data}: no sample with a supervised token within max_length={max_length}; nothing to evaluate")
-    dataset = EvalDataset(conversations, tokenizer, model.config.img_size, max_length)
+    dataset = EvalDataset(conversations, tokenizer, model.config.img_size, max_length, hd_num, grids)
     collate = DataCollator(dataset.pad_token_id)
 
     def collate_with_index(items: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
@@ -106,10 +151,11 @@ def eval_command(
     output_format: str = "text",
     dtype: str = "float32",
     device: str | None = None,
+    hd_num: int | None = None,
 ) -> int:
     """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean."""
     model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device)
-    result = evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size)
+    result = evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num)
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
         return 0
@@ -126,4 +172,4 @@ def eval_command(
     return 0
 
 
-__all__ = ["eval_command", "evaluate", "EvalDataset"]
+__all__ = ["EvalDataset", "eval_command", "evaluate", "resolve_hd_num"]

@@ -48,16 +48,21 @@ def init_model_command(
     with tempfile.TemporaryDirectory(prefix="xcft-tok-") as work:
         tok = _tokenizer_for(tokenizer, Path(work))
         vocab = int(tok.vocab_size)
-        if preset != "tiny" and tokenizer is None:
+        if not preset.startswith("tiny") and tokenizer is None:
             logger.info("no --tokenizer given: the %s preset uses a %d-piece tokenizer built on the spot", preset, vocab)
-        device = "cuda" if preset == "7b" and torch.cuda.is_available() else "cpu"
-        model = build_model(preset, img_size, vocab, seed=seed, device=device)
+        device = "cuda" if preset.startswith("7b") and torch.cuda.is_available() else "cpu"
+        try:
+            model = build_model(preset, img_size, vocab, seed=seed, device=device)
+        except ValueError as exc:  # e.g. an img_size the 2.5 patch merge cannot use
+            raise XcftError(f"--preset {preset}: {exc}") from exc
         if device != "cpu":
             model = model.to("cpu")
         path = save_pretrained(model, tok, out, command="init-model")
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"wrote {path}: preset {preset}, {n_params / 1e6:.1f}M parameters, vocab {vocab}, "
-        f"img_size {model.config.img_size} ({model.config.image_tokens} slots per image), {model.config.dtype}"
-    )
+    config = model.config
+    if config.hd:
+        images = f"2.5, {config.img_size} px views ({config.hd_image_tokens(1, 1)} slots for a 1x1 crop grid)"
+    else:
+        images = f"img_size {config.img_size} ({config.image_tokens} slots per image)"
+    print(f"wrote {path}: preset {preset}, {n_params / 1e6:.1f}M parameters, vocab {vocab}, {images}, {config.dtype}")
     return 0

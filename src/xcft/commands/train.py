@@ -21,7 +21,7 @@ from xcft.errors import OutputFolderError
 from xcft.model.loading import unwrap_model
 from xcft.output_dir import FolderLock, OutputFolder, check_no_overlap, check_output_folder, save_errors
 from xcft.train.args import RESOLVED_CONFIG_NAME, TrainConfig, parse_train_args, print_help, write_resolved_config
-from xcft.train.datasets import VisionAlignedCollator, build_datasets, needs_vision_alignment
+from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import (
     STAGING_DIR_NAME,
@@ -154,7 +154,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     base_config = unwrap_model(model).config
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
     if needs_vision_alignment(args, model):
-        collator = VisionAlignedCollator(collator, int(base_config.img_size), int(base_config.image_tokens), train_ds.pad_token_id)
+        collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
 
     # ---- trainer

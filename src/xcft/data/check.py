@@ -3,6 +3,9 @@
 :func:`run_check` reads every file and decodes every image once (images in a thread pool), encodes
 every valid sample, and collects a per-file report and every problem found, so a user with 40 broken
 samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page present the results.
+
+For a 2.5 model each image's crop grid (and so its token count) at the chosen ``hd_num`` comes from
+the size of that one decode; the family is read from the weight files' headers (no tensor data).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, encode_conversation, slots_per_image
-from xcft.data.images import IMAGE_FIX, decode_problem
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
+from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
 from xcft.errors import ModelFolderError, XcftError
-from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH
+from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
+from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -37,10 +41,65 @@ class Settings:
     img_size: int
     max_length: int
     notes: list[str] = field(default_factory=list)
+    family: str = FAMILY_2_0
+    hd_num: int | None = None  # 2.5: crop budget per image
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.img_size, self.hd_num)
 
 
-def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_length: int | None) -> Settings:
-    """Tokenizer and sizes from a model folder (its config.json is read as plain JSON)."""
+class _Shape:
+    """A tensor stand-in that has only its shape (what family detection reads)."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = tuple(shape)
+
+
+def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | None]:
+    """``(family, view size or None)`` of a checkpoint folder, from its weight files' headers.
+
+    Only tensor names and shapes are read (safetensors headers; ``.bin`` files memory-mapped), so a
+    7B checkpoint costs milliseconds. A folder without weights keeps the declared family (2.0 when none).
+    """
+    from xcft.model import loading
+
+    try:
+        files = loading.weight_files(folder)
+    except XcftError:
+        return declared or FAMILY_2_0, None
+    wanted = (*loading.SEPARATOR_KEYS, loading.PROJECTOR_KEY, loading.PATCH_KEY, loading.POSITION_KEY)
+    shapes: dict[str, _Shape] = {}
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as fh:
+                    present = set(fh.keys())
+                    for key in wanted:
+                        if key in present:
+                            shapes[key] = _Shape(fh.get_slice(key).get_shape())
+            else:
+                import torch
+
+                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
+        except Exception as exc:  # a truncated or corrupt weight file: one line naming it
+            raise ModelFolderError(
+                f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}): "
+                "the file is truncated or corrupt; re-download or re-save it"
+            ) from None
+    return loading.detect_family(shapes, declared, source=str(folder))  # type: ignore[arg-type]
+
+
+def load_settings(
+    model_dir: str | os.PathLike[str], img_size: int | None, max_length: int | None, hd_num: int | None = None
+) -> Settings:
+    """Tokenizer and sizes from a model folder (its config.json is read as plain JSON, the family from the weights).
+
+    ``hd_num``: the crop budget of a 2.5 model (default: the training default, 18); an error for 2.0.
+    """
     d = Path(model_dir)
     if not d.is_dir():
         raise XcftError(f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json")
@@ -57,6 +116,22 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
                 raise ModelFolderError(
                     f"{cfg_path}: {key} is {value!r} ({type(value).__name__}); expected a positive integer. Fix the file"
                 )
+    family, view = model_family(d, config.get("family"))
+    if family == FAMILY_2_5:
+        view = view or config.get("img_size") or HD_VIEW_SIZE
+        if img_size is not None and int(img_size) != view:
+            raise XcftError(
+                f"--img-size {img_size}: {d} is an InternLM-XComposer-2.5 model whose views are {view} px; drop --img-size"
+            )
+        img_size = view
+        hd_num = HD_NUM_TRAIN if hd_num is None else int(hd_num)
+        if hd_num < 1:
+            raise XcftError(f"--hd-num must be at least 1 (crops per image), got {hd_num}")
+    elif hd_num is not None:
+        raise XcftError(
+            f"--hd-num {hd_num}: {d} is an InternLM-XComposer2 (2.0) model, whose images are one fixed-size view; "
+            "--hd-num applies to 2.5 models only. Drop it"
+        )
     if img_size is None:
         img_size = config.get("img_size")
         if img_size is None:
@@ -65,12 +140,12 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
     if max_length is None:
         max_length = config.get("max_length")
         if max_length is None:
-            max_length = DEFAULT_MAX_LENGTH
+            max_length = DEFAULT_MAX_LENGTH_2_5 if family == FAMILY_2_5 else DEFAULT_MAX_LENGTH
             notes.append(
-                f"{cfg_path} has no max_length; using {DEFAULT_MAX_LENGTH} (the official code would silently cut every sample to 20 tokens; pass --max-length to choose)"
+                f"{cfg_path} has no max_length; using {max_length} (the official code would silently cut every sample to 20 tokens; pass --max-length to choose)"
             )
     try:
-        slots_per_image(int(img_size))
+        ImageSpec(int(img_size), hd_num)
     except ValueError as exc:
         raise XcftError(f"img_size: {exc}") from exc
     if int(max_length) <= 0:
@@ -83,7 +158,7 @@ def load_settings(model_dir: str | os.PathLike[str], img_size: int | None, max_l
         tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
     except Exception as exc:
         raise XcftError(f"{tok_path}: not a usable InternLM2 SentencePiece model ({exc})") from exc
-    return Settings(tokenizer, int(img_size), int(max_length), notes)
+    return Settings(tokenizer, int(img_size), int(max_length), notes, family, hd_num)
 
 
 # --------------------------------------------------------------------------- reading everything
@@ -101,8 +176,9 @@ class FileReport:
     images: int = 0
     lengths: list[int] = field(default_factory=list)
     supervised: int = 0
-    truncated: int = 0
+    truncated: int = 0  # samples longer than max_length (cut)
     skipped: int = 0
+    image_tokens: list[int] = field(default_factory=list)  # slots of each image of the usable samples
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +193,8 @@ class FileReport:
             "tokens": length_stats(self.lengths),
             "supervised_tokens": self.supervised,
             "truncated": self.truncated,
+            "over_max_length": self.truncated,
+            "image_tokens": length_stats(self.image_tokens),
             "skipped_no_supervised_token": self.skipped,
         }
 
@@ -161,7 +239,17 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
     n_workers = max(1, workers or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decode_errors = dict(zip(paths, pool.map(decode_problem, paths)))
+        decoded = dict(zip(paths, pool.map(decode_with_size, paths)))
+    decode_errors = {p: why for p, (why, _) in decoded.items()}
+    image_spec = settings.image_spec
+    grids: dict[Path, Grid] = {}
+    if image_spec.hd:
+        for p, (why, size) in decoded.items():
+            if why is None:
+                try:
+                    grids[p] = image_spec.grid(*size)
+                except ValueError as exc:  # e.g. too elongated for the HD transform
+                    decode_errors[p] = f"cannot be used ({exc})"
 
     for src, report, convs in zip(spec.sources, files, per_file):
         for conv in convs:
@@ -176,7 +264,8 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
                 continue
             report.valid += 1
             report.images += len(conv.images)
-            enc = encode_conversation(conv, settings.tokenizer, settings.img_size, settings.max_length)
+            conv_grids = [grids[p] for p in conv.images] if image_spec.hd else None
+            enc = encode_conversation(conv, settings.tokenizer, image_spec, settings.max_length, conv_grids)
             if enc.truncated:
                 report.truncated += 1
             if enc.num_supervised == 0:
@@ -192,6 +281,9 @@ def run_check(data: str | os.PathLike[str], settings: Settings, given_num: bool 
                 continue
             report.usable += 1
             report.lengths.append(len(enc))
+            report.image_tokens += (
+                [image_spec.slots(g) for g in conv_grids] if conv_grids is not None else [image_spec.slots()] * len(conv.images)
+            )
             report.supervised += enc.num_supervised
         report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
         if report.valid and not report.usable:
@@ -260,7 +352,9 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
             while j < len(ids) and ids[j] == IMAGE_SLOT:
                 j += 1
             image_no += 1
-            out.append(f"<image {image_no}: {j - i} slots>")
+            grid = enc.image_grids[image_no - 1] if image_no <= len(enc.image_grids) else None
+            crops = f"{grid[0]}×{grid[1]} crops, " if grid is not None else ""
+            out.append(f"<image {image_no}: {crops}{j - i} slots>")
             i = j
             continue
         trained = labels[i] != IGNORE_INDEX
@@ -273,4 +367,24 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
-__all__ = ["CheckResult", "FileReport", "Settings", "find_sample", "length_stats", "load_settings", "render_sample", "run_check"]
+def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
+    """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
+    from xcft.data.dataset import conversation_grids
+
+    spec = settings.image_spec
+    grids = conversation_grids(conv, spec) if spec.hd else None
+    return encode_conversation(conv, settings.tokenizer, spec, settings.max_length, grids)
+
+
+__all__ = [
+    "CheckResult",
+    "FileReport",
+    "Settings",
+    "encode_for",
+    "find_sample",
+    "length_stats",
+    "load_settings",
+    "model_family",
+    "render_sample",
+    "run_check",
+]

@@ -3,25 +3,28 @@
 Item and batch layout follow the batch contract in docs/ARCHITECTURE.md. Images are decoded in
 ``__getitem__`` so DataLoader workers decode them in parallel; the samples themselves are read,
 validated and encoded once at build time (only their lengths are kept; ``__getitem__`` re-encodes,
-which costs about a millisecond).
+which costs about a millisecond). For a 2.5 model (``hd_num`` set) each image's crop grid is read
+from its file header at build time (no decoding) and kept, so the lengths are exact without
+decoding; ``__getitem__`` then decodes the views and checks the grid.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, TokenizerLike, encode_conversation
+from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.mixture import DataSpec, draw_count, epoch_draw, load_spec
 from xcft.data.schema import Conversation, raise_first, read_file
 from xcft.errors import DataError
-from xcft.model.image_processing_xcomposer2 import load_image
+from xcft.model.image_processing_xcomposer2 import load_hd_views, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -36,27 +39,71 @@ class FileData:
     lengths: list[int]  # encoded length (after truncation) of each of them
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
+    grids: list[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
 
 
-def read_data(data: str | Path, tokenizer: TokenizerLike, img_size: int, max_length: int, given_num: bool = True) -> list[FileData]:
-    """Read, validate and encode every sample of a data.txt or a JSON file (raises DataError on bad data)."""
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the image file's header (PIL reads no pixel data here)."""
+    with Image.open(path) as img:
+        return img.size
+
+
+def conversation_grids(conv: Conversation, spec: ImageSpec, cache: dict[Path, Grid] | None = None) -> list[Grid]:
+    """2.5: the crop grid of each image of ``conv`` at ``spec.hd_num``, from the file headers (DataError if unreadable)."""
+    out: list[Grid] = []
+    for path in conv.images:
+        grid = cache.get(path) if cache is not None else None
+        if grid is None:
+            try:
+                size = image_size(path)
+            except Exception as exc:  # PIL raises many types for broken headers
+                raise DataError(f"{conv.where}: cannot read the size of image {path}: {exc}. Fix: replace or re-save the file") from exc
+            try:
+                grid = spec.grid(*size)
+            except ValueError as exc:  # e.g. an aspect ratio the HD transform cannot handle
+                raise DataError(f"{conv.where}: image {path} cannot be used: {exc}. Fix: crop or pad the image") from exc
+            if cache is not None:
+                cache[path] = grid
+        out.append(grid)
+    return out
+
+
+def read_data(
+    data: str | Path,
+    tokenizer: TokenizerLike,
+    img_size: int,
+    max_length: int,
+    given_num: bool = True,
+    *,
+    hd_num: int | None = None,
+) -> list[FileData]:
+    """Read, validate and encode every sample of a data.txt or a JSON file (raises DataError on bad data).
+
+    ``hd_num`` set: a 2.5 model's data (crop grids read from the image headers at that budget).
+    """
     spec: DataSpec = load_spec(data)
+    image_spec = ImageSpec(int(img_size), hd_num)
+    grid_cache: dict[Path, Grid] = {}
     files: list[FileData] = []
     for src in spec.sources:
         convs, problems = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         raise_first(problems)
         keep: list[Conversation] = []
         lengths: list[int] = []
+        grids: list[list[Grid]] = []
         skipped = 0
         for conv in convs:
             assert conv is not None
-            enc = encode_conversation(conv, tokenizer, img_size, max_length)
+            conv_grids = conversation_grids(conv, image_spec, grid_cache) if image_spec.hd else None
+            enc = encode_conversation(conv, tokenizer, image_spec, max_length, conv_grids)
             if enc.num_supervised == 0:
                 skipped += 1
                 logger.warning("%s: no supervised token left after truncation to %d tokens; skipped", conv.where, max_length)
                 continue
             keep.append(conv)
             lengths.append(len(enc))
+            if conv_grids is not None:
+                grids.append(conv_grids)
         if skipped:
             logger.warning("%s: %d sample(s) skipped (no supervised token within max_length=%d)", src.display, skipped, max_length)
         if convs and not keep:
@@ -65,7 +112,7 @@ def read_data(data: str | Path, tokenizer: TokenizerLike, img_size: int, max_len
                 f"(all {skipped} skipped). Fix: raise max_length (images take their slots in full) or shorten the samples"
             )
         count = draw_count(len(keep), src.number, given_num)
-        files.append(FileData(src.display, src.path, keep, lengths, count, skipped))
+        files.append(FileData(src.display, src.path, keep, lengths, count, skipped, grids))
     return files
 
 
@@ -73,7 +120,8 @@ class XComposerDataset(Dataset):
     """The samples drawn for the current epoch; ``set_epoch(e)`` redraws (same draw on every rank).
 
     ``__getitem__(i)`` returns ``input_ids``, ``labels``, ``image_mask`` ([L]) and ``pixel_values``
-    ([n, 3, S, S], n may be 0) for the i-th drawn sample.
+    ([n, 3, S, S], n may be 0) for the i-th drawn sample; with ``hd_num`` (2.5) ``pixel_values``
+    holds every view of the sample's images ([V, 3, S, S]) and ``image_grids`` ([n, 2]) their crop grids.
     """
 
     def __init__(
@@ -86,10 +134,15 @@ class XComposerDataset(Dataset):
         seed: int = 0,
         epoch: int = 0,
         fast_jpeg: bool = False,
+        hd_num: int | None = None,
     ) -> None:
         self.files = list(files)
         self.tokenizer = tokenizer
         self.img_size = int(img_size)
+        self.hd_num = hd_num
+        self.image_spec = ImageSpec(self.img_size, hd_num)
+        if hd_num is not None and any(len(f.grids) != len(f.conversations) for f in self.files):
+            raise ValueError("2.5 data needs the crop grids of every sample: read it with read_data(..., hd_num=...)")
         self.max_length = int(max_length)
         self.seed = int(seed)
         self.fast_jpeg = fast_jpeg
@@ -132,8 +185,10 @@ class XComposerDataset(Dataset):
         return self.files[int(f)].conversations[int(j)]
 
     def encode(self, i: int) -> tuple[Conversation, EncodedSample]:
-        conv = self.conversation(i)
-        return conv, encode_conversation(conv, self.tokenizer, self.img_size, self.max_length)
+        f, j = (int(x) for x in self.draw[i])
+        conv = self.files[f].conversations[j]
+        grids = self.files[f].grids[j] if self.image_spec.hd else None
+        return conv, encode_conversation(conv, self.tokenizer, self.image_spec, self.max_length, grids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if i < 0:
@@ -141,19 +196,30 @@ class XComposerDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} drawn samples")
         conv, enc = self.encode(i)
-        return make_item(conv, enc, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg)
+        return make_item(conv, enc, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg, hd_num=self.hd_num)
 
 
 def make_item(
-    conv: Conversation, enc: EncodedSample, pad_token_id: int, img_size: int, *, fast_jpeg: bool = False
+    conv: Conversation,
+    enc: EncodedSample,
+    pad_token_id: int,
+    img_size: int,
+    *,
+    fast_jpeg: bool = False,
+    hd_num: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One encoded conversation as a batch-contract item (docs/ARCHITECTURE.md), its images decoded.
 
     Shared by the training dataset and ``xcft eval`` so both feed the model exactly the same tensors.
+    ``hd_num`` (2.5): the images' HD views and crop grids (``fast_jpeg`` does not apply: a reduced
+    decode would change the grid).
     """
     ids = torch.tensor(enc.input_ids, dtype=torch.long)
     mask = ids == IMAGE_SLOT
     ids[mask] = pad_token_id
+    item = {"input_ids": ids, "labels": torch.tensor(enc.labels, dtype=torch.long), "image_mask": mask}
+    if hd_num is not None:
+        return {**item, **_hd_pixels(conv, enc, img_size, hd_num)}
     images = []
     for path in conv.images[: enc.num_images]:
         try:
@@ -164,12 +230,26 @@ def make_item(
         pixel_values = torch.from_numpy(np.stack(images))
     else:
         pixel_values = torch.zeros(0, 3, img_size, img_size)
-    return {
-        "input_ids": ids,
-        "labels": torch.tensor(enc.labels, dtype=torch.long),
-        "image_mask": mask,
-        "pixel_values": pixel_values,
-    }
+    return {**item, "pixel_values": pixel_values}
+
+
+def _hd_pixels(conv: Conversation, enc: EncodedSample, img_size: int, hd_num: int) -> dict[str, torch.Tensor]:
+    """2.5: ``pixel_values`` [V, 3, S, S] (per kept image its global view then its crops) and ``image_grids`` [n, 2]."""
+    views: list[torch.Tensor] = []
+    for path, grid in zip(conv.images[: enc.num_images], enc.image_grids):
+        try:
+            image_views, got = load_hd_views(path, hd_num, view_size=img_size)
+        except Exception as exc:  # PIL raises many types for broken files
+            raise DataError(f"{conv.where}: cannot decode image {path}: {exc}. Fix: replace or re-save the file") from exc
+        if tuple(got) != tuple(grid):
+            raise DataError(
+                f"{conv.where}: image {path} decodes to a {got[0]}x{got[1]} crop grid but its header gave {grid[0]}x{grid[1]} "
+                "(the file changed while training?). Fix: restart so the data is read again"
+            )
+        views.append(image_views)
+    pixel_values = torch.cat(views, dim=0) if views else torch.zeros(0, 3, img_size, img_size)
+    grids = torch.tensor(enc.image_grids, dtype=torch.long).reshape(-1, 2)
+    return {"pixel_values": pixel_values, "image_grids": grids}
 
 
 def build_dataset(
@@ -182,13 +262,17 @@ def build_dataset(
     *,
     epoch: int = 0,
     fast_jpeg: bool = False,
+    hd_num: int | None = None,
 ) -> XComposerDataset:
     """Read a data.txt (or one JSON/JSONL file) and return the dataset for ``epoch``.
 
-    Raises :class:`~xcft.errors.DataError` on the first bad sample (``xcft check-data`` lists them all).
+    ``hd_num``: the crop budget of a 2.5 model (None for 2.0). Raises
+    :class:`~xcft.errors.DataError` on the first bad sample (``xcft check-data`` lists them all).
     """
-    files = read_data(data_path, tokenizer, img_size, max_length, given_num)
-    ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=epoch, fast_jpeg=fast_jpeg)
+    files = read_data(data_path, tokenizer, img_size, max_length, given_num, hd_num=hd_num)
+    ds = XComposerDataset(
+        files, tokenizer, img_size, max_length, seed=seed, epoch=epoch, fast_jpeg=fast_jpeg, hd_num=hd_num
+    )
     logger.info(
         "data: %d file(s), %d usable samples, %d drawn per epoch, %d skipped",
         len(files), sum(len(f.conversations) for f in files), len(ds), ds.num_skipped,
@@ -198,6 +282,9 @@ def build_dataset(
 
 def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: bool = False) -> dict[str, Any]:
     """Right-pad items into one batch (the batch contract in docs/ARCHITECTURE.md).
+
+    2.5 items (with ``image_grids``): ``pixel_values`` concatenates every view in row order,
+    ``image_grids`` [N, 2] every image's crop grid in the same order, ``image_counts`` counts images.
 
     Unpacked: an ``attention_mask`` marks the real tokens. ``packed``: no mask; ``position_ids``
     restart at 0 for every sample of a row (an item without them is one sample) and the row's
@@ -212,7 +299,9 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
     image_mask = torch.zeros((bsz, width), dtype=torch.bool)
     layout = torch.zeros((bsz, width), dtype=torch.long)  # attention_mask, or position_ids when packed
     pixels: list[torch.Tensor] = []
+    grids: list[torch.Tensor] = []
     counts: list[int] = []
+    hd = any("image_grids" in f for f in features)
     for b, (f, n) in enumerate(zip(features, lengths)):
         input_ids[b, :n] = f["input_ids"]
         labels[b, :n] = f["labels"]
@@ -224,11 +313,18 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
         else:
             layout[b, :n] = 1
         pv = f.get("pixel_values")
-        k = 0 if pv is None else int(pv.shape[0])
-        if k:
-            pixels.append(pv)
+        if hd:  # 2.5: pixel_values are views; the images are the rows of image_grids
+            g = f.get("image_grids")
+            k = 0 if g is None else int(g.shape[0])
+            if k:
+                grids.append(g)
+                pixels.append(pv)
+        else:
+            k = 0 if pv is None else int(pv.shape[0])
+            if k:
+                pixels.append(pv)
         counts.append(k)
-    return {
+    batch = {
         "input_ids": input_ids,
         "position_ids" if packed else "attention_mask": layout,
         "labels": labels,
@@ -236,6 +332,9 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
         "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
         "image_counts": torch.tensor(counts, dtype=torch.long),
     }
+    if hd:
+        batch["image_grids"] = torch.cat(grids, dim=0) if grids else None
+    return batch
 
 
 @dataclass
@@ -248,4 +347,14 @@ class DataCollator:
         return pad_batch(features, self.pad_token_id)
 
 
-__all__ = ["DataCollator", "pad_batch", "FileData", "XComposerDataset", "build_dataset", "read_data"]
+__all__ = [
+    "DataCollator",
+    "FileData",
+    "XComposerDataset",
+    "build_dataset",
+    "conversation_grids",
+    "image_size",
+    "make_item",
+    "pad_batch",
+    "read_data",
+]

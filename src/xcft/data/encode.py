@@ -2,8 +2,13 @@
 
 Template (:mod:`xcft.model.template_xcomposer2`): ``BOS`` then, per turn, ``[UNUSED_TOKEN_146]{role}\\n{value}
 [UNUSED_TOKEN_145]\\n``, the last ``\\n`` replaced by ``EOS``. The text is split at every
-``<ImageHere>``; each piece is tokenized on its own, and each image takes
-``(img_size / 14)²`` slots (``-1`` in :attr:`EncodedSample.input_ids`).
+``<ImageHere>``; each piece is tokenized on its own, and each image takes its slots (``-1`` in
+:attr:`EncodedSample.input_ids`): ``(img_size / 14)²`` for a 2.0 model; for a 2.5 (HD) model the
+token count of the image's crop grid, which :class:`ImageSpec` derives from the image's pixel size
+(read from the file header, no decoding) and ``hd_num``.
+
+2.5 layout of one image given without placeholder: ``<s>``, the image, then the conversation
+(the layout the official 2.5 chat builds; 2.0 puts the image at the start of the first user turn).
 
 Labels come from the roles, never from scanning ids: an assistant answer's tokens and its closing
 ``[UNUSED_TOKEN_145]`` are trained, and the final EOS when the conversation ends with an answer;
@@ -19,10 +24,11 @@ sequence has no EOS; its labels are still by role. A sample left with no supervi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
-from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation
+from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Message
+from xcft.model.image_processing_xcomposer2 import hd_crop_grid, hd_tokens_for_grid
 from xcft.model.template_xcomposer2 import TURN_END, TURN_START, conversation_segments
 
 IGNORE_INDEX = -100
@@ -54,6 +60,52 @@ def slots_per_image(img_size: int, patch_size: int = PATCH_SIZE) -> int:
     return (img_size // patch_size) ** 2
 
 
+Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a model family turns an image into sequence slots.
+
+    2.0 (``hd_num`` None): one ``img_size`` view per image, ``(img_size / patch)²`` slots.
+    2.5 (``hd_num`` set): a global view plus a ``rows x cols`` grid of ``img_size`` crops chosen
+    from the image's pixel size and the crop budget ``hd_num``; the slots follow from the grid.
+    Both are known before any pixel is decoded, so lengths (check-data, length grouping,
+    packing) never cost an image decode.
+    """
+
+    img_size: int
+    hd_num: int | None = None
+    patch_size: int = PATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.img_size <= 0 or self.img_size % self.patch_size:
+            raise ValueError(f"img_size must be a positive multiple of {self.patch_size}, got {self.img_size}")
+        if self.hd_num is not None:
+            if self.hd_num < 1:
+                raise ValueError(f"hd_num must be at least 1, got {self.hd_num}")
+            if (self.img_size // self.patch_size) % 2:
+                raise ValueError(f"a 2.5 view of {self.img_size} px has an odd patch grid; the 2x2 merge needs it even")
+
+    @property
+    def hd(self) -> bool:
+        return self.hd_num is not None
+
+    def grid(self, width: int, height: int) -> Grid:
+        """2.5: ``(rows, cols)`` crop grid of an image of ``width x height`` pixels (the training transform)."""
+        if self.hd_num is None:
+            return (1, 1)
+        return hd_crop_grid(width, height, self.hd_num, view_size=self.img_size)
+
+    def slots(self, grid: Grid | None = None) -> int:
+        """Slots of one image: fixed for 2.0; from its crop grid for 2.5."""
+        if self.hd_num is None:
+            return slots_per_image(self.img_size, self.patch_size)
+        if grid is None:
+            raise ValueError("a 2.5 image's slot count needs its crop grid")
+        return hd_tokens_for_grid(int(grid[0]), int(grid[1]), self.img_size // self.patch_size // 2)
+
+
 @dataclass
 class EncodedSample:
     """One encoded sample. ``input_ids`` holds -1 at image slots (the dataset swaps in the pad id)."""
@@ -66,6 +118,7 @@ class EncodedSample:
     truncated: bool = False
     untruncated_length: int = 0
     dropped_images: int = 0
+    image_grids: list[Grid] = field(default_factory=list)  # 2.5: crop grid of each kept image
 
     @property
     def num_supervised(self) -> int:
@@ -172,23 +225,42 @@ def _assign_chunks(run_ids: list[int], run: list[tuple[str, bool, int]], boundar
 def encode_conversation(
     conv: Conversation,
     tokenizer: TokenizerLike,
-    img_size: int,
+    img_size: int | ImageSpec,
     max_length: int,
+    grids: Sequence[Grid] | None = None,
 ) -> EncodedSample:
-    """Encode one conversation (see the module docstring for the template and truncation rules)."""
+    """Encode one conversation (see the module docstring for the template and truncation rules).
+
+    ``img_size`` is a 2.0 view size or an :class:`ImageSpec`; a 2.5 spec needs ``grids``, the
+    crop grid of each of the conversation's images in order (:meth:`ImageSpec.grid` of its size).
+    """
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    n_slots = slots_per_image(img_size)
+    spec = img_size if isinstance(img_size, ImageSpec) else ImageSpec(int(img_size))
+    image_first = spec.hd and conv.image_prepended
+    if image_first:
+        conv = _without_prepended_placeholder(conv)
     pieces = _split_at_images(_chunks(conv))
+    if image_first:
+        pieces.insert(0, [])  # only <s> before the image
     n_images = len(pieces) - 1
     if n_images != len(conv.images):
         raise ValueError(f"{conv.where}: {n_images} placeholders but {len(conv.images)} images (normalize the sample first)")
+    if spec.hd:
+        if grids is None or len(grids) != n_images:
+            raise ValueError(f"{conv.where}: a 2.5 encoding needs one crop grid per image ({n_images}), got {grids!r}")
+        image_grids = [(int(g[0]), int(g[1])) for g in grids]
+        slots = [spec.slots(g) for g in image_grids]
+    else:
+        image_grids = []
+        slots = [spec.slots()] * n_images
 
     ids: list[int] = [tokenizer.bos_token_id]
     trained: list[bool] = [False]
     spans: list[tuple[int, int]] = []
     for k, piece in enumerate(pieces):
         if k:
+            n_slots = slots[k - 1]
             spans.append((len(ids), n_slots))
             ids.extend([IMAGE_SLOT] * n_slots)
             trained.extend([False] * n_slots)
@@ -224,7 +296,19 @@ def encode_conversation(
         truncated=truncated,
         untruncated_length=total,
         dropped_images=n_images - len(kept_spans),
+        image_grids=image_grids[: len(kept_spans)],
     )
 
 
-__all__ = ["EncodedSample", "IGNORE_INDEX", "IMAGE_SLOT", "encode_conversation", "slots_per_image"]
+def _without_prepended_placeholder(conv: Conversation) -> Conversation:
+    """The conversation without the placeholder that normalisation put before its first user turn."""
+    messages = list(conv.messages)
+    k = next(i for i, m in enumerate(messages) if m.role == "user")
+    text = messages[k].text
+    if not text.startswith(IMAGE_PLACEHOLDER):
+        raise ValueError(f"{conv.where}: marked image_prepended but the first user turn does not start with {IMAGE_PLACEHOLDER}")
+    messages[k] = Message("user", text[len(IMAGE_PLACEHOLDER):])
+    return replace(conv, messages=messages)
+
+
+__all__ = ["IGNORE_INDEX", "IMAGE_SLOT", "EncodedSample", "Grid", "ImageSpec", "encode_conversation", "slots_per_image"]

@@ -64,6 +64,16 @@ def open_checked_image(path: str | os.PathLike) -> Any:
     return img
 
 
+def decode_with_size(path: str | os.PathLike) -> tuple[str | None, tuple[int, int]]:
+    """``(None, (width, height))`` when the image at ``path`` decodes fully, else ``(reason, (0, 0))``."""
+    img, problem = _decode(path)
+    if img is None:
+        return problem, (0, 0)
+    size = img.size
+    img.close()
+    return None, size
+
+
 def decode_problem(path: str | os.PathLike) -> str | None:
     """None when the image at ``path`` decodes fully, else the reason (check-data reports it per sample)."""
     img, problem = _decode(path)
@@ -72,4 +82,4 @@ def decode_problem(path: str | os.PathLike) -> str | None:
     return problem
 
 
-__all__ = ["decode_problem", "image_file_problem", "open_checked_image"]
+__all__ = ["decode_problem", "decode_with_size", "image_file_problem", "open_checked_image"]

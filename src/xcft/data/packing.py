@@ -79,7 +79,8 @@ def concat_items(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Several dataset items as one packed item: concatenated, ``position_ids`` restarting per sample.
 
     The first label of every sample is set to -100 (it is never a target unpacked either), so no
-    position learns to predict the next sample's first token.
+    position learns to predict the next sample's first token. 2.5 items' ``image_grids`` are
+    concatenated in the order of their views.
     """
     if not items:
         raise ValueError("cannot pack zero samples")
@@ -104,6 +105,8 @@ def concat_items(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
     if pixel_values is not None:
         out["pixel_values"] = pixel_values
+    if any("image_grids" in it for it in items):  # 2.5: every image's crop grid, in the order of the views
+        out["image_grids"] = torch.cat([it["image_grids"].reshape(-1, 2) for it in items if "image_grids" in it])
     return out
 
 

@@ -409,7 +409,8 @@ def normalize_sample(
             messages[first_user] = Message("user", IMAGE_PLACEHOLDER + messages[first_user].text)
             image_prepended = True
             err(
-                f'one image and no "{IMAGE_PLACEHOLDER}": the image is placed at the start of the first user turn',
+                f'one image and no "{IMAGE_PLACEHOLDER}": the image is placed at the start of the first user turn '
+                "(InternLM-XComposer-2.5 models: right after <s>, before the first turn)",
                 f'put "{IMAGE_PLACEHOLDER}" where the image belongs to choose its place',
                 level="info",
             )

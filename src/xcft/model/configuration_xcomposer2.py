@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 XCOMPOSER2_ARCHITECTURES = ("InternLMXComposer2ForCausalLM", "XComposer2ForCausalLM")
 
 #: Used when ``config.json`` has no ``max_length``. The official code silently falls back to
-#: 20 tokens, which truncates every sample; 4096 is the official finetuning default.
+#: 20 tokens, which truncates every sample; 4096 is the official 2.0 finetuning default and
+#: 16384 the value the official 2.5 finetune script passes.
 DEFAULT_MAX_LENGTH = 4096
+DEFAULT_MAX_LENGTH_2_5 = 16384
 
 #: The vision tower the official code always builds: OpenAI CLIP ViT-L/14 at 336 px.
 CLIP_VIT_L_14_336 = {
@@ -124,11 +126,11 @@ class XComposer2Config(PreTrainedConfig):
         if self.projector_hidden_size is None:
             self.projector_hidden_size = self.hidden_size
         if self.max_length is None:
+            self.max_length = DEFAULT_MAX_LENGTH_2_5 if self.family == FAMILY_2_5 else DEFAULT_MAX_LENGTH
             logger.info(
                 "config has no max_length; using %d (the official code would silently truncate to 20 tokens)",
-                DEFAULT_MAX_LENGTH,
+                self.max_length,
             )
-            self.max_length = DEFAULT_MAX_LENGTH
         if self.vision_config is None:
             self.vision_config = dict(CLIP_VIT_L_14_336)
         if isinstance(self.vision_config, dict):
@@ -244,6 +246,7 @@ __all__ = [
     "normalize_config_dict",
     "XCOMPOSER2_ARCHITECTURES",
     "DEFAULT_MAX_LENGTH",
+    "DEFAULT_MAX_LENGTH_2_5",
     "FAMILY_2_0",
     "FAMILY_2_5",
     "FAMILIES",

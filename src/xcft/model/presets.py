@@ -3,6 +3,9 @@
 ``tiny`` trains on a CPU in minutes (tests, demo); ``small`` is the benchmark shape;
 ``7b`` is the released InternLM-XComposer2-VL-7B shape (build it on the meta device or
 straight on the GPU: ``build_model("7b", device="cuda", dtype=torch.bfloat16)``).
+``tiny-2.5`` and ``7b-2.5`` are the InternLM-XComposer-2.5 family (HD crops, separators): the
+tiny one with 224 px views (145 slots for a 1x1 crop grid) so it trains on a CPU, the 7b one the
+released internlm-xcomposer2d5-7b shape (CLIP ViT-L/14 at 560 px, 16384 tokens).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 
 from xcft.errors import XcftError
-from xcft.model.configuration_xcomposer2 import CLIP_VIT_L_14_336, XComposer2Config
+from xcft.model.configuration_xcomposer2 import CLIP_VIT_L_14_336, FAMILY_2_0, FAMILY_2_5, XComposer2Config
 from xcft.model.loading import resolve_dtype
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
 
@@ -56,6 +59,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_length": 4096,
         "dtype": torch.bfloat16,
     },
+    "tiny-2.5": {
+        "decoder": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=176, plora_r=16, plora_alpha=16.0),
+        "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224),
+        "projector_hidden_size": 64,
+        "img_size": 224,
+        "vocab_size": SMALL_TOKENIZER_VOCAB,
+        "max_length": 4096,
+        "dtype": torch.float32,
+        "family": FAMILY_2_5,
+    },
+    "7b-2.5": {
+        "decoder": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        intermediate_size=14336, plora_r=256, plora_alpha=256.0),
+        "vision": dict(CLIP_VIT_L_14_336, image_size=560),
+        "projector_hidden_size": 4096,
+        "img_size": 560,
+        "vocab_size": REAL_VOCAB_SIZE,
+        "max_length": 16384,
+        "dtype": torch.bfloat16,
+        "family": FAMILY_2_5,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "max_position_embeddings": 24576,
+    },
 }
 
 
@@ -72,12 +100,15 @@ def preset_config(preset: str, img_size: int | None = None, vocab_size: int | No
         projector_hidden_size=spec["projector_hidden_size"],
         vision_config=dict(spec["vision"]),
         rms_norm_eps=1e-5,
-        max_position_embeddings=32768,
+        max_position_embeddings=spec.get("max_position_embeddings", 32768),
+        family=spec.get("family", FAMILY_2_0),
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
         architectures=["XComposer2ForCausalLM"],
     )
+    if "rope_scaling" in spec:
+        kwargs["rope_scaling"] = dict(spec["rope_scaling"])
     kwargs.update(overrides)
     return XComposer2Config(**kwargs)
 

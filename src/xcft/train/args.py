@@ -93,11 +93,22 @@ class DataArguments:
         },
     )
     img_size: Optional[int] = field(
-        default=None, metadata={"help": "Image side in pixels (default: the model's img_size, 490 for vl-7b)."}
+        default=None,
+        metadata={"help": "Image (2.0) or view (2.5) side in pixels; must be the model's (490 for vl-7b, 560 for 2.5)."},
+    )
+    resolution: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Official 2.5 flag, the same as --img_size: accepted when it is the checkpoint's view size (560); "
+            "the official code never passes it to its dataset either."
+        },
     )
     hd_num: Optional[int] = field(
         default=None,
-        metadata={"help": "Accepted for compatibility (XComposer2-4KHD tiling); XComposer2 models ignore it."},
+        metadata={
+            "help": "InternLM-XComposer-2.5: crop budget per image (default 18, the official training default); "
+            "each image becomes a global view plus up to hd_num crops. XComposer2 (2.0) models ignore it."
+        },
     )
     batch_size: int = field(
         default=1,
@@ -109,7 +120,10 @@ class DataArguments:
     )
     max_length: Optional[int] = field(
         default=None,
-        metadata={"help": "Token limit per sample, image slots included (default: the model's max_length)."},
+        metadata={
+            "help": "Token limit per sample, image slots included (default: the model's max_length; 16384 for a "
+            "2.5 checkpoint whose config has none, the official script's value)."
+        },
     )
     eval_data_path: Optional[str] = field(
         default=None, metadata={"help": "Evaluation data (same formats as data_path); enables eval loss."}
@@ -531,8 +545,15 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             "--dataloader_persistent_workers true keeps each worker's copy of the data set, so the per-epoch "
             "data.txt draw would never change; leave it false"
         )
-    if data_args.hd_num is not None:
-        logger.info("--hd_num is an InternLM-XComposer2-4KHD option; XComposer2 models ignore it")
+    if data_args.hd_num is not None and data_args.hd_num < 1:
+        raise XcftError(f"--hd_num must be at least 1 (crops per image), got {data_args.hd_num}")
+    if data_args.resolution is not None:
+        if data_args.img_size is not None and data_args.img_size != data_args.resolution:
+            raise XcftError(
+                f"--resolution {data_args.resolution} and --img_size {data_args.img_size} disagree; they name the same "
+                "thing (the view size): pass one"
+            )
+        data_args.img_size = data_args.resolution
     logging_dir = legacy.get("logging_dir")
     return TrainConfig(
         model=model_args,

@@ -14,6 +14,7 @@ from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.mixture import draw_count, load_spec
 from xcft.data.packing import PackedDataset, PackingCollator
 from xcft.errors import XcftError
+from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -24,12 +25,23 @@ def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
     model_img = int(getattr(model_config, "img_size", 0) or 0)
     img_size = int(cfg.data.img_size or model_img)
     if model_img and img_size != model_img:
+        flag = "--resolution" if getattr(cfg.data, "resolution", None) is not None else "--img_size"
+        what = "the checkpoint's view size (each crop and the global view)" if getattr(model_config, "hd", False) else "the model's img_size"
         raise XcftError(
-            f"--img_size {img_size} differs from the model's img_size {model_img} (its vision position table is "
-            f"built for {model_img} px); drop --img_size or pass {model_img}"
+            f"{flag} {img_size} is not {what}, {model_img} px: its vision position table is built for {model_img} px. "
+            f"Drop {flag} or pass {model_img}"
         )
     max_length = int(cfg.data.max_length or model_config.max_length)
     return img_size, max_length
+
+
+def resolve_hd_num(cfg: Any, model_config: Any) -> int | None:
+    """The crop budget of a 2.5 model (``--hd_num``, default 18); None for a 2.0 model (which ignores the flag)."""
+    if not getattr(model_config, "hd", False):
+        if cfg.data.hd_num is not None:
+            logger.info("--hd_num applies to InternLM-XComposer-2.5 models; this 2.0 model ignores it")
+        return None
+    return int(cfg.data.hd_num) if cfg.data.hd_num is not None else HD_NUM_TRAIN
 
 
 def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -55,12 +67,14 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
             fd,
             conversations=[fd.conversations[i] for i in keep_idx],
             lengths=[fd.lengths[i] for i in keep_idx],
+            grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
         ))
         if hold_idx:
             held.append(dataclasses.replace(
                 fd,
                 conversations=[fd.conversations[i] for i in hold_idx],
                 lengths=[fd.lengths[i] for i in hold_idx],
+                grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
                 draw_count=len(hold_idx),
                 skipped=0,
             ))
@@ -81,12 +95,13 @@ def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]
 def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Optional[Any], Any]:
     """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
     img_size, max_length = resolve_lengths(cfg, model_config)
+    hd_num = resolve_hd_num(cfg, model_config)
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
-    files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+    files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
     eval_ds = None
     if cfg.data.eval_data_path:
-        eval_files = read_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num)
-        eval_ds = XComposerDataset(eval_files, tokenizer, img_size, max_length, seed=seed, epoch=0)
+        eval_files = read_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+        eval_ds = XComposerDataset(eval_files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
         if cfg.data.eval_split > 0:
             logger.info("--eval_data_path given: --eval_split %s is not used", cfg.data.eval_split)
     elif cfg.data.eval_split > 0:
@@ -97,11 +112,12 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Op
                 "fewer than two usable samples); pass --eval_data_path instead"
             )
         files = _redo_counts(files, cfg.data.data_path, cfg.data.given_num)
-        eval_ds = XComposerDataset(held, tokenizer, img_size, max_length, seed=seed, epoch=0)
-    train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0)
+        eval_ds = XComposerDataset(held, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
+    train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
     logger.info(
-        "data: %d training samples per epoch (img_size %d, max_length %d)%s",
-        len(train_ds), img_size, max_length, f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
+        "data: %d training samples per epoch (img_size %d%s, max_length %d)%s",
+        len(train_ds), img_size, f", hd_num {hd_num}" if hd_num is not None else "", max_length,
+        f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
     )
     collator = DataCollator(pad_token_id=train_ds.pad_token_id)
     if cfg.data.packing:  # packed rows, block-diagonal attention
@@ -121,12 +137,15 @@ class VisionAlignedCollator:
     positions with label -100, after every real token of that row. With causal attention no
     earlier position sees them, so the loss and every gradient are unchanged (the vision
     parameters get an exact zero gradient); the cost is one image's worth of extra positions.
+    For a 2.5 model (``blank_grid`` set, normally (1, 1)) the blank image is that crop grid: its
+    global view plus its crops, and ``image_grids`` names it.
     """
 
     collator: Any
     img_size: int
     slots: int
     pad_token_id: int
+    blank_grid: Optional[tuple[int, int]] = None
 
     def __call__(self, features: Any) -> dict[str, Any]:
         batch = self.collator(features)
@@ -154,11 +173,23 @@ class VisionAlignedCollator:
         new_image_mask = widen(image_mask, False)
         new_image_mask[row, width:] = True
         batch["image_mask"] = new_image_mask
-        batch["pixel_values"] = torch.zeros(1, 3, self.img_size, self.img_size)
+        views = 1 if self.blank_grid is None else 1 + self.blank_grid[0] * self.blank_grid[1]
+        batch["pixel_values"] = torch.zeros(views, 3, self.img_size, self.img_size)
+        if self.blank_grid is not None:
+            batch["image_grids"] = torch.tensor([self.blank_grid], dtype=torch.long)
         counts = torch.zeros(bsz, dtype=torch.long)
         counts[row] = 1
         batch["image_counts"] = counts
         return batch
+
+
+def vision_aligned(collator: Any, model_config: Any, pad_token_id: int) -> VisionAlignedCollator:
+    """:class:`VisionAlignedCollator` for a model: one 2.0 image, or a 2.5 image with a 1x1 crop grid."""
+    if getattr(model_config, "hd", False):
+        return VisionAlignedCollator(
+            collator, int(model_config.img_size), int(model_config.hd_image_tokens(1, 1)), pad_token_id, blank_grid=(1, 1)
+        )
+    return VisionAlignedCollator(collator, int(model_config.img_size), int(model_config.image_tokens), pad_token_id)
 
 
 def needs_vision_alignment(training_args: Any, model: Any) -> bool:

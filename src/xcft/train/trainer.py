@@ -45,15 +45,22 @@ def _vision_post_layernorm_params(model: torch.nn.Module) -> list[torch.nn.Param
     return [p for n, p in model.named_parameters() if "vit." in f".{n}" and "post_layernorm" in n]
 
 
+#: The 2.5 separator parameters (top-level on the model; absent on 2.0 models).
+SEPARATOR_NAMES = ("plora_glb_GN", "plora_sub_GN")
+
+
 def configure_trainable(model: torch.nn.Module, *, use_lora: bool, fix_vit: bool, fix_sampler: bool, lora=None,
                         base_path: Optional[str] = None, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """Apply the official freezing rules; in LoRA mode return the peft-wrapped model.
 
     Full mode trains the decoder (Partial-LoRA included) and the output head; ``fix_vit`` false also
-    trains the vision tower, ``fix_sampler`` true freezes the projector. LoRA mode freezes every
-    original weight (Partial LoRA included) and adds peft LoRA on ``lora.lora_target_modules``; an
-    unfrozen vision tower / projector is then trained in full and saved in the adapter
-    (peft ``modules_to_save``), so the adapter folder alone reproduces the trained model.
+    trains the vision tower, ``fix_sampler`` true freezes the projector. A 2.5 model's separator
+    tokens (``plora_glb_GN``/``plora_sub_GN``) belong to the projector's input: trained with it, as
+    the official code trains them, and frozen with it by ``fix_sampler``. LoRA mode freezes every
+    original weight (Partial LoRA and the separators included) and adds peft LoRA on
+    ``lora.lora_target_modules``; an unfrozen vision tower / projector is then trained in full and
+    saved in the adapter (peft ``modules_to_save``; peft saves modules, not bare parameters such
+    as the separators), so the adapter folder alone reproduces the trained model.
     """
     if not use_lora:
         model.requires_grad_(True)
@@ -61,6 +68,9 @@ def configure_trainable(model: torch.nn.Module, *, use_lora: bool, fix_vit: bool
             model.vit.requires_grad_(False)
         if fix_sampler:
             model.vision_proj.requires_grad_(False)
+            for name in SEPARATOR_NAMES:
+                if hasattr(model, name):
+                    getattr(model, name).requires_grad_(False)
         for p in _vision_post_layernorm_params(model):
             p.requires_grad_(False)
         return model

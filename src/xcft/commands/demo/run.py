@@ -58,6 +58,8 @@ class DemoPreset:
     warmup: float = 0.05
     shape_fraction: float = 0.5  # share of one-image samples that ask the shape (colour is learned faster)
     shapes: tuple[str, ...] | None = None  # None: xcft.commands.demo.synthetic.SHAPES
+    model: str = "tiny"  # xcft.model.presets shape of the base model
+    draw_size: int | None = None  # pixel size of the image files (None: at least 112)
     # tiny decoder / vision sizes (xcft.model.presets "tiny" with these overrides)
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -72,10 +74,20 @@ FULL = DemoPreset(
     n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=4000, batch_size=8, learning_rate=3e-3,
     img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3,
 )
+#: The 2.5 family (HD crops, separators, 2x2 merge) at 56-px views. The images are drawn at 36 px so
+#: that the training transform (x1.5 width factor) and the chat transform give the same 1x1 crop
+#: grid: the official release trains and chats with different transforms, and a tiny model trained
+#: from scratch would otherwise be asked about grids it never saw.
+FULL_2_5 = DemoPreset(
+    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=4000, batch_size=8, learning_rate=3e-3,
+    img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3, model="tiny-2.5", draw_size=36,
+)
 QUICK = DemoPreset(
     n_single=400, n_compare=0, n_text=40, n_heldout=24, steps=200, batch_size=8, learning_rate=3e-3,
     img_size=56, overrides=TINY_DEMO_OVERRIDES,
 )
+QUICK_2_5 = replace(QUICK, model="tiny-2.5", draw_size=36)
+PRESETS = {("2.0", False): FULL, ("2.0", True): QUICK, ("2.5", False): FULL_2_5, ("2.5", True): QUICK_2_5}
 
 
 @dataclass
@@ -186,6 +198,7 @@ def run_demo(
     merge: bool = True,
     seed: int = 0,
     quiet: bool = False,
+    family: str = "2.0",
 ) -> DemoResult:
     """Run the whole demo under ``output`` and return what it measured (see module docstring).
 
@@ -201,7 +214,7 @@ def run_demo(
     with FolderLock(out):
         try:
             return _run_demo(out, folder, steps=steps, quick=quick, preset=preset, blank_train_images=blank_train_images,
-                             merge=merge, seed=seed, quiet=quiet)
+                             merge=merge, seed=seed, quiet=quiet, family=family)
         finally:
             folder.record()
 
@@ -217,10 +230,14 @@ def _run_demo(
     merge: bool,
     seed: int,
     quiet: bool,
+    family: str,
 ) -> DemoResult:
-    """The demo's steps in the claimed and locked folder ``out`` (each stage is recorded as xcft's when it starts)."""
+    """The demo's steps in the claimed and locked folder ``out`` (what they write is declared xcft's first)."""
     t_start = time.perf_counter()
-    preset = preset or (QUICK if quick else FULL)
+    if preset is None:
+        if (family, quick) not in PRESETS:
+            raise XcftError(f"--family {family}: choose 2.0 or 2.5")
+        preset = PRESETS[(family, quick)]
     n_steps = int(steps if steps is not None else preset.steps)
     if n_steps < 1:
         raise XcftError(f"--steps {n_steps}: give at least 1 training step")
@@ -242,12 +259,13 @@ def _run_demo(
         seed=seed,
         blank_train_images=blank_train_images,
         shape_fraction=preset.shape_fraction,
+        draw_size=preset.draw_size,
         **({"shapes": preset.shapes} if preset.shapes else {}),
     )
     # 2. tokenizer + tiny base model, saved as an ordinary model folder
     tok_path = build_tokenizer(parts["tokenizer"])
     tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
-    model = build_model("tiny", preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
+    model = build_model(preset.model, preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
     save_pretrained(model, tokenizer, parts["base"], command="demo")
     del model
     shutil.rmtree(parts["tokenizer"], ignore_errors=True)  # it is inside the base folder now
@@ -321,13 +339,13 @@ def _run_demo(
     return result
 
 
-def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text") -> int:
+def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text", family: str = "2.0") -> int:
     """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
     quiet = output_format == "json"
     # In JSON mode stdout carries the one JSON object only: everything the stages print (and
     # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.
     with _redirect(quiet):
-        result = run_demo(output, steps=steps, quick=quick, quiet=quiet).to_dict()
+        result = run_demo(output, steps=steps, quick=quick, quiet=quiet, family=family).to_dict()
     if quiet:
         slim = {k: v for k, v in result.items() if k != "losses"}
         print(to_json(slim))

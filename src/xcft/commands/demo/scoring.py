@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+from PIL import Image
 
 from xcft.commands.demo.synthetic import COLOURS, QA, SHAPES
 
@@ -48,6 +49,16 @@ class Accuracy:
     replies: list[tuple[QA, str]] = field(default_factory=list)
 
 
+#: The CLIP normalisation mean in 8-bit RGB: a flat image of it normalises to (almost) zero.
+CLIP_MEAN_RGB = (123, 117, 104)
+
+
+def _blank(size: int, config: Any) -> Any:
+    if getattr(config, "hd", False):
+        return Image.new("RGB", (size, size), CLIP_MEAN_RGB)
+    return torch.zeros(3, size, size)
+
+
 @torch.no_grad()
 def answer_accuracy(
     model: Any,
@@ -61,7 +72,9 @@ def answer_accuracy(
     """Ask every question (optionally only ``kinds``) by greedy chat and score the first word.
 
     ``model`` is an :class:`XComposer2ForCausalLM` or a peft model wrapping one (anything with
-    ``chat``). ``blank_images`` replaces each image by an all-zero pixel tensor.
+    ``chat``). ``blank_images`` replaces each image by one without information: all-zero pixels
+    (2.0), or a flat image of the CLIP mean colour, which normalises to about zero (2.5, whose chat
+    takes image files or PIL images for its crop grid).
     """
     keep = set(kinds) if kinds is not None else None
     chat = getattr(model, "chat", None)
@@ -76,7 +89,7 @@ def answer_accuracy(
         for qa in questions:
             if keep is not None and qa.kind not in keep:
                 continue
-            images: list[Any] = [torch.zeros(3, size, size) for _ in qa.images] if blank_images else list(qa.images)
+            images: list[Any] = [_blank(size, model.config) for _ in qa.images] if blank_images else list(qa.images)
             reply, _ = chat(
                 tokenizer, qa.question, images=images, meta_instruction=None, max_new_tokens=max_new_tokens, do_sample=False,
                 bos_per_piece=False,

@@ -150,9 +150,9 @@ def _text_qa(rng: random.Random) -> tuple[str, str]:
 class _Writer:
     """Draws images into ``images/`` and returns their paths relative to the data root."""
 
-    def __init__(self, root: Path, img_size: int, blank: bool) -> None:
-        # drawn at >= 112 px (readable for people); the model's preprocessing resizes to img_size
-        self.root, self.img_size, self.blank, self.n = root, max(112, img_size), blank, 0
+    def __init__(self, root: Path, img_size: int, blank: bool, draw_size: int | None = None) -> None:
+        # drawn at >= 112 px (readable for people) unless a size is given; the model's preprocessing resizes
+        self.root, self.img_size, self.blank, self.n = root, draw_size or max(112, img_size), blank, 0
         (root / "images").mkdir(parents=True, exist_ok=True)
 
     def image(self, prefix: str, colour: str, shape: str, rng: random.Random) -> str:
@@ -181,6 +181,7 @@ def generate_dataset(
     blank_train_images: bool = False,
     shape_fraction: float = 0.5,
     shapes: Sequence[str] = SHAPES,
+    draw_size: int | None = None,
 ) -> DemoData:
     """Write train files, ``data.txt`` and ``heldout.json`` under ``out_dir`` and return where they are.
 
@@ -193,7 +194,8 @@ def generate_dataset(
       separate single-turn samples, plus ``n_heldout // 4`` comparisons and text questions.
 
     ``blank_train_images`` replaces every *training* image by a flat grey one (a control: the
-    model then cannot learn colours or shapes, whatever else is right).
+    model then cannot learn colours or shapes, whatever else is right). ``draw_size`` sets the
+    pixel size of the image files (default: at least 112).
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,7 @@ def generate_dataset(
     if not 0.0 <= shape_fraction <= 1.0:
         raise ValueError(f"shape_fraction {shape_fraction} must lie in [0, 1]")
     colours, shapes = sorted(COLOURS), list(shapes)
-    train = _Writer(root, img_size, blank_train_images)
+    train = _Writer(root, img_size, blank_train_images, draw_size)
 
     single = []
     for i in range(n_single):
@@ -245,7 +247,7 @@ def generate_dataset(
 
     # held-out: fresh images (real even in the blank control: we measure what was learned)
     hrng = random.Random(seed + 7919)
-    held = _Writer(root, img_size, False)
+    held = _Writer(root, img_size, False, draw_size)
     heldout_samples: list[dict] = []
     qas: list[QA] = []
 
