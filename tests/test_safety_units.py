@@ -177,3 +177,12 @@ def test_yaml_values_are_checked_against_option_types(tmp_path):
     assert cfg.training.learning_rate == 1e-4 and cfg.lora.lora_r == 8 and cfg.model.use_lora is True
     assert cfg.lora.lora_target_modules == ["attention.wqkv"]
     assert parse("overwrite_output_dir: true").output.overwrite_output_dir is True
+
+
+def test_a_run_that_fails_at_once_leaves_no_folder(tmp_path, monkeypatch):
+    from xcft.commands.train import train_command
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(XcftError, match="no such folder"):
+        train_command(["--model_name_or_path", str(tmp_path / "nope"), "--data_path", "x", "--output_dir", "new"])
+    assert not (tmp_path / "new").exists()

@@ -253,6 +253,13 @@ class OutputFolder:
         write_marker(self.path, self.command, [])
         return removed
 
+    def remove_if_unused(self) -> bool:
+        """Delete the folder when it holds nothing but xcft's marker and lock (a run that failed at once)."""
+        if self.path.is_dir() and all(c.name.startswith(OWN_PREFIX) and c.is_file() for c in self.path.iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)
+            return True
+        return False
+
     def publish(self, staged: str | os.PathLike) -> list[str]:
         """Move every entry of the folder ``staged`` into this folder (replacing xcft's own entries).
 

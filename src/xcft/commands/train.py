@@ -56,14 +56,20 @@ def run_training(cfg: TrainConfig) -> int:
     The output folder is checked, claimed and locked first (see :mod:`xcft.output_dir`), before
     anything expensive happens; the lock is held until the run ends.
     """
+    existed = Path(cfg.training.output_dir).exists()
     folder, lock = prepare_output_dir(cfg)
+    finished = False
     try:
-        return _run(cfg, folder)
+        status = _run(cfg, folder)
+        finished = True
+        return status
     finally:
         if folder is not None:
             folder.record()
         if lock is not None:
             lock.release()
+            if not finished and not existed:
+                folder.remove_if_unused()  # a run that stopped before writing anything leaves no folder behind
 
 
 def _input_folders(cfg: TrainConfig) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
