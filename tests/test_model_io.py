@@ -252,7 +252,7 @@ def test_save_refuses_non_empty_output(tiny_model, tmp_path):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(XcftError, match="not empty"):
+    with pytest.raises(XcftError, match="xcft did not write"):
         save_pretrained(*tiny_model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 

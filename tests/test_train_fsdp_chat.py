@@ -93,7 +93,7 @@ def test_chat_query_placeholder_count_mismatch_is_an_error(picture, tiny_base):
     with pytest.raises(XcftError, match="placeholder"):
         chat_command(model_dir=str(tiny_base), images=[str(picture)], query="<ImageHere><ImageHere>two?",
                      max_new_tokens=2, system="", device="cpu", greedy=True)
-    with pytest.raises(XcftError, match="does not exist"):
+    with pytest.raises(XcftError, match="not found"):
         chat_command(model_dir=str(tiny_base), images=["/no/such.jpg"], query="x", max_new_tokens=2,
                      system=None, device="cpu", greedy=True)
 

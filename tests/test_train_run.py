@@ -178,7 +178,7 @@ def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base):
     # ...while a missing base or a non-adapter folder is a user error.
     with pytest.raises(XcftError, match="not a LoRA adapter folder"):
         merge_command(adapter=str(tiny_base), output=str(tmp_path / "m2"))
-    with pytest.raises(XcftError, match="exists and is not empty"):
+    with pytest.raises(XcftError, match="already holds an earlier xcft output"):
         merge_command(adapter=str(lora_run), output=str(tmp_path / "m"))
 
 

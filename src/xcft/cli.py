@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=eval_)
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
-    p.add_argument("output", help="folder to write")
+    p.add_argument("output", help="folder to write (new or empty; see README Safety)")
     p.add_argument("--preset", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"], default="tiny",
                    help="model shape; the -2.5 presets are InternLM-XComposer-2.5 (HD crops)")
     p.add_argument("--img-size", type=int, choices=[224, 490, 560], default=None,
@@ -219,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("--adapter", "--adapter_model_name", dest="adapter", required=True, help="LoRA output folder")
-    p.add_argument("--output", "--output_name", dest="output", required=True, help="folder for the merged model")
+    p.add_argument("--output", "--output_name", dest="output", required=True, help="folder for the merged model (new or empty)")
     p.add_argument("--base", "--base_model_name", dest="base", default=None, help="base model (default: from the adapter)")
     p.set_defaults(func=merge)
 
     p = sub.add_parser("convert", help="rewrite an official checkpoint as a self-contained folder")
     p.add_argument("source", help="official checkpoint folder")
-    p.add_argument("output", help="folder to write")
+    p.add_argument("output", help="folder to write (new or empty; see README Safety)")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("chat", help="chat with a model about images")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=chat)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
-    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots")
+    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots (new, empty or an earlier demo's; only the demo's own files are replaced)")
     p.add_argument(
         "--family", choices=["2.0", "2.5"], default="2.0",
         help="model family of the tiny base: 2.0 (one view per image) or 2.5 (HD crops and separators)",
@@ -288,6 +288,8 @@ def _run(func: Callable[[], int]) -> int:
     try:
         return func()
     except XcftError as exc:
+        # -v keeps the traceback (and the OS-level cause of a failed save) for bug reports
+        logger.debug("traceback of the error below", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,3 +14,15 @@ class XcftError(Exception):
 
 class DataError(XcftError):
     """A problem with a data file, a sample or an image."""
+
+
+class ModelFolderError(XcftError):
+    """A model folder that cannot be used: missing, truncated or corrupt files, a config of the wrong shape."""
+
+
+class OutputFolderError(XcftError):
+    """An output folder xcft must not write into (the user's files, an input folder, another run's folder)."""
+
+
+class SaveError(XcftError):
+    """Writing an output failed (disk full, permissions, an I/O error); what remains intact is named."""

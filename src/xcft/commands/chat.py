@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import TextStreamer
 
+from xcft.data.images import open_checked_image
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_device
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
@@ -50,11 +51,9 @@ def load_for_chat(model_dir: str, device: Optional[str]) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _check_images(images: Sequence[str]) -> list[str]:
-    for path in images:
-        if not Path(path).is_file():
-            raise XcftError(f"image {path} does not exist")
-    return list(images)
+def _check_images(images: Sequence[str]) -> list[Any]:
+    """Every ``--image`` decoded up front by the loader check-data uses (one error line for a bad file)."""
+    return [open_checked_image(path) for path in images]
 
 
 def generation_settings(
@@ -73,7 +72,7 @@ def generation_settings(
     return kwargs
 
 
-def _ask(model: Any, tokenizer: Any, query: str, images: list[str], **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+def _ask(model: Any, tokenizer: Any, query: str, images: list[Any], **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
     try:
         return model.chat(tokenizer, query, images=images or None, **kwargs)
     except ValueError as exc:  # placeholder/image count mismatch
@@ -106,7 +105,7 @@ def chat_command(
     return _interactive(model, tokenizer, images, kwargs, stop_ids)
 
 
-def _interactive(model: Any, tokenizer: Any, images: list[str], kwargs: dict[str, Any], stop_ids: list[Any]) -> int:
+def _interactive(model: Any, tokenizer: Any, images: list[Any], kwargs: dict[str, Any], stop_ids: list[Any]) -> int:
     print(f"xcft chat: {len(images)} image(s) attached to the first question. {HELP_TEXT}", file=sys.stderr)
     history: list[tuple[str, str]] = []
     while True:

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from xcft.data.spm_builder import build_tokenizer
-from xcft.errors import XcftError
+from xcft.errors import OutputFolderError, XcftError
 from xcft.model.loading import save_pretrained
 from xcft.model.presets import SMALL_TOKENIZER_VOCAB, build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+from xcft.output_dir import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def init_model_command(
 ) -> int:
     """``xcft init-model``: write a randomly initialised, self-contained model folder."""
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    check_output_folder(out, flag="output folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputFolderError(f"output folder {out} already holds an earlier xcft output; choose a new or empty folder")
     with tempfile.TemporaryDirectory(prefix="xcft-tok-") as work:
         tok = _tokenizer_for(tokenizer, Path(work))
         vocab = int(tok.vocab_size)
@@ -55,7 +57,7 @@ def init_model_command(
             raise XcftError(f"--preset {preset}: {exc}") from exc
         if device != "cpu":
             model = model.to("cpu")
-        path = save_pretrained(model, tok, out)
+        path = save_pretrained(model, tok, out, command="init-model")
     n_params = sum(p.numel() for p in model.parameters())
     config = model.config
     if config.hd:

@@ -8,6 +8,7 @@ tolerance, otherwise the command fails and writes nothing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import tempfile
@@ -18,13 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xcft.errors import XcftError
+from xcft.errors import OutputFolderError, XcftError
 from xcft.model.image_processing_xcomposer2 import load_image_tensor
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
+from xcft.output_dir import check_no_overlap, check_output_folder
 
 logger = logging.getLogger(__name__)
 
 PROBE_QUERY = "<ImageHere>Describe the picture in one sentence, then count to five: one, two, three, four, five."
+#: Positions whose logits are compared. The last positions depend on every weight and on the image
+#: (they attend to its slots); all 1258 positions of the probe would hold 1258 x 92544 floats
+#: (466 MB per copy with the real vocabulary) and dominated the memory of a small merge.
+PROBE_POSITIONS = 32
 
 
 def probe_image(size: int) -> Image.Image:
@@ -59,8 +65,9 @@ def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def probe_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float32 logits of the last :data:`PROBE_POSITIONS` positions of the probe batch."""
     device = next(model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    out = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False, logits_to_keep=PROBE_POSITIONS)
     return out.logits.float().cpu()
 
 
@@ -72,9 +79,15 @@ def tolerance(reference: torch.Tensor) -> float:
 def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
     """Merge ``adapter`` into its base (or ``base``), write ``output``, verify; returns the exit status."""
     out = Path(output).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
+    check_output_folder(out, flag="--output")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputFolderError(f"--output {out} already holds an earlier xcft output; choose a new or empty folder")
+    inputs = [("the adapter folder", Path(adapter))]
+    if base:
+        inputs.append(("the base model folder", Path(base)))
+    check_no_overlap(out, inputs, flag="--output")
     peft_model, tokenizer, base_path = load_adapter_model(adapter, base=base, dtype=torch.float32, device="cpu")
+    check_no_overlap(out, [("the base model folder", base_path)], flag="--output")
     print(f"base:    {base_path}")
     print(f"adapter: {Path(adapter).resolve()}")
     batch = probe_batch(peft_model, tokenizer)
@@ -84,8 +97,10 @@ def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:
-        written = save_pretrained(merged, tokenizer, tmp_root / "model")
+        written = save_pretrained(merged, tokenizer, tmp_root / "model", command="merge")
+        # Only one copy of the weights at a time: the merged model goes before the reload.
         del merged, peft_model
+        gc.collect()
         reloaded, _ = load_pretrained(written, dtype=torch.float32, device="cpu")
         got = probe_logits(reloaded, batch)
         diff = float((got - reference).abs().max())

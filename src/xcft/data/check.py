@@ -10,7 +10,6 @@ the size of that one decode; the family is read from the weight files' headers (
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -20,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
+from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.schema import Conversation, Problem, read_file
-from xcft.errors import XcftError
+from xcft.errors import ModelFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
-from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE, to_rgb
+from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,19 +72,25 @@ def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | 
     wanted = (*loading.SEPARATOR_KEYS, loading.PROJECTOR_KEY, loading.PATCH_KEY, loading.POSITION_KEY)
     shapes: dict[str, _Shape] = {}
     for path in files:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as fh:
-                present = set(fh.keys())
-                for key in wanted:
-                    if key in present:
-                        shapes[key] = _Shape(fh.get_slice(key).get_shape())
-        else:
-            import torch
+                with safe_open(str(path), framework="pt") as fh:
+                    present = set(fh.keys())
+                    for key in wanted:
+                        if key in present:
+                            shapes[key] = _Shape(fh.get_slice(key).get_shape())
+            else:
+                import torch
 
-            part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
+                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
+        except Exception as exc:  # a truncated or corrupt weight file: one line naming it
+            raise ModelFolderError(
+                f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}): "
+                "the file is truncated or corrupt; re-download or re-save it"
+            ) from None
     return loading.detect_family(shapes, declared, source=str(folder))  # type: ignore[arg-type]
 
 
@@ -104,10 +108,15 @@ def load_settings(
     config: dict[str, Any] = {}
     cfg_path = d / "config.json"
     if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise XcftError(f"{cfg_path}: cannot read config.json ({exc}); fix or replace the file") from exc
+        from xcft.model.loading import read_json_object
+
+        config = read_json_object(cfg_path)
+        for key in ("img_size", "max_length"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ModelFolderError(
+                    f"{cfg_path}: {key} is {value!r} ({type(value).__name__}); expected a positive integer. Fix the file"
+                )
     family, view = model_family(d, config.get("family"))
     if family == FAMILY_2_5:
         view = view or config.get("img_size") or HD_VIEW_SIZE
@@ -198,17 +207,6 @@ def length_stats(lengths: list[int]) -> dict[str, float | int | None]:
     return {"min": min(lengths), "median": int(med) if float(med).is_integer() else med, "max": max(lengths)}
 
 
-def _decode(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """``(None, (width, height))`` when the image decodes fully, else ``(reason, (0, 0))``."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            to_rgb(img)
-            return None, img.size
-    except Exception as exc:  # PIL raises many kinds for broken files
-        return f"{type(exc).__name__}: {exc}", (0, 0)
-
-
 #: ``progress(phase, done, total)``: phase is "reading", "images" or "encoding".
 ProgressFn = Callable[[str, int, int], None]
 PROGRESS_EVERY = 1000
@@ -262,7 +260,7 @@ def run_check(
     n_workers = max(1, workers or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         decoded: dict[Path, tuple[str | None, tuple[int, int]]] = {}
-        for k, (path, result) in enumerate(zip(paths, pool.map(_decode, paths))):
+        for k, (path, result) in enumerate(zip(paths, pool.map(decode_with_size, paths))):
             decoded[path] = result
             if k % PROGRESS_EVERY == 0:
                 report_progress("images", k, len(paths))
@@ -275,7 +273,7 @@ def run_check(
                 try:
                     grids[p] = image_spec.grid(*size)
                 except ValueError as exc:  # e.g. too elongated for the HD transform
-                    decode_errors[p] = str(exc)
+                    decode_errors[p] = f"cannot be used ({exc})"
 
     n_samples = sum(len(convs) for convs in per_file)
     done = 0
@@ -289,7 +287,7 @@ def run_check(
             bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
             for p, why in bad:
                 problems.append(
-                    Problem(src.display, conv.index, conv.id, f"image {p} cannot be decoded ({why})", "replace the file or re-save it as JPEG/PNG")
+                    Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX)
                 )
             if bad:
                 continue

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
+from xcft.data.images import image_file_problem
 from xcft.errors import DataError
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -141,7 +143,10 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
     if not jsonl:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (RecursionError, ValueError) as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                msg, line = _parse_failure(exc, text)
+                return [], [Problem(name, None, None, msg, "fix or remove that value; a sample needs only strings, lists and objects a few levels deep", line=line)]
             # A .json file holding JSON Lines is common; accept it if every line parses.
             if exc.msg == "Extra data" and text.lstrip().startswith("{"):
                 recs, probs = _read_jsonl(text, name)
@@ -178,7 +183,11 @@ def _read_jsonl(text: str, name: str) -> tuple[list[tuple[int | None, Any]], lis
             continue
         try:
             records.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
+        except (RecursionError, ValueError) as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                msg, _ = _parse_failure(exc, line)
+                problems.append(Problem(name, None, None, msg, "fix or remove that value", line=lineno))
+                continue
             problems.append(
                 Problem(
                     name, None, None,
@@ -196,6 +205,64 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(value), "null" if value is None else type(value).__name__
     )
+
+
+def _a_json_type(value: Any) -> str:
+    """The JSON type of ``value`` with its article: "an object", "an array", "a string", "null"."""
+    name = _json_type(value)
+    if name == "null":
+        return "null"
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _max_int_digits() -> int:
+    """Digits beyond which Python refuses to make an int (``sys.get_int_max_str_digits``, 3.11+; 0: no limit)."""
+    import sys
+
+    get = getattr(sys, "get_int_max_str_digits", None)
+    return int(get()) if get is not None and get() else 0
+
+
+def _parse_failure(exc: BaseException, text: str, line_offset: int = 0) -> tuple[str, int | None]:
+    """(message, line) for a parser failure that is not a JSONDecodeError (hostile input)."""
+    if isinstance(exc, RecursionError):
+        return (
+            "JSON nested too deeply for the parser (arrays/objects inside each other about a thousand levels deep)",
+            _deep_nesting_line(text, line_offset),
+        )
+    limit = _max_int_digits()
+    if limit:
+        m = re.search(rf"\d{{{limit + 1},}}", text)
+        if m:
+            line = text.count("\n", 0, m.start()) + 1 + line_offset
+            return f"a number with {len(m.group(0))} digits (Python reads at most {limit})", line
+    return f"cannot parse the file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", None
+
+
+def _deep_nesting_line(text: str, line_offset: int = 0, limit: int = 500) -> int | None:
+    """The line where arrays/objects first nest deeper than ``limit`` (strings skipped), or None."""
+    depth = 0
+    line = 1
+    in_string = escaped = False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return line + line_offset
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 # --------------------------------------------------------------------------- normalising samples
@@ -239,7 +306,7 @@ def normalize_sample(
         sid = str(index)
     elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         sid = str(raw_id)
-        problem(f"id must be a string or an integer, got a {_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1', sid=sid)
+        problem(f"id must be a string or an integer, got {_a_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1', sid=sid)
     else:
         sid = str(raw_id)
 
@@ -254,7 +321,7 @@ def normalize_sample(
         err(f'missing "conversations"{hint}', 'add "conversations": [{"from": "user", "value": ...}, {"from": "assistant", "value": ...}]')
         return None, problems
     if not isinstance(convs, list):
-        err(f'"conversations" is a {_json_type(convs)}, expected a list of turns', 'write "conversations": [{"from": ..., "value": ...}, ...]')
+        err(f'"conversations" is {_a_json_type(convs)}, expected a list of turns', 'write "conversations": [{"from": ..., "value": ...}, ...]')
         return None, problems
     if not convs:
         err('"conversations" is empty', "add at least one user turn and one assistant answer")
@@ -264,7 +331,7 @@ def normalize_sample(
     ok = True
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict):
-            err(f"turn {t} is a {_json_type(turn)}, expected an object", 'each turn is {"from": "user"|"assistant", "value": "..."}')
+            err(f"turn {t} is {_a_json_type(turn)}, expected an object", 'each turn is {"from": "user"|"assistant", "value": "..."}')
             ok = False
             continue
         frm = turn.get("from", turn.get("role"))
@@ -290,7 +357,7 @@ def normalize_sample(
             ok = False
             continue
         if not isinstance(value, str):
-            err(f'turn {t} ("{frm}") value is a {_json_type(value)}, not a string', 'write the turn text as a JSON string: "value": "..."')
+            err(f'turn {t} ("{frm}") value is {_a_json_type(value)}, not a string', 'write the turn text as a JSON string: "value": "..."')
             ok = False
             continue
         messages.append(Message(role, value.strip()))
@@ -321,7 +388,7 @@ def normalize_sample(
     elif isinstance(raw_images, list) and all(isinstance(x, str) for x in raw_images):
         image_list = list(raw_images)
     else:
-        err(f'"image" is a {_json_type(raw_images)}, expected a path string or a list of path strings', 'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+        err(f'"image" is {_a_json_type(raw_images)}, expected a path string or a list of path strings', 'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
         return None, problems
     if any(not x.strip() for x in image_list):
         err('"image" holds an empty path', "remove the empty entry or give the file name")
@@ -360,6 +427,10 @@ def normalize_sample(
         cands = image_candidates(img.strip(), search_dirs)
         found = next((c for c in cands if c.is_file()), None) if check_images_exist else cands[0]
         if found is None:
+            odd = next((c for c in cands if os.path.lexists(c)), None)
+            if odd is not None:  # a folder or a FIFO named like an image: never opened
+                err(f'image "{img}" {image_file_problem(odd)} ({odd.absolute()})', "point the path at the image file itself")
+                continue
             looked = ", ".join(str(c.absolute()) for c in cands)
             err(f'image "{img}" not found (looked in: {looked})', "fix the path; relative image paths are resolved against the data.txt folder, then the JSON file's folder")
             continue

@@ -83,6 +83,8 @@ class XComposer2Config(PreTrainedConfig):
     """
 
     model_type = "xcomposer2"
+    # save_pretrained copies this file next to config.json and names it in auto_map (self-contained folders).
+    _auto_class = "AutoConfig"
     sub_configs_defaults = {"vision_config": CLIPVisionConfig}
     # transformers < 5.2x reads ``sub_configs`` (newer ones derive it from the line above).
     sub_configs = {"vision_config": CLIPVisionConfig}

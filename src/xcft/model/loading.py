@@ -22,18 +22,17 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from xcft.errors import XcftError
+from xcft.errors import ModelFolderError, OutputFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
+from xcft.output_dir import check_output_folder, foreign_entries, save_errors, staging_dir, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +138,9 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in INDEX_FILES:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise XcftError(f"{index} is not a valid shard index (no weight_map): {exc}") from exc
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelFolderError(f"{index} is not a valid shard index (no weight_map of file names); re-download it")
             files = sorted({folder / name for name in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
@@ -164,23 +162,48 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            part = load_file(str(path), device="cpu")
-        else:
-            try:
-                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # pickle errors are user-facing here: a file we refuse to unpickle
-                raise XcftError(
-                    f"{path} could not be read with torch.load(weights_only=True) ({exc}); "
-                    "convert it to safetensors in a trusted environment"
-                ) from exc
+        part = _read_weight_file(path)
         dup = set(part) & set(state)
         if dup:
             raise XcftError(f"{path} repeats tensors already read from another shard: {sorted(dup)[:5]}")
         state.update(part)
     return state
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one ``.safetensors`` or ``.bin`` file; a truncated, corrupt or unsafe file is one error line."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
+            raise ModelFolderError(
+                f"{path} cannot be read as safetensors ({_first_line(exc)}): the file is truncated or corrupt; "
+                "re-download or re-save it"
+            ) from None
+    import pickle
+
+    try:
+        part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors: never unpickled
+        raise ModelFolderError(
+            f"{path} could not be read with torch.load(weights_only=True) ({_first_line(exc)}); "
+            "convert it to safetensors in a trusted environment"
+        ) from None
+    except Exception as exc:  # a truncated zip archive, a file that is not a checkpoint at all
+        raise ModelFolderError(
+            f"{path} cannot be read as a PyTorch checkpoint ({_first_line(exc)}): the file is truncated or corrupt; "
+            "re-download or re-save it"
+        ) from None
+    if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+        raise ModelFolderError(f"{path} does not hold a state dict of tensors; re-download or re-save it")
+    return part
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def plora_rank_from_weights(state: dict[str, torch.Tensor]) -> int | None:
@@ -264,21 +287,97 @@ def detect_family(state: dict[str, torch.Tensor], declared: str | None = None, s
 # ============================================================================ config + model
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json and friends); anything else is one error line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path} is not UTF-8 text (byte offset {exc.start}); re-download or fix the file") from None
+    except OSError as exc:
+        raise ModelFolderError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(
+            f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); re-download or fix the file"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelFolderError(f"{path} cannot be parsed ({_first_line(exc)}); re-download or fix the file") from None
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(data), "null")
+        raise ModelFolderError(f"{path} holds {kind}, not a JSON object; re-download or fix the file")
+    return data
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "dict": (dict,),
+    "PreTrainedConfig": (dict,),
+    "None": (type(None),),
+}
+
+
+def check_config_types(raw: dict[str, Any], path: str | os.PathLike) -> None:
+    """Every field of :class:`XComposer2Config` present in ``raw`` has a JSON value of its declared type.
+
+    Catches ``"hidden_size": "4096"`` or ``"img_size": [490]`` as one line naming the field,
+    instead of a failure deep inside model construction.
+    """
+    for key, annotation in XComposer2Config.__annotations__.items():
+        if key not in raw or not isinstance(annotation, str):
+            continue
+        names = [part.strip() for part in annotation.split("|")]
+        allowed: tuple[type, ...] = ()
+        for name in names:
+            base = name.split("[", 1)[0]
+            if base == "list":
+                allowed += (list,)
+            elif base in _JSON_TYPES:
+                allowed += _JSON_TYPES[base]
+            else:
+                allowed = ()
+                break
+        if not allowed:
+            continue
+        value = raw[key]
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            expected = " or ".join("null" if n == "None" else "an object" if n in ("dict", "PreTrainedConfig") else n for n in names)
+            raise ModelFolderError(
+                f"{path}: field {key!r} is {json.dumps(value)[:80]} ({type(value).__name__}); expected {expected}. "
+                "Fix the file or re-download the checkpoint"
+            )
+
+
 def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config:
-    """Our configuration for an official or own folder (errors are user errors).
+    """Our configuration for an official or own folder; any problem with the files is one error line.
 
     ``overrides`` replace ``config.json`` values before the configuration is built, so derived
     values (the vision tower's image size from ``img_size``) follow them.
     """
+    from xcft.model.configuration_xcomposer2 import VISION_CONFIG_FILE
+
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise XcftError(f"{folder} has no config.json; pass a model folder (official checkpoint or xcft output)")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} has no config.json; pass a model folder (official checkpoint or xcft output)")
+    raw = read_json_object(path)
+    check_config_types(raw, path)
+    if raw.get("vision_config") is None and (folder / VISION_CONFIG_FILE).is_file():
+        read_json_object(folder / VISION_CONFIG_FILE)
     try:
         config_dict, _ = XComposer2Config.get_config_dict(str(folder))
         config_dict.update(overrides)
         return XComposer2Config.from_dict(config_dict)
-    except ValueError as exc:
-        raise XcftError(f"{folder / 'config.json'}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelFolderError(f"{path}: {_first_line(exc)}; fix the file or re-download the checkpoint") from None
 
 
 def build_from_state_dict(
@@ -289,8 +388,11 @@ def build_from_state_dict(
     device: torch.device,
     source: str = "checkpoint",
 ) -> XComposer2ForCausalLM:
-    """Build the model on the meta device and assign ``state`` (adapted) with strict key checks."""
-    state = dict(state)
+    """Build the model on the meta device and assign ``state`` (adapted) with strict key checks.
+
+    ``state`` is consumed: each tensor leaves the dict as its converted copy is made, so a dtype
+    change never holds two full copies of the weights.
+    """
     if POSITION_KEY in state:
         state[POSITION_KEY] = resize_position_table(state[POSITION_KEY], config.vision_grid)
     if any(k in state for k in (PATCH_KEY, POSITION_KEY)):
@@ -314,7 +416,11 @@ def build_from_state_dict(
             raise XcftError(
                 f"{source}: tensor {key} has shape {tuple(value.shape)} but config.json implies {tuple(own[key].shape)}"
             )
-    converted = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    converted = {}
+    for key in list(state):
+        value = state.pop(key)
+        converted[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        del value
     model.load_state_dict(converted, strict=True, assign=True)
     materialize_non_persistent_buffers(model, device)
     return model.eval()
@@ -331,7 +437,7 @@ def load_model(
     folder = Path(path)
     config = load_config(folder)  # checks config.json before any weight is read
     state = read_state_dict(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_json_object(folder / "config.json")
     family, img_size = detect_family(state, raw.get("family"), source=str(folder))
     overrides: dict[str, Any] = {}
     if family != config.family:
@@ -369,8 +475,13 @@ def load_tokenizer(path: str | os.PathLike):
 
     model_file = Path(path) / "tokenizer.model"
     if not model_file.is_file():
-        raise XcftError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
-    return InternLM2Tokenizer.from_model_file(model_file)
+        raise ModelFolderError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
+    try:
+        return InternLM2Tokenizer.from_model_file(model_file)
+    except Exception as exc:  # sentencepiece raises RuntimeError/OSError for a file it cannot parse
+        raise ModelFolderError(
+            f"{model_file} is not a usable SentencePiece model ({_first_line(exc)}); copy the InternLM2 tokenizer.model again"
+        ) from None
 
 
 def load_pretrained(
@@ -387,11 +498,13 @@ def load_pretrained(
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise XcftError(f"model folder {folder} does not exist")
+        raise ModelFolderError(f"model folder {folder} does not exist")
     if is_adapter_folder(folder):
         return load_adapter_folder(folder, dtype=dtype, device=device)
+    load_config(folder)  # the cheap checks first: a broken config or a missing tokenizer costs no weight load
+    tokenizer = load_tokenizer(folder)
     model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    return model, load_tokenizer(folder)
+    return model, tokenizer
 
 
 # ============================================================================ LoRA adapter folders
@@ -409,10 +522,9 @@ def adapter_base_path(adapter_dir: str | os.PathLike, base: str | None = None) -
     if base:
         chosen = Path(base)
     else:
-        try:
-            named = json.loads(conf_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except json.JSONDecodeError as exc:
-            raise XcftError(f"{conf_path} is not valid JSON: {exc}") from None
+        named = read_json_object(conf_path).get("base_model_name_or_path")
+        if named is not None and not isinstance(named, str):
+            raise ModelFolderError(f"{conf_path}: base_model_name_or_path is {named!r}, not a folder name; pass the base folder with --base")
         if not named:
             raise XcftError(f"{conf_path} names no base model (base_model_name_or_path); pass the base folder with --base")
         chosen = Path(named)
@@ -444,8 +556,8 @@ def load_adapter_model(
     model = load_model(base_path, dtype=dtype, device=device)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise XcftError(f"cannot apply the adapter {adapter_dir} to the base {base_path}: {exc}") from None
+    except Exception as exc:  # peft: ValueError/KeyError for mismatches; safetensors errors for a broken file
+        raise ModelFolderError(f"cannot apply the adapter {adapter_dir} to the base {base_path}: {_first_line(exc)}") from None
     peft_model.to(model.device)
     tok_dir = adapter_dir if (adapter_dir / "tokenizer.model").is_file() else base_path
     return peft_model.eval(), load_tokenizer(tok_dir), base_path
@@ -488,24 +600,38 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    command: str = "save",
 ) -> Path:
     """Write a self-contained model folder (see module docstring); returns its path.
 
-    The folder appears complete or not at all: everything goes to a temporary sibling first.
+    The folder appears complete or not at all: everything goes to a temporary sibling first,
+    starting with xcft's marker (:mod:`xcft.output_dir`). ``output`` must be new or empty;
+    ``overwrite`` replaces an earlier xcft output, never a folder holding anything else. A full
+    disk or another I/O failure is one :class:`~xcft.errors.SaveError` line and leaves nothing behind.
     """
     out = Path(output).resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise XcftError(f"output folder {out} exists and is not empty; choose another folder or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output_folder(out, flag="output folder")
+    if out.is_dir() and any(out.iterdir()):
+        foreign = foreign_entries(out)
+        if not overwrite or foreign:
+            raise OutputFolderError(
+                f"output folder {out} already holds an earlier xcft output"
+                + (f" and files xcft did not write ({', '.join(foreign[:3])})" if foreign else "")
+                + "; choose a new or empty folder"
+            )
+    tmp = staging_dir(out.parent, out.name)
     try:
-        name_model_code(model.config)
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        write_model_code(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        _check_saved_names(model, tmp)
-        _set_default_permissions(tmp)
+        with save_errors("the model folder", out, remains=lambda: f"nothing was written to {out}",
+                         cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            write_marker(tmp, command)  # first, so that even a half-written folder is recognisably xcft's
+            name_model_code(model.config)
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+            write_model_code(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _check_saved_names(model, tmp)
+            write_marker(tmp, command, [c.name for c in tmp.iterdir() if not c.name.startswith(".xcft")])
+            _set_default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -551,6 +677,8 @@ __all__ = [
     "load_model",
     "load_config",
     "load_tokenizer",
+    "read_json_object",
+    "check_config_types",
     "save_pretrained",
     "load_adapter_model",
     "adapter_base_path",

@@ -707,6 +707,11 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
 
     accepts_loss_kwargs = True
     _tied_weights_keys: dict[str, str] = {}
+    # Every save_pretrained of this class writes a self-contained folder: transformers copies this
+    # file and the files it imports relatively (configuration, template, image processing) and
+    # records them in config.json's auto_map, so AutoModelForCausalLM.from_pretrained(dir,
+    # trust_remote_code=True) loads the folder in a process that never imported xcft.
+    _auto_class = "AutoModelForCausalLM"
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__(config)

@@ -170,6 +170,20 @@ class LoraArguments:
     )
 
 
+@dataclass
+class OutputArguments:
+    """What a run may do to its --output_dir (the rest of the output options are TrainingArguments')."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir that holds checkpoints or the result of an earlier xcft run: "
+            "removes only what xcft wrote there (never your files). Without it such a folder is refused unless "
+            "--resume_from_checkpoint is given."
+        },
+    )
+
+
 # Flags of older transformers versions that official finetune.sh files pass. Value: the new name, or
 # None for "accepted and ignored".
 LEGACY_ALIASES: dict[str, Optional[str]] = {
@@ -180,7 +194,6 @@ LEGACY_ALIASES: dict[str, Optional[str]] = {
     "no_cuda": "use_cpu",
     "per_gpu_train_batch_size": "per_device_train_batch_size",
     "per_gpu_eval_batch_size": "per_device_eval_batch_size",
-    "overwrite_output_dir": None,
     "save_safetensors": None,
     "logging_dir": None,  # handled: becomes the TensorBoard folder
 }
@@ -194,6 +207,7 @@ class TrainConfig:
     data: DataArguments
     lora: LoraArguments
     training: Any  # transformers.TrainingArguments
+    output: OutputArguments = field(default_factory=OutputArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
     logging_dir: Optional[str] = None
     config_file: Optional[str] = None
@@ -202,7 +216,7 @@ class TrainConfig:
 def _arg_classes() -> tuple[type, ...]:
     from transformers import TrainingArguments
 
-    return (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, LoraArguments, OutputArguments, TrainingArguments)
 
 
 def _make_parser():
@@ -211,7 +225,82 @@ def _make_parser():
     classes = _arg_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
-    return HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser = HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser.error = _one_line_error  # type: ignore[method-assign]
+    return parser
+
+
+def _one_line_error(message: str) -> None:
+    """argparse's error (usage + message + exit 2) as one XcftError line, e.g. a flag of the wrong type."""
+    raise XcftError(f"xcft train: {message}; run 'xcft train --help' for the options and their types")
+
+
+def _yaml_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check_value(key: str, value: Any, action: Any, source: str) -> Any:
+    """``value`` of option ``key`` from a YAML file, converted to the option's type; one error line otherwise.
+
+    argparse converts only string defaults, so a YAML ``learning_rate: [1, 2]`` would reach the
+    trainer unchecked; this applies the flag's own type to YAML values of any type.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    conv = action.type
+    choices = list(action.choices) if action.choices else None
+
+    def fail(expected: str) -> XcftError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return XcftError(f"{source}: option '{key}' is {shown} ({_yaml_type(value)}); expected {expected}")
+
+    def one(v: Any, expected_prefix: str = "") -> Any:
+        if conv is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise fail(expected_prefix + "a number")
+            try:
+                return float(v)
+            except ValueError:
+                raise fail(expected_prefix + "a number") from None
+        if conv is int:
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not v.is_integer()):
+                raise fail(expected_prefix + "an integer")
+            try:
+                return int(v)
+            except ValueError:
+                raise fail(expected_prefix + "an integer") from None
+        if conv is string_to_bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                try:
+                    return string_to_bool(str(v))
+                except Exception:
+                    pass
+            raise fail("true or false")
+        if choices is not None:
+            text = getattr(v, "value", v)
+            if not isinstance(text, str) or text not in [getattr(c, "value", c) for c in choices]:
+                raise fail("one of " + ", ".join(str(getattr(c, "value", c)) for c in choices))
+            return conv(text) if conv is not None else text
+        if conv is str and isinstance(v, (bool, int, float)):
+            return str(v).lower() if isinstance(v, bool) else str(v)
+        return v
+
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        items = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+        if not isinstance(items, list) or any(isinstance(v, (list, dict)) for v in items):
+            raise fail("a list of values")
+        return [one(v, "a list of ") for v in items]
+    if isinstance(value, (list, dict)) and (conv in (int, float, string_to_bool) or choices is not None):
+        return one(object())  # always fails, naming the expected type
+    return one(value)
 
 
 def valid_keys() -> list[str]:
@@ -390,7 +479,11 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         known = set(valid)
         defaults = {k: v for k, v in {**XCFT_DEFAULTS, **extra_defaults}.items() if k in known}
         parser.set_defaults(**copy.deepcopy(defaults))
-        parser.set_defaults(**file_values)
+        parser.set_defaults(**{
+            k: check_value(k, v, parser._option_string_actions[f"--{k}"], config_file or "config")
+            if f"--{k}" in parser._option_string_actions else v
+            for k, v in file_values.items()
+        })
         explicit = set(file_values) | _explicit_cli_keys(argv, parser)
         try:
             parsed = parser.parse_args_into_dataclasses(
@@ -413,14 +506,14 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             )
         return groups, explicit
 
-    (model_args, data_args, lora_args, training_args), explicit = parse({})
+    (model_args, data_args, lora_args, output_args, training_args), explicit = parse({})
     conditional: dict[str, Any] = {}
     if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
         conditional["eval_strategy"] = "epoch"
     if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
         conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
     if conditional:
-        (model_args, data_args, lora_args, training_args), explicit = parse(conditional)
+        (model_args, data_args, lora_args, output_args, training_args), explicit = parse(conditional)
 
     if not model_args.model_name_or_path:
         raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
@@ -467,6 +560,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         data=data_args,
         lora=lora_args,
         training=training_args,
+        output=output_args,
         explicit=explicit,
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
         config_file=config_file,
@@ -489,7 +583,7 @@ def _plain(value: Any) -> Any:
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
     out: dict[str, Any] = {}
-    for group in (cfg.model, cfg.data, cfg.lora):
+    for group in (cfg.model, cfg.data, cfg.lora, cfg.output):
         out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
     training = cfg.training.to_dict()
     for f in dataclasses.fields(cfg.training):

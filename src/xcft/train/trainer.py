@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,11 +26,12 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from xcft.data.packing import LengthGroupedSampler
-from xcft.errors import XcftError
+from xcft.errors import OutputFolderError, XcftError
 from xcft.model.loading import write_model_code
+from xcft.output_dir import is_own_checkpoint, own_checkpoints, save_errors, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +133,38 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return p.is_dir() and _CHECKPOINT_RE.match(p.name) is not None and (p / TRAINER_STATE_NAME).is_file()
 
 
-def find_last_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
-    """The complete ``checkpoint-N`` with the largest N in ``output_dir`` (staging folders never count)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.iterdir():
-        m = _CHECKPOINT_RE.match(child.name)
-        if m and is_complete_checkpoint(child):
-            found.append((int(m.group(1)), child))
-    return str(max(found)[1]) if found else None
+def find_last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete ``checkpoint-N`` xcft wrote with the largest N in ``output_dir`` (staging folders never count)."""
+    found = [c for c in own_checkpoints(output_dir) if is_complete_checkpoint(c)]
+    return str(found[-1]) if found else None
+
+
+def remaining_checkpoint(output_dir: str | os.PathLike) -> str:
+    """What a failed save leaves intact, for its error line."""
+    last = find_last_checkpoint(output_dir)
+    if last is None:
+        return "no complete checkpoint was written before"
+    return f"the last complete checkpoint, {last}, is intact (continue with --resume_from_checkpoint true)"
+
+
+def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int, best: str | None = None) -> list[Path]:
+    """Delete the oldest checkpoints xcft wrote beyond ``limit`` (the best one is kept); returns the deleted ones.
+
+    Only folders that carry xcft's marker count: a ``checkpoint-N`` someone else put there is never deleted.
+    """
+    found = own_checkpoints(output_dir)
+    if best is not None:
+        best_path = Path(best).resolve()
+        keep_best = [c for c in found if c.resolve() == best_path]
+        if keep_best:
+            if limit == 1 and found[-1] != keep_best[0]:
+                limit = 2  # keep the best and the latest (so that training can resume)
+            found = [c for c in found if c not in keep_best] + keep_best
+    doomed = found[: max(0, len(found) - limit)]
+    for path in doomed:
+        logger.info("deleting older checkpoint %s (save_total_limit %d)", path, limit)
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
@@ -172,8 +195,16 @@ def clear_staging(output_dir: str | os.PathLike) -> None:
     """Remove half-written checkpoints left by a process killed during a save."""
     staging = Path(output_dir) / STAGING_DIR_NAME
     if staging.exists():
-        logger.info("removing the unfinished checkpoint(s) in %s (a run was stopped while saving)", staging)
+        if any(staging.iterdir()):
+            logger.info("removing the unfinished save(s) in %s (a run was stopped while saving)", staging)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_staging(staging: str | os.PathLike, name: str) -> None:
+    """Remove a half-written checkpoint (freeing its space) and the staging folder when nothing else is in it."""
+    shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(staging)
 
 
 class XcftTrainer(Trainer):
@@ -225,14 +256,28 @@ class XcftTrainer(Trainer):
         limit = self.args.save_total_limit
         self._xcft_staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            with save_errors(
+                name,
+                staging,
+                remains=lambda: remaining_checkpoint(run_dir),
+                cleanup=lambda: _remove_staging(staging, name),
+            ):
+                super()._save_checkpoint(model, trial)
+                if self.args.local_process_index == 0 and os.path.isdir(os.path.join(staging, name)):
+                    write_marker(os.path.join(staging, name), "train")  # last: the checkpoint is complete and xcft's
         finally:
             self._xcft_staging = False
         # Every rank has written its part (model shards, optimizer, its RNG state) before the rename.
         self.accelerator.wait_for_everyone()
         final = os.path.join(run_dir, name)
         if self.args.local_process_index == 0 and os.path.isdir(os.path.join(staging, name)):
-            if os.path.exists(final):  # a checkpoint of the same step from an earlier, abandoned run
+            if os.path.exists(final) and not is_own_checkpoint(final):
+                shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
+                raise OutputFolderError(
+                    f"{final} exists and was not written by xcft; it is left alone, so this run cannot save its "
+                    "checkpoint there. Move it out of the output folder, then resume with --resume_from_checkpoint true"
+                )
+            if os.path.exists(final):  # a checkpoint of the same step from an earlier, abandoned run of ours
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -252,12 +297,7 @@ class XcftTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()
         if self.args.should_save and limit:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+            rotate_own_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
 
 
 # --------------------------------------------------------------------------- callbacks

@@ -33,6 +33,7 @@ from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, save_pretrained
 from xcft.model.presets import build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+from xcft.output_dir import FolderLock, OutputFolder
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 30
     return lines[-1].strip() if lines else ""
 
 
+RESULT_NAME = "result.json"
+LOSS_PLOT_NAME = "loss.png"
+
+
 def run_demo(
     output: str | Path,
     *,
@@ -200,7 +205,34 @@ def run_demo(
     ``blank_train_images`` is the control experiment: training images are flat grey, so the
     colour and shape accuracy must stay at chance. ``merge`` False skips merging and the
     fresh-process chat (the tests' control run needs only the accuracies).
+
+    The folder follows xcft's output-folder rules (:mod:`xcft.output_dir`): new, empty or an
+    earlier demo's, and locked while the demo runs.
     """
+    out = Path(output).resolve()
+    folder = OutputFolder.claim(out, "demo", flag="--output")
+    with FolderLock(out):
+        try:
+            return _run_demo(out, folder, steps=steps, quick=quick, preset=preset, blank_train_images=blank_train_images,
+                             merge=merge, seed=seed, quiet=quiet, family=family)
+        finally:
+            folder.record()
+
+
+def _run_demo(
+    out: Path,
+    folder: OutputFolder,
+    *,
+    steps: int | None,
+    quick: bool,
+    preset: DemoPreset | None,
+    blank_train_images: bool,
+    merge: bool,
+    seed: int,
+    quiet: bool,
+    family: str,
+) -> DemoResult:
+    """The demo's steps in the claimed and locked folder ``out`` (what they write is declared xcft's first)."""
     t_start = time.perf_counter()
     if preset is None:
         if (family, quick) not in PRESETS:
@@ -209,14 +241,12 @@ def run_demo(
     n_steps = int(steps if steps is not None else preset.steps)
     if n_steps < 1:
         raise XcftError(f"--steps {n_steps}: give at least 1 training step")
-    out = Path(output).resolve()
     parts = {name: out / name for name in ("data", "tokenizer", "base", "lora", "merged")}
-    if out.exists() and not out.is_dir():
-        raise XcftError(f"--output {out} is a file; give a folder")
-    for path in parts.values():  # a rerun replaces the demo's own sub-folders, nothing else
+    # Everything the demo writes is declared xcft's before it is written; a rerun replaces only that.
+    folder.declare([*parts, RESULT_NAME, LOSS_PLOT_NAME])
+    for path in parts.values():
         if path.exists():
             shutil.rmtree(path)
-    out.mkdir(parents=True, exist_ok=True)
 
     # 1. data
     data = generate_dataset(
@@ -236,7 +266,7 @@ def run_demo(
     tok_path = build_tokenizer(parts["tokenizer"])
     tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
     model = build_model(preset.model, preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
-    save_pretrained(model, tokenizer, parts["base"])
+    save_pretrained(model, tokenizer, parts["base"], command="demo")
     del model
     shutil.rmtree(parts["tokenizer"], ignore_errors=True)  # it is inside the base folder now
 
@@ -278,7 +308,7 @@ def run_demo(
         reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
 
     # 7. loss plot + result
-    png = plot_loss([s for s, _ in losses], [v for _, v in losses], out / "loss.png", title="xcft demo: LoRA training loss")
+    png = plot_loss([s for s, _ in losses], [v for _, v in losses], out / LOSS_PLOT_NAME, title="xcft demo: LoRA training loss")
     chance = chance_levels()
     result = DemoResult(
         accuracy_before=before.overall,
@@ -306,7 +336,7 @@ def run_demo(
         settings={**asdict(replace(preset, steps=n_steps)), "quick": quick, "blank_train_images": blank_train_images,
                   "headline_kinds": list(HEADLINE_KINDS), "torch_threads": torch.get_num_threads()},
     )
-    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+    (out / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=1))
     return result
 
 
