@@ -213,7 +213,8 @@ class TrainConfig:
     config_file: Optional[str] = None
 
 
-def _arg_classes() -> tuple[type, ...]:
+def option_classes() -> tuple[type, ...]:
+    """The dataclasses whose fields are the options of `xcft train` (the web form is built from them too)."""
     from transformers import TrainingArguments
 
     return (ModelArguments, DataArguments, LoraArguments, OutputArguments, TrainingArguments)
@@ -222,7 +223,7 @@ def _arg_classes() -> tuple[type, ...]:
 def _make_parser():
     from transformers import HfArgumentParser
 
-    classes = _arg_classes()
+    classes = option_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
     parser = HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
@@ -306,7 +307,7 @@ def check_value(key: str, value: Any, action: Any, source: str) -> Any:
 def valid_keys() -> list[str]:
     """Every key accepted in a YAML file or as ``--key``."""
     names: list[str] = []
-    for cls in _arg_classes():
+    for cls in option_classes():
         names += [f.name for f in dataclasses.fields(cls) if f.init]
     return names
 

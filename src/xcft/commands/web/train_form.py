@@ -41,7 +41,11 @@ COMMON_FIELDS = (
 )
 #: Fields the form leaves out: set per process by launchers, secrets, or objects no flag can express.
 HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
-GROUP_TITLES = {"model": "Model", "data": "Data", "lora": "LoRA", "training": "Training (TrainingArguments)"}
+#: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
+GROUPS = {"ModelArguments": "model", "DataArguments": "data", "LoraArguments": "lora", "OutputArguments": "output"}
+GROUP_TITLES = {
+    "model": "Model", "data": "Data", "lora": "LoRA", "output": "Output folder", "training": "Training (TrainingArguments)",
+}
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,12 @@ def _field_kind(tp: Any, default: Any, metadata: typing.Mapping[str, Any]) -> tu
 
 def form_fields() -> list[FormField]:
     """Every ``xcft train`` option as a :class:`FormField`, common ones first, then by group."""
-    from xcft.train.args import XCFT_DEFAULTS, _arg_classes
+    from xcft.train.args import XCFT_DEFAULTS, option_classes
 
     valid = set()
     out: list[FormField] = []
-    for group, cls in zip(("model", "data", "lora", "training"), _arg_classes()):
+    for cls in option_classes():
+        group = GROUPS.get(cls.__name__, "training")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in HIDDEN_FIELDS or f.name in valid:
