@@ -37,7 +37,17 @@ def test_official_examples_check_clean(capsys, examples_dir: Path, fixture_dir: 
 
 
 def test_official_examples_json(capsys, examples_dir: Path, fixture_dir: Path) -> None:
-    rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--format", "json", "--max-length", "3000")
+    rc, out, _ = _run(
+        capsys,
+        "check-data",
+        str(examples_dir / "data.txt"),
+        "--model",
+        str(fixture_dir),
+        "--format",
+        "json",
+        "--max-length",
+        "3000",
+    )
     obj = json.loads(out)
     assert rc == 0 and obj["ok"] and obj["errors"] == 0 and obj["max_length"] == 3000
     files = {f["file"]: f for f in obj["files"]}
@@ -99,11 +109,28 @@ BAD_CASES = {
     "top_level": ("a.json", {"conversations": OK_TURNS}, "single JSON object"),
     "missing_conv": ("a.json", [{"id": 1}], 'missing "conversations"'),
     "empty_conv": ("a.json", [{"conversations": []}], '"conversations" is empty'),
-    "unknown_role": ("a.json", [{"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}], 'unknown role "narrator"'),
+    "unknown_role": (
+        "a.json",
+        [{"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+        'unknown role "narrator"',
+    ),
     "not_string": ("a.json", [{"conversations": [{"from": "user", "value": 3}, {"from": "gpt", "value": "a"}]}], "not a string"),
     "no_answer": ("a.json", [{"conversations": [{"from": "user", "value": "q"}]}], "no assistant answer"),
-    "count_mismatch": ("a.json", [{"image": ["i.png"], "conversations": [{"from": "user", "value": "<ImageHere><ImageHere>"}, {"from": "gpt", "value": "a"}]}], "2 \"<ImageHere>\" placeholder(s) but 1 image(s)"),
-    "llava": ("a.json", [{"image": "i.png", "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], 'replace "<image>" with "<ImageHere>"'),
+    "count_mismatch": (
+        "a.json",
+        [
+            {
+                "image": ["i.png"],
+                "conversations": [{"from": "user", "value": "<ImageHere><ImageHere>"}, {"from": "gpt", "value": "a"}],
+            }
+        ],
+        '2 "<ImageHere>" placeholder(s) but 1 image(s)',
+    ),
+    "llava": (
+        "a.json",
+        [{"image": "i.png", "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}],
+        'replace "<image>" with "<ImageHere>"',
+    ),
     "missing_image": ("a.json", [{"image": "nope.png", "conversations": OK_TURNS}], "looked in:"),
     "undecodable": ("a.json", [{"image": "broken.png", "conversations": OK_TURNS}], "cannot be decoded"),
     "not_utf8": ("a.json", '[{"id": "caf\u00e9", "conversations": []}]'.encode("latin-1"), "not UTF-8"),
@@ -149,10 +176,17 @@ def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path
     sub = tmp_path / "sub"
     sub.mkdir()
     Image.new("RGB", (8, 8)).save(sub / "pic.png")
-    _write(sub, "d.json", [
-        {"image": "pic.png", "conversations": [{"from": "user", "value": "<ImageHere> what?"}, {"from": "gpt", "value": "x"}]},
-        {"conversations": OK_TURNS},
-    ])
+    _write(
+        sub,
+        "d.json",
+        [
+            {
+                "image": "pic.png",
+                "conversations": [{"from": "user", "value": "<ImageHere> what?"}, {"from": "gpt", "value": "x"}],
+            },
+            {"conversations": OK_TURNS},
+        ],
+    )
     txt = _write(tmp_path, "data.txt", "sub/d.json 0.004\n")
     rc, out, _ = _run(capsys, "check-data", str(txt), "--model", str(model_dir), "--max-length", "300")
     assert rc == 0 and "OK" in out
@@ -165,12 +199,16 @@ def test_inspect_text_and_json(capsys, examples_dir: Path, fixture_dir: Path) ->
     rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "2")
     assert rc == 0
     assert "<image 1: 1225 slots>" in out and "«No problem!" in out and "[UNUSED_TOKEN_145]</s>»" in out
-    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--id", "1", "--format", "json")
+    rc, out, _ = _run(
+        capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--id", "1", "--format", "json"
+    )
     obj = json.loads(out)
     assert rc == 0 and set(obj) == {"input_ids", "labels", "image_mask"}
     assert len(obj["input_ids"]) == len(obj["labels"]) == len(obj["image_mask"])
     assert obj["input_ids"][0] == 1 and -1 not in obj["input_ids"]  # id '1' first found in the text-only file
-    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "4", "--format", "json")
+    rc, out, _ = _run(
+        capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "4", "--format", "json"
+    )
     obj = json.loads(out)
     slots = [i for i, m in enumerate(obj["image_mask"]) if m]
     assert len(slots) == 2 * 1225 and all(obj["input_ids"][i] == -1 for i in slots)

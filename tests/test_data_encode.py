@@ -68,14 +68,16 @@ def test_p10_never_splits_an_image(real_tok, cases, examples_dir: Path) -> None:
 
 
 def test_system_turn_never_trained(tok) -> None:
-    conv = Conversation(
-        [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello.")]
-    )
+    conv = Conversation([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello.")])
     enc = encode_conversation(conv, tok, 490, 4096)
-    expected = [tok.bos_token_id] + tok.encode_text(
-        "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
-        "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello.[UNUSED_TOKEN_145]"
-    ) + [tok.eos_token_id]
+    expected = (
+        [tok.bos_token_id]
+        + tok.encode_text(
+            "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
+            "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello.[UNUSED_TOKEN_145]"
+        )
+        + [tok.eos_token_id]
+    )
     assert enc.input_ids == expected
     trained = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
     assert trained == tok.encode_text("Hello.") + [tok.turn_end_id, tok.eos_token_id]
@@ -98,9 +100,7 @@ def test_trailing_user_turn_eos_not_trained(tok) -> None:
 
 def test_truncation_before_any_answer_leaves_nothing(tok, tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"")  # existence is enough for the encoder
-    conv = Conversation(
-        [Message("user", "<ImageHere>describe"), Message("assistant", "a cat")], images=[tmp_path / "a.png"]
-    )
+    conv = Conversation([Message("user", "<ImageHere>describe"), Message("assistant", "a cat")], images=[tmp_path / "a.png"])
     enc = encode_conversation(conv, tok, 224, 100)
     assert slots_per_image(224) == 256
     assert enc.input_ids == [tok.bos_token_id] + tok.encode_text("[UNUSED_TOKEN_146]user\n")

@@ -26,8 +26,9 @@ print(faults() - start)
 
 
 def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

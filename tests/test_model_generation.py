@@ -90,7 +90,12 @@ def test_chat_with_and_without_cache(loaded, image):
     answers = []
     for use_cache in (True, False):
         response, history = model.chat(
-            tok, "Describe the image.", images=[str(image)], max_new_tokens=5, use_cache=use_cache, min_new_tokens=5,
+            tok,
+            "Describe the image.",
+            images=[str(image)],
+            max_new_tokens=5,
+            use_cache=use_cache,
+            min_new_tokens=5,
             do_sample=False,
         )
         answers.append(response)

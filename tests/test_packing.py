@@ -255,9 +255,12 @@ def test_length_grouped_sampler():
     assert order == list(LengthGroupedSampler(ds, batch_size=4, seed=5, mega_batch_mult=10))
     # the first batch holds the longest sample
     assert max(ds.lengths) in [ds.lengths[i] for i in order[:4]]
+
     # grouped: far less padding than a random order
     def padding(o):
-        return sum(4 * max(ds.lengths[i] for i in o[k : k + 4]) - sum(ds.lengths[i] for i in o[k : k + 4]) for k in range(0, 200, 4))
+        return sum(
+            4 * max(ds.lengths[i] for i in o[k : k + 4]) - sum(ds.lengths[i] for i in o[k : k + 4]) for k in range(0, 200, 4)
+        )
 
     rand = list(range(200))
     random.Random(0).shuffle(rand)

@@ -25,12 +25,52 @@ def _official_flags(script: Path) -> list[str]:
 
 def test_official_finetune_py_flags_parse(tmp_path):
     argv = REQUIRED + [
-        "--given_num", "True", "--img_size", "490", "--hd_num", "18", "--batch_size", "2", "--max_length", "4096",
-        "--use_lora", "True", "--fix_vit", "False", "--fix_sampler", "True", "--lora_r", "16", "--lora_alpha", "32",
-        "--lora_dropout", "0.1", "--lora_target_modules", "attention.wqkv", "attention.wo", "--lora_weight_path", "",
-        "--lora_bias", "none", "--output_dir", str(tmp_path / "o"), "--per_device_train_batch_size", "3",
-        "--gradient_accumulation_steps", "4", "--evaluation_strategy", "no", "--warmup_ratio", "0.01",
-        "--bf16", "False", "--adam_beta2", "0.95", "--lr_scheduler_type", "cosine", "--gradient_checkpointing",
+        "--given_num",
+        "True",
+        "--img_size",
+        "490",
+        "--hd_num",
+        "18",
+        "--batch_size",
+        "2",
+        "--max_length",
+        "4096",
+        "--use_lora",
+        "True",
+        "--fix_vit",
+        "False",
+        "--fix_sampler",
+        "True",
+        "--lora_r",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.1",
+        "--lora_target_modules",
+        "attention.wqkv",
+        "attention.wo",
+        "--lora_weight_path",
+        "",
+        "--lora_bias",
+        "none",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--per_device_train_batch_size",
+        "3",
+        "--gradient_accumulation_steps",
+        "4",
+        "--evaluation_strategy",
+        "no",
+        "--warmup_ratio",
+        "0.01",
+        "--bf16",
+        "False",
+        "--adam_beta2",
+        "0.95",
+        "--lr_scheduler_type",
+        "cosine",
+        "--gradient_checkpointing",
     ]
     cfg = parse_train_args(argv)
     assert cfg.model.use_lora is True and cfg.model.fix_vit is False and cfg.model.fix_sampler is True
@@ -91,7 +131,9 @@ def test_unknown_flag_suggests_nearest(argv, expected):
 def test_unknown_yaml_key_suggests_nearest(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("model_name_or_path: m\ndata_path: d\ngradient_acumulation_steps: 4\n")
-    with pytest.raises(XcftError, match=r"c\.yaml: unknown option 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'"):
+    with pytest.raises(
+        XcftError, match=r"c\.yaml: unknown option 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'"
+    ):
         parse_train_args([str(conf)])
 
 
@@ -122,8 +164,21 @@ def test_xcft_defaults_and_conditional_defaults(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    argv = REQUIRED + ["--output_dir", str(tmp_path), "--use_lora", "--lora_r", "8", "--learning_rate", "2e-4",
-                       "--eval_split", "0.2", "--seed", "7", "--save_steps", "3"]
+    argv = REQUIRED + [
+        "--output_dir",
+        str(tmp_path),
+        "--use_lora",
+        "--lora_r",
+        "8",
+        "--learning_rate",
+        "2e-4",
+        "--eval_split",
+        "0.2",
+        "--seed",
+        "7",
+        "--save_steps",
+        "3",
+    ]
     cfg = parse_train_args(argv)
     path = write_resolved_config(cfg, tmp_path)
     assert path.name == RESOLVED_CONFIG_NAME

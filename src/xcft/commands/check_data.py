@@ -43,7 +43,15 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         rows = []
         for f in result.files:
             samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
-            row = (f.display, samples, str(f.drawn_per_epoch), str(f.images), _stats_text(f.lengths), str(f.supervised), str(f.truncated))
+            row = (
+                f.display,
+                samples,
+                str(f.drawn_per_epoch),
+                str(f.images),
+                _stats_text(f.lengths),
+                str(f.supervised),
+                str(f.truncated),
+            )
             rows.append(row + ((_stats_text(f.image_tokens),) if hd else ()))
         total = (
             "total",

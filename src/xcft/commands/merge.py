@@ -105,7 +105,9 @@ def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
         got = probe_logits(reloaded, batch)
         diff = float((got - reference).abs().max())
         tol = tolerance(reference)
-        print(f"probe: {batch['input_ids'].shape[1]} tokens, 1 image; max abs logit diff merged vs adapter: {diff:.3e} (tolerance {tol:.1e})")
+        print(
+            f"probe: {batch['input_ids'].shape[1]} tokens, 1 image; max abs logit diff merged vs adapter: {diff:.3e} (tolerance {tol:.1e})"
+        )
         if not diff <= tol:
             raise XcftError(
                 f"merged model differs from base + adapter by {diff:.3e} > {tol:.1e} on the probe batch; "

@@ -149,7 +149,9 @@ class XComposer2Config(PreTrainedConfig):
                 f"= {self.vision_grid} patches per side must be even"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
@@ -242,12 +244,12 @@ def normalize_config_dict(config_dict: dict[str, Any], folder: str | None) -> di
 
 
 __all__ = [
-    "XComposer2Config",
-    "normalize_config_dict",
-    "XCOMPOSER2_ARCHITECTURES",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_LENGTH_2_5",
+    "FAMILIES",
     "FAMILY_2_0",
     "FAMILY_2_5",
-    "FAMILIES",
+    "XCOMPOSER2_ARCHITECTURES",
+    "XComposer2Config",
+    "normalize_config_dict",
 ]

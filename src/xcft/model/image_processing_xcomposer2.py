@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -136,8 +137,9 @@ def _hd_scale_cap(ratio: float, hd_num: int) -> int:
     return scale - 1
 
 
-def hd_resize_plan(width: int, height: int, hd_num: int, *, inference: bool = False,
-                   view_size: int = HD_VIEW_SIZE) -> tuple[bool, int, int, int]:
+def hd_resize_plan(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE
+) -> tuple[bool, int, int, int]:
     """``(transposed, cols, new_long, new_short)`` of the 2.5 HD transform for an image of ``width x height``.
 
     Pure integer/float arithmetic on the header size, identical to the official code: the long side
@@ -160,14 +162,13 @@ def hd_resize_plan(width: int, height: int, hd_num: int, *, inference: bool = Fa
     new_long = int(cols * view_size)
     new_short = int(new_long / ratio)
     if new_short < 1:
-        raise ValueError(
-            f"image size {width}x{height} is too elongated for the HD transform (aspect ratio above {new_long}:1)"
-        )
+        raise ValueError(f"image size {width}x{height} is too elongated for the HD transform (aspect ratio above {new_long}:1)")
     return transposed, cols, new_long, new_short
 
 
-def hd_crop_grid(width: int, height: int, hd_num: int, *, inference: bool = False,
-                 view_size: int = HD_VIEW_SIZE) -> tuple[int, int]:
+def hd_crop_grid(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE
+) -> tuple[int, int]:
     """Crop grid ``(rows h, columns w)`` of an image of ``width x height`` pixels (no decoding needed).
 
     ``width, height`` can come from ``PIL.Image.open(path).size``, which reads only the header.
@@ -188,15 +189,15 @@ def hd_tokens_for_grid(rows: int, cols: int, merged_grid: int = 20) -> int:
     return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
 
 
-def hd_image_tokens(width: int, height: int, hd_num: int, *, inference: bool = False,
-                    view_size: int = HD_VIEW_SIZE, merged_grid: int = 20) -> tuple[tuple[int, int], int]:
+def hd_image_tokens(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE, merged_grid: int = 20
+) -> tuple[tuple[int, int], int]:
     """``((rows, cols), tokens)`` of an image from its header size and the crop budget alone."""
     grid = hd_crop_grid(width, height, hd_num, inference=inference, view_size=view_size)
     return grid, hd_tokens_for_grid(grid[0], grid[1], merged_grid)
 
 
-def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False,
-                     view_size: int = HD_VIEW_SIZE) -> np.ndarray:
+def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE) -> np.ndarray:
     """The 2.5 HD transform of an RGB image: uint8 ``[rows*view, cols*view, 3]``, white padded.
 
     Finetune transform (default): transpose tall images, choose the columns with the x1.5 factor,
@@ -219,8 +220,7 @@ def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False,
     return out
 
 
-def load_hd_image(image: ImageInput, hd_num: int, *, inference: bool = False,
-                  view_size: int = HD_VIEW_SIZE) -> np.ndarray:
+def load_hd_image(image: ImageInput, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE) -> np.ndarray:
     """float32 ``[3, rows*view, cols*view]``: the HD transform then ToTensor + CLIP normalisation, bit-exact."""
     return normalize(hd_transform_rgb(open_image(image), hd_num, inference=inference, view_size=view_size))
 
@@ -259,10 +259,12 @@ def chat_hd_num(num_images: int) -> int:
 
 __all__ = [
     "CLIP_MEAN",
+    "CLIP_STD",
     "HD_NUM_CHAT_MANY",
     "HD_NUM_CHAT_ONE",
     "HD_NUM_TRAIN",
     "HD_VIEW_SIZE",
+    "XComposer2ImageProcessor",
     "chat_hd_num",
     "hd_crop_grid",
     "hd_image_tokens",
@@ -272,8 +274,6 @@ __all__ = [
     "hd_views",
     "load_hd_image",
     "load_hd_views",
-    "CLIP_STD",
-    "XComposer2ImageProcessor",
     "load_image",
     "load_image_tensor",
     "normalize",

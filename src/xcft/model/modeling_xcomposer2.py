@@ -156,17 +156,22 @@ class XComposer2RotaryEmbedding(nn.Module):
         params = self.config.rope_parameters
         lengths = segment_lengths(position_ids, valid)
         unique, inverse = torch.unique(lengths, return_inverse=True)
-        table = torch.stack([
-            _rope_inv_freq(
-                dynamic_ntk_base(
-                    params["rope_theta"], self.config.head_dim, float(params["factor"]),
-                    self.config.max_position_embeddings, int(n),
-                ),
-                self.config.head_dim,
-                position_ids.device,
-            )
-            for n in unique.tolist()
-        ])
+        table = torch.stack(
+            [
+                _rope_inv_freq(
+                    dynamic_ntk_base(
+                        params["rope_theta"],
+                        self.config.head_dim,
+                        float(params["factor"]),
+                        self.config.max_position_embeddings,
+                        int(n),
+                    ),
+                    self.config.head_dim,
+                    position_ids.device,
+                )
+                for n in unique.tolist()
+            ]
+        )
         return table[inverse]
 
     @torch.no_grad()
@@ -177,11 +182,7 @@ class XComposer2RotaryEmbedding(nn.Module):
         ([B, L] attention mask of the current positions) matter only for dynamic NTK, which, as in
         the official code, acts only when ``total_len`` exceeds ``max_position_embeddings``."""
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
-        if (
-            self.rope_type == "dynamic"
-            and total_len is not None
-            and total_len > self.config.max_position_embeddings
-        ):
+        if self.rope_type == "dynamic" and total_len is not None and total_len > self.config.max_position_embeddings:
             inv_freq = self._dynamic_inv_freq(position_ids.expand(x.shape[0], -1), valid)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -237,6 +238,8 @@ class _AddRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
         (index,) = ctx.saved_tensors
         return grad, None, grad.index_select(0, index)
+
+
 # -- end bench/perf
 
 
@@ -775,7 +778,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         views, patches, width = features.shape
         grid = self.config.vision_grid
         if patches != grid * grid:
-            raise ValueError(f"the tower gave {patches} patches per view, expected {grid * grid} (img_size {self.config.img_size})")
+            raise ValueError(
+                f"the tower gave {patches} patches per view, expected {grid * grid} (img_size {self.config.img_size})"
+            )
         g = grid // 2
         merged = features.reshape(views, g, 2, g, 2, width).permute(0, 1, 3, 2, 4, 5).reshape(views, g, g, 4 * width)
         merged = merged.to(self.plora_sub_GN.dtype)
@@ -913,8 +918,17 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         for key in ("return_dict", "output_attentions", "output_hidden_states"):
             kwargs.pop(key, None)
         outputs = self._decode(
-            input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_mask, image_counts,
-            use_cache, image_grids=image_grids, **kwargs,
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            pixel_values,
+            image_mask,
+            image_counts,
+            use_cache,
+            image_grids=image_grids,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
@@ -954,9 +968,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.model.tok_embeddings(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                inputs_embeds = self.splice_image_features(
-                    inputs_embeds, pixel_values, image_mask, image_counts, image_grids
-                )
+                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts, image_grids)
             elif image_mask is not None and bool(image_mask.any()):
                 raise ValueError(
                     "image_mask marks image slots but no pixel_values were given; pass the images, or pass "
@@ -992,7 +1004,15 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         positions, so no [B, L, vocab] tensor is made.
         """
         hidden = self._decode(
-            input_ids, attention_mask, kwargs.get("position_ids"), None, None, pixel_values, image_mask, image_counts, False,
+            input_ids,
+            attention_mask,
+            kwargs.get("position_ids"),
+            None,
+            None,
+            pixel_values,
+            image_mask,
+            image_counts,
+            False,
             image_grids=image_grids,
         ).last_hidden_state
         shift_labels = labels[:, 1:].to(hidden.device)
@@ -1051,7 +1071,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         tokenizer: Any,
         query: str,
         history: Sequence[tuple[str, str]] = (),
-        meta_instruction: str | None | Any = FAMILY_DEFAULT,
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
         num_images: int = 0,
         bos_per_piece: bool | None = None,
         image_slots: Sequence[int] | None = None,
@@ -1137,7 +1157,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         query: str,
         images: Sequence[Any] | Any | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        meta_instruction: str | None | Any = FAMILY_DEFAULT,
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
         max_new_tokens: int = 1024,
         do_sample: bool = True,
         use_cache: bool = True,
@@ -1207,10 +1227,10 @@ def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: tor
 
 
 __all__ = [
+    "PLoRALinear",
     "XComposer2ForCausalLM",
     "XComposer2Model",
     "XComposer2PreTrainedModel",
-    "PLoRALinear",
     "causal_lm_loss",
     "materialize_non_persistent_buffers",
 ]

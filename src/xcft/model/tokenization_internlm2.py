@@ -96,7 +96,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod
-    def from_model_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> "InternLM2Tokenizer":
+    def from_model_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> InternLM2Tokenizer:
         """Load from a ``tokenizer.model`` file, or from a folder that holds one."""
         p = Path(path)
         if p.is_dir():
@@ -196,4 +196,4 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return (out,)
 
 
-__all__ = ["InternLM2Tokenizer", "TURN_START_TOKEN", "TURN_END_TOKEN"]
+__all__ = ["TURN_END_TOKEN", "TURN_START_TOKEN", "InternLM2Tokenizer"]

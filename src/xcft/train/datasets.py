@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,11 @@ def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
     img_size = int(cfg.data.img_size or model_img)
     if model_img and img_size != model_img:
         flag = "--resolution" if getattr(cfg.data, "resolution", None) is not None else "--img_size"
-        what = "the checkpoint's view size (each crop and the global view)" if getattr(model_config, "hd", False) else "the model's img_size"
+        what = (
+            "the checkpoint's view size (each crop and the global view)"
+            if getattr(model_config, "hd", False)
+            else "the model's img_size"
+        )
         raise XcftError(
             f"{flag} {img_size} is not {what}, {model_img} px: its vision position table is built for {model_img} px. "
             f"Drop {flag} or pass {model_img}"
@@ -63,21 +67,25 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
         hold = set(order[:k].tolist())
         keep_idx = [i for i in range(n) if i not in hold]
         hold_idx = sorted(hold)
-        train.append(dataclasses.replace(
-            fd,
-            conversations=[fd.conversations[i] for i in keep_idx],
-            lengths=[fd.lengths[i] for i in keep_idx],
-            grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
-        ))
-        if hold_idx:
-            held.append(dataclasses.replace(
+        train.append(
+            dataclasses.replace(
                 fd,
-                conversations=[fd.conversations[i] for i in hold_idx],
-                lengths=[fd.lengths[i] for i in hold_idx],
-                grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
-                draw_count=len(hold_idx),
-                skipped=0,
-            ))
+                conversations=[fd.conversations[i] for i in keep_idx],
+                lengths=[fd.lengths[i] for i in keep_idx],
+                grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
+            )
+        )
+        if hold_idx:
+            held.append(
+                dataclasses.replace(
+                    fd,
+                    conversations=[fd.conversations[i] for i in hold_idx],
+                    lengths=[fd.lengths[i] for i in hold_idx],
+                    grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
+                    draw_count=len(hold_idx),
+                    skipped=0,
+                )
+            )
     return train, held
 
 
@@ -92,7 +100,7 @@ def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]
     ]
 
 
-def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Optional[Any], Any]:
+def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Any | None, Any]:
     """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
     img_size, max_length = resolve_lengths(cfg, model_config)
     hd_num = resolve_hd_num(cfg, model_config)
@@ -116,7 +124,10 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Op
     train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
     logger.info(
         "data: %d training samples per epoch (img_size %d%s, max_length %d)%s",
-        len(train_ds), img_size, f", hd_num {hd_num}" if hd_num is not None else "", max_length,
+        len(train_ds),
+        img_size,
+        f", hd_num {hd_num}" if hd_num is not None else "",
+        max_length,
         f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
     )
     collator = DataCollator(pad_token_id=train_ds.pad_token_id)
@@ -145,7 +156,7 @@ class VisionAlignedCollator:
     img_size: int
     slots: int
     pad_token_id: int
-    blank_grid: Optional[tuple[int, int]] = None
+    blank_grid: tuple[int, int] | None = None
 
     def __call__(self, features: Any) -> dict[str, Any]:
         batch = self.collator(features)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,10 +26,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COLOURS",
-    "SHAPES",
-    "QUESTIONS",
-    "DemoData",
     "QA",
+    "QUESTIONS",
+    "SHAPES",
+    "DemoData",
     "draw_shape",
     "generate_dataset",
     "read_heldout",
@@ -276,7 +276,10 @@ def generate_dataset(
     heldout_json.write_text(json.dumps(heldout_samples, indent=1))
     logger.info(
         "demo data: %s (%s), %d held-out questions in %s",
-        data_txt, ", ".join(f"{k} {v}" for k, v in counts.items()), len(qas), heldout_json,
+        data_txt,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        len(qas),
+        heldout_json,
     )
     return DemoData(root, data_txt, train_files, counts, heldout_json, qas)
 
