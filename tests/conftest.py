@@ -213,7 +213,7 @@ def random_item() -> Callable[..., dict]:
     def make(model, gen: torch.Generator, n_text: int = 12, images: int = 1, prompt_divisor: int = 2) -> dict:
         slots = model.image_tokens
         high = min(290, model.config.vocab_size)
-        ids = [1] + torch.randint(3, high, (n_text,), generator=gen).tolist()
+        ids = [1, *torch.randint(3, high, (n_text,), generator=gen).tolist()]
         mask = [False] * len(ids)
         for _ in range(images):
             ids += [2] * slots

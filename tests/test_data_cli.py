@@ -28,7 +28,7 @@ def test_official_examples_check_clean(capsys, examples_dir: Path, fixture_dir: 
     assert rc == 0, out + err
     assert "data/only_text_example.json" in out and "OK: training can start" in out
     assert "1225 slots per image" in out
-    lines = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("data/", "total"))}
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("data/", "total"))}
     assert lines["data/only_text_example.json"][1:4] == ["2", "20", "0"]
     assert lines["data/single_turn_single_image_example.json"][1:4] == ["2", "10", "2"]
     assert lines["total"][1:4] == ["6", "40", "6"]
@@ -61,7 +61,7 @@ def test_file_with_nothing_trainable_is_an_error(capsys, examples_dir: Path, fix
     # at 2048 tokens the two images (2 x 1225 slots) before the first answer leave nothing to train
     rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--max-length", "2048")
     assert rc == 1
-    errors = [l for l in out.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "multi_turn_multi_images_example.json line 3" in errors[0]
     assert out.count("WARNING") == 2 and "skipped in training" in out
 
@@ -148,7 +148,7 @@ def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, model_dir: Path) -> 
     assert rc == 1
     assert expected in text
     assert "FAILED" in text
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and str(path) in errors[0]
 
 
@@ -157,7 +157,7 @@ def test_bad_data_txt_line(capsys, tmp_path: Path, model_dir: Path) -> None:
     txt = _write(tmp_path, "data.txt", "# mix\na.json 0.001\na.json\nb.json 1\n")
     rc, text = _check(capsys, txt, model_dir)
     assert rc == 1
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 2
     assert "data.txt line 3" in errors[0] and "data.txt line 4" in errors[1] and "not found" in errors[1]
 
@@ -167,7 +167,7 @@ def test_forty_broken_samples_forty_lines(capsys, tmp_path: Path, model_dir: Pat
     bad = {"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}
     path = _write(tmp_path, "many.jsonl", "\n".join(json.dumps(bad if i % 2 else good) for i in range(80)))
     rc, text = _check(capsys, path, model_dir)
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert rc == 1 and len(errors) == 40
     assert "sample 79 (id '79')" in errors[-1] and "line 80" in errors[-1]
 

@@ -22,7 +22,7 @@ def batch_of(model):
     T = model.image_tokens
     items = []
     for n_text, images in ((11, 1), (30, 0), (4, 2)):
-        ids = [1] + torch.randint(3, 290, (n_text,), generator=gen).tolist()
+        ids = [1, *torch.randint(3, 290, (n_text,), generator=gen).tolist()]
         mask = [False] * len(ids)
         for _ in range(images):
             ids += [2] * T + torch.randint(3, 290, (n_text,), generator=gen).tolist()

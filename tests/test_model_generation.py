@@ -51,9 +51,9 @@ def test_chat_prompt_format(loaded):
     )
     # no placeholder: the image goes first in the query; no system prompt: no system turn
     ids2, mask2 = model.build_chat_inputs(tok, "Describe it.", meta_instruction="", num_images=1)
-    header = [tok.bos_token_id] + tok.encode_text("[UNUSED_TOKEN_146]user\n")
+    header = [tok.bos_token_id, *tok.encode_text("[UNUSED_TOKEN_146]user\n")]
     assert ids2[0, : len(header)].tolist() == header and mask2[0].tolist().index(True) == len(header)
-    with pytest.raises(ValueError, match="2 <ImageHere> placeholders .history included. but 1 images"):
+    with pytest.raises(ValueError, match=r"2 <ImageHere> placeholders .history included. but 1 images"):
         model.build_chat_inputs(tok, "<ImageHere><ImageHere>", num_images=1)
 
 

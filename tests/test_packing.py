@@ -4,6 +4,7 @@ and the length-grouped sampler. Tiny preset, CPU, a few seconds."""
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def test_length_grouped_sampler():
 
     class DS:
         epoch = 0
-        lengths = [rng.randint(1, 1000) for _ in range(200)]
+        lengths: ClassVar[list[int]] = [rng.randint(1, 1000) for _ in range(200)]
 
         def __len__(self):
             return 200

@@ -24,7 +24,8 @@ def _official_flags(script: Path) -> list[str]:
 
 
 def test_official_finetune_py_flags_parse(tmp_path):
-    argv = REQUIRED + [
+    argv = [
+        *REQUIRED,
         "--given_num",
         "True",
         "--img_size",
@@ -117,10 +118,10 @@ def test_yaml_then_flags_override(tmp_path):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (REQUIRED + ["--learnig_rate", "1e-4"], "learning_rate"),
-        (REQUIRED + ["--lora_rank", "8"], "lora_r"),
-        (REQUIRED + ["--fix_vitt", "true"], "fix_vit"),
-        (REQUIRED + ["--per_device_train_batchsize=2"], "per_device_train_batch_size"),
+        ([*REQUIRED, "--learnig_rate", "1e-4"], "learning_rate"),
+        ([*REQUIRED, "--lora_rank", "8"], "lora_r"),
+        ([*REQUIRED, "--fix_vitt", "true"], "fix_vit"),
+        ([*REQUIRED, "--per_device_train_batchsize=2"], "per_device_train_batch_size"),
     ],
 )
 def test_unknown_flag_suggests_nearest(argv, expected):
@@ -143,28 +144,29 @@ def test_missing_required_and_bad_values(tmp_path):
     with pytest.raises(XcftError, match="data_path is required"):
         parse_train_args(["--model_name_or_path", "m"])
     with pytest.raises(XcftError, match="eval_split"):
-        parse_train_args(REQUIRED + ["--eval_split", "1.5"])
+        parse_train_args([*REQUIRED, "--eval_split", "1.5"])
     with pytest.raises(XcftError, match="does not exist"):
         parse_train_args([str(tmp_path / "nope.yaml")])
     with pytest.raises(XcftError, match="only the first argument"):
-        parse_train_args(REQUIRED + ["stray"])
+        parse_train_args([*REQUIRED, "stray"])
 
 
 def test_xcft_defaults_and_conditional_defaults(tmp_path):
-    cfg = parse_train_args(REQUIRED + ["--output_dir", str(tmp_path)])
+    cfg = parse_train_args([*REQUIRED, "--output_dir", str(tmp_path)])
     assert cfg.training.report_to == ["tensorboard"]
     assert cfg.training.remove_unused_columns is False
     assert cfg.training.eval_strategy.value == "no"
-    cfg = parse_train_args(REQUIRED + ["--eval_split", "0.1", "--fix_vit", "false", "--report_to", "none"])
+    cfg = parse_train_args([*REQUIRED, "--eval_split", "0.1", "--fix_vit", "false", "--report_to", "none"])
     assert cfg.training.eval_strategy.value == "epoch"
     assert cfg.training.ddp_find_unused_parameters is True
     assert cfg.training.report_to in ([], ["none"], "none")
-    cfg = parse_train_args(REQUIRED + ["--eval_split", "0.1", "--eval_strategy", "steps", "--eval_steps", "5"])
+    cfg = parse_train_args([*REQUIRED, "--eval_split", "0.1", "--eval_strategy", "steps", "--eval_steps", "5"])
     assert cfg.training.eval_strategy.value == "steps"
 
 
 def test_resolved_config_round_trips(tmp_path):
-    argv = REQUIRED + [
+    argv = [
+        *REQUIRED,
         "--output_dir",
         str(tmp_path),
         "--use_lora",
@@ -222,5 +224,5 @@ def test_fsdp_config_names_our_layer_classes():
     conf = json.loads((ROOT / "configs" / "fsdp.json").read_text())
     classes = conf["transformer_layer_cls_to_wrap"]
     assert set(classes) == set(m.XComposer2PreTrainedModel._no_split_modules)
-    cfg = parse_train_args(REQUIRED + ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(ROOT / "configs" / "fsdp.json")])
+    cfg = parse_train_args([*REQUIRED, "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(ROOT / "configs" / "fsdp.json")])
     assert cfg.training.fsdp_config["transformer_layer_cls_to_wrap"] == classes

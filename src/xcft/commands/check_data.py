@@ -64,7 +64,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         )
         rows.append(total + ((_stats_text([n for f in result.files for n in f.image_tokens]),) if hd else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+        fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         print(fmt.format(*header), file=out)
         for r in rows:
             print(fmt.format(*r), file=out)

@@ -168,7 +168,7 @@ def draw_count(size: int, number: float | None, given_num: bool = True) -> int:
         return size
     raw = number * 1000.0 if given_num else number * size
     # round to nearest; 1e-9 guards 0.02*1000 = 20.000000000000004 and 0.29*1000 = 289.99999999999994
-    return int(math.floor(raw + 0.5 + 1e-9))
+    return math.floor(raw + 0.5 + 1e-9)
 
 
 def epoch_draw(counts: Sequence[int], sizes: Sequence[int], seed: int, epoch: int) -> np.ndarray:

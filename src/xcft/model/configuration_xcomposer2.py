@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import CLIPVisionConfig, PreTrainedConfig
 
@@ -85,10 +85,10 @@ class XComposer2Config(PreTrainedConfig):
     model_type = "xcomposer2"
     # save_pretrained copies this file next to config.json and names it in auto_map (self-contained folders).
     _auto_class = "AutoConfig"
-    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+    sub_configs_defaults: ClassVar[dict[str, Any]] = {"vision_config": CLIPVisionConfig}
     # transformers < 5.2x reads ``sub_configs`` (newer ones derive it from the line above).
-    sub_configs = {"vision_config": CLIPVisionConfig}
-    keys_to_ignore_at_inference = ["cache"]
+    sub_configs: ClassVar[dict[str, type]] = {"vision_config": CLIPVisionConfig}
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
 
     vocab_size: int = 92544
     hidden_size: int = 4096

@@ -212,7 +212,7 @@ def _first_line(exc: BaseException) -> str:
 
 def plora_rank_from_weights(state: dict[str, torch.Tensor]) -> int | None:
     """The Partial-LoRA rank stored in the weights (rows of any ``Plora_A``), or None when absent."""
-    ranks = {tuple(v.shape)[0] for k, v in state.items() if k.endswith("Plora_A.weight")}
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("Plora_A.weight")}
     if not ranks:
         return None
     if len(ranks) > 1:

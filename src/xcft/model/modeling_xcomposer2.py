@@ -25,7 +25,7 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -455,7 +455,7 @@ class XComposer2PreTrainedModel(PreTrainedModel):
     config: XComposer2Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["XComposer2DecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["XComposer2DecoderLayer", "CLIPEncoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -709,7 +709,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     """
 
     accepts_loss_kwargs = True
-    _tied_weights_keys: dict[str, str] = {}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {}
     # Every save_pretrained of this class writes a self-contained folder: transformers copies this
     # file and the files it imports relatively (configuration, template, image processing) and
     # records them in config.json's auto_map, so AutoModelForCausalLM.from_pretrained(dir,
@@ -1213,7 +1213,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         )
         new_tokens = [t for t in out[0, input_ids.shape[1] :].tolist() if t not in eos_ids]
         response = tokenizer.decode(new_tokens, skip_special_tokens=True).split(TURN_END)[0].strip()
-        return response, history + [(query, response)]
+        return response, [*history, (query, response)]
 
 
 def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: torch.device | str) -> None:

@@ -85,7 +85,7 @@ def chat_turns(query: str, history: Sequence[tuple[str, str]] = (), system: str 
     turns: list[tuple[str, str]] = [("system", system)] if system else []
     for question, answer in history:
         turns += [("user", question), (ANSWER_ROLE, answer)]
-    return turns + [("user", query)]
+    return [*turns, ("user", query)]
 
 
 def chat_prompt(query: str, history: Sequence[tuple[str, str]] = (), system: str | None = None) -> str:

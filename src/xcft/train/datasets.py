@@ -58,7 +58,7 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
     train, held = [], []
     for fd in files:
         n = len(fd.conversations)
-        k = int(round(n * fraction))
+        k = round(n * fraction)
         if n >= 2:
             k = min(max(k, 1), n - 1)
         else:

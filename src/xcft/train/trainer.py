@@ -297,10 +297,8 @@ class XcftTrainer(Trainer):
                 os.utime(final)  # rotation sorts by mtime
             except FileNotFoundError:  # another node on a shared file system renamed it first
                 pass
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(staging)
-            except OSError:
-                pass
         if self.state.best_model_checkpoint and STAGING_DIR_NAME in self.state.best_model_checkpoint:
             self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(os.sep + STAGING_DIR_NAME, "")
         self.accelerator.wait_for_everyone()
@@ -321,7 +319,7 @@ class EpochDrawCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 

@@ -18,6 +18,7 @@ each data file is scaled up (same proportions) to cover ``warmup + steps`` steps
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import resource
@@ -108,8 +109,8 @@ def _segments(item: dict[str, Any]) -> list[int]:
     pos = item.get("position_ids")
     if pos is None:
         return [n]
-    starts = (pos == 0).nonzero().flatten().tolist() + [n]
-    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+    starts = [*(pos == 0).nonzero().flatten().tolist(), n]
+    return [b - a for a, b in itertools.pairwise(starts)]
 
 
 @dataclass

@@ -267,10 +267,10 @@ def generate_dataset(
         img = held.image("heldout", c, s, hrng)
         add("colour", [img], QUESTIONS["colour"], c)
         add("shape", [img], QUESTIONS["shape"], s)
-    for i in range(max(1, n_heldout // 4) if n_compare else 0):
+    for _ in range(max(1, n_heldout // 4) if n_compare else 0):
         imgs, ans = compare_pair("heldout", held, hrng)
         add("compare", imgs, "Image1: <ImageHere>; Image2: <ImageHere>. " + QUESTIONS["compare"], ans)
-    for i in range(max(1, n_heldout // 4) if n_text else 0):
+    for _ in range(max(1, n_heldout // 4) if n_text else 0):
         add("text", [], *_text_qa(hrng))
     heldout_json = root / "heldout.json"
     heldout_json.write_text(json.dumps(heldout_samples, indent=1))
