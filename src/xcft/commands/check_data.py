@@ -37,7 +37,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         print(f"note: {note}", file=out)
     print(f"data: {data}  ({_describe_images(s)}; max_length {s.max_length})", file=out)
     if result.files:
-        header = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
+        header: tuple[str, ...] = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
         if hd:
             header += ("image tokens min/median/max",)
         rows = []

@@ -322,12 +322,13 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
         if hd:  # 2.5: pixel_values are views; the images are the rows of image_grids
             g = f.get("image_grids")
             k = 0 if g is None else int(g.shape[0])
-            if k:
+            if g is not None and k:
+                assert pv is not None, "a 2.5 item with images carries the pixel_values of their views"
                 grids.append(g)
                 pixels.append(pv)
         else:
             k = 0 if pv is None else int(pv.shape[0])
-            if k:
+            if pv is not None and k:
                 pixels.append(pv)
         counts.append(k)
     batch = {

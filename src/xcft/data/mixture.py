@@ -12,6 +12,7 @@ the same one, epochs differ, and a restarted run redraws exactly what it had.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
     return sources, problems
 
 
-def resolve_data(data: str | Path) -> tuple[DataSpec | None, list[Problem]]:
+def resolve_data(data: str | os.PathLike[str]) -> tuple[DataSpec | None, list[Problem]]:
     """Interpret the data argument: a data.txt, or one .json/.jsonl file."""
     p = Path(data).expanduser()
     if not p.exists():

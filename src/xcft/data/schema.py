@@ -160,7 +160,7 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
             data = json.loads(text)
         except (RecursionError, ValueError) as exc:
             if not isinstance(exc, json.JSONDecodeError):
-                msg, line = _parse_failure(exc, text)
+                msg, failure_line = _parse_failure(exc, text)
                 return [], [
                     Problem(
                         name,
@@ -168,7 +168,7 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
                         None,
                         msg,
                         "fix or remove that value; a sample needs only strings, lists and objects a few levels deep",
-                        line=line,
+                        line=failure_line,
                     )
                 ]
             # A .json file holding JSON Lines is common; accept it if every line parses.

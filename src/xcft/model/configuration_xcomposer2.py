@@ -166,6 +166,7 @@ class XComposer2Config(PreTrainedConfig):
     @property
     def vision_grid(self) -> int:
         """Patches per image side at ``img_size``."""
+        assert isinstance(self.vision_config, PreTrainedConfig), "__post_init__ builds the vision config"
         return self.img_size // self.vision_config.patch_size
 
     @property
@@ -191,6 +192,7 @@ class XComposer2Config(PreTrainedConfig):
     @property
     def projector_input_size(self) -> int:
         """Width of the projector input: the tower width (2.0) or four merged patches (2.5)."""
+        assert isinstance(self.vision_config, PreTrainedConfig), "__post_init__ builds the vision config"
         return self.vision_config.hidden_size * (4 if self.hd else 1)
 
     def hd_image_tokens(self, rows: int, cols: int) -> int:

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 from PIL import Image
@@ -88,7 +88,7 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 def load_image(image: ImageInput, img_size: int, fast_jpeg: bool = False) -> np.ndarray:
     """Preprocess one image to a float32 array ``[3, img_size, img_size]`` equal to the official pixels."""
     img = open_image(image, img_size, fast_jpeg=fast_jpeg)
-    img = img.resize((img_size, img_size), Image.BICUBIC)
+    img = img.resize((img_size, img_size), Image.Resampling.BICUBIC)
     return normalize(np.asarray(img, dtype=np.uint8))
 
 
@@ -111,7 +111,8 @@ class XComposer2ImageProcessor:
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        arrays = [load_image(im, self.img_size, fast_jpeg=self.fast_jpeg) for im in images]
+        # a sequence by now (a bare os.PathLike other than Path is not accepted here)
+        arrays = [load_image(im, self.img_size, fast_jpeg=self.fast_jpeg) for im in cast(Sequence[ImageInput], images)]
         if not arrays:
             return torch.zeros(0, 3, self.img_size, self.img_size)
         return torch.from_numpy(np.stack(arrays))
@@ -210,7 +211,7 @@ def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False, 
     transposed, _, new_long, new_short = hd_resize_plan(*img.size, hd_num, inference=inference, view_size=view_size)
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
-    img = img.resize((new_long, new_short), Image.BILINEAR)
+    img = img.resize((new_long, new_short), Image.Resampling.BILINEAR)
     target = math.ceil(new_short / view_size) * view_size
     top = 0 if inference else int((target - new_short) / 2)
     out = np.full((target, new_long, 3), _WHITE, dtype=np.uint8)

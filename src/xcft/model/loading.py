@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from xcft.errors import ModelFolderError, OutputFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, XComposer2Config
@@ -133,7 +133,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The XComposer2ForCausalLM inside a peft and/or DDP/DeepSpeed wrapper (or the model itself)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model
+    return get_base_model() if get_base_model is not None else model
 
 
 # ============================================================================ reading weights
@@ -402,6 +403,7 @@ def build_from_state_dict(
     if any(k in state for k in (PATCH_KEY, POSITION_KEY)):
         for key in POST_LAYERNORM_KEYS:  # never applied and always frozen: the identity LayerNorm init
             if key not in state:
+                assert isinstance(config.vision_config, PreTrainedConfig), "XComposer2Config builds it"
                 width = config.vision_config.hidden_size
                 state[key] = torch.ones(width) if key.endswith("weight") else torch.zeros(width)
     with torch.device("meta"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from shutil import copyfile
-from typing import Any, ClassVar
+from typing import Any
 
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
@@ -51,7 +51,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
-    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+    model_input_names = ["input_ids", "attention_mask"]  # noqa: RUF012 (transformers declares it an instance attribute, so not a ClassVar)
     # save_pretrained copies this file and writes auto_map (see transformers' custom_object_save).
     _auto_class = "AutoTokenizer"
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from xcft.errors import XcftError
 
@@ -223,16 +223,17 @@ def _arg_classes() -> tuple[type, ...]:
 
 def _make_parser():
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
 
     classes = _arg_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
-    parser = HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser = HfArgumentParser([DataClassType(c) for c in classes], prog="xcft train", allow_abbrev=False, **extra)
     parser.error = _one_line_error  # type: ignore[method-assign]
     return parser
 
 
-def _one_line_error(message: str) -> None:
+def _one_line_error(message: str) -> NoReturn:
     """argparse's error (usage + message + exit 2) as one XcftError line, e.g. a flag of the wrong type."""
     raise XcftError(f"xcft train: {message}; run 'xcft train --help' for the options and their types")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from xcft.data.packing import PackedDataset, PackingCollator
 from xcft.errors import XcftError
 from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import unwrap_model
+
+if TYPE_CHECKING:
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,9 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, An
             )
         files = _redo_counts(files, cfg.data.data_path, cfg.data.given_num)
         eval_ds = XComposerDataset(held, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
-    train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
+    train_ds: XComposerDataset | PackedDataset = XComposerDataset(
+        files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num
+    )
     logger.info(
         "data: %d training samples per epoch (img_size %d%s, max_length %d)%s",
         len(train_ds),
@@ -130,7 +135,7 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, An
         max_length,
         f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
     )
-    collator = DataCollator(pad_token_id=train_ds.pad_token_id)
+    collator: DataCollator | PackingCollator = DataCollator(pad_token_id=train_ds.pad_token_id)
     if cfg.data.packing:  # packed rows, block-diagonal attention
         train_ds = PackedDataset(train_ds, max_length)
         collator = PackingCollator(pad_token_id=train_ds.pad_token_id)  # also batches the unpacked eval set
@@ -214,5 +219,5 @@ def needs_vision_alignment(training_args: Any, model: Any) -> bool:
         return False
     if ds.is_zero3():
         return True
-    base = unwrap_model(model)
+    base = cast("XComposer2ForCausalLM", unwrap_model(model))
     return any(p.requires_grad for p in base.vit.parameters()) or any(p.requires_grad for p in base.vision_proj.parameters())

@@ -236,7 +236,9 @@ class XcftTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as Trainer does; a full model folder also gets our model code (self-contained folder)."""
         super()._save(output_dir, state_dict=state_dict)
-        folder = Path(output_dir or self.args.output_dir)
+        target = output_dir or self.args.output_dir
+        assert target is not None, "TrainingArguments always has an output_dir"
+        folder = Path(target)
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "peft_config") and (folder / "config.json").is_file():
             write_model_code(folder)

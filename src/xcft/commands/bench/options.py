@@ -59,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if "help" not in f.metadata:
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"option {f.name} has no default"
+            default = f.default_factory()
         kwargs = dict(f.metadata["argparse"], dest=f.name, help=f.metadata["help"])
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_false" if default else "store_true", **kwargs)

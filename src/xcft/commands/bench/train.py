@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -43,6 +43,9 @@ from xcft.train.args import parse_train_args
 from xcft.train.datasets import resolve_lengths
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
+
+if TYPE_CHECKING:
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +362,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         cfg = parse_train_args(_train_argv(opts, out))
         reuse_memory = apply_host_settings(cfg)
         model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
-        base = unwrap_model(model)
+        base = cast("XComposer2ForCausalLM", unwrap_model(model))
         if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         base_config = base.config
