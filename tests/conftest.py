@@ -114,8 +114,9 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path)
     def make(img_size: int = TINY_IMG_SIZE, max_length: int = TINY_MAX_LENGTH, seed: int = 0) -> Path:
         key = (img_size, max_length, seed)
         if key not in built:
-            model = build_model("tiny", img_size=img_size, vocab_size=TINY_VOCAB, seed=seed, max_length=max_length,
-                                plora_dropout=0.0)
+            model = build_model(
+                "tiny", img_size=img_size, vocab_size=TINY_VOCAB, seed=seed, max_length=max_length, plora_dropout=0.0
+            )
             tokenizer = InternLM2Tokenizer.from_model_file(built_tokenizer)
             out = tmp_path_factory.mktemp("tiny-model") / f"tiny-{img_size}-{max_length}-{seed}"
             built[key] = save_pretrained(model, tokenizer, out)
@@ -165,19 +166,32 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files = {
         "text.json": [
             {"id": 0, "conversations": turn("Can you describe a long day by the river?", long_answer)},
-            {"id": 1, "conversations": turn("What is two plus three?", "Two plus three is five.")
-                + turn("And three plus four?", "Seven.")},
+            {
+                "id": 1,
+                "conversations": turn("What is two plus three?", "Two plus three is five.")
+                + turn("And three plus four?", "Seven."),
+            },
         ],
         "single.json": [
             {"id": 0, "image": [red], "conversations": turn("<ImageHere>What colour is the picture?", "It is red.")},
             {"id": 1, "image": [blue], "conversations": turn("Describe this image. <ImageHere>", long_answer)},
         ],
         "multi.json": [
-            {"id": 0, "image": [green, grey], "conversations":
-                turn("Image1: <ImageHere>; Image2: <ImageHere>. Are they the same colour?", "No, green and grey.")
-                + turn("Which one is larger?", "The first one.")},
-            {"id": 1, "image": [grey, red], "conversations":
-                turn("Image1: <ImageHere>; Image2: <ImageHere>. What do you see?", "A grey picture and a red one.")},
+            {
+                "id": 0,
+                "image": [green, grey],
+                "conversations": turn(
+                    "Image1: <ImageHere>; Image2: <ImageHere>. Are they the same colour?", "No, green and grey."
+                )
+                + turn("Which one is larger?", "The first one."),
+            },
+            {
+                "id": 1,
+                "image": [grey, red],
+                "conversations": turn(
+                    "Image1: <ImageHere>; Image2: <ImageHere>. What do you see?", "A grey picture and a red one."
+                ),
+            },
         ],
     }
     for name, samples in files.items():
@@ -199,7 +213,7 @@ def random_item() -> Callable[..., dict]:
     def make(model, gen: torch.Generator, n_text: int = 12, images: int = 1, prompt_divisor: int = 2) -> dict:
         slots = model.image_tokens
         high = min(290, model.config.vocab_size)
-        ids = [1] + torch.randint(3, high, (n_text,), generator=gen).tolist()
+        ids = [1, *torch.randint(3, high, (n_text,), generator=gen).tolist()]
         mask = [False] * len(ids)
         for _ in range(images):
             ids += [2] * slots
@@ -233,9 +247,7 @@ def subprocess_env() -> dict[str, str]:
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-        TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "xcft" / "torch_extensions")
-        ),
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "xcft" / "torch_extensions")),
         PYTHONPATH=str(PROJECT_ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
         TOKENIZERS_PARALLELISM="false",
     )
@@ -251,8 +263,7 @@ def run_fresh_python(subprocess_env: dict[str, str], tmp_path_factory: pytest.Te
 
     def run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
         env = dict(subprocess_env, PYTHONPATH="", HF_MODULES_CACHE=str(cwd / "hf_modules"))
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
     return run
 

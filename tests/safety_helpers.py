@@ -27,7 +27,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def xcft(*args: object, cwd: Path | None = None, timeout: int = 300, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+def xcft(
+    *args: object, cwd: Path | None = None, timeout: int = 300, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m xcft ARGS`` in a fresh process (``prefix`` runs it under another program, e.g. unshare)."""
     cmd = [*(prefix or []), sys.executable, "-m", "xcft", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd)
@@ -78,19 +80,52 @@ def build_data(folder: Path, n: int = 4) -> Path:
     samples = []
     for i in range(n):
         Image.new("RGB", (40, 30), colours[i % 4]).save(folder / f"img{i}.png")
-        samples.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": [
-            {"from": "user", "value": "<ImageHere>What colour is this?"},
-            {"from": "assistant", "value": ["Red.", "Green.", "Blue.", "Yellow."][i % 4]}]})
+        samples.append(
+            {
+                "id": f"s{i}",
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "user", "value": "<ImageHere>What colour is this?"},
+                    {"from": "assistant", "value": ["Red.", "Green.", "Blue.", "Yellow."][i % 4]},
+                ],
+            }
+        )
     path = folder / "train.json"
     path.write_text(json.dumps(samples))
     return path
 
 
-TRAIN_FLAGS = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--per_device_train_batch_size", "2",
-               "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1",
-               "--dataloader_num_workers", "0"]
+TRAIN_FLAGS = [
+    "--use_lora",
+    "true",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--per_device_train_batch_size",
+    "2",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 def train_args(base: Path, data: Path, out: Path, *extra: object) -> list[str]:
-    return ["train", "--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(out),
-            *TRAIN_FLAGS, *map(str, extra)]
+    return [
+        "train",
+        "--model_name_or_path",
+        str(base),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TRAIN_FLAGS,
+        *map(str, extra),
+    ]

@@ -38,7 +38,7 @@ def _official(tok, pieces: list[str], slots: int) -> list[int]:
     ids: list[int] = []
     for k, piece in enumerate(pieces):
         if piece:
-            ids += [tok.bos_token_id] + tok.encode_text(piece)
+            ids += [tok.bos_token_id, *tok.encode_text(piece)]
         if k < len(pieces) - 1:
             ids += [2] * slots
     return ids
@@ -61,21 +61,18 @@ def test_training_prefix_equals_chat_prompt_text_only(tok, model):
     chat = _chat_ids(model, tok, "And three plus three?", history=[("What is two plus two?", "Four.")], system=None)
     assert enc.input_ids[: len(chat)] == chat
     # the answer that follows is what training supervises
-    supervised = [t for t, lab in zip(enc.input_ids[len(chat):], enc.labels[len(chat):]) if lab != -100]
+    supervised = [t for t, lab in zip(enc.input_ids[len(chat) :], enc.labels[len(chat) :]) if lab != -100]
     assert tok.decode(supervised) == f"Six.{E}</s>"
 
 
 def test_chat_prompt_text_only_with_official_system_prompt(tok, model):
     text = f"{S}system\n{OFFICIAL_META}{E}\n{S}user\nHello?{E}\n{S}assistant\n"
-    assert _chat_ids(model, tok, "Hello?") == [tok.bos_token_id] + tok.encode_text(text)
+    assert _chat_ids(model, tok, "Hello?") == [tok.bos_token_id, *tok.encode_text(text)]
 
 
 def test_chat_prompt_with_history(tok, model):
-    text = (
-        f"{S}system\n{OFFICIAL_META}{E}\n{S}user\nHi{E}\n{S}assistant\nHello!{E}\n"
-        f"{S}user\nHow are you?{E}\n{S}assistant\n"
-    )
-    assert _chat_ids(model, tok, "How are you?", history=[("Hi", "Hello!")]) == [tok.bos_token_id] + tok.encode_text(text)
+    text = f"{S}system\n{OFFICIAL_META}{E}\n{S}user\nHi{E}\n{S}assistant\nHello!{E}\n{S}user\nHow are you?{E}\n{S}assistant\n"
+    assert _chat_ids(model, tok, "How are you?", history=[("Hi", "Hello!")]) == [tok.bos_token_id, *tok.encode_text(text)]
 
 
 def test_chat_prompt_one_image_with_placeholder(tok, model):
@@ -126,10 +123,24 @@ def model25(tok):
 
     torch.manual_seed(0)
     config = XComposer2Config(
-        family="2.5", vocab_size=int(tok.vocab_size), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, img_size=56, plora_r=8, plora_alpha=8.0, max_length=4096,
-        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "patch_size": 14},
+        family="2.5",
+        vocab_size=int(tok.vocab_size),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        img_size=56,
+        plora_r=8,
+        plora_alpha=8.0,
+        max_length=4096,
+        vision_config={
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 14,
+        },
     )
     return XComposer2ForCausalLM(config).eval()
 
@@ -177,11 +188,11 @@ def _spy_generate(model, monkeypatch):
 def test_chat25_text_only_has_no_system_prompt(tok, model25, monkeypatch):
     seen = _spy_generate(model25, monkeypatch)
     model25.chat(tok, "Hello?")
-    assert seen["input_ids"][0].tolist() == [tok.bos_token_id] + tok.encode_text(f"{S}user\nHello?{E}\n{S}assistant\n")
+    assert seen["input_ids"][0].tolist() == [tok.bos_token_id, *tok.encode_text(f"{S}user\nHello?{E}\n{S}assistant\n")]
     # use_meta: the official system prompt on request
     model25.chat(tok, "Hello?", meta_instruction=OFFICIAL_SYSTEM_PROMPT)
     text = f"{S}system\n{OFFICIAL_META}{E}\n{S}user\nHello?{E}\n{S}assistant\n"
-    assert seen["input_ids"][0].tolist() == [tok.bos_token_id] + tok.encode_text(text)
+    assert seen["input_ids"][0].tolist() == [tok.bos_token_id, *tok.encode_text(text)]
 
 
 def test_chat25_one_image_without_placeholder_goes_before_the_prompt(tok, model25, photo, monkeypatch):

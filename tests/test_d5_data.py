@@ -78,7 +78,12 @@ def _bos_to_front(values: list[int], bos_at: int) -> list[int]:
 def _bos_after_image(item: dict, span: int) -> dict:
     """Our item laid out as the official code does it: the image first, then BOS (for its recorded loss)."""
     order = torch.cat([torch.arange(1, 1 + span), torch.tensor([0]), torch.arange(1 + span, item["input_ids"].shape[0])])
-    return {**item, "input_ids": item["input_ids"][order], "labels": item["labels"][order], "image_mask": item["image_mask"][order]}
+    return {
+        **item,
+        "input_ids": item["input_ids"][order],
+        "labels": item["labels"][order],
+        "image_mask": item["image_mask"][order],
+    }
 
 
 def _loss(model, batch: dict) -> float:
@@ -114,7 +119,7 @@ def test_one_image_without_placeholder_puts_bos_first(name, cases, model_and_tok
     ds = _dataset(tmp_path, fixture_2d5_dir, case, tok)
     items = []
     for i, row in enumerate(case["rows"]):
-        (start, span), = row["image_spans_[start,len]"]
+        ((start, span),) = row["image_spans_[start,len]"]
         assert start == 0
         ids, labels, mask = _official(row)
         assert ids[span] == tok.bos_token_id
@@ -159,7 +164,7 @@ def test_truncation_never_splits_an_image(cases, model_and_tokenizer, fixture_2d
     case = cases["p11"]
     ds = _dataset(tmp_path, fixture_2d5_dir, case, tok)
     ids, labels, _ = _official(case["rows"][0])
-    (start, _), = case["rows"][0]["image_spans_[start,len]"]
+    ((start, _),) = case["rows"][0]["image_spans_[start,len]"]
     _, enc = ds.encode(0)
     assert enc.truncated and enc.num_images == 0 and enc.dropped_images == 1 and len(enc) == start
     assert enc.input_ids == ids[:start]

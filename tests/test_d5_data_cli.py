@@ -33,8 +33,9 @@ def _image_tokens(examples_dir: Path, name: str, hd_num: int) -> list[int]:
 
 def test_check_data_reports_hd_tokens_and_overlong_samples(capsys, examples_dir: Path, fixture_2d5_dir: Path) -> None:
     data = str(examples_dir / "data.txt")
-    rc, out, err = _run(capsys, "check-data", data, "--model", str(fixture_2d5_dir), "--format", "json", "--hd-num", "2",
-                        "--max-length", "4000")
+    rc, out, err = _run(
+        capsys, "check-data", data, "--model", str(fixture_2d5_dir), "--format", "json", "--hd-num", "2", "--max-length", "4000"
+    )
     obj = json.loads(out)
     assert rc == 0, out + err
     assert obj["family"] == "2.5" and obj["hd_num"] == 2 and obj["img_size"] == 560 and obj["slots_per_image"] is None
@@ -68,8 +69,21 @@ def test_inspect_shows_grids_and_json_fields(capsys, examples_dir: Path, fixture
     panda = _image_tokens(examples_dir, "single_turn_single_image_example.json", 18)[0]
     assert f"<s><image 1: 1×1 crops, {panda} slots>[UNUSED_TOKEN_146]user" in out
 
-    rc, out, _ = _run(capsys, "inspect", data, "--model", str(fixture_2d5_dir), "--index", "4", "--format", "json",
-                      "--max-length", "3000", "--hd-num", "1")
+    rc, out, _ = _run(
+        capsys,
+        "inspect",
+        data,
+        "--model",
+        str(fixture_2d5_dir),
+        "--index",
+        "4",
+        "--format",
+        "json",
+        "--max-length",
+        "3000",
+        "--hd-num",
+        "1",
+    )
     obj = json.loads(out)
     assert rc == 0 and set(obj) == {"input_ids", "labels", "image_mask"}
     assert len(obj["input_ids"]) <= 3000 and sum(obj["image_mask"]) == 2 * 841  # hd 1: two 1x1 images
@@ -79,11 +93,26 @@ def test_inspect_shows_grids_and_json_fields(capsys, examples_dir: Path, fixture
 def test_eval_loss_equals_the_official_loss(capsys, tmp_path: Path, fixture_2d5_dir: Path) -> None:
     """p06 (no deliberate difference): xcft eval gives the recorded official loss."""
     case = next(c for c in json.loads((fixture_2d5_dir / "cases.json").read_text())["cases"] if c["name"].startswith("p06"))
-    sample = dict(case["conversations"][0], image=[str(fixture_2d5_dir / "images" / n) for n in case["conversations"][0]["image"]])
+    sample = dict(
+        case["conversations"][0], image=[str(fixture_2d5_dir / "images" / n) for n in case["conversations"][0]["image"]]
+    )
     data = tmp_path / "p06.json"
     data.write_text(json.dumps([sample]))
-    rc, out, _ = _run(capsys, "eval", str(data), "--model", str(fixture_2d5_dir), "--format", "json", "--max-length", "4000",
-                      "--hd-num", "18", "--device", "cpu")
+    rc, out, _ = _run(
+        capsys,
+        "eval",
+        str(data),
+        "--model",
+        str(fixture_2d5_dir),
+        "--format",
+        "json",
+        "--max-length",
+        "4000",
+        "--hd-num",
+        "18",
+        "--device",
+        "cpu",
+    )
     obj = json.loads(out)
     assert rc == 0 and obj["num_samples"] == 1 and obj["max_length"] == 4000
     assert obj["samples"][0]["tokens"] == case["num_target_tokens"]

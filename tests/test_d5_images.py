@@ -25,13 +25,35 @@ from xcft.model.image_processing_xcomposer2 import (
 
 # (width, height, hd_num) -> (rows, cols): observed by running the official finetune transform.
 OFFICIAL_GRIDS = [
-    ((100, 60, 18), (1, 1)), ((195, 183, 18), (1, 1)), ((220, 330, 18), (1, 1)), ((300, 200, 18), (1, 1)),
-    ((560, 560, 18), (2, 2)), ((560, 560, 1), (1, 1)), ((640, 360, 18), (2, 2)), ((960, 540, 18), (2, 3)),
-    ((1400, 175, 18), (1, 4)), ((360, 800, 18), (3, 2)), ((150, 700, 18), (2, 1)), ((61, 1000, 18), (3, 1)),
-    ((1500, 1000, 6), (2, 3)), ((1500, 1000, 18), (3, 4)), ((1000, 400, 4), (1, 2)), ((800, 800, 6), (2, 2)),
+    ((100, 60, 18), (1, 1)),
+    ((195, 183, 18), (1, 1)),
+    ((220, 330, 18), (1, 1)),
+    ((300, 200, 18), (1, 1)),
+    ((560, 560, 18), (2, 2)),
+    ((560, 560, 1), (1, 1)),
+    ((640, 360, 18), (2, 2)),
+    ((960, 540, 18), (2, 3)),
+    ((1400, 175, 18), (1, 4)),
+    ((360, 800, 18), (3, 2)),
+    ((150, 700, 18), (2, 1)),
+    ((61, 1000, 18), (3, 1)),
+    ((1500, 1000, 6), (2, 3)),
+    ((1500, 1000, 18), (3, 4)),
+    ((1000, 400, 4), (1, 2)),
+    ((800, 800, 6), (2, 2)),
 ]
-OFFICIAL_TOKENS = {(1, 1): 841, (1, 2): 1241, (2, 1): 1261, (1, 4): 2041, (2, 2): 2061, (2, 3): 2861, (3, 2): 2881,
-                   (3, 1): 1681, (3, 3): 4081, (3, 4): 5281}
+OFFICIAL_TOKENS = {
+    (1, 1): 841,
+    (1, 2): 1241,
+    (2, 1): 1261,
+    (1, 4): 2041,
+    (2, 2): 2061,
+    (2, 3): 2861,
+    (3, 2): 2881,
+    (3, 1): 1681,
+    (3, 3): 4081,
+    (3, 4): 5281,
+}
 
 
 @pytest.mark.parametrize("size,grid", OFFICIAL_GRIDS)
@@ -73,12 +95,15 @@ def test_train_transform_by_hand():
     assert (out[:, :top] == 255).all() and (out[:, top + 239 :] == 255).all()
 
 
-@pytest.mark.parametrize("size,hd_num,grid,valid", [
-    ((960, 540), 24, (2, 2), (1120, 630)),      # ceil(960/560) = 2 columns, no x1.5
-    ((300, 200), 24, (1, 1), (560, 373)),
-    ((540, 960), 6, (2, 2), (630, 1120)),       # tall: padded at the right only
-    ((1500, 1000), 6, (2, 3), (1680, 1120)),
-])
+@pytest.mark.parametrize(
+    "size,hd_num,grid,valid",
+    [
+        ((960, 540), 24, (2, 2), (1120, 630)),  # ceil(960/560) = 2 columns, no x1.5
+        ((300, 200), 24, (1, 1), (560, 373)),
+        ((540, 960), 6, (2, 2), (630, 1120)),  # tall: padded at the right only
+        ((1500, 1000), 6, (2, 3), (1680, 1120)),
+    ],
+)
 def test_inference_transform_by_hand(size, hd_num, grid, valid):
     img = _image(*size, seed=1)
     assert hd_crop_grid(*size, hd_num, inference=True) == grid
@@ -142,8 +167,13 @@ def test_fixture_tower_views_bit_exact(fixture_2d5_dir: Path):
     for case in cases:
         if "vit_input_views" not in case:
             continue
-        views = torch.cat([load_hd_views(fixture_2d5_dir / "images" / rec["file"], rec["hd_num"])[0]
-                           for row in case["rows"] for rec in row["images"]])
+        views = torch.cat(
+            [
+                load_hd_views(fixture_2d5_dir / "images" / rec["file"], rec["hd_num"])[0]
+                for row in case["rows"]
+                for rec in row["images"]
+            ]
+        )
         assert list(views.shape) == case["vit_input_views"]["shape"], case["name"]
         for view, rec in zip(views, case["vit_input_views"]["views"]):
             assert hashlib.sha256(view.numpy().tobytes()).hexdigest() == rec["sha256_f32"], case["name"]

@@ -212,8 +212,9 @@ def test_full_logits_and_training_loss_p06(model, cases, views):
     assert list(out.logits.shape) == case["logits_shape"]
     valid = out.logits[0, : row["valid_len"]].double()
     assert rel(valid.abs().sum().item(), row["logits_valid"]["abs_sum"]) < 1e-5
-    nll = F.cross_entropy(valid[[r["pos"] for r in row["token_nll"]]], torch.tensor([r["target"] for r in row["token_nll"]]),
-                          reduction="none")
+    nll = F.cross_entropy(
+        valid[[r["pos"] for r in row["token_nll"]]], torch.tensor([r["target"] for r in row["token_nll"]]), reduction="none"
+    )
     assert max(abs(a - r["nll"]) for a, r in zip(nll.tolist(), row["token_nll"])) < 1e-4
 
 
@@ -346,11 +347,27 @@ def test_train_steps_p06(fixture_2d5_dir: Path, cases, views, run_index):
 def tiny_config(**overrides) -> XComposer2Config:
     """A 2.5 model small enough for CPU tests: 56 px views (4 x 4 patches, 2 x 2 merged tokens)."""
     values = dict(
-        family="2.5", vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, img_size=56, plora_r=8, plora_alpha=8.0, plora_dropout=0.0,
-        max_length=512, rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=4096,
-        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "patch_size": 14},
+        family="2.5",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        img_size=56,
+        plora_r=8,
+        plora_alpha=8.0,
+        plora_dropout=0.0,
+        max_length=512,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        max_position_embeddings=4096,
+        vision_config={
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 14,
+        },
     )
     values.update(overrides)
     return XComposer2Config(**values)
@@ -400,8 +417,9 @@ def collate(samples: list[dict]) -> dict:
         "input_ids": pad("input_ids", 2),
         "labels": pad("labels", -100),
         "image_mask": pad("image_mask", False),
-        "attention_mask": torch.stack([F.pad(torch.ones(len(s["input_ids"]), dtype=torch.long),
-                                             (0, width - len(s["input_ids"]))) for s in samples]),
+        "attention_mask": torch.stack(
+            [F.pad(torch.ones(len(s["input_ids"]), dtype=torch.long), (0, width - len(s["input_ids"]))) for s in samples]
+        ),
         "image_counts": torch.tensor([len(s["grids"]) for s in samples]),
     }
     views = [v for s in samples for v in s["views"]]
@@ -427,8 +445,13 @@ def test_tiny_batch_mixed_grids_and_text_row():
     hook.remove()
     assert calls == [8]
     out.loss.backward()
-    for name in ("plora_glb_GN", "plora_sub_GN", "vision_proj.0.weight", "model.layers.0.attention.wqkv.Plora_A.weight",
-                 "vit.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"):
+    for name in (
+        "plora_glb_GN",
+        "plora_sub_GN",
+        "vision_proj.0.weight",
+        "model.layers.0.attention.wqkv.Plora_A.weight",
+        "vit.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     model.eval()
@@ -521,10 +544,13 @@ def test_dynamic_ntk_is_official_and_stateless():
         a_alone = model(input_ids=a).logits
         after_long = model(input_ids=b).logits
         b_fresh = tiny_model(seed=4, max_position_embeddings=16, vocab_size=64)(input_ids=b).logits
-        padded = model(input_ids=torch.cat([a, torch.cat([b, torch.full((1, 10), 2)], 1)]),
-                       attention_mask=torch.cat([torch.ones(1, 30), torch.cat([torch.ones(1, 20), torch.zeros(1, 10)], 1)]).long()).logits
-        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(30), torch.arange(20)])[None],
-                       use_cache=False).logits  # packed rows are read from position_ids without a cache
+        padded = model(
+            input_ids=torch.cat([a, torch.cat([b, torch.full((1, 10), 2)], 1)]),
+            attention_mask=torch.cat([torch.ones(1, 30), torch.cat([torch.ones(1, 20), torch.zeros(1, 10)], 1)]).long(),
+        ).logits
+        packed = model(
+            input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(30), torch.arange(20)])[None], use_cache=False
+        ).logits  # packed rows are read from position_ids without a cache
     assert torch.equal(after_long, b_fresh)
     assert (padded[0] - a_alone[0]).abs().max() < 1e-5 and (padded[1, :20] - after_long[0]).abs().max() < 1e-5
     assert (packed[0, :30] - a_alone[0]).abs().max() < 1e-5 and (packed[0, 30:] - after_long[0]).abs().max() < 1e-5

@@ -64,7 +64,11 @@ def generated_data(workdir: Path) -> Path:
     qa = lambda q, a: [{"from": "user", "value": q}, {"from": "assistant", "value": a}]  # noqa: E731
     samples = [
         {"id": "one", "image": wide, "conversations": qa("What is in the picture?", "Coloured noise.")},
-        {"id": "two", "image": [small, tall], "conversations": qa("Image1 <ImageHere>; Image2 <ImageHere>; Which is taller?", "Image2.")},
+        {
+            "id": "two",
+            "image": [small, tall],
+            "conversations": qa("Image1 <ImageHere>; Image2 <ImageHere>; Which is taller?", "Image2."),
+        },
         {"id": "text", "conversations": qa("Say hello.", "Hello there.")},
         {"id": "three", "image": [tall], "conversations": qa("<ImageHere> Is it tall?", "Yes, it is tall.")},
     ]
@@ -86,25 +90,60 @@ def test_init_model_tiny_25_preset_is_a_2_5_folder(tiny25_base):
 def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
     cfg = parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)])
     assert cfg.data.hd_num is None
-    config_25 = XComposer2Config(family="2.5", vision_config={"hidden_size": 32, "patch_size": 14, "num_hidden_layers": 1,
-                                                             "num_attention_heads": 2, "intermediate_size": 64})
+    config_25 = XComposer2Config(
+        family="2.5",
+        vision_config={
+            "hidden_size": 32,
+            "patch_size": 14,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    )
     assert config_25.max_length == 16384 and config_25.img_size == 560  # no max_length in the config: the official 16384
     assert XComposer2Config().max_length == 4096  # 2.0 unchanged
     assert resolve_hd_num(cfg, config_25) == 18
     assert resolve_lengths(cfg, config_25) == (560, 16384)
 
-    ok = parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path),
-                           "--resolution", "560", "--hd_num", "6", "--max_length", "8192"])
+    ok = parse_train_args(
+        [
+            "--model_name_or_path",
+            "m",
+            "--data_path",
+            "d",
+            "--output_dir",
+            str(tmp_path),
+            "--resolution",
+            "560",
+            "--hd_num",
+            "6",
+            "--max_length",
+            "8192",
+        ]
+    )
     assert resolve_hd_num(ok, config_25) == 6 and resolve_lengths(ok, config_25) == (560, 8192)
-    bad = parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path),
-                            "--resolution", "490"])
+    bad = parse_train_args(
+        ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--resolution", "490"]
+    )
     with pytest.raises(XcftError, match=r"--resolution 490 is not the checkpoint's view size .* 560 px"):
         resolve_lengths(bad, config_25)
     with pytest.raises(XcftError, match="--hd_num must be at least 1"):
         parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--hd_num", "0"])
     with pytest.raises(XcftError, match="disagree"):
-        parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path),
-                          "--resolution", "560", "--img_size", "490"])
+        parse_train_args(
+            [
+                "--model_name_or_path",
+                "m",
+                "--data_path",
+                "d",
+                "--output_dir",
+                str(tmp_path),
+                "--resolution",
+                "560",
+                "--img_size",
+                "490",
+            ]
+        )
     assert resolve_hd_num(ok, XComposer2Config()) is None  # 2.0 ignores it
 
 
@@ -140,10 +179,33 @@ def test_vision_aligned_batch_has_a_1x1_blank_image(tiny25_base, generated_data)
 def test_tiny_2_5_trains_with_batch_2(tmp_path, tiny25_base, generated_data, read_losses):
     """Generated HD data (three crop grids, two images in one sample, text), batch 2, full finetune incl. the ViT."""
     out = tmp_path / "run"
-    rc = train_command(["--model_name_or_path", str(tiny25_base), "--data_path", str(generated_data),
-                        "--output_dir", str(out), "--given_num", "false", "--hd_num", "4", "--max_length", "1024",
-                        "--per_device_train_batch_size", "2", "--max_steps", "3", "--learning_rate", "1e-3",
-                        "--fix_vit", "false", "--save_strategy", "no", *COMMON])
+    rc = train_command(
+        [
+            "--model_name_or_path",
+            str(tiny25_base),
+            "--data_path",
+            str(generated_data),
+            "--output_dir",
+            str(out),
+            "--given_num",
+            "false",
+            "--hd_num",
+            "4",
+            "--max_length",
+            "1024",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--fix_vit",
+            "false",
+            "--save_strategy",
+            "no",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     losses = read_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
@@ -164,8 +226,20 @@ def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base):
     tok = load_tokenizer(tiny25_base)
     img = _image(tmp_path / "a.png", (300, 200), 7)
     data = tmp_path / "s.json"
-    data.write_text(json.dumps([{"image": img, "conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "user", "value": "What?"}, {"from": "assistant", "value": "Noise."}]}]))
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "image": img,
+                    "conversations": [
+                        {"from": "system", "value": "Be brief."},
+                        {"from": "user", "value": "What?"},
+                        {"from": "assistant", "value": "Noise."},
+                    ],
+                }
+            ]
+        )
+    )
     (conv,), _ = read_file(data)
     spec = ImageSpec(224, 4)
     enc = encode_conversation(conv, tok, spec, 4096, [(2, 2)])
@@ -174,7 +248,9 @@ def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base):
     text = tok.decode(enc.input_ids[1 + n :], skip_special_tokens=False)
     assert text.startswith("[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\nWhat?")
     assert [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100] == [
-        *tok.encode_text("Noise.[UNUSED_TOKEN_145]"), tok.eos_token_id]
+        *tok.encode_text("Noise.[UNUSED_TOKEN_145]"),
+        tok.eos_token_id,
+    ]
     old = encode_conversation(conv, tok, 56, 4096)  # 2.0: after the user header
     first = old.input_ids.index(IMAGE_SLOT)
     assert tok.decode(old.input_ids[:first], skip_special_tokens=False).endswith("[UNUSED_TOKEN_146]user\n")
@@ -185,10 +261,33 @@ def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base):
 @pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
 def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode, tiny25_base, generated_data, read_losses):
     out = tmp_path / "run"
-    rc = train_command(["--model_name_or_path", str(tiny25_base), "--data_path", str(generated_data),
-                        "--output_dir", str(out), "--given_num", "false", "--hd_num", "4", "--max_length", "1024",
-                        mode, "true", "--per_device_train_batch_size", "2", "--max_steps", "2",
-                        "--learning_rate", "1e-3", "--save_strategy", "no", *COMMON])
+    rc = train_command(
+        [
+            "--model_name_or_path",
+            str(tiny25_base),
+            "--data_path",
+            str(generated_data),
+            "--output_dir",
+            str(out),
+            "--given_num",
+            "false",
+            "--hd_num",
+            "4",
+            "--max_length",
+            "1024",
+            mode,
+            "true",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--save_strategy",
+            "no",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     assert all(math.isfinite(v) for v in read_losses(out).values())
 
@@ -204,8 +303,11 @@ def test_hd_lengths_and_bad_images(tmp_path, tiny25_base, generated_data):
         assert int(ds[i]["image_mask"].sum()) == sum(ds.image_spec.slots(g) for g in ds[i]["image_grids"].tolist())
     thin = _image(tmp_path / "thin.png", (3000, 1), 5)  # aspect ratio beyond what the HD transform handles
     data = tmp_path / "bad.json"
-    data.write_text(json.dumps([{"id": "x", "image": thin, "conversations": [
-        {"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]}]))
+    data.write_text(
+        json.dumps(
+            [{"id": "x", "image": thin, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]}]
+        )
+    )
     with pytest.raises(DataError, match=r"sample 0 \(id 'x'\): image .*thin.png cannot be used: .*too elongated"):
         build_dataset(data, tok, 224, 1024, given_num=False, hd_num=4)
 
@@ -229,16 +331,50 @@ def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
     import subprocess
     import sys
 
-    argv = ["--model_name_or_path", str(tiny25_no_dropout), "--data_path", str(generated_data),
-            "--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--max_steps", "3",
-            "--learning_rate", "1e-3", "--fix_vit", "false", "--save_strategy", "no", *COMMON]
+    argv = [
+        "--model_name_or_path",
+        str(tiny25_no_dropout),
+        "--data_path",
+        str(generated_data),
+        "--given_num",
+        "false",
+        "--hd_num",
+        "4",
+        "--max_length",
+        "1024",
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--fix_vit",
+        "false",
+        "--save_strategy",
+        "no",
+        *COMMON,
+    ]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = workdir / "z3_25"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "xcft.cli", "train", *argv, "--output_dir", str(out), "--per_device_train_batch_size", "1",
-           "--deepspeed", str(ROOT / "configs" / "ds_zero3.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "xcft.cli",
+        "train",
+        *argv,
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        "1",
+        "--deepspeed",
+        str(ROOT / "configs" / "ds_zero3.json"),
+    ]
     r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
     assert "one blank image" in r.stderr + r.stdout
@@ -253,10 +389,36 @@ def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
 # --------------------------------------------------------------------------- official checkpoint and flags
 
 OFFICIAL_FLAGS = [
-    "--given_num", "True", "--hd_num", "18", "--batch_size", "2", "--max_length", "16384", "--resolution", "560",
-    "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-5",
-    "--weight_decay", "0.1", "--adam_beta2", "0.95", "--warmup_ratio", "0.01", "--lr_scheduler_type", "cosine",
-    "--gradient_checkpointing", "True", "--max_steps", "2", "--save_strategy", "no",
+    "--given_num",
+    "True",
+    "--hd_num",
+    "18",
+    "--batch_size",
+    "2",
+    "--max_length",
+    "16384",
+    "--resolution",
+    "560",
+    "--per_device_train_batch_size",
+    "1",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "1e-5",
+    "--weight_decay",
+    "0.1",
+    "--adam_beta2",
+    "0.95",
+    "--warmup_ratio",
+    "0.01",
+    "--lr_scheduler_type",
+    "cosine",
+    "--gradient_checkpointing",
+    "True",
+    "--max_steps",
+    "2",
+    "--save_strategy",
+    "no",
 ]
 
 FRESH_LOAD = """
@@ -289,9 +451,24 @@ def _xcft_logits_sum(path: Path) -> float:
 @pytest.mark.slow
 def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path, read_losses, run_fresh_python):
     out = tmp_path / "full"
-    rc = train_command(["--model_name_or_path", str(fixture_2d5_dir), "--data_path", str(examples_dir / "data.txt"),
-                        "--output_dir", str(out), "--fix_vit", "False", "--fix_sampler", "False", "--use_lora", "False",
-                        *OFFICIAL_FLAGS, *COMMON])
+    rc = train_command(
+        [
+            "--model_name_or_path",
+            str(fixture_2d5_dir),
+            "--data_path",
+            str(examples_dir / "data.txt"),
+            "--output_dir",
+            str(out),
+            "--fix_vit",
+            "False",
+            "--fix_sampler",
+            "False",
+            "--use_lora",
+            "False",
+            *OFFICIAL_FLAGS,
+            *COMMON,
+        ]
+    )
     assert rc == 0
     losses = read_losses(out)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
@@ -304,10 +481,32 @@ def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path, r
 @pytest.mark.slow
 def test_official_lora_flags_and_merge(fixture_2d5_dir, examples_dir, tmp_path, capsys, run_fresh_python):
     out = tmp_path / "lora"
-    rc = train_command(["--model_name_or_path", str(fixture_2d5_dir), "--data_path", str(examples_dir / "data.txt"),
-                        "--output_dir", str(out), "--fix_vit", "True", "--fix_sampler", "False", "--use_lora", "True",
-                        "--lora_r", "64", "--lora_alpha", "64", "--lora_dropout", "0.05",
-                        *OFFICIAL_FLAGS, "--learning_rate", "1e-3", *COMMON])
+    rc = train_command(
+        [
+            "--model_name_or_path",
+            str(fixture_2d5_dir),
+            "--data_path",
+            str(examples_dir / "data.txt"),
+            "--output_dir",
+            str(out),
+            "--fix_vit",
+            "True",
+            "--fix_sampler",
+            "False",
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "64",
+            "--lora_alpha",
+            "64",
+            "--lora_dropout",
+            "0.05",
+            *OFFICIAL_FLAGS,
+            "--learning_rate",
+            "1e-3",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     assert (out / "adapter_model.safetensors").is_file()
     merged = tmp_path / "merged"

@@ -28,7 +28,7 @@ def test_official_examples_check_clean(capsys, examples_dir: Path, fixture_dir: 
     assert rc == 0, out + err
     assert "data/only_text_example.json" in out and "OK: training can start" in out
     assert "1225 slots per image" in out
-    lines = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith(("data/", "total"))}
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("data/", "total"))}
     assert lines["data/only_text_example.json"][1:4] == ["2", "20", "0"]
     assert lines["data/single_turn_single_image_example.json"][1:4] == ["2", "10", "2"]
     assert lines["total"][1:4] == ["6", "40", "6"]
@@ -37,7 +37,17 @@ def test_official_examples_check_clean(capsys, examples_dir: Path, fixture_dir: 
 
 
 def test_official_examples_json(capsys, examples_dir: Path, fixture_dir: Path) -> None:
-    rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--format", "json", "--max-length", "3000")
+    rc, out, _ = _run(
+        capsys,
+        "check-data",
+        str(examples_dir / "data.txt"),
+        "--model",
+        str(fixture_dir),
+        "--format",
+        "json",
+        "--max-length",
+        "3000",
+    )
     obj = json.loads(out)
     assert rc == 0 and obj["ok"] and obj["errors"] == 0 and obj["max_length"] == 3000
     files = {f["file"]: f for f in obj["files"]}
@@ -51,7 +61,7 @@ def test_file_with_nothing_trainable_is_an_error(capsys, examples_dir: Path, fix
     # at 2048 tokens the two images (2 x 1225 slots) before the first answer leave nothing to train
     rc, out, _ = _run(capsys, "check-data", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--max-length", "2048")
     assert rc == 1
-    errors = [l for l in out.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and "multi_turn_multi_images_example.json line 3" in errors[0]
     assert out.count("WARNING") == 2 and "skipped in training" in out
 
@@ -99,11 +109,28 @@ BAD_CASES = {
     "top_level": ("a.json", {"conversations": OK_TURNS}, "single JSON object"),
     "missing_conv": ("a.json", [{"id": 1}], 'missing "conversations"'),
     "empty_conv": ("a.json", [{"conversations": []}], '"conversations" is empty'),
-    "unknown_role": ("a.json", [{"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}], 'unknown role "narrator"'),
+    "unknown_role": (
+        "a.json",
+        [{"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+        'unknown role "narrator"',
+    ),
     "not_string": ("a.json", [{"conversations": [{"from": "user", "value": 3}, {"from": "gpt", "value": "a"}]}], "not a string"),
     "no_answer": ("a.json", [{"conversations": [{"from": "user", "value": "q"}]}], "no assistant answer"),
-    "count_mismatch": ("a.json", [{"image": ["i.png"], "conversations": [{"from": "user", "value": "<ImageHere><ImageHere>"}, {"from": "gpt", "value": "a"}]}], "2 \"<ImageHere>\" placeholder(s) but 1 image(s)"),
-    "llava": ("a.json", [{"image": "i.png", "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], 'replace "<image>" with "<ImageHere>"'),
+    "count_mismatch": (
+        "a.json",
+        [
+            {
+                "image": ["i.png"],
+                "conversations": [{"from": "user", "value": "<ImageHere><ImageHere>"}, {"from": "gpt", "value": "a"}],
+            }
+        ],
+        '2 "<ImageHere>" placeholder(s) but 1 image(s)',
+    ),
+    "llava": (
+        "a.json",
+        [{"image": "i.png", "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}],
+        'replace "<image>" with "<ImageHere>"',
+    ),
     "missing_image": ("a.json", [{"image": "nope.png", "conversations": OK_TURNS}], "looked in:"),
     "undecodable": ("a.json", [{"image": "broken.png", "conversations": OK_TURNS}], "cannot be decoded"),
     "not_utf8": ("a.json", '[{"id": "caf\u00e9", "conversations": []}]'.encode("latin-1"), "not UTF-8"),
@@ -121,7 +148,7 @@ def test_bad_input_kinds(kind: str, capsys, tmp_path: Path, model_dir: Path) -> 
     assert rc == 1
     assert expected in text
     assert "FAILED" in text
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and str(path) in errors[0]
 
 
@@ -130,7 +157,7 @@ def test_bad_data_txt_line(capsys, tmp_path: Path, model_dir: Path) -> None:
     txt = _write(tmp_path, "data.txt", "# mix\na.json 0.001\na.json\nb.json 1\n")
     rc, text = _check(capsys, txt, model_dir)
     assert rc == 1
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 2
     assert "data.txt line 3" in errors[0] and "data.txt line 4" in errors[1] and "not found" in errors[1]
 
@@ -140,7 +167,7 @@ def test_forty_broken_samples_forty_lines(capsys, tmp_path: Path, model_dir: Pat
     bad = {"conversations": [{"from": "narrator", "value": "q"}, {"from": "gpt", "value": "a"}]}
     path = _write(tmp_path, "many.jsonl", "\n".join(json.dumps(bad if i % 2 else good) for i in range(80)))
     rc, text = _check(capsys, path, model_dir)
-    errors = [l for l in text.splitlines() if l.startswith("ERROR")]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
     assert rc == 1 and len(errors) == 40
     assert "sample 79 (id '79')" in errors[-1] and "line 80" in errors[-1]
 
@@ -149,10 +176,17 @@ def test_image_relative_to_json_folder_and_skipped_sample(capsys, tmp_path: Path
     sub = tmp_path / "sub"
     sub.mkdir()
     Image.new("RGB", (8, 8)).save(sub / "pic.png")
-    _write(sub, "d.json", [
-        {"image": "pic.png", "conversations": [{"from": "user", "value": "<ImageHere> what?"}, {"from": "gpt", "value": "x"}]},
-        {"conversations": OK_TURNS},
-    ])
+    _write(
+        sub,
+        "d.json",
+        [
+            {
+                "image": "pic.png",
+                "conversations": [{"from": "user", "value": "<ImageHere> what?"}, {"from": "gpt", "value": "x"}],
+            },
+            {"conversations": OK_TURNS},
+        ],
+    )
     txt = _write(tmp_path, "data.txt", "sub/d.json 0.004\n")
     rc, out, _ = _run(capsys, "check-data", str(txt), "--model", str(model_dir), "--max-length", "300")
     assert rc == 0 and "OK" in out
@@ -165,12 +199,16 @@ def test_inspect_text_and_json(capsys, examples_dir: Path, fixture_dir: Path) ->
     rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "2")
     assert rc == 0
     assert "<image 1: 1225 slots>" in out and "«No problem!" in out and "[UNUSED_TOKEN_145]</s>»" in out
-    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--id", "1", "--format", "json")
+    rc, out, _ = _run(
+        capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--id", "1", "--format", "json"
+    )
     obj = json.loads(out)
     assert rc == 0 and set(obj) == {"input_ids", "labels", "image_mask"}
     assert len(obj["input_ids"]) == len(obj["labels"]) == len(obj["image_mask"])
     assert obj["input_ids"][0] == 1 and -1 not in obj["input_ids"]  # id '1' first found in the text-only file
-    rc, out, _ = _run(capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "4", "--format", "json")
+    rc, out, _ = _run(
+        capsys, "inspect", str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--index", "4", "--format", "json"
+    )
     obj = json.loads(out)
     slots = [i for i, m in enumerate(obj["image_mask"]) if m]
     assert len(slots) == 2 * 1225 and all(obj["input_ids"][i] == -1 for i in slots)

@@ -50,10 +50,26 @@ def test_collator_mixed_batch(tok, tmp_path: Path) -> None:
         Image.new("RGB", (30, 20), color).save(tmp_path / name)
     samples = [
         {"id": "t1", "conversations": [{"from": "user", "value": "hello"}, {"from": "assistant", "value": "hi"}]},
-        {"id": "i2", "image": ["r.png", "g.png"], "conversations": [
-            {"from": "user", "value": "<ImageHere> vs <ImageHere>"}, {"from": "assistant", "value": "red, green"}]},
-        {"id": "t3", "conversations": [{"from": "user", "value": "a longer question here"}, {"from": "assistant", "value": "and an answer"}]},
-        {"id": "i4", "image": "b.png", "conversations": [{"from": "user", "value": "colour?"}, {"from": "assistant", "value": "blue"}]},
+        {
+            "id": "i2",
+            "image": ["r.png", "g.png"],
+            "conversations": [
+                {"from": "user", "value": "<ImageHere> vs <ImageHere>"},
+                {"from": "assistant", "value": "red, green"},
+            ],
+        },
+        {
+            "id": "t3",
+            "conversations": [
+                {"from": "user", "value": "a longer question here"},
+                {"from": "assistant", "value": "and an answer"},
+            ],
+        },
+        {
+            "id": "i4",
+            "image": "b.png",
+            "conversations": [{"from": "user", "value": "colour?"}, {"from": "assistant", "value": "blue"}],
+        },
     ]
     f = tmp_path / "d.json"
     f.write_text(json.dumps(samples))
@@ -105,7 +121,11 @@ def test_build_raises_on_bad_data(tok, tmp_path: Path) -> None:
 def test_undecodable_image_raises_data_error(tok, tmp_path: Path) -> None:
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     f = tmp_path / "d.json"
-    f.write_text(json.dumps([{"image": "bad.jpg", "conversations": [{"from": "user", "value": "<ImageHere>"}, {"from": "gpt", "value": "a"}]}]))
+    f.write_text(
+        json.dumps(
+            [{"image": "bad.jpg", "conversations": [{"from": "user", "value": "<ImageHere>"}, {"from": "gpt", "value": "a"}]}]
+        )
+    )
     ds = build_dataset(f, tok, 28, 512)
     with pytest.raises(DataError, match="cannot decode image"):
         ds[0]
@@ -122,6 +142,4 @@ def test_dataloader_workers_and_pickling(tok, tiny_data: Path) -> None:
     loader = DataLoader(ds, batch_size=8, num_workers=1, collate_fn=DataCollator(tok.pad_token_id))
     batches = list(loader)
     assert sum(b["input_ids"].shape[0] for b in batches) == 40
-    assert sum(int(b["image_counts"].sum()) for b in batches) == int(sum(
-        len(ds.conversation(i).images) for i in range(len(ds))
-    ))
+    assert sum(int(b["image_counts"].sum()) for b in batches) == int(sum(len(ds.conversation(i).images) for i in range(len(ds))))

@@ -35,7 +35,7 @@ def _conv(case: dict, examples_dir: Path) -> Conversation:
     return conv
 
 
-@pytest.mark.parametrize("name", WELL_FORMED + ["p09"])
+@pytest.mark.parametrize("name", [*WELL_FORMED, "p09"])
 def test_parity_with_fixture(name: str, real_tok, cases, examples_dir: Path) -> None:
     case = cases[name]
     enc = encode_conversation(_conv(case, examples_dir), real_tok, 490, case["max_length"])
@@ -68,25 +68,27 @@ def test_p10_never_splits_an_image(real_tok, cases, examples_dir: Path) -> None:
 
 
 def test_system_turn_never_trained(tok) -> None:
-    conv = Conversation(
-        [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello.")]
-    )
+    conv = Conversation([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello.")])
     enc = encode_conversation(conv, tok, 490, 4096)
-    expected = [tok.bos_token_id] + tok.encode_text(
-        "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
-        "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello.[UNUSED_TOKEN_145]"
-    ) + [tok.eos_token_id]
+    expected = [
+        tok.bos_token_id,
+        *tok.encode_text(
+            "[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n"
+            "[UNUSED_TOKEN_146]user\nHi[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\nHello.[UNUSED_TOKEN_145]"
+        ),
+        tok.eos_token_id,
+    ]
     assert enc.input_ids == expected
-    trained = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
-    assert trained == tok.encode_text("Hello.") + [tok.turn_end_id, tok.eos_token_id]
+    trained = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert trained == [*tok.encode_text("Hello."), tok.turn_end_id, tok.eos_token_id]
 
 
 def test_labels_by_role_not_by_scanning(tok) -> None:
     # a user turn containing the literal closing token text must not shift which turns are trained
     conv = Conversation([Message("user", "say [UNUSED_TOKEN_145] please"), Message("assistant", "ok")])
     enc = encode_conversation(conv, tok, 490, 4096)
-    trained = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
-    assert trained == tok.encode_text("ok") + [tok.turn_end_id, tok.eos_token_id]
+    trained = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert trained == [*tok.encode_text("ok"), tok.turn_end_id, tok.eos_token_id]
 
 
 def test_trailing_user_turn_eos_not_trained(tok) -> None:
@@ -98,12 +100,10 @@ def test_trailing_user_turn_eos_not_trained(tok) -> None:
 
 def test_truncation_before_any_answer_leaves_nothing(tok, tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"")  # existence is enough for the encoder
-    conv = Conversation(
-        [Message("user", "<ImageHere>describe"), Message("assistant", "a cat")], images=[tmp_path / "a.png"]
-    )
+    conv = Conversation([Message("user", "<ImageHere>describe"), Message("assistant", "a cat")], images=[tmp_path / "a.png"])
     enc = encode_conversation(conv, tok, 224, 100)
     assert slots_per_image(224) == 256
-    assert enc.input_ids == [tok.bos_token_id] + tok.encode_text("[UNUSED_TOKEN_146]user\n")
+    assert enc.input_ids == [tok.bos_token_id, *tok.encode_text("[UNUSED_TOKEN_146]user\n")]
     assert enc.num_images == 0 and enc.dropped_images == 1 and enc.num_supervised == 0
     full = encode_conversation(conv, tok, 224, 4096)
     assert full.image_spans == [(4, 256)] and full.input_ids.count(IMAGE_SLOT) == 256

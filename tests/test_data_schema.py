@@ -17,7 +17,9 @@ def _turns(*pairs):
 
 
 def test_roles_case_insensitive_and_id_variants(tmp_path: Path) -> None:
-    conv, probs = _norm({"id": 7, "conversations": _turns(("Human", " hi "), ("GPT", "yo\n"), ("USER", "q"), ("Bot", "a"))}, tmp_path)
+    conv, probs = _norm(
+        {"id": 7, "conversations": _turns(("Human", " hi "), ("GPT", "yo\n"), ("USER", "q"), ("Bot", "a"))}, tmp_path
+    )
     assert probs == [] and conv is not None
     assert [m.role for m in conv.messages] == ["user", "assistant", "user", "assistant"]
     assert conv.messages[0].text == "hi" and conv.messages[1].text == "yo"
@@ -36,7 +38,8 @@ def test_images_string_list_and_prepend(tmp_path: Path) -> None:
     assert conv.messages[0].text == IMAGE_PLACEHOLDER + "what?"
     assert [p.level for p in probs] == ["info"]
     conv, probs = _norm(
-        {"image": ["a.jpg", "b.jpg"], "conversations": _turns(("user", "<ImageHere> and <ImageHere>"), ("assistant", "x"))}, tmp_path
+        {"image": ["a.jpg", "b.jpg"], "conversations": _turns(("user", "<ImageHere> and <ImageHere>"), ("assistant", "x"))},
+        tmp_path,
     )
     assert probs == [] and conv is not None and conv.images == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
     conv, probs = _norm({"image": [], "conversations": _turns(("user", "q"), ("assistant", "x"))}, tmp_path)
@@ -49,12 +52,16 @@ def test_image_found_in_second_dir(tmp_path: Path) -> None:
     (other / "c.png").write_bytes(b"x")
     conv, probs = normalize_sample(
         {"image": "c.png", "conversations": _turns(("user", "<ImageHere>"), ("assistant", "x"))},
-        file="f", index=0, search_dirs=[tmp_path, other],
+        file="f",
+        index=0,
+        search_dirs=[tmp_path, other],
     )
     assert conv is not None and conv.images == [other / "c.png"]
     conv, probs = normalize_sample(
         {"image": "zz.png", "conversations": _turns(("user", "<ImageHere>"), ("assistant", "x"))},
-        file="f", index=0, search_dirs=[tmp_path, other],
+        file="f",
+        index=0,
+        search_dirs=[tmp_path, other],
     )
     assert conv is None and str(tmp_path / "zz.png") in probs[0].message and str(other / "zz.png") in probs[0].message
 
@@ -72,14 +79,19 @@ def test_sample_errors(tmp_path: Path) -> None:
     assert "rename it" in _messages({"messages": ok}, tmp_path)[0]
     assert "empty" in _messages({"conversations": []}, tmp_path)[0]
     assert 'unknown role "narrator"' in _messages({"conversations": _turns(("narrator", "q"), ("assistant", "a"))}, tmp_path)[0]
-    assert "not a string" in _messages({"conversations": [{"from": "user", "value": ["x"]}, {"from": "gpt", "value": "a"}]}, tmp_path)[0]
+    assert (
+        "not a string"
+        in _messages({"conversations": [{"from": "user", "value": ["x"]}, {"from": "gpt", "value": "a"}]}, tmp_path)[0]
+    )
     assert "no assistant answer" in _messages({"conversations": _turns(("user", "q"))}, tmp_path)[0]
     assert "must alternate" in _messages({"conversations": _turns(("assistant", "a"), ("user", "q"))}, tmp_path)[0]
     assert "must alternate" in _messages({"conversations": _turns(("user", "a"), ("user", "q"), ("gpt", "x"))}, tmp_path)[0]
     assert "first turn" in _messages({"conversations": _turns(("user", "q"), ("system", "s"), ("assistant", "a"))}, tmp_path)[0]
     assert "id must be" in _messages({"id": [1], "conversations": ok}, tmp_path)[0]
     (tmp_path / "a.jpg").write_bytes(b"x")
-    msg = _messages({"image": ["a.jpg", "a.jpg"], "conversations": _turns(("user", "<image> and <image>"), ("gpt", "a"))}, tmp_path)[0]
+    msg = _messages(
+        {"image": ["a.jpg", "a.jpg"], "conversations": _turns(("user", "<image> and <image>"), ("gpt", "a"))}, tmp_path
+    )[0]
     assert "<image>" in msg and "replace" in msg and "<ImageHere>" in msg
     msg = _messages({"image": "a.jpg", "conversations": _turns(("user", "<image>\nq"), ("gpt", "a"))}, tmp_path)[0]
     assert "LLaVA" in msg

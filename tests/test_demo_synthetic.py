@@ -124,9 +124,11 @@ def test_shape_fraction_sets_the_share_of_shape_questions(tmp_path: Path) -> Non
 
 def test_ring_and_line_are_drawn_as_named() -> None:
     """ring: hollow centre; square: filled centre; line: empty above and below its stripe."""
+
     def centre(shape: str) -> np.ndarray:
         img = np.asarray(draw_shape("white", shape, random.Random(3), 112, noise=0.0, jitter=0.0), dtype=np.float32)
         return img[..., 0]
+
     sq, ring, line = centre("square"), centre("ring"), centre("line")
     assert sq[56, 56] > 200 and ring[56, 56] < 160 and ring[56, 56 - 33] > 200
     assert line[56, 56] > 200 and line[56 - 20, 56] < 160 and sq[56 - 20, 56] > 200

@@ -26,8 +26,9 @@ print(faults() - start)
 
 
 def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""}
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -42,4 +43,4 @@ def test_keep_freed_memory_avoids_page_faulting_each_step_again():
 def test_cpu_reuse_memory_flag(tmp_path):
     base = ["--model_name_or_path", str(tmp_path), "--data_path", str(tmp_path / "d.txt"), "--output_dir", str(tmp_path / "o")]
     assert parse_train_args(base).model.cpu_reuse_memory is True
-    assert parse_train_args(base + ["--cpu_reuse_memory", "false"]).model.cpu_reuse_memory is False
+    assert parse_train_args([*base, "--cpu_reuse_memory", "false"]).model.cpu_reuse_memory is False

@@ -19,7 +19,10 @@ PACKAGE = SRC / "xcft"
 LAYERS = {"errors": 0, "output_dir": 0, "model": 1, "data": 2, "train": 3, "commands": 4, "cli": 5, "__init__": 5, "__main__": 5}
 #: Files copied into saved model folders: they may import only each other (relative imports).
 SELF_CONTAINED = {
-    "configuration_xcomposer2", "modeling_xcomposer2", "tokenization_internlm2", "image_processing_xcomposer2",
+    "configuration_xcomposer2",
+    "modeling_xcomposer2",
+    "tokenization_internlm2",
+    "image_processing_xcomposer2",
     "template_xcomposer2",
 }
 
@@ -61,8 +64,13 @@ MODULES = _modules()
 
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    proc = subprocess.run([sys.executable, "-c", code, *MODULES], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *MODULES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -96,10 +104,10 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                cycle = [*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if nxt not in state:
-                visit(nxt, stack + [nxt])
+                visit(nxt, [*stack, nxt])
         state[node] = 2
 
     for m in MODULES:

@@ -22,7 +22,7 @@ def batch_of(model):
     T = model.image_tokens
     items = []
     for n_text, images in ((11, 1), (30, 0), (4, 2)):
-        ids = [1] + torch.randint(3, 290, (n_text,), generator=gen).tolist()
+        ids = [1, *torch.randint(3, 290, (n_text,), generator=gen).tolist()]
         mask = [False] * len(ids)
         for _ in range(images):
             ids += [2] * T + torch.randint(3, 290, (n_text,), generator=gen).tolist()
@@ -31,12 +31,14 @@ def batch_of(model):
         labels = ids_t.clone()
         labels[: len(ids) // 2] = -100
         labels[torch.tensor(mask)] = -100
-        items.append({
-            "input_ids": ids_t,
-            "labels": labels,
-            "image_mask": torch.tensor(mask),
-            "pixel_values": torch.randn(images, 3, model.config.img_size, model.config.img_size, generator=gen),
-        })
+        items.append(
+            {
+                "input_ids": ids_t,
+                "labels": labels,
+                "image_mask": torch.tensor(mask),
+                "pixel_values": torch.randn(images, 3, model.config.img_size, model.config.img_size, generator=gen),
+            }
+        )
     return DataCollator(pad_token_id=2)(items)
 
 
@@ -88,8 +90,9 @@ def test_supervised_head_only_projects_supervised_rows():
     assert seen == [(targets, model.config.hidden_size)]
     assert targets < positions / 3
     assert out.logits is None
-    assert saved and not any(model.config.vocab_size in shape and len(shape) == 2 and shape[0] != model.config.vocab_size
-                             for shape in saved), saved
+    assert saved and not any(
+        model.config.vocab_size in shape and len(shape) == 2 and shape[0] != model.config.vocab_size for shape in saved
+    ), saved
     # eval mode keeps the full logits (generation, eval)
     model.eval()
     with torch.no_grad():

@@ -31,8 +31,10 @@ def test_eval_prints_per_sample_losses(tiny_base, tiny_data, capsys):
     # the first sample alone, through the training data path and the plain forward
     model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")
     ds = build_dataset(tiny_data.parent / "data" / "text.json", tok, model.config.img_size, model.config.max_length)
-    item = ds[0] if ds.conversation(0).index == samples[0]["file_index"] else next(
-        ds[i] for i in range(len(ds)) if ds.conversation(i).index == samples[0]["file_index"]
+    item = (
+        ds[0]
+        if ds.conversation(0).index == samples[0]["file_index"]
+        else next(ds[i] for i in range(len(ds)) if ds.conversation(i).index == samples[0]["file_index"])
     )
     with torch.no_grad():
         loss = model(**DataCollator(2)([item])).loss.item()
@@ -43,8 +45,13 @@ def test_eval_text_output(tiny_base, tiny_data, capsys):
     from xcft.commands.eval import eval_command
 
     rc = eval_command(
-        str(tiny_data.parent / "data" / "text.json"), model_dir=str(tiny_base), max_length=64,
-        batch_size=2, output_format="text", dtype="float32", device="cpu",
+        str(tiny_data.parent / "data" / "text.json"),
+        model_dir=str(tiny_base),
+        max_length=64,
+        batch_size=2,
+        output_format="text",
+        dtype="float32",
+        device="cpu",
     )
     out = capsys.readouterr().out
     assert rc == 0

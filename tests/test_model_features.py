@@ -121,7 +121,12 @@ def test_presets_shapes():
     small = build_model("small", device="meta")
     c = small.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (
-        512, 4, 8, 4, 1408)
+        512,
+        4,
+        8,
+        4,
+        1408,
+    )
     assert (c.vision_config.hidden_size, c.vision_config.num_hidden_layers, c.vision_config.intermediate_size) == (256, 4, 1024)
     assert c.vocab_size == 92544 and c.plora_r == 256 and c.image_tokens == 1225
     assert tuple(small.vision_proj[0].weight.shape) == (512, 256) and tuple(small.vision_proj[2].weight.shape) == (512, 512)

@@ -51,9 +51,9 @@ def test_chat_prompt_format(loaded):
     )
     # no placeholder: the image goes first in the query; no system prompt: no system turn
     ids2, mask2 = model.build_chat_inputs(tok, "Describe it.", meta_instruction="", num_images=1)
-    header = [tok.bos_token_id] + tok.encode_text("[UNUSED_TOKEN_146]user\n")
+    header = [tok.bos_token_id, *tok.encode_text("[UNUSED_TOKEN_146]user\n")]
     assert ids2[0, : len(header)].tolist() == header and mask2[0].tolist().index(True) == len(header)
-    with pytest.raises(ValueError, match="2 <ImageHere> placeholders .history included. but 1 images"):
+    with pytest.raises(ValueError, match=r"2 <ImageHere> placeholders .history included. but 1 images"):
         model.build_chat_inputs(tok, "<ImageHere><ImageHere>", num_images=1)
 
 
@@ -90,7 +90,12 @@ def test_chat_with_and_without_cache(loaded, image):
     answers = []
     for use_cache in (True, False):
         response, history = model.chat(
-            tok, "Describe the image.", images=[str(image)], max_new_tokens=5, use_cache=use_cache, min_new_tokens=5,
+            tok,
+            "Describe the image.",
+            images=[str(image)],
+            max_new_tokens=5,
+            use_cache=use_cache,
+            min_new_tokens=5,
             do_sample=False,
         )
         answers.append(response)

@@ -235,7 +235,7 @@ leaked = sorted(k for k in sys.modules if k == "xcft" or k.startswith("xcft."))
 assert not leaked, leaked
 with torch.no_grad():
     logits = model(input_ids=torch.tensor([{PROMPT}])).logits
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
+ref = torch.load({str(tmp_path / "ref.pt")!r})
 assert torch.equal(logits, ref), (logits - ref).abs().max()
 assert tok.encode_text("Good morning, world") == {tok.encode_text("Good morning, world")}
 print("FRESH_OK", type(model).__name__)

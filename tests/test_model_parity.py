@@ -84,7 +84,17 @@ def rel(a: float, b: float) -> float:
 
 
 CASE_NAMES = [
-    "p01", "p02", "p03", "p04", "p05", "p06", "p07", "p08", "p09", "p10", "p11",
+    "p01",
+    "p02",
+    "p03",
+    "p04",
+    "p05",
+    "p06",
+    "p07",
+    "p08",
+    "p09",
+    "p10",
+    "p11",
 ]
 
 
@@ -168,12 +178,14 @@ def test_padded_mixed_batch_equals_alone(model, cases, pixels):
     for case in picked:
         inp = case_inputs(case, pixels)
         ids = inp["input_ids"][0]
-        items.append({
-            "input_ids": ids,
-            "labels": inp["labels"][0],
-            "image_mask": torch.zeros_like(ids, dtype=torch.bool) if inp["image_mask"] is None else inp["image_mask"][0],
-            "pixel_values": inp["pixel_values"] if inp["pixel_values"] is not None else torch.zeros(0, 3, 490, 490),
-        })
+        items.append(
+            {
+                "input_ids": ids,
+                "labels": inp["labels"][0],
+                "image_mask": torch.zeros_like(ids, dtype=torch.bool) if inp["image_mask"] is None else inp["image_mask"][0],
+                "pixel_values": inp["pixel_values"] if inp["pixel_values"] is not None else torch.zeros(0, 3, 490, 490),
+            }
+        )
     batch = DataCollator(pad_token_id=2)(items)
     assert batch["image_counts"].tolist() == [0, 1, 0]
     with torch.no_grad():

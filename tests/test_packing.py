@@ -4,6 +4,7 @@ and the length-grouped sampler. Tiny preset, CPU, a few seconds."""
 from __future__ import annotations
 
 import random
+from typing import ClassVar
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def test_length_grouped_sampler():
 
     class DS:
         epoch = 0
-        lengths = [rng.randint(1, 1000) for _ in range(200)]
+        lengths: ClassVar[list[int]] = [rng.randint(1, 1000) for _ in range(200)]
 
         def __len__(self):
             return 200
@@ -255,9 +256,12 @@ def test_length_grouped_sampler():
     assert order == list(LengthGroupedSampler(ds, batch_size=4, seed=5, mega_batch_mult=10))
     # the first batch holds the longest sample
     assert max(ds.lengths) in [ds.lengths[i] for i in order[:4]]
+
     # grouped: far less padding than a random order
     def padding(o):
-        return sum(4 * max(ds.lengths[i] for i in o[k : k + 4]) - sum(ds.lengths[i] for i in o[k : k + 4]) for k in range(0, 200, 4))
+        return sum(
+            4 * max(ds.lengths[i] for i in o[k : k + 4]) - sum(ds.lengths[i] for i in o[k : k + 4]) for k in range(0, 200, 4)
+        )
 
     rand = list(range(200))
     random.Random(0).shuffle(rand)

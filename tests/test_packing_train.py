@@ -19,8 +19,7 @@ def argv(tiny_base, tiny_data):
     """``argv(out, *flags)``: xcft train arguments for the tiny folder on the tiny mixture."""
 
     def make(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data),
-                "--output_dir", str(out), *COMMON, *extra]
+        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
 
     return make
 
@@ -39,7 +38,9 @@ def test_group_by_length_run_and_options(tmp_path, argv):
     assert train_command(argv(out, "--group_by_length", "true", "--max_steps", "1", "--per_device_train_batch_size", "2")) == 0
     cfg = parse_train_args(argv(out, "--group_by_length", "true"))
     assert cfg.data.group_by_length is True
-    assert getattr(cfg.training, "train_sampling_strategy", "group_by_length") == "group_by_length" or cfg.training.group_by_length
+    assert (
+        getattr(cfg.training, "train_sampling_strategy", "group_by_length") == "group_by_length" or cfg.training.group_by_length
+    )
     with pytest.raises(XcftError, match="do not combine"):
         parse_train_args(argv(out, "--group_by_length", "true", "--packing", "true"))
 

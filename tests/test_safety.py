@@ -68,8 +68,11 @@ def test_output_dir_equal_inside_or_around_inputs_is_refused(world, tmp_path, ca
     line = error_line(xcft(*train_args(base, data, base, "--use_lora", "false", "--max_steps", "1")))
     assert "is the base model folder" in line and str(base) in line
     # the other overlaps through the same CLI entry point, in this process
-    for out, expect in ((base / "out", "inside the base model folder"), (root, "contains the base model folder"),
-                        (data.parent, "data file")):
+    for out, expect in (
+        (base / "out", "inside the base model folder"),
+        (root, "contains the base model folder"),
+        (data.parent, "data file"),
+    ):
         assert cli_main(train_args(base, data, out, "--max_steps", "1")) == 1
         assert expect in capsys.readouterr().err
     assert snapshot(base, data.parent) == before
@@ -108,8 +111,11 @@ def test_earlier_run_needs_resume_or_overwrite_and_only_own_files_go(world, tmp_
     assert _without_lock(snapshot(out)) == _without_lock(before_all)
 
     # start over: xcft's files go, the user's stay; rotation never deletes the user's checkpoint-100
-    proc = xcft(*train_args(base, data, out, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "1",
-                            "--overwrite_output_dir", "true"))
+    proc = xcft(
+        *train_args(
+            base, data, out, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "1", "--overwrite_output_dir", "true"
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in before_mine} == before_mine
@@ -125,9 +131,13 @@ def test_second_run_on_a_running_folder_is_refused_with_the_pid(world, tmp_path)
     out = tmp_path / "busy"
     from safety_helpers import cli_env
 
-    first = subprocess.Popen([sys.executable, "-m", "xcft", *train_args(base, data, out, "--max_steps", "100000",
-                                                                        "--save_strategy", "no")],
-                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "xcft", *train_args(base, data, out, "--max_steps", "100000", "--save_strategy", "no")],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -156,13 +166,22 @@ def _tmpfs_prefix(mount: Path, size: str) -> list[str] | None:
     if shutil.which("unshare") is None:
         return None
     mount.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            f"mount -t tmpfs -o size=64k tmpfs {mount}"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mount}"],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         return None
-    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-            f'mount -t tmpfs -o size={size} tmpfs {mount} && "$0" "$@"; rc=$?; ls -a {mount}/out {mount}/out/.xcft-staging '
-            f'> {mount.parent}/listing.txt 2>&1; exit $rc']
+    return [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size} tmpfs {mount} && "$0" "$@"; rc=$?; ls -a {mount}/out {mount}/out/.xcft-staging '
+        f"> {mount.parent}/listing.txt 2>&1; exit $rc",
+    ]
 
 
 def test_disk_full_during_checkpoint_save_is_one_line(world, tmp_path):
@@ -177,14 +196,16 @@ def test_disk_full_during_checkpoint_save_is_one_line(world, tmp_path):
         proc = xcft(*args, prefix=prefix)
         listing = (tmp_path / "listing.txt").read_text()
     else:  # no mount allowed: inject the failure into the write itself
-        code = ("import errno, sys, runpy, torch\n"
-                "real = torch.save\n"
-                "def save(obj, f, *a, **k):\n"
-                "    if 'checkpoint-2' in str(f): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-                "    return real(obj, f, *a, **k)\n"
-                "torch.save = save\n"
-                f"sys.argv = ['xcft', *{args!r}]\n"
-                "runpy.run_module('xcft', run_name='__main__')\n")
+        code = (
+            "import errno, sys, runpy, torch\n"
+            "real = torch.save\n"
+            "def save(obj, f, *a, **k):\n"
+            "    if 'checkpoint-2' in str(f): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "    return real(obj, f, *a, **k)\n"
+            "torch.save = save\n"
+            f"sys.argv = ['xcft', *{args!r}]\n"
+            "runpy.run_module('xcft', run_name='__main__')\n"
+        )
         from safety_helpers import cli_env
 
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
@@ -220,14 +241,17 @@ def _broken(base: Path, dest: Path, how: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("how, command, expect", [
-    ("truncated-safetensors", "eval", "model.safetensors"),
-    ("config-not-json", "chat", "config.json is not valid JSON"),
-    ("config-list", "check-data", "not a JSON object"),
-    ("config-list", "train", "not a JSON object"),
-    ("field-type", "convert", "'num_hidden_layers'"),
-    ("no-tokenizer", "inspect", "no tokenizer.model"),
-])
+@pytest.mark.parametrize(
+    "how, command, expect",
+    [
+        ("truncated-safetensors", "eval", "model.safetensors"),
+        ("config-not-json", "chat", "config.json is not valid JSON"),
+        ("config-list", "check-data", "not a JSON object"),
+        ("config-list", "train", "not a JSON object"),
+        ("field-type", "convert", "'num_hidden_layers'"),
+        ("no-tokenizer", "inspect", "no tokenizer.model"),
+    ],
+)
 def test_broken_model_folder_is_one_line(world, tmp_path, how, command, expect):
     _, _, data = world
     _, base, _ = world
@@ -249,11 +273,14 @@ def test_broken_model_folder_is_one_line(world, tmp_path, how, command, expect):
 
 def _bomb_png(path: Path, side: int = 40000) -> Path:
     """A valid PNG header declaring side x side pixels (a decompression bomb) with almost no data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -276,9 +303,15 @@ def test_check_data_names_folder_fifo_and_hostile_json(world, tmp_path):
     (d / "folder.jpg").mkdir()
     os.mkfifo(d / "pipe.jpg")
     turns = [{"from": "user", "value": "<ImageHere>hi"}, {"from": "assistant", "value": "yo"}]
-    (d / "odd.json").write_text(json.dumps([{"id": 0, "image": "folder.jpg", "conversations": turns},
-                                             {"id": 1, "image": "pipe.jpg", "conversations": turns},
-                                             {"id": 2, "conversations": [["user", "hi"], {"from": "assistant", "value": "yo"}]}]))
+    (d / "odd.json").write_text(
+        json.dumps(
+            [
+                {"id": 0, "image": "folder.jpg", "conversations": turns},
+                {"id": 1, "image": "pipe.jpg", "conversations": turns},
+                {"id": 2, "conversations": [["user", "hi"], {"from": "assistant", "value": "yo"}]},
+            ]
+        )
+    )
     (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (d / "bigint.jsonl").write_text(json.dumps({"id": "a", "conversations": turns}) + "\n" + '{"id": ' + "7" * 5000 + "}\n")
     (d / "data.txt").write_text("odd.json 1\ndeep.json 1\nbigint.jsonl 1\n")
@@ -349,8 +382,14 @@ def test_standard_save_pretrained_is_self_contained_for_autopeft(world, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    fresh = subprocess.run([sys.executable, "-c", FRESH, str(saved), str(adapter)], capture_output=True, text=True,
-                           env=env, cwd=tmp_path, timeout=300)
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH, str(saved), str(adapter)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert fresh.returncode == 0 and "OK transformers_modules." in fresh.stdout, fresh.stderr[-3000:]
 
 
@@ -376,10 +415,12 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
     peft_model.peft_config["default"].base_model_name_or_path = str(base)
     peft_model.save_pretrained(tmp_path / "adapter")
     del peft_model, model
-    code = ("import resource, runpy, sys\n"
-            f"sys.argv = ['xcft', 'merge', '--adapter', {str(tmp_path / 'adapter')!r}, '--output', {str(tmp_path / 'merged')!r}]\n"
-            "try:\n    runpy.run_module('xcft', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    code = (
+        "import resource, runpy, sys\n"
+        f"sys.argv = ['xcft', 'merge', '--adapter', {str(tmp_path / 'adapter')!r}, '--output', {str(tmp_path / 'merged')!r}]\n"
+        "try:\n    runpy.run_module('xcft', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
     from safety_helpers import cli_env
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
@@ -400,9 +441,32 @@ def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path)
         port = s.getsockname()[1]
     from safety_helpers import cli_env
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "xcft", *train_args(base, data, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "1",
-                                     "--ddp_backend", "gloo", "--per_device_train_batch_size", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "xcft",
+        *train_args(
+            base,
+            data,
+            out,
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "1",
+            "--ddp_backend",
+            "gloo",
+            "--per_device_train_batch_size",
+            "1",
+        ),
+    ]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert is_marked(out) and is_marked(out / "checkpoint-2") and not (out / "checkpoint-1").exists()

@@ -145,8 +145,12 @@ def test_load_pretrained_raises_model_folder_errors(tiny, tmp_path):
 
     assert "truncated or corrupt" in broken("bin", lambda f: to_bin(f, True))
     assert "not a JSON object" in broken("str", lambda f: (f / "config.json").write_text('"text"'))
-    assert "expected int" in broken("float", lambda f: (f / "config.json").write_text(
-        json.dumps({**json.loads((tiny / "config.json").read_text()), "hidden_size": 64.5})))
+    assert "expected int" in broken(
+        "float",
+        lambda f: (f / "config.json").write_text(
+            json.dumps({**json.loads((tiny / "config.json").read_text()), "hidden_size": 64.5})
+        ),
+    )
     assert "SentencePiece" in broken("tok", lambda f: (f / "tokenizer.model").write_bytes(b"junk"))
     assert "cannot be parsed" in broken("deep", lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000))
 
@@ -168,9 +172,13 @@ def test_yaml_values_are_checked_against_option_types(tmp_path):
         path.write_text(f"model_name_or_path: m\ndata_path: d.json\n{text}\n")
         return parse_train_args([str(path)])
 
-    for text, expected in (("learning_rate: [1, 2]", "expected a number"), ("lora_r: 2.5", "expected an integer"),
-                           ("use_lora: sometimes", "expected true or false"), ("num_train_epochs: true", "a number"),
-                           ("lr_scheduler_type: cosin", "expected one of linear, cosine")):
+    for text, expected in (
+        ("learning_rate: [1, 2]", "expected a number"),
+        ("lora_r: 2.5", "expected an integer"),
+        ("use_lora: sometimes", "expected true or false"),
+        ("num_train_epochs: true", "a number"),
+        ("lr_scheduler_type: cosin", "expected one of linear, cosine"),
+    ):
         with pytest.raises(XcftError, match=expected):
             parse(text)
     cfg = parse("learning_rate: 1e-4\nlora_r: 8.0\nlora_target_modules: attention.wqkv\nuse_lora: 'yes'")

@@ -69,7 +69,7 @@ def _official_ids(tok: InternLM2Tokenizer, case: dict) -> list[int]:
         if k:
             out += [-1] * 1225
         out += tok.encode_text(piece)
-    return out + [tok.eos_token_id]
+    return [*out, tok.eos_token_id]
 
 
 def test_ids_equal_fixture(real_tok: InternLM2Tokenizer, cases: list[dict]) -> None:
@@ -83,12 +83,12 @@ def test_ids_equal_fixture(real_tok: InternLM2Tokenizer, cases: list[dict]) -> N
 
 
 def test_call_adds_bos(tok: InternLM2Tokenizer) -> None:
-    assert tok("Good morning, world")["input_ids"] == [tok.bos_token_id] + tok.encode_text("Good morning, world")
+    assert tok("Good morning, world")["input_ids"] == [tok.bos_token_id, *tok.encode_text("Good morning, world")]
 
 
 def test_decode(tok: InternLM2Tokenizer) -> None:
     text = "[UNUSED_TOKEN_146]user\n大熊猫 eats bamboo 🐼[UNUSED_TOKEN_145]\n"
-    ids = [tok.bos_token_id] + tok.encode_text(text) + [tok.eos_token_id]
+    ids = [tok.bos_token_id, *tok.encode_text(text), tok.eos_token_id]
     assert tok.decode(ids) == "<s>" + text + "</s>"
     assert tok.decode(ids, skip_special_tokens=True) == "user\n大熊猫 eats bamboo 🐼\n"
 
@@ -121,4 +121,4 @@ def test_save_and_autotokenizer_without_xcft(tok: InternLM2Tokenizer, tmp_path: 
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[:2] == [str(tok.turn_start_id), str(tok.turn_end_id)] == ["999", "998"]
-    assert res.stdout.strip().endswith(str([1] + tok.encode_text("Hi there")))
+    assert res.stdout.strip().endswith(str([1, *tok.encode_text("Hi there")]))

@@ -24,13 +24,54 @@ def _official_flags(script: Path) -> list[str]:
 
 
 def test_official_finetune_py_flags_parse(tmp_path):
-    argv = REQUIRED + [
-        "--given_num", "True", "--img_size", "490", "--hd_num", "18", "--batch_size", "2", "--max_length", "4096",
-        "--use_lora", "True", "--fix_vit", "False", "--fix_sampler", "True", "--lora_r", "16", "--lora_alpha", "32",
-        "--lora_dropout", "0.1", "--lora_target_modules", "attention.wqkv", "attention.wo", "--lora_weight_path", "",
-        "--lora_bias", "none", "--output_dir", str(tmp_path / "o"), "--per_device_train_batch_size", "3",
-        "--gradient_accumulation_steps", "4", "--evaluation_strategy", "no", "--warmup_ratio", "0.01",
-        "--bf16", "False", "--adam_beta2", "0.95", "--lr_scheduler_type", "cosine", "--gradient_checkpointing",
+    argv = [
+        *REQUIRED,
+        "--given_num",
+        "True",
+        "--img_size",
+        "490",
+        "--hd_num",
+        "18",
+        "--batch_size",
+        "2",
+        "--max_length",
+        "4096",
+        "--use_lora",
+        "True",
+        "--fix_vit",
+        "False",
+        "--fix_sampler",
+        "True",
+        "--lora_r",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.1",
+        "--lora_target_modules",
+        "attention.wqkv",
+        "attention.wo",
+        "--lora_weight_path",
+        "",
+        "--lora_bias",
+        "none",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--per_device_train_batch_size",
+        "3",
+        "--gradient_accumulation_steps",
+        "4",
+        "--evaluation_strategy",
+        "no",
+        "--warmup_ratio",
+        "0.01",
+        "--bf16",
+        "False",
+        "--adam_beta2",
+        "0.95",
+        "--lr_scheduler_type",
+        "cosine",
+        "--gradient_checkpointing",
     ]
     cfg = parse_train_args(argv)
     assert cfg.model.use_lora is True and cfg.model.fix_vit is False and cfg.model.fix_sampler is True
@@ -77,10 +118,10 @@ def test_yaml_then_flags_override(tmp_path):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (REQUIRED + ["--learnig_rate", "1e-4"], "learning_rate"),
-        (REQUIRED + ["--lora_rank", "8"], "lora_r"),
-        (REQUIRED + ["--fix_vitt", "true"], "fix_vit"),
-        (REQUIRED + ["--per_device_train_batchsize=2"], "per_device_train_batch_size"),
+        ([*REQUIRED, "--learnig_rate", "1e-4"], "learning_rate"),
+        ([*REQUIRED, "--lora_rank", "8"], "lora_r"),
+        ([*REQUIRED, "--fix_vitt", "true"], "fix_vit"),
+        ([*REQUIRED, "--per_device_train_batchsize=2"], "per_device_train_batch_size"),
     ],
 )
 def test_unknown_flag_suggests_nearest(argv, expected):
@@ -91,7 +132,9 @@ def test_unknown_flag_suggests_nearest(argv, expected):
 def test_unknown_yaml_key_suggests_nearest(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("model_name_or_path: m\ndata_path: d\ngradient_acumulation_steps: 4\n")
-    with pytest.raises(XcftError, match=r"c\.yaml: unknown option 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'"):
+    with pytest.raises(
+        XcftError, match=r"c\.yaml: unknown option 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'"
+    ):
         parse_train_args([str(conf)])
 
 
@@ -101,29 +144,43 @@ def test_missing_required_and_bad_values(tmp_path):
     with pytest.raises(XcftError, match="data_path is required"):
         parse_train_args(["--model_name_or_path", "m"])
     with pytest.raises(XcftError, match="eval_split"):
-        parse_train_args(REQUIRED + ["--eval_split", "1.5"])
+        parse_train_args([*REQUIRED, "--eval_split", "1.5"])
     with pytest.raises(XcftError, match="does not exist"):
         parse_train_args([str(tmp_path / "nope.yaml")])
     with pytest.raises(XcftError, match="only the first argument"):
-        parse_train_args(REQUIRED + ["stray"])
+        parse_train_args([*REQUIRED, "stray"])
 
 
 def test_xcft_defaults_and_conditional_defaults(tmp_path):
-    cfg = parse_train_args(REQUIRED + ["--output_dir", str(tmp_path)])
+    cfg = parse_train_args([*REQUIRED, "--output_dir", str(tmp_path)])
     assert cfg.training.report_to == ["tensorboard"]
     assert cfg.training.remove_unused_columns is False
     assert cfg.training.eval_strategy.value == "no"
-    cfg = parse_train_args(REQUIRED + ["--eval_split", "0.1", "--fix_vit", "false", "--report_to", "none"])
+    cfg = parse_train_args([*REQUIRED, "--eval_split", "0.1", "--fix_vit", "false", "--report_to", "none"])
     assert cfg.training.eval_strategy.value == "epoch"
     assert cfg.training.ddp_find_unused_parameters is True
     assert cfg.training.report_to in ([], ["none"], "none")
-    cfg = parse_train_args(REQUIRED + ["--eval_split", "0.1", "--eval_strategy", "steps", "--eval_steps", "5"])
+    cfg = parse_train_args([*REQUIRED, "--eval_split", "0.1", "--eval_strategy", "steps", "--eval_steps", "5"])
     assert cfg.training.eval_strategy.value == "steps"
 
 
 def test_resolved_config_round_trips(tmp_path):
-    argv = REQUIRED + ["--output_dir", str(tmp_path), "--use_lora", "--lora_r", "8", "--learning_rate", "2e-4",
-                       "--eval_split", "0.2", "--seed", "7", "--save_steps", "3"]
+    argv = [
+        *REQUIRED,
+        "--output_dir",
+        str(tmp_path),
+        "--use_lora",
+        "--lora_r",
+        "8",
+        "--learning_rate",
+        "2e-4",
+        "--eval_split",
+        "0.2",
+        "--seed",
+        "7",
+        "--save_steps",
+        "3",
+    ]
     cfg = parse_train_args(argv)
     path = write_resolved_config(cfg, tmp_path)
     assert path.name == RESOLVED_CONFIG_NAME
@@ -167,5 +224,5 @@ def test_fsdp_config_names_our_layer_classes():
     conf = json.loads((ROOT / "configs" / "fsdp.json").read_text())
     classes = conf["transformer_layer_cls_to_wrap"]
     assert set(classes) == set(m.XComposer2PreTrainedModel._no_split_modules)
-    cfg = parse_train_args(REQUIRED + ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(ROOT / "configs" / "fsdp.json")])
+    cfg = parse_train_args([*REQUIRED, "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(ROOT / "configs" / "fsdp.json")])
     assert cfg.training.fsdp_config["transformer_layer_cls_to_wrap"] == classes

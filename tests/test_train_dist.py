@@ -24,8 +24,19 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "11", "--max_steps", "3",
-          "--learning_rate", "1e-3"]
+COMMON = [
+    "--use_cpu",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+    "--seed",
+    "11",
+    "--max_steps",
+    "3",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def _free_port() -> int:
@@ -40,12 +51,22 @@ def runs(tiny_base, tiny_data, subprocess_env, read_losses):
     batch 2: the same global batch, returns its losses), both on the tiny folder and mixture."""
 
     def argv(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data),
-                "--output_dir", str(out), *COMMON, *extra]
+        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
 
     def torchrun(out, *extra, timeout=600):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "-m", "xcft.cli", "train", *argv(out, "--per_device_train_batch_size", "1", *extra)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "xcft.cli",
+            "train",
+            *argv(out, "--per_device_train_batch_size", "1", *extra),
+        ]
         r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
         return r

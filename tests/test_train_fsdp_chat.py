@@ -62,8 +62,13 @@ dist.destroy_process_group()
 def test_fully_shard_wraps_decoder_and_clip_layers_and_matches_unsharded(tmp_path, tiny_base, subprocess_env):
     script = tmp_path / "fsdp_check.py"
     script.write_text(FSDP_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(tiny_base), str(ROOT / "configs" / "fsdp.json")],
-                       env=subprocess_env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tiny_base), str(ROOT / "configs" / "fsdp.json")],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     assert res["kinds"] == ["CLIPEncoderLayer", "XComposer2DecoderLayer"]
@@ -80,8 +85,18 @@ def picture(tiny_data):
 def test_chat_one_query_with_image(picture, tiny_base, capsys):
     from xcft.commands.chat import chat_command
 
-    assert chat_command(model_dir=str(tiny_base), images=[str(picture)], query="What is this?", max_new_tokens=5,
-                        system=None, device="cpu", greedy=True) == 0
+    assert (
+        chat_command(
+            model_dir=str(tiny_base),
+            images=[str(picture)],
+            query="What is this?",
+            max_new_tokens=5,
+            system=None,
+            device="cpu",
+            greedy=True,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.endswith("\n")
 
@@ -91,11 +106,19 @@ def test_chat_query_placeholder_count_mismatch_is_an_error(picture, tiny_base):
     from xcft.errors import XcftError
 
     with pytest.raises(XcftError, match="placeholder"):
-        chat_command(model_dir=str(tiny_base), images=[str(picture)], query="<ImageHere><ImageHere>two?",
-                     max_new_tokens=2, system="", device="cpu", greedy=True)
+        chat_command(
+            model_dir=str(tiny_base),
+            images=[str(picture)],
+            query="<ImageHere><ImageHere>two?",
+            max_new_tokens=2,
+            system="",
+            device="cpu",
+            greedy=True,
+        )
     with pytest.raises(XcftError, match="not found"):
-        chat_command(model_dir=str(tiny_base), images=["/no/such.jpg"], query="x", max_new_tokens=2,
-                     system=None, device="cpu", greedy=True)
+        chat_command(
+            model_dir=str(tiny_base), images=["/no/such.jpg"], query="x", max_new_tokens=2, system=None, device="cpu", greedy=True
+        )
 
 
 def test_chat_interactive_keeps_history_and_streams(picture, tiny_base, monkeypatch, capsys):
@@ -112,8 +135,12 @@ def test_chat_interactive_keeps_history_and_streams(picture, tiny_base, monkeypa
     monkeypatch.setattr(XComposer2ForCausalLM, "chat", spy)
     answers = iter(["Describe it.", "And the colours?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    assert chat_command(model_dir=str(tiny_base), images=[str(picture)], query=None, max_new_tokens=4,
-                        system=None, device="cpu", greedy=True) == 0
+    assert (
+        chat_command(
+            model_dir=str(tiny_base), images=[str(picture)], query=None, max_new_tokens=4, system=None, device="cpu", greedy=True
+        )
+        == 0
+    )
     assert len(seen) == 2
     first, second = seen
     assert first[0] == "Describe it." and first[1] == [] and first[2] and first[3] == 1
@@ -126,11 +153,50 @@ def test_chat_cli_on_lora_adapter(tmp_path, tiny_base, tiny_data, subprocess_env
     from xcft.commands.train import train_command
 
     out = tmp_path / "lora"
-    assert train_command(["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data),
-                          "--output_dir", str(out), "--use_cpu", "--disable_tqdm", "true", "--report_to", "none",
-                          "--max_steps", "1", "--use_lora", "--lora_r", "2", "--save_strategy", "no"]) == 0
-    r = subprocess.run([sys.executable, "-m", "xcft.cli", "chat", "--model", str(out), "--query", "Hi",
-                        "--max-new-tokens", "3", "--device", "cpu"],
-                       env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert (
+        train_command(
+            [
+                "--model_name_or_path",
+                str(tiny_base),
+                "--data_path",
+                str(tiny_data),
+                "--output_dir",
+                str(out),
+                "--use_cpu",
+                "--disable_tqdm",
+                "true",
+                "--report_to",
+                "none",
+                "--max_steps",
+                "1",
+                "--use_lora",
+                "--lora_r",
+                "2",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        == 0
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xcft.cli",
+            "chat",
+            "--model",
+            str(out),
+            "--query",
+            "Hi",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.endswith("\n")

@@ -23,8 +23,16 @@ def train(tiny_base, tiny_data):
     """``train(out, *flags, data=None)``: ``xcft train`` of the tiny folder on the tiny mixture (or ``data``)."""
 
     def run(out, *extra, data=None):
-        argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(data or tiny_data),
-                "--output_dir", str(out), *COMMON, *extra]
+        argv = [
+            "--model_name_or_path",
+            str(tiny_base),
+            "--data_path",
+            str(data or tiny_data),
+            "--output_dir",
+            str(out),
+            *COMMON,
+            *extra,
+        ]
         return train_command(argv)
 
     return run
@@ -35,16 +43,30 @@ def small_fixed_data(tiny_data, tmp_path_factory):
     """Four short samples (two with an image) in one JSON file: a set a tiny model can fit."""
     images = tiny_data.parent / "data" / "images"
     samples = [
-        {"id": "a", "image": [str(images / "red.png")],
-         "conversations": [{"from": "user", "value": "<ImageHere>What colour is this?"},
-                           {"from": "assistant", "value": "It is red."}]},
-        {"id": "b", "conversations": [{"from": "user", "value": "Say hello."},
-                                      {"from": "assistant", "value": "Hello there, friend."}]},
-        {"id": "c", "image": [str(images / "green.png")],
-         "conversations": [{"from": "user", "value": "<ImageHere>Is this a square?"},
-                           {"from": "assistant", "value": "Yes, a yellow square on green."}]},
-        {"id": "d", "conversations": [{"from": "user", "value": "Count to three."},
-                                      {"from": "assistant", "value": "One, two, three."}]},
+        {
+            "id": "a",
+            "image": [str(images / "red.png")],
+            "conversations": [
+                {"from": "user", "value": "<ImageHere>What colour is this?"},
+                {"from": "assistant", "value": "It is red."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [{"from": "user", "value": "Say hello."}, {"from": "assistant", "value": "Hello there, friend."}],
+        },
+        {
+            "id": "c",
+            "image": [str(images / "green.png")],
+            "conversations": [
+                {"from": "user", "value": "<ImageHere>Is this a square?"},
+                {"from": "assistant", "value": "Yes, a yellow square on green."},
+            ],
+        },
+        {
+            "id": "d",
+            "conversations": [{"from": "user", "value": "Count to three."}, {"from": "assistant", "value": "One, two, three."}],
+        },
     ]
     path = tmp_path_factory.mktemp("fixed") / "fixed.json"
     path.write_text(json.dumps(samples))
@@ -58,8 +80,23 @@ def _weights(folder):
 @pytest.fixture(scope="module")
 def full_run(train, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "out"
-    rc = train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--save_steps", "2",
-                "--learning_rate", "1e-3", "--fix_vit", "true", "--fix_sampler", "true", "--report_to", "tensorboard")
+    rc = train(
+        out,
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--fix_vit",
+        "true",
+        "--fix_sampler",
+        "true",
+        "--report_to",
+        "tensorboard",
+    )
     assert rc == 0
     return out
 
@@ -67,9 +104,24 @@ def full_run(train, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(train, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "out"
-    rc = train(out, "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "4",
-                "--per_device_train_batch_size", "2", "--save_steps", "2", "--learning_rate", "1e-2",
-                "--fix_sampler", "false")
+    rc = train(
+        out,
+        "--use_lora",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--fix_sampler",
+        "false",
+    )
     assert rc == 0
     return out
 
@@ -127,8 +179,11 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run, tiny_base):
     peft_model, _, _ = load_adapter_model(lora_run, dtype=torch.float32, device="cpu")
     base = _weights(tiny_base)
     state = peft_model.get_base_model().state_dict()
-    originals = {k.replace(".base_layer", "").replace(".original_module", ""): v for k, v in state.items()
-                 if ".lora_" not in k and "modules_to_save" not in k}
+    originals = {
+        k.replace(".base_layer", "").replace(".original_module", ""): v
+        for k, v in state.items()
+        if ".lora_" not in k and "modules_to_save" not in k
+    }
     assert set(originals) == set(base)
     for k, v in base.items():
         assert torch.equal(originals[k], v), f"frozen base weight {k} changed"
@@ -184,8 +239,20 @@ def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base):
 
 def test_loss_decreases_on_small_fixed_set(tmp_path, train, small_fixed_data, read_losses):
     out = tmp_path / "fit"
-    rc = train(out, "--max_steps", "30", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-               "--save_strategy", "no", "--lr_scheduler_type", "constant", data=small_fixed_data)
+    rc = train(
+        out,
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "3e-3",
+        "--save_strategy",
+        "no",
+        "--lr_scheduler_type",
+        "constant",
+        data=small_fixed_data,
+    )
     assert rc == 0
     losses = read_losses(out)
     first = sum(losses[s] for s in (1, 2, 3)) / 3
@@ -194,8 +261,21 @@ def test_loss_decreases_on_small_fixed_set(tmp_path, train, small_fixed_data, re
 
 
 def test_sigterm_checkpoint_and_resume_equal_uninterrupted(tmp_path, monkeypatch, train, read_losses):
-    args = ["--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-            "--save_steps", "100", "--use_lora", "--lora_r", "4", "--lora_dropout", "0.1"]
+    args = [
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--save_steps",
+        "100",
+        "--use_lora",
+        "--lora_r",
+        "4",
+        "--lora_dropout",
+        "0.1",
+    ]
     ref = tmp_path / "ref"
     assert train(ref, *args) == 0
     expected = read_losses(ref)
@@ -251,16 +331,46 @@ def test_kill_during_save_leaves_no_checkpoint_to_pick(tmp_path, monkeypatch, tr
 
 def test_eval_split_and_eval_data_give_eval_loss(tmp_path, train, small_fixed_data):
     out = tmp_path / "ev"
-    rc = train(out, "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_split", "0.25",
-                "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no", "--use_lora", "--lora_r", "4")
+    rc = train(
+        out,
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--eval_split",
+        "0.25",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--use_lora",
+        "--lora_r",
+        "4",
+    )
     assert rc == 0
     state = json.loads((out / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_loss" in h]
     assert [h["step"] for h in evals] == [2, 4] and all(h["eval_loss"] > 0 for h in evals)
     assert (out / "loss.png").stat().st_size > 1000
     out2 = tmp_path / "ev2"
-    rc = train(out2, "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_data_path",
-                str(small_fixed_data), "--save_strategy", "no", "--use_lora", "--lora_r", "4", "--num_train_epochs", "1")
+    rc = train(
+        out2,
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--eval_data_path",
+        str(small_fixed_data),
+        "--save_strategy",
+        "no",
+        "--use_lora",
+        "--lora_r",
+        "4",
+        "--num_train_epochs",
+        "1",
+    )
     assert rc == 0
     state = json.loads((out2 / "trainer_state.json").read_text())
     assert any("eval_loss" in h for h in state["log_history"])  # eval_strategy defaults to epoch with eval data

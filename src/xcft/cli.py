@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from xcft.commands.bench.options import add_arguments as add_bench_train_arguments
 from xcft.errors import XcftError
@@ -75,9 +75,7 @@ def init_model(args: argparse.Namespace) -> int:
     """Write a randomly initialised model folder of a given preset shape."""
     from xcft.commands.init_model import init_model_command
 
-    return init_model_command(
-        args.output, preset=args.preset, img_size=args.img_size, tokenizer=args.tokenizer, seed=args.seed
-    )
+    return init_model_command(args.output, preset=args.preset, img_size=args.img_size, tokenizer=args.tokenizer, seed=args.seed)
 
 
 def train(argv: Sequence[str]) -> int:
@@ -122,9 +120,7 @@ def demo(args: argparse.Namespace) -> int:
     """End-to-end demo: synthetic data, LoRA finetune, accuracy before/after, merge, chat."""
     from xcft.commands.demo.run import demo_command
 
-    return demo_command(
-        output=args.output, steps=args.steps, quick=args.quick, output_format=args.format, family=args.family
-    )
+    return demo_command(output=args.output, steps=args.steps, quick=args.quick, output_format=args.format, family=args.family)
 
 
 def web(args: argparse.Namespace) -> int:
@@ -172,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count)")
     p.add_argument(
-        "--hd-num", type=int, default=None,
+        "--hd-num",
+        type=int,
+        default=None,
         help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
     )
     _add_format(p)
@@ -187,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument(
-        "--hd-num", type=int, default=None,
+        "--hd-num",
+        type=int,
+        default=None,
         help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
     )
     _add_format(p)
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
-        "--hd-num", type=int, default=None,
+        "--hd-num",
+        type=int,
+        default=None,
         help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
     )
     _add_format(p)
@@ -209,10 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
     p.add_argument("output", help="folder to write (new or empty; see README Safety)")
-    p.add_argument("--preset", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"], default="tiny",
-                   help="model shape; the -2.5 presets are InternLM-XComposer-2.5 (HD crops)")
-    p.add_argument("--img-size", type=int, choices=[224, 490, 560], default=None,
-                   help="image (view) side: default 224 for tiny and tiny-2.5, 490 for small and 7b, 560 for 7b-2.5")
+    p.add_argument(
+        "--preset",
+        choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"],
+        default="tiny",
+        help="model shape; the -2.5 presets are InternLM-XComposer-2.5 (HD crops)",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        choices=[224, 490, 560],
+        default=None,
+        help="image (view) side: default 224 for tiny and tiny-2.5, 490 for small and 7b, 560 for 7b-2.5",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: a small one built on the spot)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=init_model)
@@ -234,25 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", default=None, help="one question; without it an interactive session starts")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
-        "--system", "--meta-instruction", dest="system", default=None,
+        "--system",
+        "--meta-instruction",
+        dest="system",
+        default=None,
         help="system prompt ('' for none; default: the official one)",
     )
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the official sampling settings)")
     p.add_argument(
-        "--training-layout", action="store_true",
+        "--training-layout",
+        action="store_true",
         help="one <s> at the start, as training encodes samples (for models trained from scratch with xcft)",
     )
     p.add_argument(
-        "--hd-num", type=int, default=None,
+        "--hd-num",
+        type=int,
+        default=None,
         help="2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)",
     )
     p.add_argument("--device", default=None)
     p.set_defaults(func=chat)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")
-    p.add_argument("--output", default="xcft-demo", help="folder for data, models and plots (new, empty or an earlier demo's; only the demo's own files are replaced)")
     p.add_argument(
-        "--family", choices=["2.0", "2.5"], default="2.0",
+        "--output",
+        default="xcft-demo",
+        help="folder for data, models and plots (new, empty or an earlier demo's; only the demo's own files are replaced)",
+    )
+    p.add_argument(
+        "--family",
+        choices=["2.0", "2.5"],
+        default="2.0",
         help="model family of the tiny base: 2.0 (one view per image) or 2.5 (HD crops and separators)",
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")

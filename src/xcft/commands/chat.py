@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from transformers import TextStreamer
@@ -41,7 +42,7 @@ def make_streamer(tokenizer: Any, stop_ids: Sequence[int]) -> TextStreamer:
     return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def load_for_chat(model_dir: str, device: Optional[str]) -> tuple[Any, Any]:
+def load_for_chat(model_dir: str, device: str | None) -> tuple[Any, Any]:
     """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
     if not Path(model_dir).is_dir():
         raise XcftError(f"model folder {model_dir} does not exist")
@@ -57,7 +58,7 @@ def _check_images(images: Sequence[str]) -> list[Any]:
 
 
 def generation_settings(
-    max_new_tokens: int, system: Optional[str], greedy: bool, training_layout: bool = False, hd_num: Optional[int] = None
+    max_new_tokens: int, system: str | None, greedy: bool, training_layout: bool = False, hd_num: int | None = None
 ) -> dict[str, Any]:
     """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
@@ -83,13 +84,13 @@ def chat_command(
     *,
     model_dir: str,
     images: Sequence[str],
-    query: Optional[str],
+    query: str | None,
     max_new_tokens: int,
-    system: Optional[str],
-    device: Optional[str],
+    system: str | None,
+    device: str | None,
     greedy: bool = False,
     training_layout: bool = False,
-    hd_num: Optional[int] = None,
+    hd_num: int | None = None,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = _check_images(images or [])

@@ -37,13 +37,21 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         print(f"note: {note}", file=out)
     print(f"data: {data}  ({_describe_images(s)}; max_length {s.max_length})", file=out)
     if result.files:
-        header = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
+        header: tuple[str, ...] = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
         if hd:
             header += ("image tokens min/median/max",)
         rows = []
         for f in result.files:
             samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
-            row = (f.display, samples, str(f.drawn_per_epoch), str(f.images), _stats_text(f.lengths), str(f.supervised), str(f.truncated))
+            row = (
+                f.display,
+                samples,
+                str(f.drawn_per_epoch),
+                str(f.images),
+                _stats_text(f.lengths),
+                str(f.supervised),
+                str(f.truncated),
+            )
             rows.append(row + ((_stats_text(f.image_tokens),) if hd else ()))
         total = (
             "total",
@@ -56,7 +64,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         )
         rows.append(total + ((_stats_text([n for f in result.files for n in f.image_tokens]),) if hd else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join("{:<%d}" % widths[0] if i == 0 else "{:>%d}" % w for i, w in enumerate(widths))
+        fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         print(fmt.format(*header), file=out)
         for r in rows:
             print(fmt.format(*r), file=out)

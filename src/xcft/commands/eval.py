@@ -123,10 +123,16 @@ def evaluate(
             sums, counts = model.sample_losses(**batch)
             for i, s, n in zip(indices, sums.tolist(), counts.tolist()):
                 conv = conversations[i]
-                samples.append({
-                    "index": i, "id": conv.id, "file": conv.file, "file_index": conv.index,
-                    "loss": s / n, "tokens": int(n),
-                })
+                samples.append(
+                    {
+                        "index": i,
+                        "id": conv.id,
+                        "file": conv.file,
+                        "file_index": conv.index,
+                        "loss": s / n,
+                        "tokens": int(n),
+                    }
+                )
                 total_nll += s
                 total_tokens += int(n)
     finally:
@@ -162,7 +168,7 @@ def eval_command(
     width = max(len(str(s["id"])) for s in result["samples"])
     print(f"{'index':>5}  {'id':<{width}}  {'tokens':>6}  {'loss':>9}  file:sample")
     for s in result["samples"]:
-        print(f"{s['index']:>5}  {str(s['id']):<{width}}  {s['tokens']:>6}  {s['loss']:9.6f}  {s['file']}:{s['file_index']}")
+        print(f"{s['index']:>5}  {s['id']!s:<{width}}  {s['tokens']:>6}  {s['loss']:9.6f}  {s['file']}:{s['file_index']}")
     print(
         f"mean loss {result['mean_loss']:.6f} over {result['num_tokens']} supervised tokens "
         f"({result['num_samples']} samples, mean of sample losses {result['mean_sample_loss']:.6f}"

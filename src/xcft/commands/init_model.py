@@ -56,7 +56,8 @@ def init_model_command(
         except ValueError as exc:  # e.g. an img_size the 2.5 patch merge cannot use
             raise XcftError(f"--preset {preset}: {exc}") from exc
         if device != "cpu":
-            model = model.to("cpu")
+            # transformers wraps PreTrainedModel.to with functools.wraps, whose stub takes the arguments for ``self``
+            model = model.to("cpu")  # type: ignore[arg-type]
         path = save_pretrained(model, tok, out, command="init-model")
     n_params = sum(p.numel() for p in model.parameters())
     config = model.config

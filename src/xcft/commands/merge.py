@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from xcft.errors import OutputFolderError, XcftError
 from xcft.model.image_processing_xcomposer2 import load_image_tensor
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
 from xcft.output_dir import check_no_overlap, check_output_folder
+
+if TYPE_CHECKING:
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def probe_image(size: int) -> Image.Image:
 
 def probe_batch(model: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     """Chat-format prompt with one image: input_ids, attention_mask, image_mask, pixel_values, image_counts (+ image_grids for 2.5)."""
-    base = unwrap_model(model)
+    base = cast("XComposer2ForCausalLM", unwrap_model(model))
     extra: dict[str, torch.Tensor] = {}
     if base.config.hd:
         pixel_values, grids = base.hd_chat_images([probe_image(2 * base.config.img_size)])
@@ -105,7 +108,9 @@ def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
         got = probe_logits(reloaded, batch)
         diff = float((got - reference).abs().max())
         tol = tolerance(reference)
-        print(f"probe: {batch['input_ids'].shape[1]} tokens, 1 image; max abs logit diff merged vs adapter: {diff:.3e} (tolerance {tol:.1e})")
+        print(
+            f"probe: {batch['input_ids'].shape[1]} tokens, 1 image; max abs logit diff merged vs adapter: {diff:.3e} (tolerance {tol:.1e})"
+        )
         if not diff <= tol:
             raise XcftError(
                 f"merged model differs from base + adapter by {diff:.3e} > {tol:.1e} on the probe batch; "

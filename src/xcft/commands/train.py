@@ -70,11 +70,13 @@ def run_training(cfg: TrainConfig) -> int:
         if lock is not None:
             lock.release()
             if not finished and not existed:
+                assert folder is not None  # a lock is only taken on a claimed folder
                 folder.remove_if_unused()  # a run that stopped before writing anything leaves no folder behind
 
 
 def _input_folders(cfg: TrainConfig) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
     """(model folders, data folders) the run reads: the output folder must keep clear of them."""
+    assert cfg.model.model_name_or_path is not None, "parse_train_args requires --model_name_or_path"
     models = [("the base model folder of --model_name_or_path", Path(cfg.model.model_name_or_path))]
     if cfg.lora.lora_weight_path:
         models.append(("the adapter folder of --lora_weight_path", Path(cfg.lora.lora_weight_path)))
@@ -236,6 +238,7 @@ def _finish_output(cfg: TrainConfig, out: Path) -> None:
         conf_path = out / "adapter_config.json"
         if conf_path.is_file():
             conf = json.loads(conf_path.read_text())
+            assert cfg.model.model_name_or_path is not None, "parse_train_args requires --model_name_or_path"
             base = str(Path(cfg.model.model_name_or_path).resolve())
             if conf.get("base_model_name_or_path") != base:
                 conf["base_model_name_or_path"] = base

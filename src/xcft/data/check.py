@@ -103,7 +103,9 @@ def load_settings(
     """
     d = Path(model_dir)
     if not d.is_dir():
-        raise XcftError(f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json")
+        raise XcftError(
+            f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json"
+        )
     notes: list[str] = []
     config: dict[str, Any] = {}
     cfg_path = d / "config.json"
@@ -153,7 +155,9 @@ def load_settings(
         raise XcftError(f"max_length must be positive, got {max_length}")
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
-        raise XcftError(f"no tokenizer.model in {d}; --model must be a checkpoint folder that holds the InternLM2 tokenizer.model")
+        raise XcftError(
+            f"no tokenizer.model in {d}; --model must be a checkpoint folder that holds the InternLM2 tokenizer.model"
+        )
     try:
         tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
         tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
@@ -286,9 +290,7 @@ def run_check(
                 continue
             bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
             for p, why in bad:
-                problems.append(
-                    Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX)
-                )
+                problems.append(Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX))
             if bad:
                 continue
             report.valid += 1
@@ -302,7 +304,9 @@ def run_check(
                 report.skipped += 1
                 problems.append(
                     Problem(
-                        src.display, conv.index, conv.id,
+                        src.display,
+                        conv.index,
+                        conv.id,
                         f"no supervised token left after truncation to max_length={settings.max_length} (full length {enc.untruncated_length}); the sample is skipped in training",
                         "shorten the user turns or images before the first answer, or raise --max-length",
                         level="warning",
@@ -319,7 +323,9 @@ def run_check(
         if report.valid and not report.usable:
             problems.append(
                 Problem(
-                    src.display, None, None,
+                    src.display,
+                    None,
+                    None,
                     f"no sample of this file keeps a supervised token within max_length={settings.max_length}",
                     "raise --max-length (images take their slots in full), or shorten the samples",
                     line=src.line,
@@ -327,7 +333,15 @@ def run_check(
             )
         if report.usable and report.drawn_per_epoch == 0:
             problems.append(
-                Problem(src.display, None, None, f"the number {src.number} draws no sample per epoch", "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)", level="warning", line=src.line)
+                Problem(
+                    src.display,
+                    None,
+                    None,
+                    f"the number {src.number} draws no sample per epoch",
+                    "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)",
+                    level="warning",
+                    line=src.line,
+                )
             )
     return CheckResult(spec, files, problems, settings, per_file)
 
@@ -335,7 +349,9 @@ def run_check(
 # --------------------------------------------------------------------------- one sample
 
 
-def find_sample(data: str, settings: Settings, index: int | None, sample_id: str | None) -> tuple[Conversation | None, list[Problem], str]:
+def find_sample(
+    data: str, settings: Settings, index: int | None, sample_id: str | None
+) -> tuple[Conversation | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:

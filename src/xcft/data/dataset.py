@@ -11,9 +11,10 @@ decoding; ``__getitem__`` then decodes the views and checks the grid.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,9 @@ def conversation_grids(conv: Conversation, spec: ImageSpec, cache: dict[Path, Gr
             try:
                 size = image_size(path)
             except Exception as exc:  # PIL raises many types for broken headers
-                raise DataError(f"{conv.where}: cannot read the size of image {path}: {exc}. Fix: replace or re-save the file") from exc
+                raise DataError(
+                    f"{conv.where}: cannot read the size of image {path}: {exc}. Fix: replace or re-save the file"
+                ) from exc
             try:
                 grid = spec.grid(*size)
             except ValueError as exc:  # e.g. an aspect ratio the HD transform cannot handle
@@ -105,7 +108,9 @@ def read_data(
             if conv_grids is not None:
                 grids.append(conv_grids)
         if skipped:
-            logger.warning("%s: %d sample(s) skipped (no supervised token within max_length=%d)", src.display, skipped, max_length)
+            logger.warning(
+                "%s: %d sample(s) skipped (no supervised token within max_length=%d)", src.display, skipped, max_length
+            )
         if convs and not keep:
             raise DataError(
                 f"{src.display}: no sample keeps a supervised token within max_length={max_length} "
@@ -149,7 +154,9 @@ class XComposerDataset(Dataset):
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(tokenizer.eos_token_id if pad is None else pad)
         if sum(f.draw_count for f in self.files) == 0:
-            raise DataError("the data draws no sample per epoch (every count is 0 or every sample was skipped); check data.txt numbers")
+            raise DataError(
+                "the data draws no sample per epoch (every count is 0 or every sample was skipped); check data.txt numbers"
+            )
         self.epoch = -1
         self.draw = np.zeros((0, 2), dtype=np.int64)
         self.set_epoch(epoch)
@@ -162,9 +169,7 @@ class XComposerDataset(Dataset):
         if epoch == self.epoch:
             return
         self.epoch = epoch
-        self.draw = epoch_draw(
-            [f.draw_count for f in self.files], [len(f.conversations) for f in self.files], self.seed, epoch
-        )
+        self.draw = epoch_draw([f.draw_count for f in self.files], [len(f.conversations) for f in self.files], self.seed, epoch)
 
     def __len__(self) -> int:
         return len(self.draw)
@@ -270,12 +275,13 @@ def build_dataset(
     :class:`~xcft.errors.DataError` on the first bad sample (``xcft check-data`` lists them all).
     """
     files = read_data(data_path, tokenizer, img_size, max_length, given_num, hd_num=hd_num)
-    ds = XComposerDataset(
-        files, tokenizer, img_size, max_length, seed=seed, epoch=epoch, fast_jpeg=fast_jpeg, hd_num=hd_num
-    )
+    ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=epoch, fast_jpeg=fast_jpeg, hd_num=hd_num)
     logger.info(
         "data: %d file(s), %d usable samples, %d drawn per epoch, %d skipped",
-        len(files), sum(len(f.conversations) for f in files), len(ds), ds.num_skipped,
+        len(files),
+        sum(len(f.conversations) for f in files),
+        len(ds),
+        ds.num_skipped,
     )
     return ds
 
@@ -316,12 +322,13 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
         if hd:  # 2.5: pixel_values are views; the images are the rows of image_grids
             g = f.get("image_grids")
             k = 0 if g is None else int(g.shape[0])
-            if k:
+            if g is not None and k:
+                assert pv is not None, "a 2.5 item with images carries the pixel_values of their views"
                 grids.append(g)
                 pixels.append(pv)
         else:
             k = 0 if pv is None else int(pv.shape[0])
-            if k:
+            if pv is not None and k:
                 pixels.append(pv)
         counts.append(k)
     batch = {

@@ -24,8 +24,9 @@ sequence has no EOS; its labels are still by role. A sample left with no supervi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Message
 from xcft.model.image_processing_xcomposer2 import hd_crop_grid, hd_tokens_for_grid
@@ -151,7 +152,9 @@ def _split_at_images(chunks: list[tuple[str, bool, int]]) -> list[list[tuple[str
     return pieces
 
 
-def _tokenize_piece(piece: list[tuple[str, bool, int]], tokenizer: TokenizerLike, turn_tokens: tuple[str, str]) -> tuple[list[int], list[bool]]:
+def _tokenize_piece(
+    piece: list[tuple[str, bool, int]], tokenizer: TokenizerLike, turn_tokens: tuple[str, str]
+) -> tuple[list[int], list[bool]]:
     """Token ids of one piece (tokenized as one text, like the official code) and a trained flag per id.
 
     The piece is split only where the split cannot change the ids: right before/after a turn token,
@@ -196,7 +199,9 @@ def _tokenize_piece(piece: list[tuple[str, bool, int]], tokenizer: TokenizerLike
     return ids, flags
 
 
-def _assign_chunks(run_ids: list[int], run: list[tuple[str, bool, int]], boundaries: list[int], tokenizer: TokenizerLike) -> list[int]:
+def _assign_chunks(
+    run_ids: list[int], run: list[tuple[str, bool, int]], boundaries: list[int], tokenizer: TokenizerLike
+) -> list[int]:
     """Chunk index of each token of a jointly tokenized run of chunks."""
     # Fast path: the leading chunks' own ids (role headers, a few tokens) are a prefix of the joint
     # ids. SentencePiece is lossless here (identity normaliser, byte fallback), so those tokens
@@ -307,7 +312,7 @@ def _without_prepended_placeholder(conv: Conversation) -> Conversation:
     text = messages[k].text
     if not text.startswith(IMAGE_PLACEHOLDER):
         raise ValueError(f"{conv.where}: marked image_prepended but the first user turn does not start with {IMAGE_PLACEHOLDER}")
-    messages[k] = Message("user", text[len(IMAGE_PLACEHOLDER):])
+    messages[k] = Message("user", text[len(IMAGE_PLACEHOLDER) :])
     return replace(conv, messages=messages)
 
 

@@ -12,9 +12,10 @@ the same one, epochs differ, and a restarted run redraws exactly what it had.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +62,15 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        return [], [Problem(name, None, None, f"cannot read data file: {exc.strerror or exc}", "give an existing data.txt or a .json/.jsonl file")]
+        return [], [
+            Problem(
+                name,
+                None,
+                None,
+                f"cannot read data file: {exc.strerror or exc}",
+                "give an existing data.txt or a .json/.jsonl file",
+            )
+        ]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -74,7 +83,14 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
         parts = s.rsplit(None, 1)
         if len(parts) != 2:
             problems.append(
-                Problem(name, None, None, f"expected '<path> <number>', got {s!r}", "add the number of samples per epoch (in thousands, e.g. `data/a.json 0.5`)", line=lineno)
+                Problem(
+                    name,
+                    None,
+                    None,
+                    f"expected '<path> <number>', got {s!r}",
+                    "add the number of samples per epoch (in thousands, e.g. `data/a.json 0.5`)",
+                    line=lineno,
+                )
             )
             continue
         file_part, num_part = parts[0].strip(), parts[1]
@@ -82,18 +98,34 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
             number = float(num_part)
         except ValueError:
             problems.append(
-                Problem(name, None, None, f"{num_part!r} is not a number", "end the line with a number: thousands of samples (given_num) or a ratio", line=lineno)
+                Problem(
+                    name,
+                    None,
+                    None,
+                    f"{num_part!r} is not a number",
+                    "end the line with a number: thousands of samples (given_num) or a ratio",
+                    line=lineno,
+                )
             )
             continue
         if not math.isfinite(number) or number < 0:
-            problems.append(Problem(name, None, None, f"number {num_part} must be finite and >= 0", "use e.g. 0.5 or 2", line=lineno))
+            problems.append(
+                Problem(name, None, None, f"number {num_part} must be finite and >= 0", "use e.g. 0.5 or 2", line=lineno)
+            )
             continue
         fp = Path(file_part).expanduser()
         if not fp.is_absolute():
             fp = root / fp
         if not fp.is_file():
             problems.append(
-                Problem(name, None, None, f"file {file_part!r} not found (looked at {fp.absolute()})", "paths in data.txt are relative to the folder that holds data.txt", line=lineno)
+                Problem(
+                    name,
+                    None,
+                    None,
+                    f"file {file_part!r} not found (looked at {fp.absolute()})",
+                    "paths in data.txt are relative to the folder that holds data.txt",
+                    line=lineno,
+                )
             )
             continue
         sources.append(Source(fp, number, lineno, file_part))
@@ -102,13 +134,15 @@ def parse_data_txt(path: Path) -> tuple[list[Source], list[Problem]]:
     return sources, problems
 
 
-def resolve_data(data: str | Path) -> tuple[DataSpec | None, list[Problem]]:
+def resolve_data(data: str | os.PathLike[str]) -> tuple[DataSpec | None, list[Problem]]:
     """Interpret the data argument: a data.txt, or one .json/.jsonl file."""
     p = Path(data).expanduser()
     if not p.exists():
         return None, [Problem(str(data), None, None, "data path not found", "give a data.txt or a .json/.jsonl file")]
     if p.is_dir():
-        return None, [Problem(str(data), None, None, "data path is a folder", "give the data.txt inside it (or a .json/.jsonl file)")]
+        return None, [
+            Problem(str(data), None, None, "data path is a folder", "give the data.txt inside it (or a .json/.jsonl file)")
+        ]
     if p.suffix.lower() in JSON_SUFFIXES:
         return DataSpec([Source(p, None, None, str(data))], p.parent, None), []
     sources, problems = parse_data_txt(p)
@@ -135,7 +169,7 @@ def draw_count(size: int, number: float | None, given_num: bool = True) -> int:
         return size
     raw = number * 1000.0 if given_num else number * size
     # round to nearest; 1e-9 guards 0.02*1000 = 20.000000000000004 and 0.29*1000 = 289.99999999999994
-    return int(math.floor(raw + 0.5 + 1e-9))
+    return math.floor(raw + 0.5 + 1e-9)
 
 
 def epoch_draw(counts: Sequence[int], sizes: Sequence[int], seed: int, epoch: int) -> np.ndarray:

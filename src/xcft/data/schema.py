@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from xcft.data.images import image_file_problem
 from xcft.errors import DataError
@@ -122,22 +123,36 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return [], [Problem(name, None, None, "file not found", "check the path (relative paths in data.txt are relative to its folder)")]
+        return [], [
+            Problem(name, None, None, "file not found", "check the path (relative paths in data.txt are relative to its folder)")
+        ]
     except OSError as exc:
-        return [], [Problem(name, None, None, f"cannot read file: {exc.strerror or exc}", "check permissions and that it is a file")]
+        return [], [
+            Problem(name, None, None, f"cannot read file: {exc.strerror or exc}", "check permissions and that it is a file")
+        ]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         return [], [
             Problem(
-                name, None, None,
+                name,
+                None,
+                None,
                 f"file is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line})",
                 "re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.json > out.json`)",
             )
         ]
     if not text.strip():
-        return [], [Problem(name, None, None, "file is empty", "put a JSON array of samples (or one JSON object per line) in it, or remove it from data.txt")]
+        return [], [
+            Problem(
+                name,
+                None,
+                None,
+                "file is empty",
+                "put a JSON array of samples (or one JSON object per line) in it, or remove it from data.txt",
+            )
+        ]
 
     jsonl = path.suffix.lower() == ".jsonl"
     if not jsonl:
@@ -145,8 +160,17 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
             data = json.loads(text)
         except (RecursionError, ValueError) as exc:
             if not isinstance(exc, json.JSONDecodeError):
-                msg, line = _parse_failure(exc, text)
-                return [], [Problem(name, None, None, msg, "fix or remove that value; a sample needs only strings, lists and objects a few levels deep", line=line)]
+                msg, failure_line = _parse_failure(exc, text)
+                return [], [
+                    Problem(
+                        name,
+                        None,
+                        None,
+                        msg,
+                        "fix or remove that value; a sample needs only strings, lists and objects a few levels deep",
+                        line=failure_line,
+                    )
+                ]
             # A .json file holding JSON Lines is common; accept it if every line parses.
             if exc.msg == "Extra data" and text.lstrip().startswith("{"):
                 recs, probs = _read_jsonl(text, name)
@@ -154,7 +178,9 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
                     return recs, probs
             return [], [
                 Problem(
-                    name, None, None,
+                    name,
+                    None,
+                    None,
                     f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
                     "fix the syntax there (a JSON validator such as `python -m json.tool FILE` shows it)",
                 )
@@ -162,13 +188,23 @@ def read_records(path: Path, display: str | None = None) -> tuple[list[tuple[int
         if isinstance(data, dict):
             return [], [
                 Problem(
-                    name, None, None,
+                    name,
+                    None,
+                    None,
                     "top level is a single JSON object, expected an array of samples",
                     "wrap the samples in [ ... ], or write one sample per line in a .jsonl file",
                 )
             ]
         if not isinstance(data, list):
-            return [], [Problem(name, None, None, f"top level is a JSON {_json_type(data)}, expected an array of samples", "the file must be [ {sample}, {sample}, ... ]")]
+            return [], [
+                Problem(
+                    name,
+                    None,
+                    None,
+                    f"top level is a JSON {_json_type(data)}, expected an array of samples",
+                    "the file must be [ {sample}, {sample}, ... ]",
+                )
+            ]
         if not data:
             return [], [Problem(name, None, None, "the array holds no samples", "add samples or remove the file from data.txt")]
         return [(None, rec) for rec in data], []
@@ -190,7 +226,9 @@ def _read_jsonl(text: str, name: str) -> tuple[list[tuple[int | None, Any]], lis
                 continue
             problems.append(
                 Problem(
-                    name, None, None,
+                    name,
+                    None,
+                    None,
                     f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
                     "each line of a JSON Lines file must be one complete JSON object",
                     line=lineno,
@@ -297,7 +335,10 @@ def normalize_sample(
         problems.append(Problem(file, index, sid, msg, fix, level, line))
 
     if not isinstance(record, dict):
-        problem(f"sample is a JSON {_json_type(record)}, expected an object", 'each sample must look like {"id": ..., "conversations": [...]}')
+        problem(
+            f"sample is a JSON {_json_type(record)}, expected an object",
+            'each sample must look like {"id": ..., "conversations": [...]}',
+        )
         return None, problems
 
     # id
@@ -318,10 +359,16 @@ def normalize_sample(
     if convs is None:
         other = [k for k in ("conversation", "messages", "dialog") if k in record]
         hint = f' (found "{other[0]}": rename it to "conversations")' if other else ""
-        err(f'missing "conversations"{hint}', 'add "conversations": [{"from": "user", "value": ...}, {"from": "assistant", "value": ...}]')
+        err(
+            f'missing "conversations"{hint}',
+            'add "conversations": [{"from": "user", "value": ...}, {"from": "assistant", "value": ...}]',
+        )
         return None, problems
     if not isinstance(convs, list):
-        err(f'"conversations" is {_a_json_type(convs)}, expected a list of turns', 'write "conversations": [{"from": ..., "value": ...}, ...]')
+        err(
+            f'"conversations" is {_a_json_type(convs)}, expected a list of turns',
+            'write "conversations": [{"from": ..., "value": ...}, ...]',
+        )
         return None, problems
     if not convs:
         err('"conversations" is empty', "add at least one user turn and one assistant answer")
@@ -331,7 +378,10 @@ def normalize_sample(
     ok = True
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict):
-            err(f"turn {t} is {_a_json_type(turn)}, expected an object", 'each turn is {"from": "user"|"assistant", "value": "..."}')
+            err(
+                f"turn {t} is {_a_json_type(turn)}, expected an object",
+                'each turn is {"from": "user"|"assistant", "value": "..."}',
+            )
             ok = False
             continue
         frm = turn.get("from", turn.get("role"))
@@ -349,15 +399,24 @@ def normalize_sample(
         elif key == SYSTEM_ROLE:
             role = "system"
             if t != 0:
-                err(f"turn {t} has role \"system\"; a system turn is allowed only as the first turn", "move the system text into the first turn or drop it")
+                err(
+                    f'turn {t} has role "system"; a system turn is allowed only as the first turn',
+                    "move the system text into the first turn or drop it",
+                )
                 ok = False
                 continue
         else:
-            err(f'turn {t} has unknown role "{frm}"', 'use "user"/"human" for questions and "assistant"/"gpt"/"bot" for answers (or "system" as the first turn)')
+            err(
+                f'turn {t} has unknown role "{frm}"',
+                'use "user"/"human" for questions and "assistant"/"gpt"/"bot" for answers (or "system" as the first turn)',
+            )
             ok = False
             continue
         if not isinstance(value, str):
-            err(f'turn {t} ("{frm}") value is {_a_json_type(value)}, not a string', 'write the turn text as a JSON string: "value": "..."')
+            err(
+                f'turn {t} ("{frm}") value is {_a_json_type(value)}, not a string',
+                'write the turn text as a JSON string: "value": "..."',
+            )
             ok = False
             continue
         messages.append(Message(role, value.strip()))
@@ -371,7 +430,7 @@ def normalize_sample(
         if msg.role != expected:
             t = k + (len(messages) - len(body))
             err(
-                f'turn {t} is from the {msg.role} where the {expected} was expected: turns must alternate user, assistant, ... starting with the user',
+                f"turn {t} is from the {msg.role} where the {expected} was expected: turns must alternate user, assistant, ... starting with the user",
                 "reorder or merge consecutive turns of the same speaker",
             )
             return None, problems
@@ -388,7 +447,10 @@ def normalize_sample(
     elif isinstance(raw_images, list) and all(isinstance(x, str) for x in raw_images):
         image_list = list(raw_images)
     else:
-        err(f'"image" is {_a_json_type(raw_images)}, expected a path string or a list of path strings', 'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]')
+        err(
+            f'"image" is {_a_json_type(raw_images)}, expected a path string or a list of path strings',
+            'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]',
+        )
         return None, problems
     if any(not x.strip() for x in image_list):
         err('"image" holds an empty path', "remove the empty entry or give the file name")
@@ -432,7 +494,10 @@ def normalize_sample(
                 err(f'image "{img}" {image_file_problem(odd)} ({odd.absolute()})', "point the path at the image file itself")
                 continue
             looked = ", ".join(str(c.absolute()) for c in cands)
-            err(f'image "{img}" not found (looked in: {looked})', "fix the path; relative image paths are resolved against the data.txt folder, then the JSON file's folder")
+            err(
+                f'image "{img}" not found (looked in: {looked})',
+                "fix the path; relative image paths are resolved against the data.txt folder, then the JSON file's folder",
+            )
             continue
         images.append(found)
     if errors(problems):
@@ -476,11 +541,11 @@ def load_conversations(path: Path, *, search_dirs: Sequence[Path] | None = None)
 
 __all__ = [
     "ASSISTANT_ROLES",
-    "Conversation",
     "IMAGE_PLACEHOLDER",
+    "USER_ROLES",
+    "Conversation",
     "Message",
     "Problem",
-    "USER_ROLES",
     "errors",
     "image_candidates",
     "load_conversations",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import CLIPVisionConfig, PreTrainedConfig
 
@@ -85,10 +85,10 @@ class XComposer2Config(PreTrainedConfig):
     model_type = "xcomposer2"
     # save_pretrained copies this file next to config.json and names it in auto_map (self-contained folders).
     _auto_class = "AutoConfig"
-    sub_configs_defaults = {"vision_config": CLIPVisionConfig}
+    sub_configs_defaults: ClassVar[dict[str, Any]] = {"vision_config": CLIPVisionConfig}
     # transformers < 5.2x reads ``sub_configs`` (newer ones derive it from the line above).
-    sub_configs = {"vision_config": CLIPVisionConfig}
-    keys_to_ignore_at_inference = ["cache"]
+    sub_configs: ClassVar[dict[str, type]] = {"vision_config": CLIPVisionConfig}
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
 
     vocab_size: int = 92544
     hidden_size: int = 4096
@@ -149,7 +149,9 @@ class XComposer2Config(PreTrainedConfig):
                 f"= {self.vision_grid} patches per side must be even"
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
@@ -164,6 +166,7 @@ class XComposer2Config(PreTrainedConfig):
     @property
     def vision_grid(self) -> int:
         """Patches per image side at ``img_size``."""
+        assert isinstance(self.vision_config, PreTrainedConfig), "__post_init__ builds the vision config"
         return self.img_size // self.vision_config.patch_size
 
     @property
@@ -189,6 +192,7 @@ class XComposer2Config(PreTrainedConfig):
     @property
     def projector_input_size(self) -> int:
         """Width of the projector input: the tower width (2.0) or four merged patches (2.5)."""
+        assert isinstance(self.vision_config, PreTrainedConfig), "__post_init__ builds the vision config"
         return self.vision_config.hidden_size * (4 if self.hd else 1)
 
     def hd_image_tokens(self, rows: int, cols: int) -> int:
@@ -242,12 +246,12 @@ def normalize_config_dict(config_dict: dict[str, Any], folder: str | None) -> di
 
 
 __all__ = [
-    "XComposer2Config",
-    "normalize_config_dict",
-    "XCOMPOSER2_ARCHITECTURES",
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_LENGTH_2_5",
+    "FAMILIES",
     "FAMILY_2_0",
     "FAMILY_2_5",
-    "FAMILIES",
+    "XCOMPOSER2_ARCHITECTURES",
+    "XComposer2Config",
+    "normalize_config_dict",
 ]

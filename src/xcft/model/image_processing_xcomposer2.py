@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union, cast
 
 import numpy as np
 from PIL import Image
@@ -87,7 +88,7 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 def load_image(image: ImageInput, img_size: int, fast_jpeg: bool = False) -> np.ndarray:
     """Preprocess one image to a float32 array ``[3, img_size, img_size]`` equal to the official pixels."""
     img = open_image(image, img_size, fast_jpeg=fast_jpeg)
-    img = img.resize((img_size, img_size), Image.BICUBIC)
+    img = img.resize((img_size, img_size), Image.Resampling.BICUBIC)
     return normalize(np.asarray(img, dtype=np.uint8))
 
 
@@ -110,7 +111,8 @@ class XComposer2ImageProcessor:
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        arrays = [load_image(im, self.img_size, fast_jpeg=self.fast_jpeg) for im in images]
+        # a sequence by now (a bare os.PathLike other than Path is not accepted here)
+        arrays = [load_image(im, self.img_size, fast_jpeg=self.fast_jpeg) for im in cast(Sequence[ImageInput], images)]
         if not arrays:
             return torch.zeros(0, 3, self.img_size, self.img_size)
         return torch.from_numpy(np.stack(arrays))
@@ -136,8 +138,9 @@ def _hd_scale_cap(ratio: float, hd_num: int) -> int:
     return scale - 1
 
 
-def hd_resize_plan(width: int, height: int, hd_num: int, *, inference: bool = False,
-                   view_size: int = HD_VIEW_SIZE) -> tuple[bool, int, int, int]:
+def hd_resize_plan(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE
+) -> tuple[bool, int, int, int]:
     """``(transposed, cols, new_long, new_short)`` of the 2.5 HD transform for an image of ``width x height``.
 
     Pure integer/float arithmetic on the header size, identical to the official code: the long side
@@ -160,14 +163,13 @@ def hd_resize_plan(width: int, height: int, hd_num: int, *, inference: bool = Fa
     new_long = int(cols * view_size)
     new_short = int(new_long / ratio)
     if new_short < 1:
-        raise ValueError(
-            f"image size {width}x{height} is too elongated for the HD transform (aspect ratio above {new_long}:1)"
-        )
+        raise ValueError(f"image size {width}x{height} is too elongated for the HD transform (aspect ratio above {new_long}:1)")
     return transposed, cols, new_long, new_short
 
 
-def hd_crop_grid(width: int, height: int, hd_num: int, *, inference: bool = False,
-                 view_size: int = HD_VIEW_SIZE) -> tuple[int, int]:
+def hd_crop_grid(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE
+) -> tuple[int, int]:
     """Crop grid ``(rows h, columns w)`` of an image of ``width x height`` pixels (no decoding needed).
 
     ``width, height`` can come from ``PIL.Image.open(path).size``, which reads only the header.
@@ -188,15 +190,15 @@ def hd_tokens_for_grid(rows: int, cols: int, merged_grid: int = 20) -> int:
     return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
 
 
-def hd_image_tokens(width: int, height: int, hd_num: int, *, inference: bool = False,
-                    view_size: int = HD_VIEW_SIZE, merged_grid: int = 20) -> tuple[tuple[int, int], int]:
+def hd_image_tokens(
+    width: int, height: int, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE, merged_grid: int = 20
+) -> tuple[tuple[int, int], int]:
     """``((rows, cols), tokens)`` of an image from its header size and the crop budget alone."""
     grid = hd_crop_grid(width, height, hd_num, inference=inference, view_size=view_size)
     return grid, hd_tokens_for_grid(grid[0], grid[1], merged_grid)
 
 
-def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False,
-                     view_size: int = HD_VIEW_SIZE) -> np.ndarray:
+def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE) -> np.ndarray:
     """The 2.5 HD transform of an RGB image: uint8 ``[rows*view, cols*view, 3]``, white padded.
 
     Finetune transform (default): transpose tall images, choose the columns with the x1.5 factor,
@@ -209,7 +211,7 @@ def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False,
     transposed, _, new_long, new_short = hd_resize_plan(*img.size, hd_num, inference=inference, view_size=view_size)
     if transposed:
         img = img.transpose(Image.Transpose.TRANSPOSE)
-    img = img.resize((new_long, new_short), Image.BILINEAR)
+    img = img.resize((new_long, new_short), Image.Resampling.BILINEAR)
     target = math.ceil(new_short / view_size) * view_size
     top = 0 if inference else int((target - new_short) / 2)
     out = np.full((target, new_long, 3), _WHITE, dtype=np.uint8)
@@ -219,8 +221,7 @@ def hd_transform_rgb(img: Image.Image, hd_num: int, *, inference: bool = False,
     return out
 
 
-def load_hd_image(image: ImageInput, hd_num: int, *, inference: bool = False,
-                  view_size: int = HD_VIEW_SIZE) -> np.ndarray:
+def load_hd_image(image: ImageInput, hd_num: int, *, inference: bool = False, view_size: int = HD_VIEW_SIZE) -> np.ndarray:
     """float32 ``[3, rows*view, cols*view]``: the HD transform then ToTensor + CLIP normalisation, bit-exact."""
     return normalize(hd_transform_rgb(open_image(image), hd_num, inference=inference, view_size=view_size))
 
@@ -259,10 +260,12 @@ def chat_hd_num(num_images: int) -> int:
 
 __all__ = [
     "CLIP_MEAN",
+    "CLIP_STD",
     "HD_NUM_CHAT_MANY",
     "HD_NUM_CHAT_ONE",
     "HD_NUM_TRAIN",
     "HD_VIEW_SIZE",
+    "XComposer2ImageProcessor",
     "chat_hd_num",
     "hd_crop_grid",
     "hd_image_tokens",
@@ -272,8 +275,6 @@ __all__ = [
     "hd_views",
     "load_hd_image",
     "load_hd_views",
-    "CLIP_STD",
-    "XComposer2ImageProcessor",
     "load_image",
     "load_image_tensor",
     "normalize",

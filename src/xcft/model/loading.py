@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from xcft.errors import ModelFolderError, OutputFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, XComposer2Config
@@ -78,8 +78,14 @@ POST_LAYERNORM_KEYS = (
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 # ============================================================================ small helpers
@@ -127,7 +133,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The XComposer2ForCausalLM inside a peft and/or DDP/DeepSpeed wrapper (or the model itself)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model
+    return get_base_model() if get_base_model is not None else model
 
 
 # ============================================================================ reading weights
@@ -152,9 +159,7 @@ def weight_files(folder: Path) -> list[Path]:
     found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if found:
         return found
-    raise XcftError(
-        f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json"
-    )
+    raise XcftError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded *.index.json")
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -208,7 +213,7 @@ def _first_line(exc: BaseException) -> str:
 
 def plora_rank_from_weights(state: dict[str, torch.Tensor]) -> int | None:
     """The Partial-LoRA rank stored in the weights (rows of any ``Plora_A``), or None when absent."""
-    ranks = {tuple(v.shape)[0] for k, v in state.items() if k.endswith("Plora_A.weight")}
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("Plora_A.weight")}
     if not ranks:
         return None
     if len(ranks) > 1:
@@ -235,7 +240,9 @@ def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls_row, pos], dim=0)
 
 
-def detect_family(state: dict[str, torch.Tensor], declared: str | None = None, source: str = "checkpoint") -> tuple[str, int | None]:
+def detect_family(
+    state: dict[str, torch.Tensor], declared: str | None = None, source: str = "checkpoint"
+) -> tuple[str, int | None]:
     """``(family, img_size)`` of a checkpoint, read from its tensors.
 
     2.5 checkpoints have the two separators ``plora_glb_GN``/``plora_sub_GN`` and a projector
@@ -260,9 +267,7 @@ def detect_family(state: dict[str, torch.Tensor], declared: str | None = None, s
         elif proj_in == tower:
             signs[f"projector input {proj_in} = tower width"] = FAMILY_2_0
         else:
-            raise XcftError(
-                f"{source}: projector input width {proj_in} is neither the tower width {tower} (2.0) nor 4x it (2.5)"
-            )
+            raise XcftError(f"{source}: projector input width {proj_in} is neither the tower width {tower} (2.0) nor 4x it (2.5)")
     families = set(signs.values())
     if len(families) > 1:
         raise XcftError(f"{source} mixes 2.0 and 2.5 signs: {signs}; the checkpoint is inconsistent")
@@ -276,9 +281,7 @@ def detect_family(state: dict[str, torch.Tensor], declared: str | None = None, s
         rows = state[POSITION_KEY].shape[0]
         grid = math.isqrt(rows - 1)
         if grid * grid != rows - 1 or grid % 2:
-            raise XcftError(
-                f"{source}: the 2.5 position table has {rows} rows; it needs an even square grid plus a class row"
-            )
+            raise XcftError(f"{source}: the 2.5 position table has {rows} rows; it needs an even square grid plus a class row")
         img_size = grid * state[PATCH_KEY].shape[-1]
     logger.info("model family %s (%s)%s", family, ", ".join(signs), f", view {img_size} px" if img_size else "")
     return family, img_size
@@ -349,7 +352,9 @@ def check_config_types(raw: dict[str, Any], path: str | os.PathLike) -> None:
         else:
             ok = isinstance(value, allowed)
         if not ok:
-            expected = " or ".join("null" if n == "None" else "an object" if n in ("dict", "PreTrainedConfig") else n for n in names)
+            expected = " or ".join(
+                "null" if n == "None" else "an object" if n in ("dict", "PreTrainedConfig") else n for n in names
+            )
             raise ModelFolderError(
                 f"{path}: field {key!r} is {json.dumps(value)[:80]} ({type(value).__name__}); expected {expected}. "
                 "Fix the file or re-download the checkpoint"
@@ -398,6 +403,7 @@ def build_from_state_dict(
     if any(k in state for k in (PATCH_KEY, POSITION_KEY)):
         for key in POST_LAYERNORM_KEYS:  # never applied and always frozen: the identity LayerNorm init
             if key not in state:
+                assert isinstance(config.vision_config, PreTrainedConfig), "XComposer2Config builds it"
                 width = config.vision_config.hidden_size
                 state[key] = torch.ones(width) if key.endswith("weight") else torch.zeros(width)
     with torch.device("meta"):
@@ -524,16 +530,16 @@ def adapter_base_path(adapter_dir: str | os.PathLike, base: str | None = None) -
     else:
         named = read_json_object(conf_path).get("base_model_name_or_path")
         if named is not None and not isinstance(named, str):
-            raise ModelFolderError(f"{conf_path}: base_model_name_or_path is {named!r}, not a folder name; pass the base folder with --base")
+            raise ModelFolderError(
+                f"{conf_path}: base_model_name_or_path is {named!r}, not a folder name; pass the base folder with --base"
+            )
         if not named:
             raise XcftError(f"{conf_path} names no base model (base_model_name_or_path); pass the base folder with --base")
         chosen = Path(named)
         if not chosen.is_absolute() and not chosen.is_dir() and (adapter_dir / chosen).is_dir():
             chosen = adapter_dir / chosen
     if not chosen.is_dir():
-        raise XcftError(
-            f"base model folder {chosen} of adapter {adapter_dir} does not exist; pass the base folder with --base"
-        )
+        raise XcftError(f"base model folder {chosen} of adapter {adapter_dir} does not exist; pass the base folder with --base")
     return chosen.resolve()
 
 
@@ -621,8 +627,12 @@ def save_pretrained(
             )
     tmp = staging_dir(out.parent, out.name)
     try:
-        with save_errors("the model folder", out, remains=lambda: f"nothing was written to {out}",
-                         cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        with save_errors(
+            "the model folder",
+            out,
+            remains=lambda: f"nothing was written to {out}",
+            cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True),
+        ):
             write_marker(tmp, command)  # first, so that even a half-written folder is recognisably xcft's
             name_model_code(model.config)
             model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
@@ -673,24 +683,24 @@ def _check_saved_names(model: XComposer2ForCausalLM, folder: Path) -> None:
 
 
 __all__ = [
-    "load_pretrained",
-    "load_model",
-    "load_config",
-    "load_tokenizer",
-    "read_json_object",
-    "check_config_types",
-    "save_pretrained",
-    "load_adapter_model",
     "adapter_base_path",
+    "build_from_state_dict",
+    "check_config_types",
+    "detect_family",
     "is_adapter_folder",
-    "write_model_code",
+    "load_adapter_model",
+    "load_config",
+    "load_model",
+    "load_pretrained",
+    "load_tokenizer",
     "name_model_code",
-    "unwrap_model",
+    "plora_rank_from_weights",
+    "read_json_object",
     "read_state_dict",
     "resize_position_table",
-    "detect_family",
-    "plora_rank_from_weights",
-    "build_from_state_dict",
-    "resolve_dtype",
     "resolve_device",
+    "resolve_dtype",
+    "save_pretrained",
+    "unwrap_model",
+    "write_model_code",
 ]

@@ -25,12 +25,12 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -135,9 +135,11 @@ class XComposer2RotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(
-        config: XComposer2Config, device: torch.device | None = None, **kwargs: Any
+        config: XComposer2Config, device: torch.device | str | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, float]:
-        return _rope_inv_freq(config.rope_parameters["rope_theta"], config.head_dim, device), 1.0
+        params = config.rope_parameters
+        assert params is not None, "XComposer2Config.__post_init__ always sets rope_parameters"
+        return _rope_inv_freq(params["rope_theta"], config.head_dim, device), 1.0
 
     def _init_parameters(self, device: torch.device | str | None) -> tuple[torch.Tensor, float]:
         """The frequencies at short lengths (dynamic NTK starts from the plain ones)."""
@@ -154,19 +156,25 @@ class XComposer2RotaryEmbedding(nn.Module):
     def _dynamic_inv_freq(self, position_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per position ``[B, L, d/2]`` frequencies from the NTK base of the sequence each position is in."""
         params = self.config.rope_parameters
+        assert params is not None, "XComposer2Config.__post_init__ always sets rope_parameters"
         lengths = segment_lengths(position_ids, valid)
         unique, inverse = torch.unique(lengths, return_inverse=True)
-        table = torch.stack([
-            _rope_inv_freq(
-                dynamic_ntk_base(
-                    params["rope_theta"], self.config.head_dim, float(params["factor"]),
-                    self.config.max_position_embeddings, int(n),
-                ),
-                self.config.head_dim,
-                position_ids.device,
-            )
-            for n in unique.tolist()
-        ])
+        table = torch.stack(
+            [
+                _rope_inv_freq(
+                    dynamic_ntk_base(
+                        params["rope_theta"],
+                        self.config.head_dim,
+                        float(params["factor"]),
+                        self.config.max_position_embeddings,
+                        int(n),
+                    ),
+                    self.config.head_dim,
+                    position_ids.device,
+                )
+                for n in unique.tolist()
+            ]
+        )
         return table[inverse]
 
     @torch.no_grad()
@@ -177,11 +185,7 @@ class XComposer2RotaryEmbedding(nn.Module):
         ([B, L] attention mask of the current positions) matter only for dynamic NTK, which, as in
         the official code, acts only when ``total_len`` exceeds ``max_position_embeddings``."""
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
-        if (
-            self.rope_type == "dynamic"
-            and total_len is not None
-            and total_len > self.config.max_position_embeddings
-        ):
+        if self.rope_type == "dynamic" and total_len is not None and total_len > self.config.max_position_embeddings:
             inv_freq = self._dynamic_inv_freq(position_ids.expand(x.shape[0], -1), valid)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -237,6 +241,8 @@ class _AddRows(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
         (index,) = ctx.saved_tensors
         return grad, None, grad.index_select(0, index)
+
+
 # -- end bench/perf
 
 
@@ -305,8 +311,9 @@ def eager_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain softmax attention (float32 softmax), the fallback when no other backend is chosen."""
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
+    n_rep = cast(int, module.num_key_value_groups)  # an int attribute; nn.Module's stubs type it Tensor | Module
+    key_states = repeat_kv(key, n_rep)
+    value_states = repeat_kv(value, n_rep)
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -331,12 +338,13 @@ class XComposer2Attention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        assert config.num_key_value_heads is not None, "XComposer2Config.__post_init__ defaults it to the head count"
         self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        plora = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
+        plora: dict[str, Any] = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
         self.wqkv = PLoRALinear(
             config.hidden_size, (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim, bias=config.bias, **plora
         )
@@ -388,7 +396,7 @@ class XComposer2MLP(nn.Module):
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__()
-        plora = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
+        plora: dict[str, Any] = dict(lora_r=config.plora_r, lora_alpha=config.plora_alpha, lora_dropout=config.plora_dropout)
         self.w1 = PLoRALinear(config.hidden_size, config.intermediate_size, bias=False, **plora)
         self.w3 = PLoRALinear(config.hidden_size, config.intermediate_size, bias=False, **plora)
         self.w2 = PLoRALinear(config.intermediate_size, config.hidden_size, bias=False, **plora)
@@ -452,7 +460,7 @@ class XComposer2PreTrainedModel(PreTrainedModel):
     config: XComposer2Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["XComposer2DecoderLayer", "CLIPEncoderLayer"]
+    _no_split_modules = ["XComposer2DecoderLayer", "CLIPEncoderLayer"]  # noqa: RUF012 (transformers declares it an instance attribute, so not a ClassVar)
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -494,7 +502,8 @@ class XComposer2Model(XComposer2PreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.tok_embeddings
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    # The base class takes any nn.Module; the decoder needs an nn.Embedding (its .weight is read).
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]
         self.tok_embeddings = value
 
     def forward(
@@ -517,7 +526,8 @@ class XComposer2Model(XComposer2PreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            positions = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            position_ids = cast(torch.LongTensor, positions)  # torch's stubs have no integer-tensor type
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -543,7 +553,8 @@ class XComposer2Model(XComposer2PreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_BASE_OUTPUT_CACHE: cache if use_cache else None})
+        cache_output: dict[str, Any] = {_BASE_OUTPUT_CACHE: cache if use_cache else None}
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_output)
 
 
 # ============================================================================ vision
@@ -561,6 +572,7 @@ class XComposer2VisionTower(nn.Module):
 
     def __init__(self, config: XComposer2Config) -> None:
         super().__init__()
+        assert isinstance(config.vision_config, CLIPVisionConfig), "XComposer2Config.__post_init__ builds it"
         self.vision_tower = _CLIPHolder(CLIPVisionModel(config.vision_config))
 
     @property
@@ -658,8 +670,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if w is None:
                 w = weight.to(mm_dtype)
             if need_hidden:
+                assert grad_hidden is not None  # allocated above when need_hidden
                 grad_hidden[start : start + chunk_rows] = g @ w
             if need_weight:
+                assert grad_weight is not None  # allocated above when need_weight
                 xs = x.to(mm_dtype)
                 if mm_dtype == torch.float32:
                     grad_weight.addmm_(g.t(), xs)
@@ -706,7 +720,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     """
 
     accepts_loss_kwargs = True
-    _tied_weights_keys: dict[str, str] = {}
+    _tied_weights_keys: dict[str, str] = {}  # noqa: RUF012 (transformers declares it an instance attribute, so not a ClassVar)
     # Every save_pretrained of this class writes a self-contained folder: transformers copies this
     # file and the files it imports relatively (configuration, template, image processing) and
     # records them in config.json's auto_map, so AutoModelForCausalLM.from_pretrained(dir,
@@ -717,12 +731,15 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = XComposer2Model(config)
         self.vocab_size = config.vocab_size
-        self.output = OutputHead(config.hidden_size, config.vocab_size, bias=False)
+        # Typed as the base class: peft or resize_token_embeddings may put a plain nn.Linear here.
+        self.output: nn.Linear = OutputHead(config.hidden_size, config.vocab_size, bias=False)
         self.vit = XComposer2VisionTower(config)
+        projector_hidden = config.projector_hidden_size
+        assert projector_hidden is not None, "XComposer2Config.__post_init__ defaults it to hidden_size"
         self.vision_proj = nn.Sequential(
-            nn.Linear(config.projector_input_size, config.projector_hidden_size),
+            nn.Linear(config.projector_input_size, projector_hidden),
             nn.GELU(),
-            nn.Linear(config.projector_hidden_size, config.hidden_size),
+            nn.Linear(projector_hidden, config.hidden_size),
         )
         if config.hd:
             # The 2.5 separators: glb_GN between the global view and the crops, sub_GN after every
@@ -740,7 +757,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.tok_embeddings
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    # The base class takes any nn.Module; the decoder needs an nn.Embedding (its .weight is read).
+    def set_input_embeddings(self, value: nn.Embedding) -> None:  # type: ignore[override]
         self.model.tok_embeddings = value
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -758,7 +776,11 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """2.0: [N, 3, S, S] pixels -> [N, image_tokens, hidden] projected features."""
         features = self.vit(pixel_values)
-        return self.vision_proj(features.to(self.vision_proj[0].weight.dtype))
+        return self.vision_proj(features.to(self._projector_dtype()))
+
+    def _projector_dtype(self) -> torch.dtype:
+        # a Linear's weight; nn.Sequential's stubs type its items' attributes Tensor | Module
+        return cast(torch.Tensor, self.vision_proj[0].weight).dtype
 
     def merge_hd_tokens(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
         """2.5: all views of all images -> ``[tokens, 4 * tower width]`` merged tokens with separators, unprojected.
@@ -775,7 +797,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         views, patches, width = features.shape
         grid = self.config.vision_grid
         if patches != grid * grid:
-            raise ValueError(f"the tower gave {patches} patches per view, expected {grid * grid} (img_size {self.config.img_size})")
+            raise ValueError(
+                f"the tower gave {patches} patches per view, expected {grid * grid} (img_size {self.config.img_size})"
+            )
         g = grid // 2
         merged = features.reshape(views, g, 2, g, 2, width).permute(0, 1, 3, 2, 4, 5).reshape(views, g, g, 4 * width)
         merged = merged.to(self.plora_sub_GN.dtype)
@@ -807,19 +831,20 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     def get_hd_image_features(self, pixel_values: torch.Tensor, image_grids: torch.Tensor) -> torch.Tensor:
         """2.5: ``[tokens, hidden]``: :meth:`merge_hd_tokens` through the projector (separators included)."""
         tokens = self.merge_hd_tokens(pixel_values, image_grids)
-        return self.vision_proj(tokens.to(self.vision_proj[0].weight.dtype))
+        return self.vision_proj(tokens.to(self._projector_dtype()))
 
     def image_token_counts(self, image_grids: torch.Tensor | None, num_images: int) -> list[int]:
         """Token slots of each image: fixed for 2.0, from each crop grid for 2.5."""
         if not self.config.hd:
             return [self.image_tokens] * num_images
+        assert image_grids is not None, "a 2.5 (HD) model's image sizes come from image_grids"
         return [self.config.hd_image_tokens(int(h), int(w)) for h, w in image_grids.tolist()]
 
     def splice_image_features(
         self,
         inputs_embeds: torch.Tensor,
         pixel_values: torch.Tensor,
-        image_mask: torch.Tensor,
+        image_mask: torch.Tensor | None,
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -831,13 +856,18 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             raise ValueError("a 2.5 (HD) model needs image_grids [images, 2] (rows, cols) with pixel_values")
         if not hd and image_grids is not None:
             raise ValueError("image_grids is only for 2.5 (HD) models; this is a 2.0 model (config.family)")
-        if hd:
+        # From here on ``image_grids is not None`` exactly when ``hd``.
+        if image_grids is not None:
             self._checked_grids(pixel_values, image_grids)
-        num_images = int(image_grids.shape[0]) if hd else int(pixel_values.shape[0])
+        num_images = int(image_grids.shape[0]) if image_grids is not None else int(pixel_values.shape[0])
         per_image = self.image_token_counts(image_grids, num_images)
         slots = int(image_mask.sum())
         if slots != sum(per_image):
-            what = f"images with crop grids {image_grids.tolist()}" if hd else f"images of {self.image_tokens} slots each"
+            what = (
+                f"images with crop grids {image_grids.tolist()}"
+                if image_grids is not None
+                else f"images of {self.image_tokens} slots each"
+            )
             raise ValueError(
                 f"image_mask marks {slots} slots but pixel_values holds {num_images} {what} ({sum(per_image)}); "
                 f"every image needs exactly its number of consecutive slots (img_size {self.config.img_size})"
@@ -854,7 +884,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 start += n
             if per_row.tolist() != wanted:
                 raise ValueError(f"image slots per row {per_row.tolist()} do not match the images of each row {wanted}")
-        if hd:
+        if image_grids is not None:
             features = self.get_hd_image_features(pixel_values, image_grids)
         else:
             features = self.get_image_features(pixel_values)
@@ -913,10 +943,20 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         for key in ("return_dict", "output_attentions", "output_hidden_states"):
             kwargs.pop(key, None)
         outputs = self._decode(
-            input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, image_mask, image_counts,
-            use_cache, image_grids=image_grids, **kwargs,
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            inputs_embeds,
+            pixel_values,
+            image_mask,
+            image_counts,
+            use_cache,
+            image_grids=image_grids,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        assert hidden_states is not None, "the decoder always returns its hidden states"
 
         loss = None
         logits = None
@@ -948,15 +988,16 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         """Embed, splice the images in, run the decoder: the final-norm hidden states."""
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("pass input_ids or inputs_embeds, not both")
-        q_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        q_len = source.shape[1]
         past_len = cache.get_seq_length() if cache is not None else 0
         image_mask = self._align_image_mask(image_mask, past_len, q_len)
         if inputs_embeds is None:
             inputs_embeds = self.model.tok_embeddings(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                inputs_embeds = self.splice_image_features(
-                    inputs_embeds, pixel_values, image_mask, image_counts, image_grids
-                )
+                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts, image_grids)
             elif image_mask is not None and bool(image_mask.any()):
                 raise ValueError(
                     "image_mask marks image slots but no pixel_values were given; pass the images, or pass "
@@ -992,9 +1033,18 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         positions, so no [B, L, vocab] tensor is made.
         """
         hidden = self._decode(
-            input_ids, attention_mask, kwargs.get("position_ids"), None, None, pixel_values, image_mask, image_counts, False,
+            input_ids,
+            attention_mask,
+            kwargs.get("position_ids"),
+            None,
+            None,
+            pixel_values,
+            image_mask,
+            image_counts,
+            False,
             image_grids=image_grids,
         ).last_hidden_state
+        assert hidden is not None, "the decoder always returns its hidden states"
         shift_labels = labels[:, 1:].to(hidden.device)
         keep = shift_labels != IGNORE_INDEX
         rows = keep.nonzero()[:, 0]
@@ -1051,7 +1101,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         tokenizer: Any,
         query: str,
         history: Sequence[tuple[str, str]] = (),
-        meta_instruction: str | None | Any = FAMILY_DEFAULT,
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
         num_images: int = 0,
         bos_per_piece: bool | None = None,
         image_slots: Sequence[int] | None = None,
@@ -1096,7 +1146,10 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             if k < num_images:
                 ids += [pad_id] * int(image_slots[k])
                 mask += [True] * int(image_slots[k])
-        return torch.tensor([ids], dtype=torch.long), torch.tensor([mask], dtype=torch.bool)
+        # torch's stubs have no integer / boolean tensor types: torch.tensor gives a plain Tensor
+        id_rows = cast(torch.LongTensor, torch.tensor([ids], dtype=torch.long))
+        mask_rows = cast(torch.BoolTensor, torch.tensor([mask], dtype=torch.bool))
+        return id_rows, mask_rows
 
     def _images_to_pixels(self, images: Sequence[Any]) -> torch.Tensor:
         """Paths / PIL images / [3, S, S] tensors -> [N, 3, S, S] float32 with the official preprocessing."""
@@ -1137,7 +1190,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         query: str,
         images: Sequence[Any] | Any | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        meta_instruction: str | None | Any = FAMILY_DEFAULT,
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
         max_new_tokens: int = 1024,
         do_sample: bool = True,
         use_cache: bool = True,
@@ -1157,23 +1210,24 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         """
         if do_sample:
             generate_kwargs = {**{k: v for k, v in OFFICIAL_GENERATION.items() if k != "do_sample"}, **generate_kwargs}
-        history = [tuple(turn) for turn in (history or [])]
+        history = [cast("tuple[str, str]", tuple(turn)) for turn in (history or [])]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         images = list(images or [])
         # Placed here so that the history keeps the placeholders: later turns see the images where they were.
         query, _ = self._chat_placement(query, history, len(images))
         image_grids = image_slots = None
+        pixel_values: torch.Tensor | None
         if self.config.hd and images:
             pixel_values, image_grids = self.hd_chat_images(images, hd_num)
             image_slots = self.image_token_counts(image_grids, len(images))
         else:
             pixel_values = self._images_to_pixels(images) if images else None
-        input_ids, image_mask = self.build_chat_inputs(
+        prompt_ids, prompt_mask = self.build_chat_inputs(
             tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece, image_slots=image_slots
         )
         device = self.model.tok_embeddings.weight.device
-        input_ids, image_mask = input_ids.to(device), image_mask.to(device)
+        input_ids, image_mask = prompt_ids.to(device), prompt_mask.to(device)
         if pixel_values is not None:
             pixel_values = pixel_values.to(device)
         if image_grids is not None:
@@ -1193,7 +1247,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         )
         new_tokens = [t for t in out[0, input_ids.shape[1] :].tolist() if t not in eos_ids]
         response = tokenizer.decode(new_tokens, skip_special_tokens=True).split(TURN_END)[0].strip()
-        return response, history + [(query, response)]
+        return response, [*history, (query, response)]
 
 
 def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: torch.device | str) -> None:
@@ -1203,14 +1257,15 @@ def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: tor
     """
     model.model.rotary_emb.reset_inv_freq(device)
     embeddings = model.vit.clip.embeddings
-    embeddings.position_ids = torch.arange(embeddings.num_positions, device=device).expand((1, -1))
+    # nn.Module.__setattr__ stores a tensor assigned to a buffer's name as that buffer (keeping it non-persistent)
+    embeddings.position_ids = torch.arange(embeddings.num_positions, device=device).expand((1, -1))  # type: ignore[assignment]
 
 
 __all__ = [
+    "PLoRALinear",
     "XComposer2ForCausalLM",
     "XComposer2Model",
     "XComposer2PreTrainedModel",
-    "PLoRALinear",
     "causal_lm_loss",
     "materialize_non_persistent_buffers",
 ]

@@ -12,8 +12,8 @@ Self-contained (standard library only): it is copied into saved model folders be
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 TURN_START = "[UNUSED_TOKEN_146]"
 TURN_END = "[UNUSED_TOKEN_145]"
@@ -32,6 +32,7 @@ OFFICIAL_SYSTEM_PROMPT = "\n".join(
         "the provided image.",
     ]
 )
+
 
 class _FamilyDefault:
     """Marks "the model family's own default" for the system prompt (an immutable marker)."""
@@ -84,7 +85,7 @@ def chat_turns(query: str, history: Sequence[tuple[str, str]] = (), system: str 
     turns: list[tuple[str, str]] = [("system", system)] if system else []
     for question, answer in history:
         turns += [("user", question), (ANSWER_ROLE, answer)]
-    return turns + [("user", query)]
+    return [*turns, ("user", query)]
 
 
 def chat_prompt(query: str, history: Sequence[tuple[str, str]] = (), system: str | None = None) -> str:
@@ -108,13 +109,13 @@ def place_images(query: str, history: Sequence[tuple[str, str]], num_images: int
 
 __all__ = [
     "ANSWER_ROLE",
+    "FAMILY_DEFAULT",
     "IMAGE_PLACEHOLDER",
     "OFFICIAL_GENERATION",
     "OFFICIAL_SYSTEM_PROMPT",
-    "FAMILY_DEFAULT",
-    "Segment",
     "TURN_END",
     "TURN_START",
+    "Segment",
     "chat_prompt",
     "chat_turns",
     "conversation_segments",

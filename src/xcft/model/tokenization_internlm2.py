@@ -51,7 +51,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
-    model_input_names = ["input_ids", "attention_mask"]
+    model_input_names = ["input_ids", "attention_mask"]  # noqa: RUF012 (transformers declares it an instance attribute, so not a ClassVar)
     # save_pretrained copies this file and writes auto_map (see transformers' custom_object_save).
     _auto_class = "AutoTokenizer"
 
@@ -96,7 +96,7 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod
-    def from_model_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> "InternLM2Tokenizer":
+    def from_model_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> InternLM2Tokenizer:
         """Load from a ``tokenizer.model`` file, or from a folder that holds one."""
         p = Path(path)
         if p.is_dir():
@@ -196,4 +196,4 @@ class InternLM2Tokenizer(PreTrainedTokenizer):
         return (out,)
 
 
-__all__ = ["InternLM2Tokenizer", "TURN_START_TOKEN", "TURN_END_TOKEN"]
+__all__ = ["TURN_END_TOKEN", "TURN_START_TOKEN", "InternLM2Tokenizer"]

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn
 
 from xcft.errors import XcftError
 
@@ -38,7 +38,7 @@ RESOLVED_CONFIG_NAME = "train_config.yaml"
 class ModelArguments:
     """Which model to start from and which of its parts are trained."""
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Model folder: an official InternLM-XComposer2 checkpoint or one xcft wrote (required)."},
     )
@@ -71,7 +71,7 @@ class ModelArguments:
             "steps measured on 2 cores); the process then keeps its peak RSS. No effect on a GPU or without glibc."
         },
     )
-    cache_dir: Optional[str] = field(
+    cache_dir: str | None = field(
         default=None,
         metadata={"help": "Accepted for compatibility with the official finetune.py; unused (nothing is downloaded)."},
     )
@@ -81,7 +81,7 @@ class ModelArguments:
 class DataArguments:
     """Training and evaluation data and how samples are encoded."""
 
-    data_path: Optional[str] = field(
+    data_path: str | None = field(
         default=None,
         metadata={"help": "data.txt (one '<json path> <number>' per line) or a single .json/.jsonl file (required)."},
     )
@@ -92,18 +92,18 @@ class DataArguments:
             "scripts pass) or ratios of each file's size (false)."
         },
     )
-    img_size: Optional[int] = field(
+    img_size: int | None = field(
         default=None,
         metadata={"help": "Image (2.0) or view (2.5) side in pixels; must be the model's (490 for vl-7b, 560 for 2.5)."},
     )
-    resolution: Optional[int] = field(
+    resolution: int | None = field(
         default=None,
         metadata={
             "help": "Official 2.5 flag, the same as --img_size: accepted when it is the checkpoint's view size (560); "
             "the official code never passes it to its dataset either."
         },
     )
-    hd_num: Optional[int] = field(
+    hd_num: int | None = field(
         default=None,
         metadata={
             "help": "InternLM-XComposer-2.5: crop budget per image (default 18, the official training default); "
@@ -118,14 +118,14 @@ class DataArguments:
             "per_device_train_batch_size."
         },
     )
-    max_length: Optional[int] = field(
+    max_length: int | None = field(
         default=None,
         metadata={
             "help": "Token limit per sample, image slots included (default: the model's max_length; 16384 for a "
             "2.5 checkpoint whose config has none, the official script's value)."
         },
     )
-    eval_data_path: Optional[str] = field(
+    eval_data_path: str | None = field(
         default=None, metadata={"help": "Evaluation data (same formats as data_path); enables eval loss."}
     )
     eval_split: float = field(
@@ -145,7 +145,9 @@ class DataArguments:
     )
     group_by_length: bool = field(
         default=False,
-        metadata={"help": "Unpacked runs: batch samples of similar length (less padding); lengths are read without decoding images."},
+        metadata={
+            "help": "Unpacked runs: batch samples of similar length (less padding); lengths are read without decoding images."
+        },
     )
     # -- end speed
 
@@ -186,7 +188,7 @@ class OutputArguments:
 
 # Flags of older transformers versions that official finetune.sh files pass. Value: the new name, or
 # None for "accepted and ignored".
-LEGACY_ALIASES: dict[str, Optional[str]] = {
+LEGACY_ALIASES: dict[str, str | None] = {
     "evaluation_strategy": "eval_strategy",
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
@@ -209,8 +211,8 @@ class TrainConfig:
     training: Any  # transformers.TrainingArguments
     output: OutputArguments = field(default_factory=OutputArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
-    logging_dir: Optional[str] = None
-    config_file: Optional[str] = None
+    logging_dir: str | None = None
+    config_file: str | None = None
 
 
 def option_classes() -> tuple[type, ...]:
@@ -222,16 +224,17 @@ def option_classes() -> tuple[type, ...]:
 
 def _make_parser():
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
 
     classes = option_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
-    parser = HfArgumentParser(classes, prog="xcft train", allow_abbrev=False, **extra)
+    parser = HfArgumentParser([DataClassType(c) for c in classes], prog="xcft train", allow_abbrev=False, **extra)
     parser.error = _one_line_error  # type: ignore[method-assign]
     return parser
 
 
-def _one_line_error(message: str) -> None:
+def _one_line_error(message: str) -> NoReturn:
     """argparse's error (usage + message + exit 2) as one XcftError line, e.g. a flag of the wrong type."""
     raise XcftError(f"xcft train: {message}; run 'xcft train --help' for the options and their types")
 
@@ -343,7 +346,7 @@ def _normalise_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
 
 
-def _legacy_aliases() -> dict[str, Optional[str]]:
+def _legacy_aliases() -> dict[str, str | None]:
     """The aliases that apply to the installed transformers version.
 
     A rename applies when the new name exists (transformers 5.17 has no activation_checkpointing, so
@@ -480,16 +483,17 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         known = set(valid)
         defaults = {k: v for k, v in {**XCFT_DEFAULTS, **extra_defaults}.items() if k in known}
         parser.set_defaults(**copy.deepcopy(defaults))
-        parser.set_defaults(**{
-            k: check_value(k, v, parser._option_string_actions[f"--{k}"], config_file or "config")
-            if f"--{k}" in parser._option_string_actions else v
-            for k, v in file_values.items()
-        })
+        parser.set_defaults(
+            **{
+                k: check_value(k, v, parser._option_string_actions[f"--{k}"], config_file or "config")
+                if f"--{k}" in parser._option_string_actions
+                else v
+                for k, v in file_values.items()
+            }
+        )
         explicit = set(file_values) | _explicit_cli_keys(argv, parser)
         try:
-            parsed = parser.parse_args_into_dataclasses(
-                args=argv, return_remaining_strings=True, look_for_args_file=False
-            )
+            parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
         except SystemExit as exc:  # argparse already printed the reason (bad value, --help)
             if exc.code == 0:
                 raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from xcft.errors import XcftError
 from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import unwrap_model
 
+if TYPE_CHECKING:
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,7 +29,11 @@ def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
     img_size = int(cfg.data.img_size or model_img)
     if model_img and img_size != model_img:
         flag = "--resolution" if getattr(cfg.data, "resolution", None) is not None else "--img_size"
-        what = "the checkpoint's view size (each crop and the global view)" if getattr(model_config, "hd", False) else "the model's img_size"
+        what = (
+            "the checkpoint's view size (each crop and the global view)"
+            if getattr(model_config, "hd", False)
+            else "the model's img_size"
+        )
         raise XcftError(
             f"{flag} {img_size} is not {what}, {model_img} px: its vision position table is built for {model_img} px. "
             f"Drop {flag} or pass {model_img}"
@@ -54,7 +61,7 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
     train, held = [], []
     for fd in files:
         n = len(fd.conversations)
-        k = int(round(n * fraction))
+        k = round(n * fraction)
         if n >= 2:
             k = min(max(k, 1), n - 1)
         else:
@@ -63,21 +70,25 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
         hold = set(order[:k].tolist())
         keep_idx = [i for i in range(n) if i not in hold]
         hold_idx = sorted(hold)
-        train.append(dataclasses.replace(
-            fd,
-            conversations=[fd.conversations[i] for i in keep_idx],
-            lengths=[fd.lengths[i] for i in keep_idx],
-            grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
-        ))
-        if hold_idx:
-            held.append(dataclasses.replace(
+        train.append(
+            dataclasses.replace(
                 fd,
-                conversations=[fd.conversations[i] for i in hold_idx],
-                lengths=[fd.lengths[i] for i in hold_idx],
-                grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
-                draw_count=len(hold_idx),
-                skipped=0,
-            ))
+                conversations=[fd.conversations[i] for i in keep_idx],
+                lengths=[fd.lengths[i] for i in keep_idx],
+                grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
+            )
+        )
+        if hold_idx:
+            held.append(
+                dataclasses.replace(
+                    fd,
+                    conversations=[fd.conversations[i] for i in hold_idx],
+                    lengths=[fd.lengths[i] for i in hold_idx],
+                    grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
+                    draw_count=len(hold_idx),
+                    skipped=0,
+                )
+            )
     return train, held
 
 
@@ -92,7 +103,7 @@ def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]
     ]
 
 
-def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Optional[Any], Any]:
+def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Any | None, Any]:
     """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
     img_size, max_length = resolve_lengths(cfg, model_config)
     hd_num = resolve_hd_num(cfg, model_config)
@@ -113,13 +124,18 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Op
             )
         files = _redo_counts(files, cfg.data.data_path, cfg.data.given_num)
         eval_ds = XComposerDataset(held, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
-    train_ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
+    train_ds: XComposerDataset | PackedDataset = XComposerDataset(
+        files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num
+    )
     logger.info(
         "data: %d training samples per epoch (img_size %d%s, max_length %d)%s",
-        len(train_ds), img_size, f", hd_num {hd_num}" if hd_num is not None else "", max_length,
+        len(train_ds),
+        img_size,
+        f", hd_num {hd_num}" if hd_num is not None else "",
+        max_length,
         f", {len(eval_ds)} eval samples" if eval_ds is not None else "",
     )
-    collator = DataCollator(pad_token_id=train_ds.pad_token_id)
+    collator: DataCollator | PackingCollator = DataCollator(pad_token_id=train_ds.pad_token_id)
     if cfg.data.packing:  # packed rows, block-diagonal attention
         train_ds = PackedDataset(train_ds, max_length)
         collator = PackingCollator(pad_token_id=train_ds.pad_token_id)  # also batches the unpacked eval set
@@ -145,7 +161,7 @@ class VisionAlignedCollator:
     img_size: int
     slots: int
     pad_token_id: int
-    blank_grid: Optional[tuple[int, int]] = None
+    blank_grid: tuple[int, int] | None = None
 
     def __call__(self, features: Any) -> dict[str, Any]:
         batch = self.collator(features)
@@ -203,5 +219,5 @@ def needs_vision_alignment(training_args: Any, model: Any) -> bool:
         return False
     if ds.is_zero3():
         return True
-    base = unwrap_model(model)
+    base = cast("XComposer2ForCausalLM", unwrap_model(model))
     return any(p.requires_grad for p in base.vit.parameters()) or any(p.requires_grad for p in base.vision_proj.parameters())

@@ -43,8 +43,10 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     if ok:
-        logger.info("CPU run: freed memory stays in the process for reuse (glibc %s mallopt; --cpu_reuse_memory false turns it off)",
-                    gnu_get_libc_version().decode())
+        logger.info(
+            "CPU run: freed memory stays in the process for reuse (glibc %s mallopt; --cpu_reuse_memory false turns it off)",
+            gnu_get_libc_version().decode(),
+        )
     return ok
 
 

@@ -33,6 +33,7 @@ def apply_host_settings(cfg: TrainConfig) -> bool:
 def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
     """Load the model to train (float32 master weights unless --model_dtype says otherwise) and its tokenizer."""
     path = cfg.model.model_name_or_path
+    assert path is not None, "parse_train_args requires --model_name_or_path"
     if not Path(path).is_dir():
         raise XcftError(
             f"--model_name_or_path {path}: no such folder. xcft loads local folders only (nothing is downloaded); "
@@ -64,6 +65,7 @@ def prepare_model_for_training(cfg: TrainConfig, model: Any | None = None, *, ba
     ``base_path`` is recorded in a LoRA adapter's config (absolute), so the adapter loads from anywhere.
     """
     args = cfg.training
+    assert model is not None, "prepare_model_for_training needs the loaded model (see load_base_model)"
     model = configure_trainable(
         model,
         use_lora=cfg.model.use_lora,

@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -53,8 +53,16 @@ def _vision_post_layernorm_params(model: torch.nn.Module) -> list[torch.nn.Param
 SEPARATOR_NAMES = ("plora_glb_GN", "plora_sub_GN")
 
 
-def configure_trainable(model: torch.nn.Module, *, use_lora: bool, fix_vit: bool, fix_sampler: bool, lora=None,
-                        base_path: Optional[str] = None, gradient_checkpointing: bool = False) -> torch.nn.Module:
+def configure_trainable(
+    model: torch.nn.Module,
+    *,
+    use_lora: bool,
+    fix_vit: bool,
+    fix_sampler: bool,
+    lora=None,
+    base_path: str | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
     """Apply the official freezing rules; in LoRA mode return the peft-wrapped model.
 
     Full mode trains the decoder (Partial-LoRA included) and the output head; ``fix_vit`` false also
@@ -167,7 +175,7 @@ def rotate_own_checkpoints(output_dir: str | os.PathLike, limit: int, best: str 
     return doomed
 
 
-def resolve_resume(value: Optional[str], output_dir: str) -> Optional[str]:
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
     """Turn ``--resume_from_checkpoint`` (a path, ``true`` or ``false``) into a checkpoint path or None."""
     if value is None:
         return None
@@ -225,10 +233,12 @@ class XcftTrainer(Trainer):
             inputs = {**inputs, "supervised_logits_only": True}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as Trainer does; a full model folder also gets our model code (self-contained folder)."""
         super()._save(output_dir, state_dict=state_dict)
-        folder = Path(output_dir or self.args.output_dir)
+        target = output_dir or self.args.output_dir
+        assert target is not None, "TrainingArguments always has an output_dir"
+        folder = Path(target)
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "peft_config") and (folder / "config.json").is_file():
             write_model_code(folder)
@@ -236,7 +246,9 @@ class XcftTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Length grouping from the dataset's own lengths (the stock sampler would decode every image to measure)."""
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length" or getattr(self.args, "group_by_length", False)
+        grouped = getattr(self.args, "train_sampling_strategy", None) == "group_by_length" or getattr(
+            self.args, "group_by_length", False
+        )
         if grouped and hasattr(ds, "lengths"):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(ds, self.args.train_batch_size * self.args.gradient_accumulation_steps, seed=seed)
@@ -287,14 +299,10 @@ class XcftTrainer(Trainer):
                 os.utime(final)  # rotation sorts by mtime
             except FileNotFoundError:  # another node on a shared file system renamed it first
                 pass
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(staging)
-            except OSError:
-                pass
         if self.state.best_model_checkpoint and STAGING_DIR_NAME in self.state.best_model_checkpoint:
-            self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                os.sep + STAGING_DIR_NAME, ""
-            )
+            self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(os.sep + STAGING_DIR_NAME, "")
         self.accelerator.wait_for_everyone()
         if self.args.should_save and limit:
             rotate_own_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
@@ -313,7 +321,7 @@ class EpochDrawCallback(TrainerCallback):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -327,10 +335,10 @@ class SigtermCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.received = False
-        self.stopped_at: Optional[int] = None
+        self.stopped_at: int | None = None
         self._previous: Any = None
 
-    def _handler(self, signum, frame):  # noqa: ARG002
+    def _handler(self, signum, frame):
         if self.received:
             signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -442,7 +450,7 @@ class JsonLogCallback(TrainerCallback):
 # --------------------------------------------------------------------------- loss curve
 
 
-def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Optional[Path]:
+def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     """Write the training (and eval) loss curve as a PNG; None when nothing was logged."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
@@ -469,4 +477,3 @@ def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Opt
     plt.close(fig)
     os.replace(tmp, out)
     return out
-

@@ -46,8 +46,12 @@ def bench_command(args: argparse.Namespace) -> int:
 
         with contextlib.redirect_stdout(sys.stderr):
             result = run_data_bench(
-                args.data, args.img_size, workers=args.workers, fast_jpeg=args.fast_jpeg,
-                photo=_photo_size(getattr(args, "photo", None)), sources=tuple(getattr(args, "source", None) or ()),
+                args.data,
+                args.img_size,
+                workers=args.workers,
+                fast_jpeg=args.fast_jpeg,
+                photo=_photo_size(getattr(args, "photo", None)),
+                sources=tuple(getattr(args, "source", None) or ()),
             )
         print(json.dumps(result) if args.format == "json" else format_data_result(result))
         return 0

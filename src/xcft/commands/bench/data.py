@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,8 +55,15 @@ class _ImageList(torch.utils.data.Dataset):
         return load_image(self.paths[i], self.img_size, fast_jpeg=self.fast_jpeg)
 
 
-def images_per_second(paths: Sequence[Path], img_size: int, *, workers: int = 0, fast_jpeg: bool = False,
-                      min_seconds: float = 2.0, min_images: int = 50) -> float:
+def images_per_second(
+    paths: Sequence[Path],
+    img_size: int,
+    *,
+    workers: int = 0,
+    fast_jpeg: bool = False,
+    min_seconds: float = 2.0,
+    min_images: int = 50,
+) -> float:
     """Preprocessed images per second over ``paths`` (repeated until both minimums are reached)."""
     from xcft.model.image_processing_xcomposer2 import load_image
 
@@ -75,8 +83,9 @@ def images_per_second(paths: Sequence[Path], img_size: int, *, workers: int = 0,
     start_probe = time.perf_counter()
     reps = 1
     while True:
-        loader = torch.utils.data.DataLoader(_ImageList(list(paths) * reps, img_size, fast_jpeg), batch_size=None,
-                                             num_workers=workers, prefetch_factor=4)
+        loader = torch.utils.data.DataLoader(
+            _ImageList(list(paths) * reps, img_size, fast_jpeg), batch_size=None, num_workers=workers, prefetch_factor=4
+        )
         it = iter(loader)
         next(it)
         start = time.perf_counter()
@@ -93,9 +102,9 @@ def make_photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([
-        127 + 100 * np.sin(xx / (width / 3.1) + c) * np.cos(yy / (height / 2.3) - c) for c in (0.0, 1.3, 2.6)
-    ], axis=-1)
+    base = np.stack(
+        [127 + 100 * np.sin(xx / (width / 3.1) + c) * np.cos(yy / (height / 2.3) - c) for c in (0.0, 1.3, 2.6)], axis=-1
+    )
     noise = rng.normal(0, 18, size=(height // 4 + 1, width // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:height, :width]
     img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
@@ -108,9 +117,17 @@ def make_photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
     return path
 
 
-def run_data_bench(data: str, img_size: int, *, workers: int = 0, fast_jpeg: bool = False,
-                   photo: tuple[int, int] | None = None, sources: Sequence[str] = (),
-                   min_seconds: float = 2.0, calibration_seconds: float = 0.3) -> dict[str, Any]:
+def run_data_bench(
+    data: str,
+    img_size: int,
+    *,
+    workers: int = 0,
+    fast_jpeg: bool = False,
+    photo: tuple[int, int] | None = None,
+    sources: Sequence[str] = (),
+    min_seconds: float = 2.0,
+    calibration_seconds: float = 0.3,
+) -> dict[str, Any]:
     """Images/s on the data's images (and, with ``photo``, exact vs fast JPEG on a large generated photo)."""
     from xcft.model.image_processing_xcomposer2 import load_image
 
@@ -159,4 +176,4 @@ def format_data_result(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["data_image_paths", "images_per_second", "make_photo", "run_data_bench", "format_data_result"]
+__all__ = ["data_image_paths", "format_data_result", "images_per_second", "make_photo", "run_data_bench"]

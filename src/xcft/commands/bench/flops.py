@@ -32,7 +32,7 @@ class StepCounts:
     targets: int = 0  # supervised targets (labels[:, 1:] != -100)
     sum_sq_segments: int = 0  # Σ over samples of length²
 
-    def add(self, other: "StepCounts") -> None:
+    def add(self, other: StepCounts) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
 

@@ -16,7 +16,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,9 +40,16 @@ def _versions() -> dict[str, Any]:
     return out
 
 
-def run_gpu_check(preset: str = "7b", length: int = 4096, steps: int = 4, warmup: int = 2, images: int = 1,
-                  configs: Sequence[str] = ("ac-unpacked", "ac-packed", "noac-unpacked", "noac-packed"),
-                  bf16: bool | None = None, calibration_seconds: float = 0.3) -> list[dict[str, Any]]:
+def run_gpu_check(
+    preset: str = "7b",
+    length: int = 4096,
+    steps: int = 4,
+    warmup: int = 2,
+    images: int = 1,
+    configs: Sequence[str] = ("ac-unpacked", "ac-packed", "noac-unpacked", "noac-packed"),
+    bf16: bool | None = None,
+    calibration_seconds: float = 0.3,
+) -> list[dict[str, Any]]:
     """Run the check; returns one result (or error) per configuration, in order."""
     from xcft.commands.bench.options import TrainBenchOptions
     from xcft.commands.bench.train import prepare_model, run_train_bench
@@ -49,9 +57,18 @@ def run_gpu_check(preset: str = "7b", length: int = 4096, steps: int = 4, warmup
 
     if bf16 is None:
         bf16 = torch.cuda.is_available()
-    base = TrainBenchOptions(preset=preset, synthetic=length, synthetic_images=images, batch_size=1, steps=steps,
-                             warmup=warmup, max_length=length, use_lora=True, bf16=bf16,
-                             calibration_seconds=calibration_seconds)
+    base = TrainBenchOptions(
+        preset=preset,
+        synthetic=length,
+        synthetic_images=images,
+        batch_size=1,
+        steps=steps,
+        warmup=warmup,
+        max_length=length,
+        use_lora=True,
+        bf16=bf16,
+        calibration_seconds=calibration_seconds,
+    )
     from xcft.commands.bench.train import _train_argv
 
     t0 = time.perf_counter()
@@ -63,8 +80,9 @@ def run_gpu_check(preset: str = "7b", length: int = 4096, steps: int = 4, warmup
     for name in configs:
         ac = name.startswith("ac-")
         packed = name.endswith("-packed")
-        opts = TrainBenchOptions(**{**base.__dict__, "activation_checkpointing": ac, "packing": packed,
-                                    "synthetic": length // 2 if packed else length})
+        opts = TrainBenchOptions(
+            **{**base.__dict__, "activation_checkpointing": ac, "packing": packed, "synthetic": length // 2 if packed else length}
+        )
         entry: dict[str, Any] = {"config": name, "activation_checkpointing": ac, "packing": packed}
         try:
             r = run_train_bench(opts, prepared=prepared)
@@ -112,17 +130,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info["device"] == "cpu" and args.preset == "7b":
         print("# no GPU visible: the 7b check needs one (use --preset tiny to test the script on a CPU)", flush=True)
         return 2
-    results = run_gpu_check(args.preset, args.length, args.steps, args.warmup, args.images,
-                            [c.strip() for c in args.configs.split(",") if c.strip()],
-                            bf16=False if args.no_bf16 else None, calibration_seconds=args.calibration_seconds)
+    results = run_gpu_check(
+        args.preset,
+        args.length,
+        args.steps,
+        args.warmup,
+        args.images,
+        [c.strip() for c in args.configs.split(",") if c.strip()],
+        bf16=False if args.no_bf16 else None,
+        calibration_seconds=args.calibration_seconds,
+    )
     print("# flops: " + next((r["flops_convention"] for r in results if "flops_convention" in r), "n/a"))
     ok = [r for r in results if "error" not in r]
     for r in ok:
         if r["activation_checkpointing"] and r.get("mfu") is not None:
             gib = r["peak_gpu_bytes"] / 1024**3
             verdict = "meets" if r["mfu"] >= TARGET_MFU and gib <= TARGET_PEAK_GIB else "misses"
-            print(f"# target (MFU >= {TARGET_MFU:.0%}, peak <= {TARGET_PEAK_GIB:.0f} GiB with checkpointing): "
-                  f"{r['config']} {verdict} it (MFU {r['mfu']:.1%}, peak {gib:.2f} GiB)")
+            print(
+                f"# target (MFU >= {TARGET_MFU:.0%}, peak <= {TARGET_PEAK_GIB:.0f} GiB with checkpointing): "
+                f"{r['config']} {verdict} it (MFU {r['mfu']:.1%}, peak {gib:.2f} GiB)"
+            )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"versions": info, "results": results}, fh, indent=2)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 
 def _opt(default: Any, help: str, flag: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -23,18 +24,18 @@ def _opt(default: Any, help: str, flag: str | None = None, **argparse_kwargs: An
 class TrainBenchOptions:
     """One benchmark run (the ``xcft bench train`` flags)."""
 
-    model: Optional[str] = _opt(None, "model folder, as for xcft train")
-    preset: Optional[str] = _opt(None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b"])
-    data: Optional[str] = _opt(None, "data.txt or JSON file, as for xcft train")
+    model: str | None = _opt(None, "model folder, as for xcft train")
+    preset: str | None = _opt(None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b"])
+    data: str | None = _opt(None, "data.txt or JSON file, as for xcft train")
     sources: Sequence[str] = _opt((), "keep only data.txt files whose path contains this (repeatable)", "--source")
-    synthetic: Optional[int] = _opt(None, "synthetic samples of LENGTH tokens instead of --data", metavar="LENGTH")
+    synthetic: int | None = _opt(None, "synthetic samples of LENGTH tokens instead of --data", metavar="LENGTH")
     synthetic_images: int = _opt(1, "images per synthetic sample")
     batch_size: int = _opt(1, "samples per step (rows per step with --packing)")
     packing: bool = _opt(False, "pack samples into rows of max_length")
     group_by_length: bool = _opt(False, "length-grouped batches (unpacked runs)")
     steps: int = _opt(5, "timed steps")
     warmup: int = _opt(1, "untimed steps first")
-    max_length: Optional[int] = _opt(None, "token limit (default: the model's)")
+    max_length: int | None = _opt(None, "token limit (default: the model's)")
     workers: int = _opt(0, "DataLoader workers (dataloader_num_workers)")
     use_lora: bool = _opt(False, "LoRA (use_lora true) instead of a full finetune", "--lora")
     fix_vit: bool = _opt(True, "train the vision tower too (xcft train --fix_vit false)", "--no-fix-vit")
@@ -45,7 +46,8 @@ class TrainBenchOptions:
     seed: int = _opt(0, "random seed")
     calibration_seconds: float = _opt(0.3, "seconds per calibration repeat (5 repeats before and after the run)")
     cpu_reuse_memory: bool = _opt(
-        True, "CPU: let freed memory go back to the kernel (xcft train --cpu_reuse_memory false), for comparison",
+        True,
+        "CPU: let freed memory go back to the kernel (xcft train --cpu_reuse_memory false), for comparison",
         "--no-cpu-reuse-memory",
     )
     extra_args: Sequence[str] = field(default_factory=tuple)  # more xcft train flags (library use)
@@ -57,7 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if "help" not in f.metadata:
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"option {f.name} has no default"
+            default = f.default_factory()
         kwargs = dict(f.metadata["argparse"], dest=f.name, help=f.metadata["help"])
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_false" if default else "store_true", **kwargs)

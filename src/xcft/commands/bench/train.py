@@ -18,14 +18,16 @@ each data file is scaled up (same proportions) to cover ``warmup + steps`` steps
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -42,6 +44,9 @@ from xcft.train.datasets import resolve_lengths
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 
+if TYPE_CHECKING:
+    from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+
 logger = logging.getLogger(__name__)
 
 COUNTS_KEY = "xcft_bench_counts"
@@ -57,10 +62,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
     40% of the text is supervised (an answer).
     """
 
-    def __init__(self, count: int, length: int, images: int, image_tokens: int, img_size: int, vocab: int, pad: int, seed: int = 0):
+    def __init__(
+        self, count: int, length: int, images: int, image_tokens: int, img_size: int, vocab: int, pad: int, seed: int = 0
+    ):
         need = 2 + images * image_tokens
         if length < need + 8:
-            raise XcftError(f"--synthetic {length}: too short for {images} image(s) of {image_tokens} slots; use at least {need + 8}")
+            raise XcftError(
+                f"--synthetic {length}: too short for {images} image(s) of {image_tokens} slots; use at least {need + 8}"
+            )
         self.count, self.length, self.images = int(count), int(length), int(images)
         self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
         self.pad_token_id = pad
@@ -103,8 +112,8 @@ def _segments(item: dict[str, Any]) -> list[int]:
     pos = item.get("position_ids")
     if pos is None:
         return [n]
-    starts = (pos == 0).nonzero().flatten().tolist() + [n]
-    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+    starts = [*(pos == 0).nonzero().flatten().tolist(), n]
+    return [b - a for a, b in itertools.pairwise(starts)]
 
 
 @dataclass
@@ -149,10 +158,17 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
     if opts.synthetic:
         pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
         per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
-        ds: Any = SyntheticDataset(rows_needed * per_row, opts.synthetic, opts.synthetic_images, int(base_config.image_tokens),
-                                   img_size, int(base_config.vocab_size), pad, opts.seed)
+        ds: Any = SyntheticDataset(
+            rows_needed * per_row,
+            opts.synthetic,
+            opts.synthetic_images,
+            int(base_config.image_tokens),
+            img_size,
+            int(base_config.vocab_size),
+            pad,
+            opts.seed,
+        )
     else:
-
         img_size, max_length = resolve_lengths(cfg, base_config)
         files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
         if opts.sources:
@@ -185,7 +201,7 @@ def _bench_trainer_class():
 
         bench_counts: list[StepCounts]
 
-        def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D401
+        def training_step(self, model, inputs, num_items_in_batch=None):
             raw = inputs.pop(COUNTS_KEY, None)
             if raw is not None:
                 self.bench_counts.append(StepCounts(*[int(v) for v in raw.tolist()]))
@@ -238,19 +254,32 @@ def _timer_callback(trainer_ref: list, cuda: bool):
 
 def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
     argv = [
-        "--model_name_or_path", opts.model or f"preset:{opts.preset}",
-        "--data_path", opts.data or "synthetic",
-        "--output_dir", output_dir,
-        "--max_steps", str(opts.warmup + opts.steps),
-        "--per_device_train_batch_size", str(opts.batch_size),
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--logging_steps", "1000000",
-        "--disable_tqdm", "true",
-        "--dataloader_num_workers", str(opts.workers),
-        "--seed", str(opts.seed),
-        "--use_lora", str(opts.use_lora).lower(),
-        "--fix_vit", str(opts.fix_vit).lower(),
+        "--model_name_or_path",
+        opts.model or f"preset:{opts.preset}",
+        "--data_path",
+        opts.data or "synthetic",
+        "--output_dir",
+        output_dir,
+        "--max_steps",
+        str(opts.warmup + opts.steps),
+        "--per_device_train_batch_size",
+        str(opts.batch_size),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1000000",
+        "--disable_tqdm",
+        "true",
+        "--dataloader_num_workers",
+        str(opts.workers),
+        "--seed",
+        str(opts.seed),
+        "--use_lora",
+        str(opts.use_lora).lower(),
+        "--fix_vit",
+        str(opts.fix_vit).lower(),
     ]
     if not torch.cuda.is_available():
         argv += ["--use_cpu", "true"]
@@ -277,7 +306,7 @@ def _checkpointing_on(model: Any) -> bool:
     return False
 
 
-def _resolve_attn(attn: str, cuda: bool) -> Optional[str]:
+def _resolve_attn(attn: str, cuda: bool) -> str | None:
     if attn != "auto":
         return attn
     if cuda:
@@ -296,8 +325,9 @@ def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
     attn = _resolve_attn(opts.attn, cuda)
     if opts.preset:
         dtype = torch.bfloat16 if opts.bf16 else torch.float32
-        model = build_model(opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu",
-                            attn_implementation=attn or "sdpa")
+        model = build_model(
+            opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu", attn_implementation=attn or "sdpa"
+        )
         tokenizer = None
     else:
         model, tokenizer = load_base_model(cfg)
@@ -332,7 +362,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         cfg = parse_train_args(_train_argv(opts, out))
         reuse_memory = apply_host_settings(cfg)
         model, tokenizer = prepared if prepared is not None else prepare_model(opts, cfg)
-        base = unwrap_model(model)
+        base = cast("XComposer2ForCausalLM", unwrap_model(model))
         if prepared is not None and not opts.activation_checkpointing and _checkpointing_on(base):
             (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
         base_config = base.config
@@ -341,9 +371,15 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         trainer_ref: list = []
         timer = _timer_callback(trainer_ref, cuda)
         trainer_cls = _bench_trainer_class()
-        trainer = trainer_cls(model=model, args=cfg.training, train_dataset=train_ds, data_collator=collator,
-                              supervised_head=not opts.full_head,
-                              processing_class=tokenizer, callbacks=[timer])
+        trainer = trainer_cls(
+            model=model,
+            args=cfg.training,
+            train_dataset=train_ds,
+            data_collator=collator,
+            supervised_head=not opts.full_head,
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # stdout carries only the report (JSON stays parseable)
@@ -446,10 +482,10 @@ def format_train_result(r: dict[str, Any]) -> str:
         f"setup             batch {r['batch_size']}, packing {r['packing']}, group_by_length {r['group_by_length']}, "
         f"supervised head {r['supervised_head']}, lora {r['use_lora']}, bf16 {r['bf16']}, "
         f"activation checkpointing {r['activation_checkpointing']}, attention {r['attn_implementation']}, device {r['device']}"
-        + (f", CPU memory reuse {r['cpu_reuse_memory']}" if r['device'] == "cpu" else "")
+        + (f", CPU memory reuse {r['cpu_reuse_memory']}" if r["device"] == "cpu" else "")
     )
     lines.append(f"loop              {r['loop']}")
     return "\n".join(lines)
 
 
-__all__ = ["TrainBenchOptions", "SyntheticDataset", "CountingCollator", "prepare_model", "run_train_bench", "format_train_result"]
+__all__ = ["CountingCollator", "SyntheticDataset", "TrainBenchOptions", "format_train_result", "prepare_model", "run_train_bench"]

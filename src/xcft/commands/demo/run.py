@@ -37,7 +37,7 @@ from xcft.output_dir import FolderLock, OutputFolder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoPreset", "FULL", "QUICK", "DemoResult", "run_demo", "demo_command"]
+__all__ = ["FULL", "QUICK", "DemoPreset", "DemoResult", "demo_command", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -71,20 +71,45 @@ class DemoPreset:
 TINY_DEMO_OVERRIDES: dict[str, Any] = {"initializer_range": 0.25, "rope_theta": 1e4}
 
 FULL = DemoPreset(
-    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=4000, batch_size=8, learning_rate=3e-3,
-    img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3,
+    n_single=1200,
+    n_compare=200,
+    n_text=100,
+    n_heldout=48,
+    steps=4000,
+    batch_size=8,
+    learning_rate=3e-3,
+    img_size=56,
+    overrides=TINY_DEMO_OVERRIDES,
+    shape_fraction=2 / 3,
 )
 #: The 2.5 family (HD crops, separators, 2x2 merge) at 56-px views. The images are drawn at 36 px so
 #: that the training transform (x1.5 width factor) and the chat transform give the same 1x1 crop
 #: grid: the official release trains and chats with different transforms, and a tiny model trained
 #: from scratch would otherwise be asked about grids it never saw.
 FULL_2_5 = DemoPreset(
-    n_single=1200, n_compare=200, n_text=100, n_heldout=48, steps=4000, batch_size=8, learning_rate=3e-3,
-    img_size=56, overrides=TINY_DEMO_OVERRIDES, shape_fraction=2 / 3, model="tiny-2.5", draw_size=36,
+    n_single=1200,
+    n_compare=200,
+    n_text=100,
+    n_heldout=48,
+    steps=4000,
+    batch_size=8,
+    learning_rate=3e-3,
+    img_size=56,
+    overrides=TINY_DEMO_OVERRIDES,
+    shape_fraction=2 / 3,
+    model="tiny-2.5",
+    draw_size=36,
 )
 QUICK = DemoPreset(
-    n_single=400, n_compare=0, n_text=40, n_heldout=24, steps=200, batch_size=8, learning_rate=3e-3,
-    img_size=56, overrides=TINY_DEMO_OVERRIDES,
+    n_single=400,
+    n_compare=0,
+    n_text=40,
+    n_heldout=24,
+    steps=200,
+    batch_size=8,
+    learning_rate=3e-3,
+    img_size=56,
+    overrides=TINY_DEMO_OVERRIDES,
 )
 QUICK_2_5 = replace(QUICK, model="tiny-2.5", draw_size=36)
 PRESETS = {("2.0", False): FULL, ("2.0", True): QUICK, ("2.5", False): FULL_2_5, ("2.5", True): QUICK_2_5}
@@ -173,8 +198,24 @@ def train_flags(preset: DemoPreset, base: Path, data_txt: Path, out: Path, steps
 def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 300.0) -> str:
     """Ask the merged folder one question with ``xcft chat`` in a fresh Python process."""
     cmd = [
-        sys.executable, "-m", "xcft.cli", "chat", "--model", str(merged), "--image", image, "--query", question,
-        "--system", "", "--greedy", "--training-layout", "--max-new-tokens", "4", "--device", "cpu",
+        sys.executable,
+        "-m",
+        "xcft.cli",
+        "chat",
+        "--model",
+        str(merged),
+        "--image",
+        image,
+        "--query",
+        question,
+        "--system",
+        "",
+        "--greedy",
+        "--training-layout",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -213,8 +254,18 @@ def run_demo(
     folder = OutputFolder.claim(out, "demo", flag="--output")
     with FolderLock(out):
         try:
-            return _run_demo(out, folder, steps=steps, quick=quick, preset=preset, blank_train_images=blank_train_images,
-                             merge=merge, seed=seed, quiet=quiet, family=family)
+            return _run_demo(
+                out,
+                folder,
+                steps=steps,
+                quick=quick,
+                preset=preset,
+                blank_train_images=blank_train_images,
+                merge=merge,
+                seed=seed,
+                quiet=quiet,
+                family=family,
+            )
         finally:
             folder.record()
 
@@ -333,8 +384,13 @@ def _run_demo(
         reload_question=reload_q,
         reload_answer=reload_answer,
         reload_adapter_answer=adapter_answer,
-        settings={**asdict(replace(preset, steps=n_steps)), "quick": quick, "blank_train_images": blank_train_images,
-                  "headline_kinds": list(HEADLINE_KINDS), "torch_threads": torch.get_num_threads()},
+        settings={
+            **asdict(replace(preset, steps=n_steps)),
+            "quick": quick,
+            "blank_train_images": blank_train_images,
+            "headline_kinds": list(HEADLINE_KINDS),
+            "torch_threads": torch.get_num_threads(),
+        },
     )
     (out / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=1))
     return result

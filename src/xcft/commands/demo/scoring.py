@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,7 +23,7 @@ from xcft.commands.demo.synthetic import COLOURS, QA, SHAPES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Accuracy", "answer_accuracy", "chance_levels", "first_word", "HEADLINE_KINDS"]
+__all__ = ["HEADLINE_KINDS", "Accuracy", "answer_accuracy", "chance_levels", "first_word"]
 
 #: The question kinds the headline accuracy averages over (the demo's >= 90 % target).
 HEADLINE_KINDS = ("colour", "shape")
@@ -91,7 +92,12 @@ def answer_accuracy(
                 continue
             images: list[Any] = [_blank(size, model.config) for _ in qa.images] if blank_images else list(qa.images)
             reply, _ = chat(
-                tokenizer, qa.question, images=images, meta_instruction=None, max_new_tokens=max_new_tokens, do_sample=False,
+                tokenizer,
+                qa.question,
+                images=images,
+                meta_instruction=None,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
                 bos_per_piece=False,
             )
             replies.append((qa, reply))

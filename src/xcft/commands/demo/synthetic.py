@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,10 +26,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "COLOURS",
-    "SHAPES",
-    "QUESTIONS",
-    "DemoData",
     "QA",
+    "QUESTIONS",
+    "SHAPES",
+    "DemoData",
     "draw_shape",
     "generate_dataset",
     "read_heldout",
@@ -267,16 +267,19 @@ def generate_dataset(
         img = held.image("heldout", c, s, hrng)
         add("colour", [img], QUESTIONS["colour"], c)
         add("shape", [img], QUESTIONS["shape"], s)
-    for i in range(max(1, n_heldout // 4) if n_compare else 0):
+    for _ in range(max(1, n_heldout // 4) if n_compare else 0):
         imgs, ans = compare_pair("heldout", held, hrng)
         add("compare", imgs, "Image1: <ImageHere>; Image2: <ImageHere>. " + QUESTIONS["compare"], ans)
-    for i in range(max(1, n_heldout // 4) if n_text else 0):
+    for _ in range(max(1, n_heldout // 4) if n_text else 0):
         add("text", [], *_text_qa(hrng))
     heldout_json = root / "heldout.json"
     heldout_json.write_text(json.dumps(heldout_samples, indent=1))
     logger.info(
         "demo data: %s (%s), %d held-out questions in %s",
-        data_txt, ", ".join(f"{k} {v}" for k, v in counts.items()), len(qas), heldout_json,
+        data_txt,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        len(qas),
+        heldout_json,
     )
     return DemoData(root, data_txt, train_files, counts, heldout_json, qas)
 
