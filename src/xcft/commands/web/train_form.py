@@ -44,7 +44,11 @@ HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
 #: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
 GROUPS = {"ModelArguments": "model", "DataArguments": "data", "LoraArguments": "lora", "OutputArguments": "output"}
 GROUP_TITLES = {
-    "model": "Model", "data": "Data", "lora": "LoRA", "output": "Output folder", "training": "Training (TrainingArguments)",
+    "model": "Model",
+    "data": "Data",
+    "lora": "LoRA",
+    "output": "Output folder",
+    "training": "Training (TrainingArguments)",
 }
 
 
