@@ -4,6 +4,7 @@ status, the one-line message (file named, no traceback) and that nothing of the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,10 +18,130 @@ from pathlib import Path
 
 import pytest
 
-from safety_helpers import build_base, build_data, error_line, snapshot, train_args, xcft
 from xcft.cli import main as cli_main
 from xcft.commands.train import train_command
 from xcft.output_dir import LOCK_NAME, MARKER_NAME, FolderLock, is_marked
+
+# --------------------------------------------------------------------------- helpers: a tiny model and data, the CLI, file hashes
+ROOT = Path(__file__).resolve().parents[1]
+IMG_SIZE = 56  # 16 slots per image: fast on a CPU
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def xcft(
+    *args: object, cwd: Path | None = None, timeout: int = 300, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m xcft ARGS`` in a fresh process (``prefix`` runs it under another program, e.g. unshare)."""
+    cmd = [*(prefix or []), sys.executable, "-m", "xcft", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error: ...`` line of a failed command; asserts exit 1 and no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Every file and folder under ``folders`` -> sha256 of its bytes ("dir" for folders)."""
+    out: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_dir():
+                out[str(path)] = "dir"
+            elif path.is_file():
+                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[str(path)] = "special"
+        out[str(folder)] = "dir"
+    return out
+
+
+def build_base(folder: Path, *, vocab_size: int = 1000, img_size: int = IMG_SIZE, **overrides) -> Path:
+    """A tiny self-contained model folder written by xcft's own builders."""
+    from xcft.data.spm_builder import build_tokenizer
+    from xcft.model.loading import save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    tok = InternLM2Tokenizer.from_model_file(build_tokenizer(folder.parent / f"{folder.name}-tok", vocab_size=1000))
+    model = build_model("tiny", img_size=img_size, vocab_size=vocab_size, seed=0, max_length=160, plora_dropout=0.0, **overrides)
+    return save_pretrained(model, tok, folder)
+
+
+def build_data(folder: Path, n: int = 4) -> Path:
+    """``n`` one-image samples (PIL images) in one JSON file; returns the file."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)]
+    samples = []
+    for i in range(n):
+        Image.new("RGB", (40, 30), colours[i % 4]).save(folder / f"img{i}.png")
+        samples.append(
+            {
+                "id": f"s{i}",
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "user", "value": "<ImageHere>What colour is this?"},
+                    {"from": "assistant", "value": ["Red.", "Green.", "Blue.", "Yellow."][i % 4]},
+                ],
+            }
+        )
+    path = folder / "train.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+TRAIN_FLAGS = [
+    "--use_lora",
+    "true",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--per_device_train_batch_size",
+    "2",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--seed",
+    "1",
+    "--dataloader_num_workers",
+    "0",
+]
+
+
+def train_args(base: Path, data: Path, out: Path, *extra: object) -> list[str]:
+    return [
+        "train",
+        "--model_name_or_path",
+        str(base),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        *TRAIN_FLAGS,
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +250,6 @@ def test_earlier_run_needs_resume_or_overwrite_and_only_own_files_go(world, tmp_
 def test_second_run_on_a_running_folder_is_refused_with_the_pid(world, tmp_path):
     _, base, data = world
     out = tmp_path / "busy"
-    from safety_helpers import cli_env
-
     first = subprocess.Popen(
         [sys.executable, "-m", "xcft", *train_args(base, data, out, "--max_steps", "100000", "--save_strategy", "no")],
         env=cli_env(),
@@ -148,6 +267,8 @@ def test_second_run_on_a_running_folder_is_refused_with_the_pid(world, tmp_path)
             time.sleep(0.2)
         else:
             pytest.fail("the first run never took the lock")
+        # Freeze the first run (it keeps its lock): its own logs stop changing, so any change is the second run's.
+        first.send_signal(signal.SIGSTOP)
         before = snapshot(out)
         line = error_line(xcft(*train_args(base, data, out, "--max_steps", "1", "--resume_from_checkpoint", "true")))
         assert str(out) in line and f"PID {first.pid}" in line
@@ -206,8 +327,6 @@ def test_disk_full_during_checkpoint_save_is_one_line(world, tmp_path):
             f"sys.argv = ['xcft', *{args!r}]\n"
             "runpy.run_module('xcft', run_name='__main__')\n"
         )
-        from safety_helpers import cli_env
-
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
         listing = "\n".join(p.name for p in out.iterdir())
     line = error_line(proc)
@@ -421,8 +540,6 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
         "try:\n    runpy.run_module('xcft', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    from safety_helpers import cli_env
-
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb = int(proc.stdout.split("PEAK_KB")[1].split()[0]) / 1024
@@ -439,8 +556,6 @@ def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from safety_helpers import cli_env
-
     cmd = [
         sys.executable,
         "-m",

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from safety_helpers import build_base
 from xcft.errors import ModelFolderError, OutputFolderError, SaveError, XcftError
 from xcft.output_dir import (
     FolderLock,
@@ -117,8 +116,11 @@ def test_io_failure_reasons_and_save_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_base(tmp_path_factory.mktemp("units") / "base")
+def tiny(tmp_path_factory, tiny_base):
+    """A copy of the shared tiny folder: these tests break files in it."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_base, tmp_path_factory.mktemp("units") / "base"))
 
 
 def test_load_pretrained_raises_model_folder_errors(tiny, tmp_path):
