@@ -385,31 +385,50 @@ def _raw_id(problems: list[Problem], k: int) -> str | None:
     return None
 
 
-def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
-    """Decoded tokens with supervised spans marked («…» or ANSI) and image slots summarised."""
-    out: list[str] = []
+@dataclass(frozen=True)
+class Run:
+    """A stretch of an encoded sample: an image's slots, or text whose tokens are all trained or all not."""
+
+    start: int
+    end: int
+    image: int = 0  # 1-based image number for an image run, else 0
+    grid: Grid | None = None  # the image's crop grid (2.5)
+    text: str = ""
+    trained: bool = False
+
+
+def sample_runs(enc: EncodedSample, tokenizer: Any) -> list[Run]:
+    """The sample as runs (images, and text decoded together where its trained-ness does not change)."""
+    runs: list[Run] = []
     ids, labels = enc.input_ids, enc.labels
-    i = 0
-    image_no = 0
-    on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
+    i, image_no = 0, 0
     while i < len(ids):
+        j = i
         if ids[i] == IMAGE_SLOT:
-            j = i
             while j < len(ids) and ids[j] == IMAGE_SLOT:
                 j += 1
             image_no += 1
             grid = enc.image_grids[image_no - 1] if image_no <= len(enc.image_grids) else None
-            crops = f"{grid[0]}×{grid[1]} crops, " if grid is not None else ""
-            out.append(f"<image {image_no}: {crops}{j - i} slots>")
-            i = j
-            continue
-        trained = labels[i] != IGNORE_INDEX
-        j = i
-        while j < len(ids) and ids[j] != IMAGE_SLOT and (labels[j] != IGNORE_INDEX) == trained:
-            j += 1
-        text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
-        out.append(f"{on}{text}{off}" if trained else text)
+            runs.append(Run(i, j, image=image_no, grid=grid))
+        else:
+            trained = labels[i] != IGNORE_INDEX
+            while j < len(ids) and ids[j] != IMAGE_SLOT and (labels[j] != IGNORE_INDEX) == trained:
+                j += 1
+            runs.append(Run(i, j, text=tokenizer.decode(ids[i:j], skip_special_tokens=False), trained=trained))
         i = j
+    return runs
+
+
+def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
+    """Decoded tokens with supervised spans marked («…» or ANSI) and image slots summarised."""
+    on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
+    out: list[str] = []
+    for run in sample_runs(enc, tokenizer):
+        if run.image:
+            crops = f"{run.grid[0]}×{run.grid[1]} crops, " if run.grid is not None else ""
+            out.append(f"<image {run.image}: {crops}{run.end - run.start} slots>")
+        else:
+            out.append(f"{on}{run.text}{off}" if run.trained else run.text)
     return "".join(out)
 
 
@@ -425,6 +444,7 @@ def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
 __all__ = [
     "CheckResult",
     "FileReport",
+    "Run",
     "Settings",
     "encode_for",
     "find_sample",
@@ -433,4 +453,5 @@ __all__ = [
     "model_family",
     "render_sample",
     "run_check",
+    "sample_runs",
 ]

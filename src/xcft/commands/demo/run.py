@@ -86,20 +86,7 @@ FULL = DemoPreset(
 #: that the training transform (x1.5 width factor) and the chat transform give the same 1x1 crop
 #: grid: the official release trains and chats with different transforms, and a tiny model trained
 #: from scratch would otherwise be asked about grids it never saw.
-FULL_2_5 = DemoPreset(
-    n_single=1200,
-    n_compare=200,
-    n_text=100,
-    n_heldout=48,
-    steps=4000,
-    batch_size=8,
-    learning_rate=3e-3,
-    img_size=56,
-    overrides=TINY_DEMO_OVERRIDES,
-    shape_fraction=2 / 3,
-    model="tiny-2.5",
-    draw_size=36,
-)
+FULL_2_5 = replace(FULL, model="tiny-2.5", draw_size=36)
 QUICK = DemoPreset(
     n_single=400,
     n_compare=0,

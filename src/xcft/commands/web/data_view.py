@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check
+from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check, sample_runs
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, slots_per_image
 from xcft.data.schema import Conversation, Problem
 from xcft.errors import XcftError
@@ -293,7 +293,6 @@ def trained_runs(enc: EncodedSample) -> list[tuple[int, int]]:
 def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
     """Runs of equal trained-ness decoded together; image slots as labelled blocks; the cut marked."""
     out: list[str] = []
-    ids, labels = enc.input_ids, enc.labels
     specials = [
         t
         for t in (
@@ -304,32 +303,21 @@ def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
         )
         if t
     ]
-    i, image_no = 0, 0
-    while i < len(ids):
-        if ids[i] == IMAGE_SLOT:
-            j = i
-            while j < len(ids) and ids[j] == IMAGE_SLOT:
-                j += 1
-            image_no += 1
-            grid = enc.image_grids[image_no - 1] if image_no <= len(enc.image_grids) else None
-            crops = f"{grid[0]}×{grid[1]} crops · " if grid is not None else ""
-            out.append(f'<span class="xcft-slot" data-image="{image_no}">image {image_no} · {crops}{j - i} slots</span>')
-            i = j
+    for run in sample_runs(enc, tokenizer):
+        n = run.end - run.start
+        if run.image:
+            crops = f"{run.grid[0]}×{run.grid[1]} crops · " if run.grid is not None else ""
+            out.append(f'<span class="xcft-slot" data-image="{run.image}">image {run.image} · {crops}{n} slots</span>')
             continue
-        trained = labels[i] != IGNORE_INDEX
-        j = i
-        while j < len(ids) and ids[j] != IMAGE_SLOT and (labels[j] != IGNORE_INDEX) == trained:
-            j += 1
-        text = html.escape(tokenizer.decode(ids[i:j], skip_special_tokens=False))
+        text = html.escape(run.text)
         for tok in specials:
             esc = html.escape(tok)
             text = text.replace(esc, f'<span class="xcft-special">{esc}</span>')
         out.append(
-            f'<mark class="xcft-trained" data-tokens="{j - i}">{text}</mark>'
-            if trained
-            else f'<span class="xcft-context" data-tokens="{j - i}">{text}</span>'
+            f'<mark class="xcft-trained" data-tokens="{n}">{text}</mark>'
+            if run.trained
+            else f'<span class="xcft-context" data-tokens="{n}">{text}</span>'
         )
-        i = j
     if enc.truncated:
         dropped = f"; {enc.dropped_images} image(s) after the cut dropped" if enc.dropped_images else ""
         out.append(
