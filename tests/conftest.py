@@ -277,3 +277,28 @@ def read_losses() -> Callable[[Path], dict[int, float]]:
         return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., list[str]]:
+    """``torchrun(*args, nproc=2)``: the command line of ``xcft ARGS`` under torch.distributed.run on a free local port."""
+    import socket
+
+    def command(*args: str, nproc: int = 2) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(port),
+            "-m",
+            "xcft.cli",
+            *args,
+        ]
+
+    return command

@@ -323,13 +323,11 @@ def tiny25_no_dropout(workdir: Path, tiny25_base: Path) -> Path:
 
 @pytest.mark.slow
 def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
-    generated_data, tiny25_no_dropout, workdir, read_losses, subprocess_env
+    generated_data, tiny25_no_dropout, workdir, read_losses, subprocess_env, torchrun
 ):
     """ZeRO-3 gathers the tower's shards on every rank: a rank whose batch is text gets a blank 1x1 image."""
     pytest.importorskip("deepspeed")
-    import socket
     import subprocess
-    import sys
 
     argv = [
         "--model_name_or_path",
@@ -352,20 +350,9 @@ def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
         "no",
         *COMMON,
     ]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = workdir / "z3_25"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "xcft.cli",
+        *torchrun(),
         "train",
         *argv,
         "--output_dir",

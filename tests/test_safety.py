@@ -548,24 +548,12 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path):
-    import socket
+def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path, torchrun):
 
     _, base, data = world
     out = tmp_path / "ddp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "xcft",
+        *torchrun(),
         *train_args(
             base,
             data,

@@ -8,9 +8,7 @@ first use (~100 s, cached in .cache/torch_extensions).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,31 +37,17 @@ COMMON = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_base, tiny_data, subprocess_env, read_losses):
+def runs(tiny_base, tiny_data, subprocess_env, read_losses, torchrun):
     """``runs.torchrun(out, *flags)`` (2 processes, batch 1 each) and ``runs.single(out, *flags)`` (1 process,
     batch 2: the same global batch, returns its losses), both on the tiny folder and mixture."""
 
     def argv(out, *extra):
         return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
 
-    def torchrun(out, *extra, timeout=600):
+    def distributed(out, *extra, timeout=600):
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "xcft.cli",
+            *torchrun(),
             "train",
             *argv(out, "--per_device_train_batch_size", "1", *extra),
         ]
@@ -75,7 +59,7 @@ def runs(tiny_base, tiny_data, subprocess_env, read_losses):
         assert train_command(argv(out, "--per_device_train_batch_size", "2", *extra)) == 0
         return read_losses(out)
 
-    return SimpleNamespace(torchrun=torchrun, single=single)
+    return SimpleNamespace(torchrun=distributed, single=single)
 
 
 def _assert_same_losses(got, expected, rel):
