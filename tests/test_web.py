@@ -558,4 +558,4 @@ def test_export_merges_and_shows_the_probe_difference(page, web, finished_run):
     _shot(page, web, "export")
     page.click("#export-merge")  # the same output again: the CLI's refusal, in the page
     page.wait_for_selector("#export-result .xcft-error", timeout=120_000)
-    assert "exists and is not empty" in page.inner_text("#export-result")
+    assert "already holds an earlier xcft output" in page.inner_text("#export-result")
