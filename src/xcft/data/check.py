@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+
+from xcft.data.dataset import conversation_grids
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
@@ -63,7 +67,7 @@ def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | 
     Only tensor names and shapes are read (safetensors headers; ``.bin`` files memory-mapped), so a
     7B checkpoint costs milliseconds. A folder without weights keeps the declared family (2.0 when none).
     """
-    from xcft.model import loading
+    from xcft.model import loading  # lazy: loading imports the modeling code, which check-data never needs
 
     try:
         files = loading.weight_files(folder)
@@ -74,16 +78,12 @@ def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | 
     for path in files:
         try:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 with safe_open(str(path), framework="pt") as fh:
                     present = set(fh.keys())
                     for key in wanted:
                         if key in present:
                             shapes[key] = _Shape(fh.get_slice(key).get_shape())
             else:
-                import torch
-
                 part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
                 shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
         except Exception as exc:  # a truncated or corrupt weight file: one line naming it
@@ -110,7 +110,7 @@ def load_settings(
     config: dict[str, Any] = {}
     cfg_path = d / "config.json"
     if cfg_path.is_file():
-        from xcft.model.loading import read_json_object
+        from xcft.model.loading import read_json_object  # lazy: keeps check-data free of the modeling code
 
         config = read_json_object(cfg_path)
         for key in ("img_size", "max_length"):
@@ -434,8 +434,6 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
 
 def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
     """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
-    from xcft.data.dataset import conversation_grids
-
     spec = settings.image_spec
     grids = conversation_grids(conv, spec) if spec.hd else None
     return encode_conversation(conv, settings.tokenizer, spec, settings.max_length, grids)

@@ -12,7 +12,10 @@ import stat
 import warnings
 from typing import Any
 
+from PIL import Image
+
 from xcft.errors import DataError
+from xcft.model.image_processing_xcomposer2 import to_rgb
 
 IMAGE_FIX = "replace the file or re-save it as JPEG/PNG"
 
@@ -35,10 +38,6 @@ def image_file_problem(path: str | os.PathLike) -> str | None:
 
 def _decode(path: str | os.PathLike) -> tuple[Any, str | None]:
     """``(rgb_image, None)`` or ``(None, reason)``; never raises for a bad file."""
-    from PIL import Image
-
-    from xcft.model.image_processing_xcomposer2 import to_rgb
-
     problem = image_file_problem(path)
     if problem is not None:
         return None, problem

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,8 +256,6 @@ def _a_json_type(value: Any) -> str:
 
 def _max_int_digits() -> int:
     """Digits beyond which Python refuses to make an int (``sys.get_int_max_str_digits``, 3.11+; 0: no limit)."""
-    import sys
-
     get = getattr(sys, "get_int_max_str_digits", None)
     return int(get()) if get is not None and get() else 0
 

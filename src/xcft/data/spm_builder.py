@@ -23,6 +23,9 @@ import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 from xcft.errors import XcftError
 
 logger = logging.getLogger(__name__)
@@ -255,8 +258,6 @@ def _move_user_defined_last(model_bytes: bytes) -> bytes:
     meaning for encoding (they are matched as whole strings and scores are kept), so moving them
     only renumbers the other pieces; it keeps byte pieces at 3..258 like the real tokenizer.
     """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     proto = pb.ModelProto()
     proto.ParseFromString(model_bytes)
     pieces = list(proto.pieces)
@@ -279,8 +280,6 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None, vo
     single-threaded with no input sampling or shuffling, so the same corpus always gives the
     same file. Returns the path of the written model.
     """
-    import sentencepiece as spm
-
     min_vocab = 3 + 256 + len(USER_DEFINED) + 1
     if vocab_size < min_vocab:
         raise XcftError(

@@ -94,7 +94,7 @@ def load_image(image: ImageInput, img_size: int, fast_jpeg: bool = False) -> np.
 
 def load_image_tensor(image: ImageInput, img_size: int, fast_jpeg: bool = False):
     """:func:`load_image` as a torch FloatTensor ``[3, S, S]``."""
-    import torch
+    import torch  # lazy: the data checks use this file for PIL work and need no torch
 
     return torch.from_numpy(load_image(image, img_size, fast_jpeg=fast_jpeg))
 
@@ -107,7 +107,7 @@ class XComposer2ImageProcessor:
         self.fast_jpeg = fast_jpeg
 
     def __call__(self, images: Sequence[ImageInput] | ImageInput):
-        import torch
+        import torch  # lazy: the data checks use this file for PIL work and need no torch
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
@@ -233,7 +233,7 @@ def hd_views(pixels: Any, view_size: int = HD_VIEW_SIZE):
     ``align_corners=False``, no antialiasing, in float32, as the official tower does); then the
     crops in row-major order.
     """
-    import torch
+    import torch  # lazy: the data checks use this file for PIL work and need no torch
     import torch.nn.functional as F
 
     x = torch.as_tensor(pixels)

@@ -21,17 +21,22 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from xcft.errors import ModelFolderError, OutputFolderError, XcftError
-from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, XComposer2Config
+from xcft.model.configuration_xcomposer2 import FAMILY_2_0, FAMILY_2_5, VISION_CONFIG_FILE, XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, materialize_non_persistent_buffers
+from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 from xcft.output_dir import check_output_folder, foreign_entries, save_errors, staging_dir, write_marker
 
 logger = logging.getLogger(__name__)
@@ -178,8 +183,6 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one ``.safetensors`` or ``.bin`` file; a truncated, corrupt or unsafe file is one error line."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
@@ -187,8 +190,6 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
                 f"{path} cannot be read as safetensors ({_first_line(exc)}): the file is truncated or corrupt; "
                 "re-download or re-save it"
             ) from None
-    import pickle
-
     try:
         part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors: never unpickled
@@ -367,8 +368,6 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> XComposer2Config
     ``overrides`` replace ``config.json`` values before the configuration is built, so derived
     values (the vision tower's image size from ``img_size``) follow them.
     """
-    from xcft.model.configuration_xcomposer2 import VISION_CONFIG_FILE
-
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
@@ -477,8 +476,6 @@ def _stored_dtype(config: XComposer2Config) -> torch.dtype:
 
 def load_tokenizer(path: str | os.PathLike):
     """The InternLM2 tokenizer of a folder (its ``tokenizer.model``)."""
-    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
-
     model_file = Path(path) / "tokenizer.model"
     if not model_file.is_file():
         raise ModelFolderError(f"{path} has no tokenizer.model; copy the InternLM2 tokenizer.model into the folder")
@@ -555,8 +552,6 @@ def load_adapter_model(
     Works for any base folder, including an official checkpoint whose own remote code would need
     an old transformers: the base is read by our classes and peft applies the adapter on top.
     """
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
     base_path = adapter_base_path(adapter_dir, base)
     model = load_model(base_path, dtype=dtype, device=device)
@@ -668,8 +663,6 @@ def _set_default_permissions(folder: Path) -> None:
 
 def _check_saved_names(model: XComposer2ForCausalLM, folder: Path) -> None:
     """The written tensors carry exactly the model's (official) state-dict names."""
-    from safetensors import safe_open
-
     names: set[str] = set()
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as fh:

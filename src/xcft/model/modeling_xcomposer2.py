@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -407,8 +408,6 @@ class XComposer2MLP(nn.Module):
 
 
 def _activation(name: str) -> nn.Module:
-    from transformers.activations import ACT2FN
-
     return ACT2FN[name]
 
 

@@ -19,6 +19,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import DataClassType, string_to_bool
+
 from xcft.errors import XcftError
 
 logger = logging.getLogger(__name__)
@@ -217,15 +221,10 @@ class TrainConfig:
 
 def option_classes() -> tuple[type, ...]:
     """The dataclasses whose fields are the options of `xcft train` (the web form is built from them too)."""
-    from transformers import TrainingArguments
-
     return (ModelArguments, DataArguments, LoraArguments, OutputArguments, TrainingArguments)
 
 
 def _make_parser():
-    from transformers import HfArgumentParser
-    from transformers.hf_argparser import DataClassType
-
     classes = option_classes()
     # Older transformers have TrainingArguments.group_by_length too: let both groups read the one flag.
     extra = {"conflict_handler": "resolve"} if any(f.name == "group_by_length" for f in dataclasses.fields(classes[-1])) else {}
@@ -253,8 +252,6 @@ def check_value(key: str, value: Any, action: Any, source: str) -> Any:
     argparse converts only string defaults, so a YAML ``learning_rate: [1, 2]`` would reach the
     trainer unchecked; this applies the flag's own type to YAML values of any type.
     """
-    from transformers.hf_argparser import string_to_bool
-
     conv = action.type
     choices = list(action.choices) if action.choices else None
 
@@ -419,8 +416,6 @@ def _explicit_cli_keys(argv: list[str], parser) -> set[str]:
 
 def load_yaml_config(path: str) -> dict[str, Any]:
     """Read a YAML config: a mapping of option names to values."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise XcftError(f"config file {path} does not exist; pass a YAML file or only --flags")
@@ -602,8 +597,6 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
 
 def write_resolved_config(cfg: TrainConfig, output_dir: str | os.PathLike) -> Path:
     """Write ``train_config.yaml`` (every resolved option) into ``output_dir``; returns its path."""
-    import yaml
-
     path = Path(output_dir) / RESOLVED_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (

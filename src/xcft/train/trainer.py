@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -86,8 +87,6 @@ def configure_trainable(
         for p in _vision_post_layernorm_params(model):
             p.requires_grad_(False)
         return model
-
-    from peft import LoraConfig, PeftModel, get_peft_model
 
     model.requires_grad_(False)
     modules_to_save = []
@@ -456,7 +455,7 @@ def plot_loss(log_history: list[dict[str, Any]], path: str | os.PathLike) -> Pat
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
     if not train and not evals:
         return None
-    import matplotlib
+    import matplotlib  # lazy: plotting is optional and slow to import
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

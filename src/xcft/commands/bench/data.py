@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from xcft.commands.bench.calibrate import calibration_gflops
+from xcft.data.mixture import load_spec
+from xcft.data.schema import raise_first, read_file
 from xcft.errors import XcftError
+from xcft.model.image_processing_xcomposer2 import load_image
 
 logger = logging.getLogger(__name__)
 
 
 def data_image_paths(data: str | Path, sources: Sequence[str] = ()) -> list[Path]:
     """Every image path the samples of a data.txt / JSON file use (resolved, in file order)."""
-    from xcft.data.mixture import load_spec
-    from xcft.data.schema import raise_first, read_file
-
     spec = load_spec(data)
     paths: list[Path] = []
     for src in spec.sources:
@@ -50,8 +50,6 @@ class _ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from xcft.model.image_processing_xcomposer2 import load_image
-
         return load_image(self.paths[i], self.img_size, fast_jpeg=self.fast_jpeg)
 
 
@@ -65,8 +63,6 @@ def images_per_second(
     min_images: int = 50,
 ) -> float:
     """Preprocessed images per second over ``paths`` (repeated until both minimums are reached)."""
-    from xcft.model.image_processing_xcomposer2 import load_image
-
     if not paths:
         raise XcftError("the data has no image to decode")
     load_image(paths[0], img_size, fast_jpeg=fast_jpeg)  # warm caches / imports
@@ -129,8 +125,6 @@ def run_data_bench(
     calibration_seconds: float = 0.3,
 ) -> dict[str, Any]:
     """Images/s on the data's images (and, with ``photo``, exact vs fast JPEG on a large generated photo)."""
-    from xcft.model.image_processing_xcomposer2 import load_image
-
     calib = calibration_gflops(calibration_seconds)
     paths = data_image_paths(data, sources)
     result: dict[str, Any] = {

@@ -20,6 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import transformers
+
+from xcft.commands.bench.options import TrainBenchOptions
+from xcft.commands.bench.train import _train_argv, prepare_model, run_train_bench
+from xcft.train.args import parse_train_args
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +33,6 @@ TARGET_PEAK_GIB = 20.0
 
 
 def _versions() -> dict[str, Any]:
-    import transformers
-
     out: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("peft", "flash_attn"):
         try:
@@ -51,9 +54,6 @@ def run_gpu_check(
     calibration_seconds: float = 0.3,
 ) -> list[dict[str, Any]]:
     """Run the check; returns one result (or error) per configuration, in order."""
-    from xcft.commands.bench.options import TrainBenchOptions
-    from xcft.commands.bench.train import prepare_model, run_train_bench
-    from xcft.train.args import parse_train_args
 
     if bf16 is None:
         bf16 = torch.cuda.is_available()
@@ -69,7 +69,6 @@ def run_gpu_check(
         bf16=bf16,
         calibration_seconds=calibration_seconds,
     )
-    from xcft.commands.bench.train import _train_argv
 
     t0 = time.perf_counter()
     cfg = parse_train_args(_train_argv(base, "/tmp/xcft-gpu-check"))

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from xcft.commands.bench.calibrate import calibration_gflops
 from xcft.commands.bench.flops import StepCounts, gpu_peak_flops, step_flops
@@ -211,8 +213,6 @@ def _bench_trainer_class():
 
 
 def _timer_callback(trainer_ref: list, cuda: bool):
-    from transformers import TrainerCallback
-
     class StepTimer(TrainerCallback):
         """Wall time of each optimizer step, end to end, and the counts of the batches it trained on."""
 
@@ -380,8 +380,6 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
             processing_class=tokenizer,
             callbacks=[timer],
         )
-        from transformers.trainer_callback import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # stdout carries only the report (JSON stays parseable)
         trainer.bench_counts = []
         trainer_ref.append(trainer)

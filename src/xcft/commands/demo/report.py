@@ -56,7 +56,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 def plot_loss(steps: Sequence[float], losses: Sequence[float], path: str | Path, *, title: str = "") -> Path | None:
     """Write the training-loss curve to ``path`` (PNG). Returns None, with a warning, if matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # lazy: plotting is optional and slow to import
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt

@@ -103,7 +103,7 @@ def check_data(
     hd_num: Any = None,
 ) -> tuple[Any, ...]:
     """The one check-data pass; returns status, summary, histogram, problems, counts, index, sample, index box."""
-    import pandas as pd
+    import pandas as pd  # lazy: gradio tables only, slow to import
 
     phases = {"reading": (0.0, 0.1), "images": (0.1, 0.5), "encoding": (0.5, 1.0)}
 
@@ -150,7 +150,7 @@ def check_data(
 
 
 def _problems_frame(rows: list[list[Any]]) -> Any:
-    import pandas as pd
+    import pandas as pd  # lazy: gradio tables only, slow to import
 
     return pd.DataFrame(rows, columns=data_view.PROBLEM_HEADERS)
 
@@ -229,7 +229,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def loss_figure(st: RunStatus | None) -> Any:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: only for plots, slow to import
 
     fig = Figure(figsize=(7, 3.2), dpi=90)
     ax = fig.add_subplot(1, 1, 1)

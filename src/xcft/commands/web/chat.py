@@ -15,7 +15,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import TextIteratorStreamer
+
+from xcft.commands.chat import _ask, _check_images, generation_settings, load_for_chat
 from xcft.errors import XcftError
+from xcft.model.loading import adapter_base_path, is_adapter_folder
+from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +41,6 @@ class ChatModel:
 
     def load(self, path: str) -> str:
         """Load ``path`` (an adapter folder finds its base itself); returns a one-line description."""
-        from xcft.commands.chat import load_for_chat
-        from xcft.model.loading import adapter_base_path, is_adapter_folder
-
         path = (path or "").strip()
         if not path:
             raise XcftError("no model folder given; enter a model folder or a LoRA adapter folder")
@@ -72,12 +75,6 @@ class ChatModel:
         ``query`` is dropped, as ``xcft chat`` does. ``system``: None for the official system prompt,
         "" for none.
         """
-        import torch
-        from transformers import TextIteratorStreamer
-
-        from xcft.commands.chat import _ask, _check_images, generation_settings
-        from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
-
         if self.model is None:
             raise XcftError("no model loaded; enter a model folder and press Load")
         query = (query or "").strip()

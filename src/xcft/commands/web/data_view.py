@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check, sample_runs
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, slots_per_image
 from xcft.data.schema import Conversation, Problem
 from xcft.errors import XcftError
+from xcft.model.image_processing_xcomposer2 import to_rgb
 
 SUMMARY_HEADERS = [
     "file",
@@ -358,10 +361,6 @@ def _thumbnails_html(conv: Conversation, enc: EncodedSample) -> str:
 
 def thumbnail_data_uri(path: str | os.PathLike[str], side: int = THUMB_SIDE) -> tuple[str | None, str | None]:
     """A small JPEG of the image as a data: URI (the page needs no file access), or (None, reason)."""
-    from PIL import Image
-
-    from xcft.model.image_processing_xcomposer2 import to_rgb
-
     try:
         with Image.open(Path(path)) as img:
             img.draft("RGB", (side * 2, side * 2))  # JPEG: decode at reduced scale, enough for a thumbnail
@@ -379,7 +378,7 @@ def thumbnail_data_uri(path: str | os.PathLike[str], side: int = THUMB_SIDE) -> 
 
 def length_histogram(index: DataIndex) -> Any:
     """A matplotlib Figure: token lengths per file (one panel each), max_length marked."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: only for the histogram, slow to import
 
     files = [f for f in index.result.files if f.lengths][:MAX_HISTOGRAMS]
     n = max(1, len(files))

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import yaml
+
 from xcft.errors import XcftError
+from xcft.train.args import XCFT_DEFAULTS, option_classes
 
 #: Shown first, in this order; every other field is folded by group.
 COMMON_FIELDS = (
@@ -129,8 +132,6 @@ def _field_kind(tp: Any, default: Any, metadata: typing.Mapping[str, Any]) -> tu
 
 def form_fields() -> list[FormField]:
     """Every ``xcft train`` option as a :class:`FormField`, common ones first, then by group."""
-    from xcft.train.args import XCFT_DEFAULTS, option_classes
-
     valid = set()
     out: list[FormField] = []
     for cls in option_classes():
@@ -260,7 +261,5 @@ def command_preview(argv: Sequence[str]) -> str:
 
 def yaml_preview(values: dict[str, Any]) -> str:
     """The same options as a YAML config (``xcft train config.yaml``)."""
-    import yaml
-
     header = "# xcft train config.yaml (only the options that differ from the defaults)\n"
     return header + (yaml.safe_dump(values, sort_keys=False, allow_unicode=True) if values else "{}\n")
