@@ -1,6 +1,9 @@
 """Fault tests: the CLI in a subprocess against the user's files, its own inputs, a second run, a full
 disk, broken model folders, hostile data and images, and wrongly typed options. Each asserts the exit
-status, the one-line message (file named, no traceback) and that nothing of the user's changed."""
+status, the one-line message (file named, no traceback) and that nothing of the user's changed.
+
+Every test starts fresh Python processes (a few seconds each), so the module is marked slow: ``make
+test`` runs it, ``make test-fast`` leaves it to the library-level checks in test_safety_units.py."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import pytest
 from xcft.cli import main as cli_main
 from xcft.commands.train import train_command
 from xcft.output_dir import LOCK_NAME, MARKER_NAME, FolderLock, is_marked
+
+pytestmark = pytest.mark.slow
 
 # --------------------------------------------------------------------------- helpers: a tiny model and data, the CLI, file hashes
 ROOT = Path(__file__).resolve().parents[1]
@@ -548,7 +553,6 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
     assert is_marked(tmp_path / "merged") and (tmp_path / "merged" / MARKER_NAME).is_file()
 
 
-@pytest.mark.slow
 def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path, torchrun):
 
     _, base, data = world
