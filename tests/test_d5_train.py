@@ -176,36 +176,19 @@ def test_vision_aligned_batch_has_a_1x1_blank_image(tiny25_base, generated_data)
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
+def _tiny_argv(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """``xcft train`` on the generated HD data: hd_num 4, batch 2, lr 1e-3, no checkpoints, plus ``extra``."""
+    return [
+        "--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(out),
+        "--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--save_strategy", "no", *extra, *COMMON,
+    ]  # fmt: skip
+
+
 def test_tiny_2_5_trains_with_batch_2(tmp_path, tiny25_base, generated_data, read_losses):
     """Generated HD data (three crop grids, two images in one sample, text), batch 2, full finetune incl. the ViT."""
     out = tmp_path / "run"
-    rc = train_command(
-        [
-            "--model_name_or_path",
-            str(tiny25_base),
-            "--data_path",
-            str(generated_data),
-            "--output_dir",
-            str(out),
-            "--given_num",
-            "false",
-            "--hd_num",
-            "4",
-            "--max_length",
-            "1024",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_steps",
-            "3",
-            "--learning_rate",
-            "1e-3",
-            "--fix_vit",
-            "false",
-            "--save_strategy",
-            "no",
-            *COMMON,
-        ]
-    )
+    rc = train_command(_tiny_argv(tiny25_base, generated_data, out, "--max_steps", "3", "--fix_vit", "false"))
     assert rc == 0
     losses = read_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
@@ -261,33 +244,7 @@ def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base):
 @pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
 def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode, tiny25_base, generated_data, read_losses):
     out = tmp_path / "run"
-    rc = train_command(
-        [
-            "--model_name_or_path",
-            str(tiny25_base),
-            "--data_path",
-            str(generated_data),
-            "--output_dir",
-            str(out),
-            "--given_num",
-            "false",
-            "--hd_num",
-            "4",
-            "--max_length",
-            "1024",
-            mode,
-            "true",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_steps",
-            "2",
-            "--learning_rate",
-            "1e-3",
-            "--save_strategy",
-            "no",
-            *COMMON,
-        ]
-    )
+    rc = train_command(_tiny_argv(tiny25_base, generated_data, out, mode, "true", "--max_steps", "2"))
     assert rc == 0
     assert all(math.isfinite(v) for v in read_losses(out).values())
 

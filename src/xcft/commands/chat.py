@@ -52,7 +52,7 @@ def load_for_chat(model_dir: str, device: str | None) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _check_images(images: Sequence[str]) -> list[Any]:
+def load_chat_images(images: Sequence[str]) -> list[Any]:
     """Every ``--image`` decoded up front by the loader check-data uses (one error line for a bad file)."""
     return [open_checked_image(path) for path in images]
 
@@ -73,7 +73,8 @@ def generation_settings(
     return kwargs
 
 
-def _ask(model: Any, tokenizer: Any, query: str, images: list[Any], **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+def ask(model: Any, tokenizer: Any, query: str, images: list[Any], **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:
+    """``model.chat`` with a placeholder/image count mismatch turned into the one-line user error."""
     try:
         return model.chat(tokenizer, query, images=images or None, **kwargs)
     except ValueError as exc:  # placeholder/image count mismatch
@@ -93,14 +94,14 @@ def chat_command(
     hd_num: int | None = None,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
-    images = _check_images(images or [])
+    images = load_chat_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device)
     kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
     if hd_num is not None and not model.config.hd:
         raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
     stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
     if query is not None:
-        response, _ = _ask(model, tokenizer, query, images, **kwargs)
+        response, _ = ask(model, tokenizer, query, images, **kwargs)
         print(response)
         return 0
     return _interactive(model, tokenizer, images, kwargs, stop_ids)
@@ -130,4 +131,4 @@ def _interactive(model: Any, tokenizer: Any, images: list[Any], kwargs: dict[str
             query = text.replace(IMAGE_PLACEHOLDER, "")
         print("assistant> ", end="", flush=True)
         streamer = make_streamer(tokenizer, stop_ids)
-        _, history = _ask(model, tokenizer, query, images, history=history, streamer=streamer, **kwargs)
+        _, history = ask(model, tokenizer, query, images, history=history, streamer=streamer, **kwargs)

@@ -70,26 +70,21 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
         hold = set(order[:k].tolist())
         keep_idx = [i for i in range(n) if i not in hold]
         hold_idx = sorted(hold)
-        train.append(
-            dataclasses.replace(
-                fd,
-                conversations=[fd.conversations[i] for i in keep_idx],
-                lengths=[fd.lengths[i] for i in keep_idx],
-                grids=[fd.grids[i] for i in keep_idx] if fd.grids else [],
-            )
-        )
+        train.append(_subset(fd, keep_idx))
         if hold_idx:
-            held.append(
-                dataclasses.replace(
-                    fd,
-                    conversations=[fd.conversations[i] for i in hold_idx],
-                    lengths=[fd.lengths[i] for i in hold_idx],
-                    grids=[fd.grids[i] for i in hold_idx] if fd.grids else [],
-                    draw_count=len(hold_idx),
-                    skipped=0,
-                )
-            )
+            held.append(_subset(fd, hold_idx, draw_count=len(hold_idx), skipped=0))
     return train, held
+
+
+def _subset(fd: Any, indices: list[int], **changes: Any) -> Any:
+    """The samples ``indices`` of a :class:`~xcft.data.dataset.FileData`, with their lengths and crop grids."""
+    return dataclasses.replace(
+        fd,
+        conversations=[fd.conversations[i] for i in indices],
+        lengths=[fd.lengths[i] for i in indices],
+        grids=[fd.grids[i] for i in indices] if fd.grids else [],
+        **changes,
+    )
 
 
 def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]:

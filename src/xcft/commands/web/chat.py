@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TextIteratorStreamer
 
-from xcft.commands.chat import _ask, _check_images, generation_settings, load_for_chat
+from xcft.commands.chat import ask, generation_settings, load_chat_images, load_for_chat
 from xcft.errors import XcftError
 from xcft.model.loading import adapter_base_path, is_adapter_folder
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
@@ -82,7 +82,7 @@ class ChatModel:
             raise XcftError("empty question")
         if history and IMAGE_PLACEHOLDER in query:
             query = query.replace(IMAGE_PLACEHOLDER, "").strip()
-        images = _check_images(list(images or []))
+        images = load_chat_images(list(images or []))
         model, tokenizer = self.model, self.tokenizer
         stops = {int(i) for i in (tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)) if i is not None}
 
@@ -105,7 +105,7 @@ class ChatModel:
         def generate() -> None:
             try:
                 with self._lock:
-                    result.append(_ask(model, tokenizer, query, images, history=list(history), streamer=streamer, **kwargs))
+                    result.append(ask(model, tokenizer, query, images, history=list(history), streamer=streamer, **kwargs))
             except BaseException as exc:  # reported to the page by the consumer below
                 failure.append(exc)
                 streamer.end()
