@@ -67,6 +67,23 @@ class ModelArguments:
             "choices": ["float32", "bfloat16", "float16"],
         },
     )
+    bits: int = field(
+        default=16,
+        metadata={
+            "help": "Store the frozen decoder linears in 4 or 8 bit (bitsandbytes; QLoRA with --use_lora true) "
+            "or keep them in --model_dtype (16). Needs the qlora extra: pip install 'xcft[qlora]'. "
+            "Alias: --quantization_bit.",
+            "choices": [4, 8, 16],
+        },
+    )
+    quant_type: str = field(
+        default="nf4",
+        metadata={"help": "4-bit data type of --bits 4: nf4 (QLoRA's normal float) or fp4.", "choices": ["nf4", "fp4"]},
+    )
+    double_quant: bool = field(
+        default=True,
+        metadata={"help": "--bits 4: quantize the quantization constants too (about 0.4 bit per weight saved)."},
+    )
     cpu_reuse_memory: bool = field(
         default=True,
         metadata={
