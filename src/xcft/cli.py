@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from xcft.commands.bench.options import add_arguments as add_bench_train_arguments
 from xcft.errors import XcftError
+from xcft.model.template_xcomposer2 import LAYOUT_TRAINING, PROMPT_LAYOUTS
 
 logger = logging.getLogger("xcft")
 
@@ -111,7 +112,7 @@ def chat(args: argparse.Namespace) -> int:
         system=args.system,
         device=args.device,
         greedy=args.greedy,
-        training_layout=args.training_layout,
+        layout=args.layout,
         hd_num=args.hd_num,
     )
 
@@ -249,13 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--meta-instruction",
         dest="system",
         default=None,
-        help="system prompt ('' for none; default: the official one)",
+        help="system prompt ('' for none; default: the prompt layout's, the official one for 2.0, else none)",
     )
     p.add_argument("--greedy", action="store_true", help="greedy decoding (default: the official sampling settings)")
     p.add_argument(
+        "--layout",
+        choices=PROMPT_LAYOUTS,
+        default=None,
+        help="prompt layout (default: the one the model folder records; official checkpoints and their finetunes: "
+        "official; models xcft created from scratch: training, i.e. no system prompt and one <s> as training encodes)",
+    )
+    p.add_argument(
         "--training-layout",
-        action="store_true",
-        help="one <s> at the start, as training encodes samples (for models trained from scratch with xcft)",
+        dest="layout",
+        action="store_const",
+        const=LAYOUT_TRAINING,
+        help="the same as --layout training",
     )
     p.add_argument(
         "--hd-num",

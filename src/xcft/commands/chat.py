@@ -58,16 +58,16 @@ def load_chat_images(images: Sequence[str]) -> list[Any]:
 
 
 def generation_settings(
-    max_new_tokens: int, system: str | None, greedy: bool, training_layout: bool = False, hd_num: int | None = None
+    max_new_tokens: int, system: str | None, greedy: bool, layout: str | None = None, hd_num: int | None = None
 ) -> dict[str, Any]:
-    """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
+    """Keyword arguments of ``model.chat``: the model's prompt layout and the official sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
     if hd_num is not None:
         if hd_num < 1:
             raise XcftError(f"--hd-num {hd_num}: give at least 1 (crops per image of a 2.5 model)")
         kwargs["hd_num"] = int(hd_num)
-    if training_layout:
-        kwargs["bos_per_piece"] = False
+    if layout is not None:
+        kwargs["prompt_layout"] = layout
     if system is not None:
         kwargs["meta_instruction"] = system or None  # "" -> no system prompt
     return kwargs
@@ -90,13 +90,13 @@ def chat_command(
     system: str | None,
     device: str | None,
     greedy: bool = False,
-    training_layout: bool = False,
+    layout: str | None = None,
     hd_num: int | None = None,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device)
-    kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
+    kwargs = generation_settings(max_new_tokens, system, greedy, layout, hd_num)
     if hd_num is not None and not model.config.hd:
         raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
     stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
