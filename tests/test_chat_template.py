@@ -13,9 +13,9 @@ import torch
 
 from xcft.data.encode import encode_conversation
 from xcft.data.schema import Conversation, Message
-from xcft.model.presets import build_model
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.loading import load_pretrained, save_pretrained
+from xcft.model.presets import build_model
 from xcft.model.template_xcomposer2 import LAYOUT_OFFICIAL, LAYOUT_TRAINING, OFFICIAL_SYSTEM_PROMPT
 
 S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
