@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, write_atomic
+from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, train_command_line, write_atomic
 from xcft.errors import XcftError
 
 TRAINER_LOG_NAME = "trainer_log.jsonl"  # written by xcft.train.trainer.JsonLogCallback
@@ -49,6 +49,11 @@ class RunStatus:
     def active(self) -> bool:
         return self.state in ("starting", "running")
 
+    @property
+    def can_resume(self) -> bool:
+        """Ended one way or another, with a complete checkpoint to continue from."""
+        return not self.active and bool(self.checkpoints)
+
 
 @dataclass
 class _LogCache:
@@ -62,10 +67,15 @@ class _LogCache:
 
 
 class RunManager:
-    """The runs under one work folder (one instance per server)."""
+    """The runs under one work folder (one instance per server).
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+    ``command``: the program a run executes with its arguments (default: ``xcft train``); recorded
+    in each run, so a resume runs what the start ran.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], command: list[str] | None = None) -> None:
         self.root = Path(workdir) / "runs"
+        self.command = list(command) if command else train_command_line([])
         self._children: dict[str, subprocess.Popen] = {}  # runners this server started (reaped on poll)
         self._logs: dict[str, _LogCache] = {}
 
@@ -86,8 +96,12 @@ class RunManager:
         except (OSError, ValueError) as exc:
             raise XcftError(f"run {run_id}: cannot read {path} ({exc})") from None
 
-    def record(self, run_id: str) -> dict[str, Any]:
-        return self._record(run_id)
+    def argv(self, run_id: str) -> list[str]:
+        """The arguments the run was started with (a resume's flag left out)."""
+        return _without_option(list(self._record(run_id)["argv"]), "resume_from_checkpoint")
+
+    def output_dir(self, run_id: str) -> str:
+        return str(self._record(run_id)["output_dir"])
 
     # ------------------------------------------------------------------ start / stop / resume
 
@@ -104,6 +118,7 @@ class RunManager:
         run_dir.mkdir()
         record = {
             "id": run_id,
+            "command": self.command,
             "argv": list(argv),
             "output_dir": str(out.resolve()),
             "cwd": os.getcwd(),

@@ -42,6 +42,24 @@ COMMON_FIELDS = (
     "output_dir",
     "deepspeed",
 )
+#: What the common fields are called in the form (the option name follows in brackets).
+TITLES = {
+    "model_name_or_path": "Model folder",
+    "data_path": "Data (data.txt or .json)",
+    "use_lora": "LoRA",
+    "lora_r": "LoRA rank",
+    "img_size": "Image size (px)",
+    "max_length": "Max tokens per sample",
+    "learning_rate": "Learning rate",
+    "num_train_epochs": "Epochs",
+    "max_steps": "Max steps (-1: by epochs)",
+    "per_device_train_batch_size": "Batch size per device",
+    "gradient_accumulation_steps": "Gradient accumulation",
+    "packing": "Packing",
+    "bf16": "bf16",
+    "output_dir": "Output folder",
+    "deepspeed": "DeepSpeed config",
+}
 #: Fields the form leaves out: set per process by launchers, secrets, or objects no flag can express.
 HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
 #: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
@@ -74,6 +92,11 @@ class FormField:
     @property
     def common(self) -> bool:
         return self.name in COMMON_FIELDS
+
+    @property
+    def label(self) -> str:
+        """What the form calls the field: its title and the option name, or the option name."""
+        return f"{TITLES[self.name]} ({self.name})" if self.name in TITLES else self.name
 
     def form_default(self) -> Any:
         """The default as the form component holds it."""
@@ -227,6 +250,35 @@ def changed_values(fields: Sequence[FormField], raw_values: Sequence[Any]) -> di
         if differs:
             out[field.name] = value
     return out
+
+
+def values_from_argv(fields: Sequence[FormField], argv: Sequence[str]) -> list[Any]:
+    """The form values (one per field) of an ``xcft train`` command line that :func:`to_argv` wrote.
+
+    Options not on the command line keep their defaults; options the form does not have are left out.
+    """
+    given: dict[str, list[str]] = {}
+    name = None
+    for word in argv:
+        if word.startswith("--"):
+            name, _, inline = word[2:].partition("=")
+            given[name] = [inline] if inline else []
+        elif name is not None:
+            given[name].append(word)
+    return [_form_value(f, given[f.name]) if f.name in given else f.form_default() for f in fields]
+
+
+def _form_value(field: FormField, words: list[str]) -> Any:
+    """One option's words as the form component holds them."""
+    text = " ".join(words)
+    if field.kind == "bool":
+        return text.lower() in ("", "true", "1", "yes")
+    if field.kind == "optional_bool":
+        return "true" if text.lower() in ("true", "1", "yes") else "false"
+    if field.kind in ("int", "float"):
+        value = _parse_scalar(text)
+        return value if not isinstance(value, str) else field.form_default()
+    return text
 
 
 def to_argv(values: dict[str, Any]) -> list[str]:
