@@ -27,10 +27,11 @@ logger = logging.getLogger(__name__)
 
 def _carry(data: str, model: str, train_data: str, train_model: str) -> tuple[Any, Any]:
     """The checked data set and model, into the Train form's fields that are still empty."""
-    fill = [(data, train_data), (model, train_model)]
-    return tuple(
-        gr.update(value=new.strip()) if new and new.strip() and not (old or "").strip() else gr.skip() for new, old in fill
-    )
+
+    def fill(new: str, old: str) -> Any:
+        return gr.update(value=new.strip()) if (new or "").strip() and not (old or "").strip() else gr.skip()
+
+    return fill(data, train_data), fill(model, train_model)
 
 
 def build_app(workdir: str | Path, device: str | None = None) -> Any:

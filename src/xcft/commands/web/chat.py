@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TextIteratorStreamer
-
-from xcft.commands.chat import ask, generation_settings, load_chat_images, load_for_chat
+from xcft.commands.chat import AnswerStream, ask, generation_settings, load_chat_images, load_for_chat
 from xcft.errors import XcftError
 from xcft.model.loading import adapter_base_path, is_adapter_folder
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER, default_system_prompt
@@ -132,21 +129,6 @@ class ChatSettings:
         return kwargs
 
 
-def _streamer(tokenizer: Any) -> TextIteratorStreamer:
-    stops = {int(i) for i in (tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)) if i is not None}
-
-    class _Streamer(TextIteratorStreamer):
-        def put(self, value: Any) -> None:  # drop the stop tokens; the rest decodes as usual
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            ids = [int(t) for t in value.reshape(-1).tolist() if int(t) not in stops]
-            if ids:
-                super().put(torch.tensor(ids))
-
-    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S)
-
-
 def stream_answer(
     loaded: LoadedModel,
     query: str,
@@ -166,7 +148,7 @@ def stream_answer(
         query = query.replace(IMAGE_PLACEHOLDER, "").strip()
     pictures = load_chat_images(list(images or []))
     kwargs = settings.generate_kwargs()
-    streamer = _streamer(loaded.tokenizer)
+    streamer = AnswerStream(loaded.tokenizer, timeout=STREAM_TIMEOUT_S)
     result: list[tuple[str, History]] = []
     failure: list[BaseException] = []
 

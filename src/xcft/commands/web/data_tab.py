@@ -182,23 +182,22 @@ def build() -> DataTab:
         d_hd = gr.Number(label="hd_num (2.5 models; 0: the default)", value=0, precision=0, scale=1, elem_id="data-hd-num")
         d_given = gr.Checkbox(label="given_num (numbers are thousands)", value=True, scale=1)
     d_check = gr.Button("Check", variant="primary", elem_id="data-check")
-    out = DataCheck(
-        status=gr.HTML(elem_id="data-status"),
-        summary=gr.Dataframe(
-            headers=data_view.SUMMARY_HEADERS,
-            label="summary per file (check-data)",
-            interactive=False,
-            elem_id="data-summary",
-            wrap=True,
-            column_widths=["28%", *(["8%"] * 9)],
-        ),
-        histogram=gr.Plot(show_label=False, format="png", elem_id="data-hist"),
+    c: dict[str, Any] = {}  # one component per DataCheck field, by the field's name
+    c["status"] = gr.HTML(elem_id="data-status")
+    c["summary"] = gr.Dataframe(
+        headers=data_view.SUMMARY_HEADERS,
+        label="summary per file (check-data)",
+        interactive=False,
+        elem_id="data-summary",
+        wrap=True,
+        column_widths=["28%", *(["8%"] * 9)],
     )
+    c["histogram"] = gr.Plot(show_label=False, format="png", elem_id="data-hist")
     with gr.Row():
         d_level = gr.Dropdown(["all", *data_view.LEVELS], value="all", label="level", scale=1, elem_id="problems-level")
         d_filter = gr.Textbox(label="filter (file, id or text)", scale=3, elem_id="problems-filter")
-    out.count = gr.Markdown(elem_id="problems-count")
-    out.problems = gr.Dataframe(
+    c["count"] = gr.Markdown(elem_id="problems-count")
+    c["problems"] = gr.Dataframe(
         headers=data_view.PROBLEM_HEADERS,
         label="problems (click a row to open its sample)",
         interactive=False,
@@ -208,23 +207,23 @@ def build() -> DataTab:
         column_widths=["7%", "16%", "5%", "6%", "8%", "30%", "21%", "7%"],
     )
     with gr.Row():
-        out.sample_index = gr.Number(
+        c["sample_index"] = gr.Number(
             label="sample index (overall, data.txt order)", value=None, precision=0, elem_id="sample-index"
         )
         d_id = gr.Textbox(label="or sample id", elem_id="sample-id")
         d_show = gr.Button("Show", elem_id="sample-show")
         d_prev = gr.Button("◀ Previous", elem_id="sample-prev")
         d_next = gr.Button("Next ▶", elem_id="sample-next")
-    out.nav = gr.HTML(elem_id="sample-nav")
-    out.sample = gr.HTML(elem_id="sample-view")
-    out.index = gr.State(None)
-    comps = {f.name: getattr(out, f.name) for f in fields(DataCheck)}
+    c["nav"] = gr.HTML(elem_id="sample-nav")
+    c["sample"] = gr.HTML(elem_id="sample-view")
+    c["index"] = gr.State(None)
+    assert set(c) == {f.name for f in fields(DataCheck)}, "every result field has its component"
 
     def on_check(data, model, img, max_len, given, level, text, hd, progress=gr.Progress()):  # noqa: B008
         view = check(data, model, img, max_len, given, level, text, hd, progress)
         # a fresh mark on every answer, so the page (and a test) can tell a new result from the last one
         view.status = f'<div class="xcft-check" data-done="{time.time():.6f}">{view.status}</div>'
-        return {comps[name]: getattr(view, name) for name in comps}
+        return {comp: getattr(view, name) for name, comp in c.items()}
 
     inputs = [d_data, d_model, d_img, d_max, d_given, d_level, d_filter, d_hd]
     # the progress bar goes over the status line only, not over every output
@@ -232,30 +231,30 @@ def build() -> DataTab:
         [d_check.click, d_data.submit],
         on_check,
         inputs,
-        list(comps.values()),
+        list(c.values()),
         concurrency_limit=2,
-        show_progress_on=[out.status],
+        show_progress_on=[c["status"]],
     )
     gr.on(
         [d_level.change, d_filter.submit, d_filter.blur],
         filter_problems,
-        [out.index, d_level, d_filter],
-        [out.problems, out.count],
+        [c["index"], d_level, d_filter],
+        [c["problems"], c["count"]],
     )
 
-    nav_outputs = [out.sample, out.sample_index, out.nav]
+    nav_outputs = [c["sample"], c["sample_index"], c["nav"]]
 
     def nav(view: SampleNav) -> tuple[Any, Any, str]:
         return (gr.skip() if view.sample is None else view.sample), view.index, view.nav
 
-    state = [out.index, out.sample_index]
+    state = [c["index"], c["sample_index"]]
     gr.on([d_show.click, d_id.submit], lambda s, i, sid: nav(show_sample(s, i, sid)), [*state, d_id], nav_outputs)
-    out.sample_index.submit(lambda s, i: nav(show_sample(s, i)), state, nav_outputs)
+    c["sample_index"].submit(lambda s, i: nav(show_sample(s, i)), state, nav_outputs)
     d_prev.click(lambda s, i: nav(show_sample(s, i, step=-1)), state, nav_outputs)
     d_next.click(lambda s, i: nav(show_sample(s, i, step=1)), state, nav_outputs)
 
     def on_problem(index: data_view.DataIndex | None, evt: gr.SelectData) -> tuple[Any, Any, str]:
         return nav(_problem_sample(index, evt))
 
-    out.problems.select(on_problem, [out.index], nav_outputs)
+    c["problems"].select(on_problem, [c["index"]], nav_outputs)
     return DataTab(d_data, d_model, checked)

@@ -14,13 +14,14 @@ from xcft.commands.web.export import MergeProgress, merge_argv, run_merge
 
 def result_html(p: MergeProgress, output: str) -> str:
     """The merge's verdict: the probe difference against its tolerance, or the error in the page's words."""
-    if not p.ok:
+    if not p.ok or p.check is None:
         return ui.status(ui.in_page_terms(p.error or "merge failed", ui.EXPORT_FIELDS), "error")
+    c = p.check
     return (
-        f'<div class="xcft-status xcft-ok xcft-probe" data-diff="{html.escape(p.diff or "")}">'
+        f'<div class="xcft-status xcft-ok xcft-probe" data-diff="{c.max_abs_logit_diff!r}" data-tolerance="{c.tolerance!r}">'
         f"merged and verified: max |logit difference| merged vs base + adapter = "
-        f'<b class="xcft-diff">{html.escape(p.diff or "?")}</b> '
-        f"(tolerance {html.escape(p.tolerance or '?')}); written to "
+        f'<b class="xcft-diff">{c.max_abs_logit_diff:.3e}</b> (tolerance {c.tolerance:.1e}; '
+        f"probe of {c.probe_tokens} tokens, {c.probe_images} image(s)); written to "
         f"<code>{html.escape(output.strip())}</code></div>"
     )
 
@@ -32,7 +33,7 @@ def merge(adapter: str, base: str, output: str) -> Iterator[tuple[str, str]]:
         argv = merge_argv(adapter, output, base)
         if not Path(adapter.strip()).expanduser().is_dir():
             raise FileNotFoundError(f"adapter folder {adapter.strip()} does not exist")
-        for p in run_merge(argv):
+        for p in run_merge(argv, output.strip()):
             yield (result_html(p, output) if p.done else ui.status("merging ...", merging=1)), p.log
     except FileNotFoundError as exc:
         yield ui.status(str(exc), "error"), ""

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from xcft.errors import XcftError
+from xcft.options import parse_bool
 from xcft.train.args import XCFT_DEFAULTS, option_classes
 
 #: Shown first, in this order; every other field is folded by group.
@@ -203,7 +204,7 @@ def _value(field: FormField, raw: Any) -> tuple[bool, Any]:
     if kind == "optional_bool":
         if text == "":
             return False, default
-        value = text.lower() == "true"
+        value = parse_bool(text)
         return default is None or value != bool(default), value
     if kind == "optional_number":
         if text == "":
@@ -272,9 +273,9 @@ def _form_value(field: FormField, words: list[str]) -> Any:
     """One option's words as the form component holds them."""
     text = " ".join(words)
     if field.kind == "bool":
-        return text.lower() in ("", "true", "1", "yes")
+        return text == "" or parse_bool(text)  # a bare flag means true
     if field.kind == "optional_bool":
-        return "true" if text.lower() in ("true", "1", "yes") else "false"
+        return str(parse_bool(text)).lower()
     if field.kind in ("int", "float"):
         value = _parse_scalar(text)
         return value if not isinstance(value, str) else field.form_default()

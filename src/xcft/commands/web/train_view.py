@@ -15,6 +15,7 @@ from typing import Any
 
 from xcft.commands.web import train_form, ui
 from xcft.commands.web.runs import RunManager, RunStatus
+from xcft.train import plots
 
 
 def status_html(st: RunStatus | None) -> str:
@@ -50,25 +51,8 @@ def duration(seconds: float | None) -> str:
 
 
 def loss_figure(st: RunStatus | None) -> Any:
-    """Train (and eval) loss against the optimizer step, or a note while nothing is logged."""
-    from matplotlib.figure import Figure  # lazy: only for plots, slow to import
-
-    fig = Figure(figsize=(7, 3.2), dpi=90)
-    ax = fig.add_subplot(1, 1, 1)
-    if st is not None and st.loss:
-        marker = "." if len(st.loss) < 60 else None
-        ax.plot([s for s, _ in st.loss], [v for _, v in st.loss], label="train loss", linewidth=1.3, marker=marker)
-    if st is not None and st.eval_loss:
-        ax.plot([s for s, _ in st.eval_loss], [v for _, v in st.eval_loss], "o-", label="eval loss")
-    if st is None or not (st.loss or st.eval_loss):
-        ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    """The run's loss curve (the drawing of ``xcft train``'s loss.png)."""
+    return plots.loss_figure(st.loss if st else [], st.eval_loss if st else [], size=(7, 3.2))
 
 
 @dataclass(frozen=True)
