@@ -630,7 +630,11 @@ def _load_model(page: Page, folder: Path | str) -> None:
     _tab(page, "Chat")
     _fill(page, "chat-model", folder)
     page.click("#chat-load")
-    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('loaded')", timeout=120_000)
+    page.wait_for_function(
+        "f => { const ok = document.querySelector('#chat-status .xcft-ok'); return ok && ok.innerText.includes(f); }",
+        arg=str(Path(folder).resolve()),
+        timeout=120_000,
+    )
 
 
 def _ask(page: Page, question: str, turn: int) -> str:
@@ -675,9 +679,11 @@ def test_chat_with_the_trained_adapter(page, web, finished_run):
     assert [u for u in users if u] == ["What colour is the square?", "And the background?"]  # no early question glued on
     assert page.locator("#chat-bot img").count() >= 1  # the uploaded image is in the conversation
     _shot(page, web, "chat")
+    uploaded = "#chat-images .file-preview, #chat-images table tr"
+    assert page.locator(uploaded).count() > 0
     page.click("#chat-clear")
     page.wait_for_function("() => document.querySelectorAll('#chat-bot [data-testid=bot]').length === 0")
-    assert page.locator("#chat-images .file-preview, #chat-images table tr").count() == 0  # the images went too
+    assert page.locator(uploaded).count() == 0  # the images went too
 
 
 @pytest.mark.slow
