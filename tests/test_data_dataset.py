@@ -393,3 +393,26 @@ def test_batched_and_packed_losses_equal_per_sample_losses(cases_hd, model_and_t
     assert row_counts == [counts[0] + counts[1], counts[2] + counts[3]]
     assert sum(row_sums) / sum(row_counts) == pytest.approx(sum(sums) / sum(counts), rel=LOSS_RTOL)
     assert row_sums[0] == pytest.approx(sums[0] + sums[1], rel=LOSS_RTOL)
+
+
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5: lengths without decoding, unusable images
+
+
+def test_hd_lengths_and_bad_images(tmp_path, tiny25_base, hd_data, noise_image):
+    from xcft.errors import DataError
+    from xcft.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny25_base)
+    ds = build_dataset(hd_data, tok, 224, 1024, given_num=False, hd_num=4)
+    for i in range(len(ds)):  # lengths (grouping, packing) are the lengths of the items, without decoding
+        assert ds.lengths[i] == ds[i]["input_ids"].shape[0]
+        assert int(ds[i]["image_mask"].sum()) == sum(ds.image_spec.slots(g) for g in ds[i]["image_grids"].tolist())
+    thin = noise_image(tmp_path / "thin.png", (3000, 1), 5)  # aspect ratio beyond what the HD transform handles
+    data = tmp_path / "bad.json"
+    data.write_text(
+        json.dumps(
+            [{"id": "x", "image": thin, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]}]
+        )
+    )
+    with pytest.raises(DataError, match=r"sample 0 \(id 'x'\): image .*thin.png cannot be used: .*too elongated"):
+        build_dataset(data, tok, 224, 1024, given_num=False, hd_num=4)

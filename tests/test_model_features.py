@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from xcft.cli import main
+from xcft.data.dataset import DataCollator
 from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM, dynamic_ntk_base, segment_lengths
+from xcft.model.presets import build_model
+from xcft.train.setup import SEPARATOR_NAMES
 
 torch.set_num_threads(1)
 
@@ -23,7 +28,6 @@ TINY = {"vocab_size": 300, "seed": 1, "plora_dropout": 0.05}  # the preset defau
 
 
 def collate(items):
-    from xcft.data.dataset import DataCollator
 
     return DataCollator(pad_token_id=2)(items)
 
@@ -121,7 +125,6 @@ def test_bf16_forward_and_backward(random_item, tiny_model):
 
 
 def test_presets_shapes():
-    from xcft.model.presets import build_model
 
     small = build_model("small", device="meta")
     c = small.config
@@ -143,7 +146,6 @@ def test_presets_shapes():
 
 
 def test_init_model_command_writes_a_loadable_folder(tmp_path, capsys):
-    from xcft.cli import main
     from xcft.model.loading import load_pretrained
 
     assert main(["init-model", str(tmp_path / "tiny"), "--preset", "tiny", "--seed", "3"]) == 0
@@ -416,7 +418,6 @@ def test_dynamic_ntk_is_official_and_stateless():
 
 
 def test_hd_chat_images_use_the_inference_transform():
-    from PIL import Image
 
     from xcft.model.image_processing_xcomposer2 import hd_crop_grid
 
@@ -499,3 +500,10 @@ def test_load_without_post_layernorm_and_inconsistent_folders(tmp_path: Path):
     folder = _copy_folder(source, tmp_path / "declared_2_0", config_update={"family": "2.0"})
     with pytest.raises(XcftError, match=r"config.json says family '2\.0' but the weights are 2\.5"):
         load_model(folder, dtype="float32", device="cpu")
+
+
+def test_init_model_tiny_25_preset_is_a_2_5_folder(tiny25_base):
+    config = json.loads((tiny25_base / "config.json").read_text())
+    assert config["family"] == "2.5" and config["img_size"] == 224
+    keys = load_file(str(tiny25_base / "model.safetensors")).keys()
+    assert set(SEPARATOR_NAMES) <= set(keys)
