@@ -340,16 +340,15 @@ def test_grids_come_from_headers_without_decoding(cases_hd, fixture_2d5_dir, mon
     assert files[0].lengths == [case["rows"][0]["valid_len"]]
 
 
-def test_hd_num_changes_grids_and_lengths(cases_hd, model_and_tokenizer, fixture_2d5_dir, tmp_path):
+@pytest.mark.parametrize(("hd", "grid"), [(6, (2, 3)), (18, (3, 4)), (1, (1, 1))])
+def test_hd_num_changes_grids_and_lengths(cases_hd, model_and_tokenizer, fixture_2d5_dir, tmp_path, hd, grid):
     _, tok = model_and_tokenizer
     case = cases_hd["p08"]  # 1500x1000: 2x3 at hd 6, 3x4 at hd 18, 1x1 at hd 1
     path = _write_case(tmp_path, fixture_2d5_dir, case)
-    spec = ImageSpec(560, 18)
-    for hd, grid in ((6, (2, 3)), (18, (3, 4)), (1, (1, 1))):
-        files = read_data(path, tok, 560, 16384, given_num=False, hd_num=hd)
-        assert files[0].grids == [[grid]]
-        text_len = case["rows"][0]["valid_len"] - case["rows"][0]["images"][0]["tokens"]
-        assert files[0].lengths == [text_len + spec.slots(grid)]
+    files = read_data(path, tok, 560, 16384, given_num=False, hd_num=hd)
+    assert files[0].grids == [[grid]]
+    text_len = case["rows"][0]["valid_len"] - case["rows"][0]["images"][0]["tokens"]
+    assert files[0].lengths == [text_len + ImageSpec(560, hd).slots(grid)]
 
 
 def _mixed_items(cases_hd, fixture_2d5_dir, tok, tmp_path) -> list[dict]:
