@@ -23,17 +23,26 @@ LOGIT_ATOL = 1e-4
 STAT_RTOL = 1e-4
 
 
+def _cases(folder: Path) -> dict:
+    """The official recorded cases of a fixture checkpoint."""
+    return json.loads((folder / "cases.json").read_text())
+
+
+def _model(folder: Path):
+    from xcft.model.loading import load_pretrained
+
+    model, _ = load_pretrained(folder, dtype="float32", device="cpu")
+    return model
+
+
 @pytest.fixture(scope="module")
 def cases(fixture_dir: Path) -> dict:
-    return json.loads((fixture_dir / "cases.json").read_text())
+    return _cases(fixture_dir)
 
 
 @pytest.fixture(scope="module")
 def model(fixture_dir: Path):
-    from xcft.model.loading import load_pretrained
-
-    model, _ = load_pretrained(fixture_dir, dtype="float32", device="cpu")
-    return model
+    return _model(fixture_dir)
 
 
 @pytest.fixture(scope="module")
@@ -265,20 +274,17 @@ def test_train_steps_p03(fixture_dir, cases, pixels):
             assert abs(params[name].double().sum().item() - value) <= 1e-4 * max(abs(value), 1.0), name
 
 
-# --------------------------------------------------------------------------- InternLM-XComposer-2.5 (fixture ixc2d5_tiny_public): loading, the variable-grid batch contract, dynamic-NTK RoPE, optimiser steps
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5 (fixture ixc2d5_tiny_public)
 
 
 @pytest.fixture(scope="module")
 def cases_hd(fixture_2d5_dir: Path) -> dict:
-    return json.loads((fixture_2d5_dir / "cases.json").read_text())
+    return _cases(fixture_2d5_dir)
 
 
 @pytest.fixture(scope="module")
 def model_hd(fixture_2d5_dir: Path):
-    from xcft import load_pretrained
-
-    model_hd, _ = load_pretrained(fixture_2d5_dir, dtype="float32", device="cpu")
-    return model_hd
+    return _model(fixture_2d5_dir)
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,10 @@ def test_fsdp_config_names_our_layer_classes():
 
 
 def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
-    cfg = parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)])
+    def parse(*flags: str):
+        return parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), *flags])
+
+    cfg = parse()
     assert cfg.data.hd_num is None
     config_25 = XComposer2Config(
         family="2.5",
@@ -256,45 +259,15 @@ def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
     sizes = resolve_run_sizes(cfg, config_25)
     assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 16384, 18)
 
-    ok = parse_train_args(
-        [
-            "--model_name_or_path",
-            "m",
-            "--data_path",
-            "d",
-            "--output_dir",
-            str(tmp_path),
-            "--resolution",
-            "560",
-            "--hd_num",
-            "6",
-            "--max_length",
-            "8192",
-        ]
-    )
+    ok = parse("--resolution", "560", "--hd_num", "6", "--max_length", "8192")
     sizes = resolve_run_sizes(ok, config_25)
     assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 8192, 6)
-    bad = parse_train_args(
-        ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--resolution", "490"]
-    )
+    bad = parse("--resolution", "490")
     with pytest.raises(XcftError, match=r"--resolution 490: the model is an InternLM-XComposer-2.5 model whose views .* 560 px"):
         resolve_run_sizes(bad, config_25)
     with pytest.raises(XcftError, match="--hd_num must be at least 1"):
-        parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--hd_num", "0"])
+        parse("--hd_num", "0")
     with pytest.raises(XcftError, match="disagree"):
-        parse_train_args(
-            [
-                "--model_name_or_path",
-                "m",
-                "--data_path",
-                "d",
-                "--output_dir",
-                str(tmp_path),
-                "--resolution",
-                "560",
-                "--img_size",
-                "490",
-            ]
-        )
+        parse("--resolution", "560", "--img_size", "490")
     with pytest.raises(XcftError, match=r"--hd_num 6: the model is an InternLM-XComposer2 \(2\.0\) model"):
         resolve_run_sizes(ok, XComposer2Config())  # one rule everywhere: --hd_num on a 2.0 model is an error
