@@ -15,7 +15,7 @@ from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.run_files import RESOLVED_CONFIG_NAME
 from xcft.train.args import parse_train_args, valid_keys, write_resolved_config
-from xcft.train.datasets import resolve_run_sizes
+from xcft.train.inputs import resolve_run_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d.txt"]

@@ -375,7 +375,7 @@ def test_eval_split_and_eval_data_give_eval_loss(tmp_path, train, small_fixed_da
 
 def test_epoch_redraw_differs_and_is_seeded(tiny_base, tiny_data):
     from xcft.model.loading import load_config, load_tokenizer
-    from xcft.train.datasets import build_datasets
+    from xcft.train.inputs import build_datasets
 
     cfg = parse_train_args(["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--seed", "5"])
     tok = load_tokenizer(tiny_base)

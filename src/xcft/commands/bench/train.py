@@ -42,7 +42,7 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_run_sizes
+from xcft.train.inputs import resolve_run_sizes
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 

@@ -1,4 +1,4 @@
-"""The data sets of a training run (xcft.train.datasets): vision-aligned batches for ZeRO/FSDP."""
+"""The inputs of a training run (xcft.train.inputs): vision-aligned batches for ZeRO/FSDP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xcft.data.dataset import DataCollator, build_dataset
-from xcft.train.datasets import vision_aligned
+from xcft.train.inputs import vision_aligned
 
 
 def test_vision_aligned_batch_has_a_1x1_blank_image(tiny25_base, hd_data):
