@@ -141,6 +141,29 @@ def test_alias_and_refusals(tmp_path, caplog):
     assert parse_train_args(_argv("--use_lora", "true", "--bits", "4", "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")))
 
 
+def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
+    """What ``xcft train --use_lora true --bits 4 --bf16 true --fix_sampler false`` trains, and in which dtype."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from xcft.model.loading import unwrap_model
+    from xcft.train.setup import load_base_model, prepare_model_for_training
+
+    argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "o"), *COMMON]
+    cfg = parse_train_args([*argv, *QLORA, "--bf16", "true", "--fix_sampler", "false"])
+    model, _ = load_base_model(cfg)
+    peft_model = prepare_model_for_training(cfg, model, base_path=str(tiny_base))
+    base = unwrap_model(peft_model)
+    wrapped = [m for m in base.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(wrapped) == 5 * base.config.num_hidden_layers, "peft's 4-bit LoRA layer on every decoder linear"
+    assert all(isinstance(m.get_base_layer(), PLoRALinear4bit) for m in wrapped)
+    assert all(m.get_base_layer().compute_dtype == torch.bfloat16 for m in wrapped)
+    dtypes = {n: (p.dtype, p.requires_grad) for n, p in peft_model.named_parameters()}
+    assert all(d == (torch.float32, True) for n, d in dtypes.items() if ".lora_" in n or "modules_to_save" in n)
+    frozen_half = [n for n in dtypes if "Plora" in n or "tok_embeddings" in n or "output.weight" in n or ".vit." in n]
+    assert frozen_half and all(dtypes[n] == (torch.bfloat16, False) for n in frozen_half)
+    assert any(dtypes[n][0] == torch.uint8 for n in dtypes), "packed 4-bit weights"
+
+
 def test_refusal_is_one_line_exit_1(tiny_base, tiny_data, tmp_path, capsys):
     rc = main(
         [
