@@ -34,6 +34,7 @@ from xcft.model.quantized_linear import PLoRALinear4bit, PLoRALinear8bit
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
+QLORA = ["--use_lora", "true", "--bits", "4", "--lora_r", "4", "--lora_alpha", "8"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -208,9 +209,6 @@ def train(tiny_base, tiny_data):
         return train_command([*argv, *COMMON, *extra])
 
     return run
-
-
-QLORA = ["--use_lora", "true", "--bits", "4", "--lora_r", "4", "--lora_alpha", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -469,6 +467,30 @@ print("DIFF", d, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
 
 
 # --------------------------------------------------------------------------- distributed
+
+
+def test_bits_8_continues_an_adapter(qlora_run, train, tmp_path, read_losses):
+    """--bits 8 (LLM.int8) trains too, here continuing the 4-bit run's adapter (--lora_weight_path)."""
+    out = tmp_path / "int8"
+    rc = train(
+        out,
+        "--use_lora",
+        "true",
+        "--bits",
+        "8",
+        "--lora_weight_path",
+        str(qlora_run),
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+    )
+    assert rc == 0
+    losses = read_losses(out)
+    assert set(losses) == {1, 2} and all(0 < v < 20 for v in losses.values())
+    before, after = load_file(str(qlora_run / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".lora_" in k), "the adapter kept training"
 
 
 @pytest.mark.slow
