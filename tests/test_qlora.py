@@ -45,8 +45,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- the quantized layer
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_linear_keeps_partial_lora_exact(bits):
+@pytest.mark.parametrize(("bits", "quant_type", "double_quant"), [(4, "nf4", True), (4, "fp4", False), (8, None, None)])
+def test_quantized_linear_keeps_partial_lora_exact(bits, quant_type, double_quant):
     torch.manual_seed(0)
     source = PLoRALinear(64, 96, lora_r=8, lora_alpha=16.0, lora_dropout=0.0)
     torch.nn.init.normal_(source.Plora_B.weight, std=0.05)  # a non-zero branch
@@ -56,13 +56,15 @@ def test_quantized_linear_keeps_partial_lora_exact(bits):
         ref_text, ref_img = source(x), source(x, index)
     plora_a, plora_b = source.Plora_A, source.Plora_B
     layer = (
-        PLoRALinear4bit(source, compute_dtype=torch.float32, quant_type="nf4", double_quant=True)
+        PLoRALinear4bit(source, compute_dtype=torch.float32, quant_type=quant_type, double_quant=double_quant)
         if bits == 4
         else PLoRALinear8bit(source)
     )
     assert isinstance(layer, PLoRALinear)
     assert layer.Plora_A is plora_a and layer.Plora_B is plora_b, "the branch is the same module, not requantized"
     assert layer.weight.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    if bits == 4:
+        assert layer.weight.quant_type == quant_type and layer.weight.compress_statistics == double_quant
     with torch.no_grad():
         text, img = layer(x), layer(x, index)
     # Text positions get the quantized base only; image positions get exactly the unquantized branch on top.
@@ -143,14 +145,16 @@ def test_alias_and_refusals(tmp_path, caplog):
 
 
 def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
-    """What ``xcft train --use_lora true --bits 4 --bf16 true --fix_sampler false`` trains, and in which dtype."""
+    """What ``xcft train --use_lora true --bits 4 --quant_type fp4 --double_quant false --bf16 true --fix_sampler false``
+    trains, and in which dtype."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     from xcft.model.loading import unwrap_model
     from xcft.train.setup import load_base_model, prepare_model_for_training
 
     argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "o"), *COMMON]
-    cfg = parse_train_args([*argv, *QLORA, "--bf16", "true", "--fix_sampler", "false"])
+    flags = ["--quant_type", "fp4", "--double_quant", "false", "--bf16", "true", "--fix_sampler", "false"]
+    cfg = parse_train_args([*argv, *QLORA, *flags])
     model, _ = load_base_model(cfg)
     peft_model = prepare_model_for_training(cfg, model, base_path=str(tiny_base))
     base = unwrap_model(peft_model)
@@ -158,6 +162,9 @@ def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
     assert len(wrapped) == 5 * base.config.num_hidden_layers, "peft's 4-bit LoRA layer on every decoder linear"
     assert all(isinstance(m.get_base_layer(), PLoRALinear4bit) for m in wrapped)
     assert all(m.get_base_layer().compute_dtype == torch.bfloat16 for m in wrapped)
+    assert all(
+        m.get_base_layer().weight.quant_type == "fp4" and not m.get_base_layer().weight.compress_statistics for m in wrapped
+    )
     dtypes = {n: (p.dtype, p.requires_grad) for n, p in peft_model.named_parameters()}
     assert all(d == (torch.float32, True) for n, d in dtypes.items() if ".lora_" in n or "modules_to_save" in n)
     frozen_half = [n for n in dtypes if "Plora" in n or "tok_embeddings" in n or "output.weight" in n or ".vit." in n]
