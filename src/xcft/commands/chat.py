@@ -16,9 +16,10 @@ import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
 from xcft.data.images import open_checked_image
+from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_device
-from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
+from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER, LAYOUT_TRAINING
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +64,16 @@ def make_streamer(tokenizer: Any, *, iterator: bool = False, timeout: float | No
     return AnswerStream(tokenizer, timeout=timeout) if iterator else AnswerPrinter(tokenizer)
 
 
-def load_for_chat(model_dir: str, device: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
+def load_for_chat(model_dir: str, device: str | None, bits: int = 16) -> tuple[Any, Any]:
+    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32).
+
+    ``bits`` 4/8: decoder linears quantized with bitsandbytes (see :func:`xcft.model.loading.load_pretrained`).
+    """
     if not Path(model_dir).is_dir():
         raise XcftError(f"model folder {model_dir} does not exist")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev, bits=bits)
     return model.eval(), tokenizer
 
 
@@ -84,8 +88,6 @@ def generation_settings(
     """Keyword arguments of ``model.chat``: the model's prompt layout and the official sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
     if hd_num is not None:
-        if hd_num < 1:
-            raise XcftError(f"--hd-num {hd_num}: give at least 1 (crops per image of a 2.5 model)")
         kwargs["hd_num"] = int(hd_num)
     if layout is not None:
         kwargs["prompt_layout"] = layout
@@ -112,14 +114,16 @@ def chat_command(
     device: str | None,
     greedy: bool = False,
     layout: str | None = None,
+    training_layout: bool = False,
     hd_num: int | None = None,
+    bits: int = 16,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
-    model, tokenizer = load_for_chat(model_dir, device)
-    kwargs = generation_settings(max_new_tokens, system, greedy, layout, hd_num)
-    if hd_num is not None and not model.config.hd:
-        raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
+    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
+    # chat's crop budget defaults to the official chat's own (model.chat); only a given one is checked
+    resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
+    kwargs = generation_settings(max_new_tokens, system, greedy, LAYOUT_TRAINING if training_layout else layout, hd_num)
     if query is not None:
         response, _ = ask(model, tokenizer, query, images, **kwargs)
         print(response)

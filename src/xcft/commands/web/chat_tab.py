@@ -14,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from xcft.commands.web import ui
+import xcft.commands.web.ui as ui
 from xcft.commands.web.chat import ChatSettings, ModelCache, stream_answer
 from xcft.errors import XcftError
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS, default_system_prompt
