@@ -408,6 +408,7 @@ def test_sample_view_matches_inspect(page, web, capsys):
     page.wait_for_selector('#sample-view .xcft-sample[data-index="1"]')
 
 
+@pytest.mark.slow
 def test_data_tab_as_a_new_user_meets_it(page, web):
     """Progress over the status line only; indexes out of range said, not clamped; paths carried to Train."""
     _tab(page, "Train")  # empty Train fields: the checked paths will be carried there
