@@ -2,7 +2,8 @@
 
 Every usable sample of the data (a data.txt or one JSON/JSONL file) is evaluated once, in
 data order (data.txt numbers and epoch draws do not apply). A sample's loss is the mean
-cross-entropy over its supervised tokens, exactly the official per-sample loss; ``mean_loss``
+cross-entropy over its supervised tokens, exactly the official per-sample loss; ``logp`` is the
+summed log-probability of those (answer) tokens and ``tokens`` their number; ``mean_loss``
 is the mean over all supervised tokens of the data set (the training objective) and
 ``mean_sample_loss`` the plain mean of the sample losses. Samples left with no supervised
 token after truncation are reported by the data reader and not evaluated.
@@ -130,6 +131,7 @@ def evaluate(
                         "file": conv.file,
                         "file_index": conv.index,
                         "loss": s / n,
+                        "logp": -s,
                         "tokens": int(n),
                     }
                 )

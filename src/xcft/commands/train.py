@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import ProgressCallback
@@ -22,6 +23,7 @@ from xcft.model.loading import unwrap_model
 from xcft.output_dir import FolderLock, OutputFolder, check_no_overlap, check_output_folder, save_errors
 from xcft.train.args import RESOLVED_CONFIG_NAME, TrainConfig, parse_train_args, print_help, write_resolved_config
 from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
+from xcft.train.dpo import PreferenceTrainer, build_preference_datasets, prepare_reference
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import (
     STAGING_DIR_NAME,
@@ -80,6 +82,8 @@ def _input_folders(cfg: TrainConfig) -> tuple[list[tuple[str, Path]], list[tuple
     models = [("the base model folder of --model_name_or_path", Path(cfg.model.model_name_or_path))]
     if cfg.lora.lora_weight_path:
         models.append(("the adapter folder of --lora_weight_path", Path(cfg.lora.lora_weight_path)))
+    if cfg.preference.ref_model_name_or_path:
+        models.append(("the reference model folder of --ref_model_name_or_path", Path(cfg.preference.ref_model_name_or_path)))
     data: list[tuple[str, Path]] = []
     for flag, value in (("--data_path", cfg.data.data_path), ("--eval_data_path", cfg.data.eval_data_path)):
         if not value:
@@ -161,14 +165,21 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
 
     # ---- data
     base_config = unwrap_model(model).config
-    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
+    trainer_class: type[XcftTrainer] = XcftTrainer
+    stage: dict[str, Any] = {}
+    if cfg.preference.stage == "dpo":
+        train_ds, eval_ds, collator = build_preference_datasets(cfg, tokenizer, base_config)
+        reference = prepare_reference(cfg, model, [train_ds, eval_ds])
+        trainer_class, stage = PreferenceTrainer, {"preference": cfg.preference, "reference": reference}
+    else:
+        train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
 
     # ---- trainer
     sigterm = SigtermCallback()
-    trainer = XcftTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -177,6 +188,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
         processing_class=tokenizer,
         callbacks=[EpochDrawCallback(train_ds), sigterm, JsonLogCallback()]
         + ([_RecordOutputs(folder)] if folder is not None else []),
+        **stage,
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -41,6 +41,8 @@ class FileData:
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
     grids: list[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
+    # preference data: the rejected conversation of each pair (``conversations`` holds the chosen ones)
+    rejected: list[Conversation] = field(default_factory=list)
 
 
 def image_size(path: Path) -> tuple[int, int]:
