@@ -25,7 +25,7 @@ from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
 from xcft.train.datasets import resolve_hd_num, resolve_lengths, vision_aligned
-from xcft.train.trainer import configure_trainable
+from xcft.train.setup import configure_trainable
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -73,7 +73,8 @@ def test_lock_is_exclusive_names_the_pid_and_is_released(tmp_path):
 
 
 def test_rotation_deletes_only_own_checkpoints(tmp_path):
-    from xcft.train.trainer import find_last_checkpoint, rotate_own_checkpoints
+    from xcft.run_files import find_last_checkpoint
+    from xcft.train.checkpoints import rotate_own_checkpoints
 
     for step in (1, 2, 3):
         ckpt = tmp_path / f"checkpoint-{step}"

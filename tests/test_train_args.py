@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from xcft.errors import XcftError
-from xcft.train.args import RESOLVED_CONFIG_NAME, parse_train_args, valid_keys, write_resolved_config
+from xcft.run_files import RESOLVED_CONFIG_NAME
+from xcft.train.args import parse_train_args, valid_keys, write_resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d.txt"]

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xcft.commands.train import EXIT_SIGTERM, train_command
+from xcft.commands.train import train_command
 from xcft.errors import XcftError
-from xcft.train.trainer import STAGING_DIR_NAME, find_last_checkpoint
+from xcft.output_dir import own_entries
+from xcft.run_files import EXIT_SIGTERM, MERGE_CHECK_NAME, STAGING_DIR_NAME, find_last_checkpoint, read_merge_check
 
 COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
 
@@ -191,14 +192,18 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run, tiny_base):
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA weights were trained"
 
 
-def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys, tmp_path, run_fresh_python):
+def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys, tmp_path, run_fresh_python, tiny_base):
     import xcft
     from xcft.commands.merge import merge_command, probe_batch, probe_logits
 
     merged = tmp_path / "merged"
     assert merge_command(adapter=str(lora_run), output=str(merged), base=None) == 0
     out = capsys.readouterr().out
-    assert "max abs logit diff merged vs adapter" in out
+    # the result is data in the merged folder (what the web page reads), and the printed line says the same
+    check = read_merge_check(merged)
+    assert check is not None and check.ok and check.line() in out
+    assert check.base == str(tiny_base.resolve()) and check.adapter == str(lora_run.resolve())
+    assert MERGE_CHECK_NAME in own_entries(merged)
     # xcft.load_pretrained on the adapter folder == merged folder, on the image probe
     model_a, tok = xcft.load_pretrained(str(lora_run), dtype=torch.float32, device="cpu")
     model_m, _ = xcft.load_pretrained(str(merged), dtype=torch.float32, device="cpu")

@@ -11,23 +11,15 @@ import os
 import sys
 from typing import TextIO
 
-from xcft.data.check import CheckResult, Settings, encode_for, find_sample, length_stats, load_settings, render_sample, run_check
+from xcft.data.check import CheckResult, encode_for, find_sample, load_settings, render_sample, run_check
 from xcft.data.encode import slots_per_image
+from xcft.data.report import describe_images, stats_text, verdict
 from xcft.data.schema import Problem
 from xcft.errors import XcftError
 
 MAX_NOTES_PER_FILE = 3
-
-
-def _stats_text(values: list[int]) -> str:
-    st = length_stats(values)
-    return "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
-
-
-def _describe_images(s: Settings) -> str:
-    if s.hd_num is not None:
-        return f"InternLM-XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num}: slots per image from its crop grid"
-    return f"img_size {s.img_size}: {slots_per_image(s.img_size)} slots per image"
+#: The per-file counts the JSON output adds up in "total".
+TOTAL_KEYS = ("samples", "drawn_per_epoch", "images", "tokens", "supervised_tokens", "over_max_length", "image_tokens")
 
 
 def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
@@ -35,34 +27,24 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
     hd = s.hd_num is not None
     for note in s.notes:
         print(f"note: {note}", file=out)
-    print(f"data: {data}  ({_describe_images(s)}; max_length {s.max_length})", file=out)
+    print(f"data: {data}  ({describe_images(s)}; max_length {s.max_length})", file=out)
     if result.files:
         header: tuple[str, ...] = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
         if hd:
             header += ("image tokens min/median/max",)
         rows = []
-        for f in result.files:
+        for f in [*result.files, result.total]:
             samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
             row = (
                 f.display,
                 samples,
                 str(f.drawn_per_epoch),
                 str(f.images),
-                _stats_text(f.lengths),
+                stats_text(f.lengths),
                 str(f.supervised),
                 str(f.truncated),
             )
-            rows.append(row + ((_stats_text(f.image_tokens),) if hd else ()))
-        total = (
-            "total",
-            str(sum(f.samples for f in result.files)),
-            str(sum(f.drawn_per_epoch for f in result.files)),
-            str(sum(f.images for f in result.files)),
-            _stats_text([n for f in result.files for n in f.lengths]),
-            str(sum(f.supervised for f in result.files)),
-            str(sum(f.truncated for f in result.files)),
-        )
-        rows.append(total + ((_stats_text([n for f in result.files for n in f.image_tokens]),) if hd else ()))
+            rows.append(row + ((stats_text(f.image_tokens),) if hd else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         print(fmt.format(*header), file=out)
@@ -93,12 +75,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         if len(group) > MAX_NOTES_PER_FILE:
             print(f"NOTE {file}: ... and {len(group) - MAX_NOTES_PER_FILE} more sample(s) with the same note", file=out)
     print(file=out)
-    if result.ok:
-        print(f"OK: training can start ({len(warnings)} warning(s), {len(notes)} note(s))", file=out)
-    elif errors:
-        print(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s); fix the errors above before training", file=out)
-    else:
-        print("FAILED: no sample would be drawn per epoch", file=out)
+    print(verdict(result), file=out)
 
 
 def check_data_command(
@@ -126,15 +103,7 @@ def check_data_command(
             "hd_num": settings.hd_num,
             "notes": settings.notes,
             "files": [f.to_dict() for f in result.files],
-            "total": {
-                "samples": sum(f.samples for f in result.files),
-                "drawn_per_epoch": sum(f.drawn_per_epoch for f in result.files),
-                "images": sum(f.images for f in result.files),
-                "tokens": length_stats([n for f in result.files for n in f.lengths]),
-                "supervised_tokens": sum(f.supervised for f in result.files),
-                "over_max_length": sum(f.truncated for f in result.files),
-                "image_tokens": length_stats([n for f in result.files for n in f.image_tokens]),
-            },
+            "total": {k: v for k, v in result.total.to_dict().items() if k in TOTAL_KEYS},
             "errors": len(result.errors),
             "problems": [p.to_dict() for p in result.problems],
         }

@@ -234,6 +234,23 @@ class CheckResult:
     def ok(self) -> bool:
         return not self.errors and sum(f.drawn_per_epoch for f in self.files) > 0
 
+    @property
+    def total(self) -> FileReport:
+        """Every file's counts added up (display name ``total``)."""
+        total = FileReport("total", "", None)
+        for f in self.files:
+            total.samples += f.samples
+            total.valid += f.valid
+            total.usable += f.usable
+            total.drawn_per_epoch += f.drawn_per_epoch
+            total.images += f.images
+            total.lengths += f.lengths
+            total.supervised += f.supervised
+            total.truncated += f.truncated
+            total.skipped += f.skipped
+            total.image_tokens += f.image_tokens
+        return total
+
 
 def run_check(
     data: str | os.PathLike[str],

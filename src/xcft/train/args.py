@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
 from xcft.errors import XcftError
+from xcft.run_files import RESOLVED_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ DEFAULT_LORA_TARGETS = [
     "feed_forward.w2",
     "feed_forward.w3",
 ]
-
-RESOLVED_CONFIG_NAME = "train_config.yaml"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from xcft.commands.demo.report import format_table, plot_loss, to_json
+from xcft.commands.demo.report import format_table, to_json
 from xcft.commands.demo.scoring import HEADLINE_KINDS, answer_accuracy, chance_levels
 from xcft.commands.demo.synthetic import generate_dataset
 from xcft.commands.merge import merge_command
@@ -34,6 +34,8 @@ from xcft.model.loading import load_pretrained, save_pretrained
 from xcft.model.presets import build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 from xcft.output_dir import FolderLock, OutputFolder
+from xcft.run_files import LOSS_PLOT_NAME, TRAINER_STATE_NAME
+from xcft.train.plots import loss_figure, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def _redirect(quiet: bool):
 
 def _loss_history(adapter_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) pairs from the trainer state ``xcft train`` saves next to the adapter."""
-    state = adapter_dir / "trainer_state.json"
+    state = adapter_dir / TRAINER_STATE_NAME
     if not state.is_file():
         raise XcftError(f"{state} is missing: training did not finish (see the messages above)")
     history = json.loads(state.read_text())["log_history"]
@@ -213,7 +215,6 @@ def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 30
 
 
 RESULT_NAME = "result.json"
-LOSS_PLOT_NAME = "loss.png"
 
 
 def run_demo(
@@ -346,7 +347,7 @@ def _run_demo(
         reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
 
     # 7. loss plot + result
-    png = plot_loss([s for s, _ in losses], [v for _, v in losses], out / LOSS_PLOT_NAME, title="xcft demo: LoRA training loss")
+    png = save_figure(loss_figure(losses, title="xcft demo: LoRA training loss", log_scale=True), out / LOSS_PLOT_NAME)
     chance = chance_levels()
     result = DemoResult(
         accuracy_before=before.overall,
