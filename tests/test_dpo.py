@@ -32,7 +32,9 @@ def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records: list[dict] = []
     for k, q in enumerate(QUESTIONS):
         image, right, wrong = ("red.png", "Red.", "It is green.") if k % 2 == 0 else ("blue.png", "Blue.", "Orange, surely.")
-        records.append({"id": k, "image": image, "conversations": [{"from": "user", "value": q}], "chosen": right, "rejected": wrong})
+        records.append(
+            {"id": k, "image": image, "conversations": [{"from": "user", "value": q}], "chosen": right, "rejected": wrong}
+        )
     for k in range(2):
         turns = [{"from": "human", "value": f"Say yes {k}"}]
         records.append(
@@ -163,13 +165,27 @@ def test_first_loss_with_ref_model_equals_eval_log_probs(tiny_folder, pairs_file
     beta = 0.3
     expected = 0.0
     for k in range(4):
-        z = beta * ((lp["policy", "chosen"][k] - lp["ref", "chosen"][k]) - (lp["policy", "rejected"][k] - lp["ref", "rejected"][k]))
+        z = beta * (
+            (lp["policy", "chosen"][k] - lp["ref", "chosen"][k]) - (lp["policy", "rejected"][k] - lp["ref", "rejected"][k])
+        )
         expected += -F.logsigmoid(torch.tensor(z, dtype=torch.float64)).item() / 4
     out = tmp_path / "out"
     assert (
         _train(
-            "--model_name_or_path", str(policy_dir), "--ref_model_name_or_path", str(ref_dir), "--data_path", str(data),
-            "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4", "--beta", str(beta),
+            "--model_name_or_path",
+            str(policy_dir),
+            "--ref_model_name_or_path",
+            str(ref_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--beta",
+            str(beta),
         )
         == 0
     )
@@ -182,9 +198,28 @@ def test_lora_run_logs_trl_metrics_and_eval(tiny_base: Path, pairs_file: Path, t
     out = tmp_path / "lora"
     assert (
         _train(
-            "--model_name_or_path", str(tiny_base), "--data_path", str(pairs_file), "--output_dir", str(out),
-            "--use_lora", "true", "--lora_dropout", "0", "--max_steps", "2", "--per_device_train_batch_size", "2",
-            "--eval_split", "0.34", "--eval_strategy", "steps", "--eval_steps", "2", "--learning_rate", "1e-3",
+            "--model_name_or_path",
+            str(tiny_base),
+            "--data_path",
+            str(pairs_file),
+            "--output_dir",
+            str(out),
+            "--use_lora",
+            "true",
+            "--lora_dropout",
+            "0",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--eval_split",
+            "0.34",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
         )
         == 0
     )
@@ -205,9 +240,20 @@ def test_full_finetune_precomputed_reference_starts_at_log2(tiny_base: Path, pai
     out = tmp_path / "full"
     assert (
         _train(
-            "--model_name_or_path", str(tiny_base), "--data_path", str(pairs_file), "--output_dir", str(out),
-            "--precompute_ref_log_probs", "true", "--max_steps", "2", "--per_device_train_batch_size", "3",
-            "--learning_rate", "1e-3",
+            "--model_name_or_path",
+            str(tiny_base),
+            "--data_path",
+            str(pairs_file),
+            "--output_dir",
+            str(out),
+            "--precompute_ref_log_probs",
+            "true",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "3",
+            "--learning_rate",
+            "1e-3",
         )
         == 0
     )
@@ -224,10 +270,28 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_base: Path, pairs_fi
         out = tmp_path / f"ga{batch}"
         assert (
             _train(
-                "--model_name_or_path", str(tiny_base), "--data_path", str(pairs_file), "--output_dir", str(out),
-                "--max_steps", "1", "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
-                str(accum), "--optim", "sgd", "--learning_rate", "10", "--lr_scheduler_type", "constant",
-                "--save_strategy", "no", "--dataloader_drop_last", "true",
+                "--model_name_or_path",
+                str(tiny_base),
+                "--data_path",
+                str(pairs_file),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                str(batch),
+                "--gradient_accumulation_steps",
+                str(accum),
+                "--optim",
+                "sgd",
+                "--learning_rate",
+                "10",
+                "--lr_scheduler_type",
+                "constant",
+                "--save_strategy",
+                "no",
+                "--dataloader_drop_last",
+                "true",
             )
             == 0
         )
@@ -252,8 +316,20 @@ def test_2d5_lora_dpo_run(tmp_path: Path) -> None:
     out = tmp_path / "out25"
     assert (
         _train(
-            "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out), "--use_lora",
-            "true", "--hd_num", "4", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--model_name_or_path",
+            str(model_dir),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--use_lora",
+            "true",
+            "--hd_num",
+            "4",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
         )
         == 0
     )

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from xcft.data.encode import IGNORE_INDEX, ImageSpec
@@ -59,7 +58,13 @@ def pair_dir(tmp_path: Path) -> Path:
     ]
     compact = [
         {"id": "c0", "conversations": [{"from": "user", "value": "Two plus two?"}], "chosen": "Four.", "rejected": "Five."},
-        {"id": "c1", "image": "red.png", "conversations": [{"from": "user", "value": "Shape?"}], "chosen": "A box.", "rejected": "A ball."},
+        {
+            "id": "c1",
+            "image": "red.png",
+            "conversations": [{"from": "user", "value": "Shape?"}],
+            "chosen": "A box.",
+            "rejected": "A ball.",
+        },
     ]
     _write(tmp_path / "official.json", official)
     (tmp_path / "compact.jsonl").write_text("\n".join(json.dumps(r) for r in compact), encoding="utf-8")
@@ -93,7 +98,11 @@ def test_both_forms_read_into_pairs(pair_dir: Path) -> None:
         ({"conversations_a": [{"from": "human", "value": "A?"}, {"from": "bot", "value": "x"}]}, '"conversations_b" is missing'),
         ({"conversations": [{"from": "user", "value": "A?"}], "chosen": "x", "rejected": ""}, "rejected: the answer is empty"),
         (
-            {"conversations": [{"from": "user", "value": "A?"}, {"from": "assistant", "value": "x"}], "chosen": "y", "rejected": "z"},
+            {
+                "conversations": [{"from": "user", "value": "A?"}, {"from": "assistant", "value": "x"}],
+                "chosen": "y",
+                "rejected": "z",
+            },
             "must end with the user turn",
         ),
         ({"conversations": [{"from": "user", "value": "A?"}], "chosen": 3, "rejected": "z"}, '"chosen" must be the answer text'),

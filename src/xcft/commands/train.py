@@ -148,6 +148,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     base_config = unwrap_model(model).config
     trainer_class: type[XcftTrainer] = XcftTrainer
     stage: dict[str, Any] = {}
+    collator: Any
     if cfg.preference.stage == "dpo":
         train_ds, eval_ds, collator = build_preference_datasets(cfg, tokenizer, base_config)
         reference = prepare_reference(cfg, model, [train_ds, eval_ds])

@@ -113,7 +113,10 @@ def normalize_pair(
     if official:
         missing = [k for k in OFFICIAL_KEYS if k not in record]
         if missing:
-            err(f'"{missing[0]}" is missing (the pair needs both conversations_a, chosen, and conversations_b, rejected)', PAIR_FORMAT_FIX)
+            err(
+                f'"{missing[0]}" is missing (the pair needs both conversations_a, chosen, and conversations_b, rejected)',
+                PAIR_FORMAT_FIX,
+            )
             return None, problems
         sides = {"conversations_a": record["conversations_a"], "conversations_b": record["conversations_b"]}
     else:
@@ -167,11 +170,17 @@ def normalize_pair(
     for name, conv in ((a_name, chosen), (b_name, rejected)):
         last = conv.messages[-1]
         if last.role != "assistant":
-            err(f"{name}: the last turn is from the {last.role}; a pair ends with the answer", "end each conversation with the assistant answer")
+            err(
+                f"{name}: the last turn is from the {last.role}; a pair ends with the answer",
+                "end each conversation with the assistant answer",
+            )
         elif not last.text:
             err(f"{name}: the answer is empty", "give the answer text, or drop the pair")
         elif IMAGE_PLACEHOLDER in last.text:
-            err(f"{name}: the answer holds {IMAGE_PLACEHOLDER}; the images belong to the shared prompt", f"move {IMAGE_PLACEHOLDER} into a user turn")
+            err(
+                f"{name}: the answer holds {IMAGE_PLACEHOLDER}; the images belong to the shared prompt",
+                f"move {IMAGE_PLACEHOLDER} into a user turn",
+            )
     if any(p.level == "error" for p in problems):
         return None, problems
     prompt_a, prompt_b = chosen.messages[:-1], rejected.messages[:-1]
@@ -352,7 +361,9 @@ class PreferenceDataset(XComposerDataset):
     def item(self, f: int, j: int) -> dict[str, torch.Tensor]:
         """The item of pair ``j`` of file ``f`` (also used to compute reference log-probs)."""
         pair, enc = self.encode_pair_at(f, j)
-        chosen = make_item(pair.chosen, enc.chosen, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg, hd_num=self.hd_num)
+        chosen = make_item(
+            pair.chosen, enc.chosen, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg, hd_num=self.hd_num
+        )
         rejected_ids = torch.tensor(enc.rejected.input_ids, dtype=torch.long)
         rejected_mask = rejected_ids < 0
         rejected_ids[rejected_mask] = self.pad_token_id

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from xcft.data.encode import IGNORE_INDEX
 from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
@@ -177,7 +176,7 @@ class Reference:
 def load_reference_model(path: str, policy: Any, dtype: str) -> Any:
     """A frozen model of the policy's family from ``path`` (same tokenizer vocabulary)."""
     ref, _ = load_pretrained(path, dtype=resolve_dtype(dtype), device="cpu")
-    mine = unwrap_model(policy).config
+    mine: Any = unwrap_model(policy).config
     if getattr(ref.config, "family", None) != getattr(mine, "family", None) or ref.config.vocab_size != mine.vocab_size:
         raise XcftError(
             f"--ref_model_name_or_path {path}: an InternLM-XComposer {ref.config.family} model with a vocabulary of "
@@ -211,8 +210,9 @@ def precompute_reference(reference: Reference, policy: Any, dataset: PreferenceD
     collate = PairCollator(dataset.pad_token_id)
     keys = dataset.keys()
     table = [np.zeros((len(fd.conversations), 2), dtype=np.float32) for fd in dataset.files]
-    loader = DataLoader(keys, batch_size=max(1, batch_size), shuffle=False, collate_fn=lambda ks: ks)
-    for chunk in loader:
+    step = max(1, batch_size)
+    for start in range(0, len(keys), step):
+        chunk = keys[start : start + step]
         batch = collate([dataset.item(f, j) for f, j in chunk])
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         chosen, rejected = reference.logps(policy, batch)
@@ -238,7 +238,9 @@ def prepare_reference(cfg: Any, model: Any, datasets: list[PreferenceDataset | N
 # --------------------------------------------------------------------------- data
 
 
-def build_preference_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[PreferenceDataset, PreferenceDataset | None, PairCollator]:
+def build_preference_datasets(
+    cfg: Any, tokenizer: Any, model_config: Any
+) -> tuple[PreferenceDataset, PreferenceDataset | None, PairCollator]:
     """(train pairs, eval pairs or None, collator) of a preference run (same data options as SFT)."""
     if cfg.data.packing:
         raise XcftError("--packing is not available for preference stages yet; drop it (pairs are padded per batch)")
@@ -309,7 +311,9 @@ class PreferenceTrainer(XcftTrainer):
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         loss, metrics = self.pair_loss(model, inputs)
         mode = "train" if model.training else "eval"
         for key, value in metrics.items():
@@ -343,7 +347,7 @@ __all__ = [
     "load_reference_model",
     "make_reference",
     "precompute_reference",
-    "prepare_reference",
     "preference_loss",
     "preference_metrics",
+    "prepare_reference",
 ]
