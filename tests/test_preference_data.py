@@ -207,3 +207,41 @@ def test_2d5_pairs_carry_crop_grids(tmp_path: Path, tok) -> None:
     assert batch["image_grids"].tolist() == [[2, 2]]
     assert batch["input_ids"][0, 1] == ds.pad_token_id  # <s>, then the image slots
     assert bool(batch["image_mask"][0, 1]) and bool(batch["image_mask"][1, 1])
+
+
+def test_check_data_and_inspect_show_pairs(pair_dir: Path, tiny_base: Path, capsys) -> None:
+    from xcft.cli import main
+
+    records = json.loads((pair_dir / "official.json").read_text())
+    records.append(
+        {
+            "id": "differs",
+            "conversations_a": [{"from": "human", "value": "x"}, {"from": "bot", "value": "a"}],
+            "conversations_b": [{"from": "human", "value": "y"}, {"from": "bot", "value": "b"}],
+        }
+    )
+    records.append({"id": "long", "conversations": [{"from": "user", "value": "word " * 400}], "chosen": "a", "rejected": "b"})
+    _write(pair_dir / "bad.json", records)
+    capsys.readouterr()
+    assert main(["check-data", str(pair_dir / "bad.json"), "--model", str(tiny_base)]) == 1
+    out = capsys.readouterr().out
+    assert "preference pairs (for --stage dpo)" in out
+    assert "ERROR " + str(pair_dir / "bad.json") + ": sample 2 (id 'differs'): the prompts of conversations_a" in out
+    assert "sample 3 (id 'long'): the chosen answer is empty after truncation to max_length=160" in out
+    assert main(["check-data", str(pair_dir / "data.txt"), "--model", str(tiny_base), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preference"] is True and report["total"]["samples"] == 4
+    assert main(["inspect", str(pair_dir / "data.txt"), "--model", str(tiny_base), "--id", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "preference pair" in out and "«Blue.[UNUSED_TOKEN_145]</s>»" in out and "«Yellow, I think." in out
+    assert "«Hello.»" not in out  # the shared earlier answer is prompt, not scored
+
+
+def test_check_data_reports_pairs_mixed_with_sft_files(pair_dir: Path, tiny_base: Path, capsys) -> None:
+    from xcft.cli import main
+
+    _write(pair_dir / "sft.json", [{"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}])
+    (pair_dir / "mixed.txt").write_text("official.json 0.002\nsft.json 0.001\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["check-data", str(pair_dir / "mixed.txt"), "--model", str(tiny_base)]) == 1
+    assert "mixes preference pairs (official.json) and SFT conversations (sft.json)" in capsys.readouterr().out

@@ -26,7 +26,8 @@ from xcft.data.dataset import conversation_grids
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
-from xcft.data.schema import Conversation, Problem, read_file
+from xcft.data.preference import EncodedPair, PreferencePair, encode_pair, pair_skip_reason, read_any_file
+from xcft.data.schema import Conversation, Problem
 from xcft.errors import ModelFolderError, XcftError
 from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
 from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE
@@ -225,6 +226,13 @@ class CheckResult:
     # every sample read, per file in data.txt order (None where a sample could not be normalised),
     # kept so that a caller can show any sample without reading the files again
     conversations: list[list[Conversation | None]] = field(default_factory=list)
+    # preference data: every pair read, per file (empty lists for SFT files); ``conversations``
+    # then holds each pair's chosen conversation
+    pairs: list[list[PreferencePair | None]] = field(default_factory=list)
+
+    @property
+    def is_preference(self) -> bool:
+        return any(self.pairs)
 
     @property
     def errors(self) -> list[Problem]:
@@ -268,13 +276,27 @@ def run_check(
     files: list[FileReport] = []
     if spec is None:
         return CheckResult(None, files, problems, settings)
-    per_file: list[list[Conversation | None]] = []
+    per_file: list[list[Conversation | PreferencePair | None]] = []
+    pair_files: list[str] = []
     for k, src in enumerate(spec.sources):
         report_progress("reading", k, len(spec.sources))
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, pairs = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         problems.extend(probs)
         per_file.append(convs)
         files.append(FileReport(src.display, str(src.path), src.number, samples=len(convs)))
+        if pairs:
+            pair_files.append(src.display)
+    if pair_files and len(pair_files) < len(spec.sources):
+        sft = next(f.display for f in files if f.display not in pair_files)
+        problems.append(
+            Problem(
+                str(data),
+                None,
+                None,
+                f"mixes preference pairs ({pair_files[0]}) and SFT conversations ({sft})",
+                "give SFT data to --stage sft and pairs to --stage dpo, in separate data.txt files",
+            )
+        )
 
     # decode every distinct image once, in parallel
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
@@ -313,6 +335,9 @@ def run_check(
             report.valid += 1
             report.images += len(conv.images)
             conv_grids = [grids[p] for p in conv.images] if image_spec.hd else None
+            if isinstance(conv, PreferencePair):
+                _check_pair(conv, conv_grids, settings, report, problems)
+                continue
             enc = encode_conversation(conv, settings.tokenizer, image_spec, settings.max_length, conv_grids)
             if enc.truncated:
                 report.truncated += 1
@@ -360,7 +385,43 @@ def run_check(
                     line=src.line,
                 )
             )
-    return CheckResult(spec, files, problems, settings, per_file)
+    pairs = [
+        [c if isinstance(c, PreferencePair) else None for c in convs] if convs and name in pair_files else []
+        for convs, name in zip(per_file, (f.display for f in files))
+    ]
+    chosen = [[c.chosen if isinstance(c, PreferencePair) else c for c in convs] for convs in per_file]
+    return CheckResult(spec, files, problems, settings, chosen, pairs)
+
+
+def _check_pair(
+    pair: PreferencePair, grids: list[Grid] | None, settings: Settings, report: FileReport, problems: list[Problem]
+) -> None:
+    """A valid pair's share of the report (both sequences' lengths and scored tokens), or why training skips it."""
+    enc = encode_pair(pair, settings.tokenizer, settings.image_spec, settings.max_length, grids)
+    if enc.truncated:
+        report.truncated += 1
+    why = pair_skip_reason(pair, enc, settings.max_length)
+    if why is not None:
+        report.skipped += 1
+        if enc.scorable:  # equal answers: reported when the pair was read
+            return
+        problems.append(
+            Problem(
+                pair.file,
+                pair.index,
+                pair.id,
+                f"{why}; the pair is skipped in training",
+                "shorten the prompt or its images, or raise --max-length",
+                level="warning",
+            )
+        )
+        return
+    report.usable += 1
+    report.lengths += [len(enc.chosen), len(enc.rejected)]
+    report.image_tokens += (
+        [settings.image_spec.slots(g) for g in grids] if grids is not None else [settings.image_spec.slots()] * len(pair.images)
+    )
+    report.supervised += enc.num_supervised
 
 
 # --------------------------------------------------------------------------- one sample
@@ -368,14 +429,14 @@ def run_check(
 
 def find_sample(
     data: str, settings: Settings, index: int | None, sample_id: str | None
-) -> tuple[Conversation | None, list[Problem], str]:
+) -> tuple[Conversation | PreferencePair | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
         return None, errs, ""
     offset = 0
     for src in spec.sources:
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, _ = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         if not convs:
             file_errs = [p for p in probs if p.level == "error" and p.index is None]
             if file_errs and index is not None and index >= offset:
@@ -449,6 +510,13 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
+def encode_pair_for(pair: PreferencePair, settings: Settings) -> EncodedPair:
+    """Encode one preference pair as training would (each side scores only its final answer)."""
+    spec = settings.image_spec
+    grids = conversation_grids(pair.chosen, spec) if spec.hd else None
+    return encode_pair(pair, settings.tokenizer, spec, settings.max_length, grids)
+
+
 def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
     """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
     spec = settings.image_spec
@@ -462,6 +530,7 @@ __all__ = [
     "Run",
     "Settings",
     "encode_for",
+    "encode_pair_for",
     "find_sample",
     "length_stats",
     "load_settings",
