@@ -280,11 +280,11 @@ def run_check(
     pair_files: list[str] = []
     for k, src in enumerate(spec.sources):
         report_progress("reading", k, len(spec.sources))
-        convs, probs, pairs = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, is_pairs = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         problems.extend(probs)
         per_file.append(convs)
         files.append(FileReport(src.display, str(src.path), src.number, samples=len(convs)))
-        if pairs:
+        if is_pairs:
             pair_files.append(src.display)
     if pair_files and len(pair_files) < len(spec.sources):
         sft = next(f.display for f in files if f.display not in pair_files)
@@ -385,12 +385,12 @@ def run_check(
                     line=src.line,
                 )
             )
-    pairs = [
+    pair_lists = [
         [c if isinstance(c, PreferencePair) else None for c in convs] if convs and name in pair_files else []
         for convs, name in zip(per_file, (f.display for f in files))
     ]
     chosen = [[c.chosen if isinstance(c, PreferencePair) else c for c in convs] for convs in per_file]
-    return CheckResult(spec, files, problems, settings, chosen, pairs)
+    return CheckResult(spec, files, problems, settings, chosen, pair_lists)
 
 
 def _check_pair(
