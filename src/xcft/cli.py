@@ -71,6 +71,22 @@ def eval_(args: argparse.Namespace) -> int:
     )
 
 
+def reward(args: argparse.Namespace) -> int:
+    """Rewards of a reward model (xcft train --stage rm) on conversations or preference pairs."""
+    from xcft.commands.reward import reward_command
+
+    return reward_command(
+        args.data,
+        model_dir=args.model,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        output_format=args.format,
+        dtype=args.dtype,
+        device=args.device,
+        hd_num=args.hd_num,
+    )
+
+
 def init_model(args: argparse.Namespace) -> int:
     """Write a randomly initialised model folder of a given preset shape."""
     from xcft.commands.init_model import init_model_command
@@ -208,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_format(p)
     p.set_defaults(func=eval_)
+
+    p = sub.add_parser("reward", help="reward-model scores per conversation, or chosen vs rejected per pair")
+    p.add_argument("data", help="data.txt, or a single .json/.jsonl file (conversations or preference pairs)")
+    p.add_argument("--model", required=True, help="output folder of xcft train --stage rm (full model or LoRA adapter)")
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--hd-num",
+        type=int,
+        default=None,
+        help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
+    )
+    _add_format(p)
+    p.set_defaults(func=reward)
 
     p = sub.add_parser("init-model", help="write a randomly initialised model folder")
     p.add_argument("output", help="folder to write (new or empty; see README Safety)")

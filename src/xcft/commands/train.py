@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
@@ -30,11 +29,10 @@ from xcft.run_files import (
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
 from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgressCallback, RecordOutputsCallback, SigtermCallback
 from xcft.train.checkpoints import clear_staging, resolve_resume
-from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
-from xcft.train.dpo import PreferenceTrainer, build_preference_datasets, prepare_reference
+from xcft.train.datasets import needs_vision_alignment, vision_aligned
 from xcft.train.plots import write_loss_plot
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
-from xcft.train.trainer import XcftTrainer
+from xcft.train.stages import stage_setup
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +142,10 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     model, tokenizer = load_base_model(cfg)
     model = prepare_model_for_training(cfg, model, base_path=cfg.model.model_name_or_path)
 
-    # ---- data
+    # ---- data (and what else the stage changes: a reward head, a reference)
     base_config = unwrap_model(model).config
-    trainer_class: type[XcftTrainer] = XcftTrainer
-    stage: dict[str, Any] = {}
-    collator: Any
-    if cfg.preference.stage == "dpo":
-        train_ds, eval_ds, collator = build_preference_datasets(cfg, tokenizer, base_config)
-        reference = prepare_reference(cfg, model, [train_ds, eval_ds])
-        trainer_class, stage = PreferenceTrainer, {"preference": cfg.preference, "reference": reference}
-    else:
-        train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
+    parts = stage_setup(cfg, model, tokenizer)
+    train_ds, eval_ds, collator = parts.train_dataset, parts.eval_dataset, parts.collator
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
@@ -162,15 +153,15 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     # ---- trainer
     sigterm = SigtermCallback()
     callbacks = [EpochDrawCallback(train_ds), sigterm, JsonLogCallback()]
-    trainer = trainer_class(
-        model=model,
+    trainer = parts.trainer_class(
+        model=parts.model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks + ([RecordOutputsCallback(folder)] if folder is not None else []),
-        **stage,
+        **parts.trainer_kwargs,
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from xcft.data.dataset import FileData, XComposerDataset, conversation_grids, make_item, pad_batch
-from xcft.data.encode import EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
+from xcft.data.encode import IGNORE_INDEX, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.mixture import DataSpec, draw_count, load_spec
 from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Level, Problem, normalize_sample, raise_first, read_records
 from xcft.errors import DataError
@@ -360,10 +360,12 @@ class PreferenceDataset(XComposerDataset):
     ``pair_key`` [2] = (file, sample) for reference log-probs computed ahead of training.
     """
 
-    def __init__(self, files: Sequence[FileData], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, files: Sequence[FileData], *args: Any, end_token: int | None = None, **kwargs: Any) -> None:
         if any(len(f.rejected) != len(f.conversations) for f in files):
             raise ValueError("preference data needs the rejected side of every pair: read it with read_pair_data")
         super().__init__(files, *args, **kwargs)
+        #: a token appended to both sequences after their EOS (the reward model's reward token), unscored
+        self.end_token = end_token
         #: reference log-probs (chosen, rejected) per file and pair, once computed (precompute_ref_log_probs)
         self.ref_logps: list[np.ndarray] | None = None
 
@@ -388,13 +390,16 @@ class PreferenceDataset(XComposerDataset):
         rejected_ids[rejected_mask] = self.pad_token_id
         if enc.rejected.num_images != enc.chosen.num_images:
             raise DataError(f"{pair.where}: the two answers keep different images after truncation; raise max_length")
-        out = {
-            "chosen_input_ids": chosen["input_ids"],
-            "chosen_labels": chosen["labels"],
-            "chosen_image_mask": chosen["image_mask"],
-            "rejected_input_ids": rejected_ids,
-            "rejected_labels": torch.tensor(enc.rejected.labels, dtype=torch.long),
-            "rejected_image_mask": rejected_mask,
+        sides = {
+            "chosen": (chosen["input_ids"], chosen["labels"], chosen["image_mask"]),
+            "rejected": (rejected_ids, torch.tensor(enc.rejected.labels, dtype=torch.long), rejected_mask),
+        }
+        out: dict[str, torch.Tensor] = {}
+        for side, (ids, labels, mask) in sides.items():
+            if self.end_token is not None:
+                ids, labels, mask = append_token(ids, labels, mask, self.end_token)
+            out |= {f"{side}_input_ids": ids, f"{side}_labels": labels, f"{side}_image_mask": mask}
+        out |= {
             "pixel_values": chosen["pixel_values"],
             "num_images": torch.tensor(enc.chosen.num_images),
             "pair_key": torch.tensor([f, j], dtype=torch.long),
@@ -416,6 +421,17 @@ class PreferenceDataset(XComposerDataset):
     def keys(self) -> list[tuple[int, int]]:
         """Every (file, pair) of the data once (what reference log-probs are computed for)."""
         return [(f, j) for f, fd in enumerate(self.files) for j in range(len(fd.conversations))]
+
+
+def append_token(
+    ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, token: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One more, unscored text token at the end of a sequence (ids, labels, image mask)."""
+    return (
+        torch.cat([ids, torch.tensor([token], dtype=ids.dtype)]),
+        torch.cat([labels, torch.tensor([IGNORE_INDEX], dtype=labels.dtype)]),
+        torch.cat([mask, torch.tensor([False])]),
+    )
 
 
 def pair_image_index(num_images: Sequence[int]) -> torch.Tensor:
@@ -462,6 +478,7 @@ __all__ = [
     "PairCollator",
     "PreferenceDataset",
     "PreferencePair",
+    "append_token",
     "encode_pair",
     "is_pair_record",
     "is_preference_file",

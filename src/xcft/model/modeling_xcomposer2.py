@@ -1034,6 +1034,34 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    def last_hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, L, hidden] of a batch, images spliced in (what a score head reads)."""
+        hidden = self._decode(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            None,
+            pixel_values,
+            image_mask,
+            image_counts,
+            False,
+            image_grids=image_grids,
+            image_index=image_index,
+        ).last_hidden_state
+        assert hidden is not None, "the decoder always returns its hidden states"
+        return hidden
+
     @torch.no_grad()
     def sample_losses(
         self,

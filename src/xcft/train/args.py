@@ -200,8 +200,9 @@ class PreferenceArguments:
         default="sft",
         metadata={
             "help": "sft: supervised finetuning on conversations; dpo: direct preference optimisation on "
-            "preference pairs (conversations_a/conversations_b or chosen/rejected records).",
-            "choices": ["sft", "dpo"],
+            "preference pairs (conversations_a/conversations_b or chosen/rejected records); rm: a reward model "
+            "(score head on the reward token) on the same pairs.",
+            "choices": ["sft", "dpo", "rm"],
         },
     )
     beta: float = field(default=0.1, metadata={"help": "dpo: strength of the pull to the reference (TRL's beta)."})
@@ -635,13 +636,15 @@ def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
         raise XcftError(f"--label_smoothing applies to --loss_type sigmoid, not {pref.loss_type}")
     if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
         raise XcftError(f"--rpo_alpha must be at least 0, got {pref.rpo_alpha}")
-    if pref.stage == "sft":
+    if pref.stage != "dpo":
         used = [name for name in ("ref_model_name_or_path", "rpo_alpha") if getattr(pref, name)]
         if pref.precompute_ref_log_probs:
             used.append("precompute_ref_log_probs")
         if used:
-            raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage sft")
-    elif data.packing:
+            raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
+    if pref.stage == "sft":
+        return
+    if data.packing:
         raise XcftError(f"--packing is not available with --stage {pref.stage}; drop it (pairs are padded per batch)")
 
 

@@ -239,26 +239,31 @@ def prepare_reference(cfg: Any, model: Any, datasets: list[PreferenceDataset | N
 
 
 def build_preference_datasets(
-    cfg: Any, tokenizer: Any, model_config: Any
+    cfg: Any, tokenizer: Any, model_config: Any, *, end_token: int | None = None
 ) -> tuple[PreferenceDataset, PreferenceDataset | None, PairCollator]:
-    """(train pairs, eval pairs or None, collator) of a preference run (same data options as SFT)."""
+    """(train pairs, eval pairs or None, collator) of a preference run (same data options as SFT).
+
+    ``end_token``: appended to every sequence (the reward token); the encoding leaves room for it.
+    """
     if cfg.data.packing:
         raise XcftError("--packing is not available for preference stages yet; drop it (pairs are padded per batch)")
     img_size, max_length = resolve_lengths(cfg, model_config)
+    if end_token is not None:
+        max_length -= 1
     hd_num = resolve_hd_num(cfg, model_config)
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     files = read_pair_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
     eval_ds = None
     if cfg.data.eval_data_path:
         eval_files = read_pair_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
-        eval_ds = PreferenceDataset(eval_files, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num)
+        eval_ds = PreferenceDataset(eval_files, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num, end_token=end_token)
     elif cfg.data.eval_split > 0:
         files, held = split_holdout(files, cfg.data.eval_split, seed)
         if not held:
             raise XcftError(f"--eval_split {cfg.data.eval_split} holds out no pair; pass --eval_data_path instead")
         files = _redo_counts(files, cfg.data.data_path, cfg.data.given_num)
-        eval_ds = PreferenceDataset(held, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num)
-    train_ds = PreferenceDataset(files, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num)
+        eval_ds = PreferenceDataset(held, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num, end_token=end_token)
+    train_ds = PreferenceDataset(files, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num, end_token=end_token)
     logger.info(
         "preference data: %d pairs per epoch%s (max_length %d)",
         len(train_ds),
@@ -271,45 +276,22 @@ def build_preference_datasets(
 # --------------------------------------------------------------------------- trainer
 
 
-class PreferenceTrainer(XcftTrainer):
-    """XcftTrainer whose loss is a preference loss over pair batches; logs TRL's metric names.
+class PairTrainer(XcftTrainer):
+    """XcftTrainer over pair batches: the loss is a mean over pairs, and per-batch metrics are logged.
 
-    The loss of a micro-batch is the mean over its pairs; the Trainer divides it by the
+    Subclasses give :meth:`pair_loss`. The Trainer divides each micro-batch loss by the
     gradient-accumulation steps, so an accumulated step equals one batch of all its pairs.
+    Metrics are averaged over ranks at each micro-batch and over micro-batches at each log, and
+    logged with ``eval_`` in front after an evaluation (TRL's convention).
     """
 
-    def __init__(self, *args: Any, preference: Any, reference: Reference, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.preference = preference
-        self.reference = reference
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs, not over tokens
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, metrics) of one pair batch."""
-        p = self.preference
-        pairs = inputs["labels"].shape[0] // 2
-        ref_chosen, ref_rejected = self.reference.logps(model, inputs)
-        logps, counts = answer_logps(model, inputs)
-        policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen,
-            policy_rejected,
-            ref_chosen.to(logps.device),
-            ref_rejected.to(logps.device),
-            beta=p.beta,
-            loss_type=p.loss_type,
-            label_smoothing=p.label_smoothing,
-            chosen_counts=counts[:pairs],
-            rejected_counts=counts[pairs:],
-        )
-        loss = losses.mean()
-        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-        if p.rpo_alpha:
-            nll = -policy_chosen.sum() / counts[:pairs].sum().clamp(min=1)
-            loss = loss + p.rpo_alpha * nll
-            metrics["nll_loss"] = nll.detach()
-        return loss, metrics
+        raise NotImplementedError
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -338,8 +320,44 @@ class PreferenceTrainer(XcftTrainer):
         super().log(logs, start_time)
 
 
+class PreferenceTrainer(PairTrainer):
+    """DPO: :func:`preference_loss` of policy and reference answer log-probs; TRL's metric names."""
+
+    def __init__(self, *args: Any, preference: Any, reference: Reference, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.preference = preference
+        self.reference = reference
+
+    def pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one pair batch."""
+        p = self.preference
+        pairs = inputs["labels"].shape[0] // 2
+        ref_chosen, ref_rejected = self.reference.logps(model, inputs)
+        logps, counts = answer_logps(model, inputs)
+        policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen.to(logps.device),
+            ref_rejected.to(logps.device),
+            beta=p.beta,
+            loss_type=p.loss_type,
+            label_smoothing=p.label_smoothing,
+            chosen_counts=counts[:pairs],
+            rejected_counts=counts[pairs:],
+        )
+        loss = losses.mean()
+        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        if p.rpo_alpha:
+            nll = -policy_chosen.sum() / counts[:pairs].sum().clamp(min=1)
+            loss = loss + p.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
+
+
 __all__ = [
     "LOSS_TYPES",
+    "PairTrainer",
     "PreferenceTrainer",
     "Reference",
     "answer_logps",
