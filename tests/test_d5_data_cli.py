@@ -12,6 +12,7 @@ from xcft.cli import main
 from xcft.model.image_processing_xcomposer2 import hd_image_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TRAIN_CPU = ["--use_cpu", "true", "--report_to", "none"]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -55,11 +56,36 @@ def test_check_data_reports_hd_tokens_and_overlong_samples(capsys, examples_dir:
     assert rc == 0 and "hd_num 18" in out and "image tokens min/median/max" in out and "max_length 16384" in out
 
 
-def test_hd_num_is_rejected_for_a_2_0_model(capsys, examples_dir: Path, fixture_dir: Path) -> None:
-    for cmd in ("check-data", "inspect"):
-        extra = ["--index", "0"] if cmd == "inspect" else []
-        rc, _, err = _run(capsys, cmd, str(examples_dir / "data.txt"), "--model", str(fixture_dir), "--hd-num", "6", *extra)
-        assert rc == 1 and "2.0" in err and "--hd-num applies to 2.5 models only" in err and "Traceback" not in err
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["check-data", "{data}", "--model", "{model}", "--hd-num", "6"], "--hd-num"),
+        (["inspect", "{data}", "--model", "{model}", "--hd-num", "6", "--index", "0"], "--hd-num"),
+        (["eval", "{data}", "--model", "{model}", "--hd-num", "6"], "--hd-num"),
+        (
+            [
+                "train",
+                "--model_name_or_path",
+                "{model}",
+                "--data_path",
+                "{data}",
+                "--output_dir",
+                "{out}",
+                "--hd_num",
+                "6",
+                *TRAIN_CPU,
+            ],
+            "--hd_num",
+        ),
+    ],
+    ids=["check-data", "inspect", "eval", "train"],
+)
+def test_hd_num_is_an_error_for_a_2_0_model(capsys, tmp_path, examples_dir: Path, fixture_dir: Path, argv, flag) -> None:
+    """One rule in every command: a 2.0 model sees one fixed-size view, so --hd-num is refused, not ignored."""
+    values = {"data": str(examples_dir / "data.txt"), "model": str(fixture_dir), "out": str(tmp_path / "out")}
+    rc, _, err = _run(capsys, *(a.format(**values) for a in argv))
+    assert rc == 1 and f"{flag} 6: " in err and "(2.0) model" in err and f"{flag} applies to 2.5 models only" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_inspect_shows_grids_and_json_fields(capsys, examples_dir: Path, fixture_2d5_dir: Path) -> None:

@@ -24,7 +24,7 @@ from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_hd_num, resolve_lengths, vision_aligned
+from xcft.train.datasets import resolve_run_sizes, vision_aligned
 from xcft.train.setup import configure_trainable
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -102,8 +102,8 @@ def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
     )
     assert config_25.max_length == 16384 and config_25.img_size == 560  # no max_length in the config: the official 16384
     assert XComposer2Config().max_length == 4096  # 2.0 unchanged
-    assert resolve_hd_num(cfg, config_25) == 18
-    assert resolve_lengths(cfg, config_25) == (560, 16384)
+    sizes = resolve_run_sizes(cfg, config_25)
+    assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 16384, 18)
 
     ok = parse_train_args(
         [
@@ -121,12 +121,13 @@ def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
             "8192",
         ]
     )
-    assert resolve_hd_num(ok, config_25) == 6 and resolve_lengths(ok, config_25) == (560, 8192)
+    sizes = resolve_run_sizes(ok, config_25)
+    assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 8192, 6)
     bad = parse_train_args(
         ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--resolution", "490"]
     )
-    with pytest.raises(XcftError, match=r"--resolution 490 is not the checkpoint's view size .* 560 px"):
-        resolve_lengths(bad, config_25)
+    with pytest.raises(XcftError, match=r"--resolution 490: the model is an InternLM-XComposer-2.5 model whose views .* 560 px"):
+        resolve_run_sizes(bad, config_25)
     with pytest.raises(XcftError, match="--hd_num must be at least 1"):
         parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), "--hd_num", "0"])
     with pytest.raises(XcftError, match="disagree"):
@@ -144,7 +145,8 @@ def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
                 "490",
             ]
         )
-    assert resolve_hd_num(ok, XComposer2Config()) is None  # 2.0 ignores it
+    with pytest.raises(XcftError, match=r"--hd_num 6: the model is an InternLM-XComposer2 \(2\.0\) model"):
+        resolve_run_sizes(ok, XComposer2Config())  # one rule everywhere: --hd_num on a 2.0 model is an error
 
 
 def test_separators_train_with_the_projector():

@@ -6,7 +6,7 @@ dataclass into argparse arguments, :func:`options_from` turns parsed arguments b
 field metadata is the one ``transformers.HfArgumentParser`` reads (``help``, ``choices``,
 ``aliases``), so ``xcft train``'s dataclasses share fields with the other subcommands.
 
-Flags: ``--field-name`` (``--field_name`` is accepted too); a ``bool`` field is a switch that flips
+Flags: ``--field-name`` (``--field_name`` is accepted too) unless ``flag`` names it; a ``bool`` field is a switch that flips
 its default unless ``value=True`` makes it take true/false; a sequence field repeats. Standard
 library only, so building the parser imports nothing heavy.
 """
@@ -116,9 +116,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.Argument
             continue
         flag = cli.get("flag") or "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", [])]
-        if "_" in f.name and f"--{f.name}" not in names:
+        if "_" in f.name and not cli.get("flag") and f"--{f.name}" not in names:
             names.append(f"--{f.name}")
         kwargs["dest"] = f.name
+        if "choices" not in kwargs and not (kind is bool and not cli.get("value")):
+            kwargs.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
         if default is dataclasses.MISSING:
             kwargs["required"] = True
         else:

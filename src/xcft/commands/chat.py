@@ -16,6 +16,7 @@ import torch
 from transformers import TextIteratorStreamer, TextStreamer
 
 from xcft.data.images import open_checked_image
+from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_device
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
@@ -84,8 +85,6 @@ def generation_settings(
     """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
     if hd_num is not None:
-        if hd_num < 1:
-            raise XcftError(f"--hd-num {hd_num}: give at least 1 (crops per image of a 2.5 model)")
         kwargs["hd_num"] = int(hd_num)
     if training_layout:
         kwargs["bos_per_piece"] = False
@@ -117,9 +116,9 @@ def chat_command(
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device)
+    # chat's crop budget defaults to the official chat's own (model.chat); only a given one is checked
+    resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
     kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
-    if hd_num is not None and not model.config.hd:
-        raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
     if query is not None:
         response, _ = ask(model, tokenizer, query, images, **kwargs)
         print(response)

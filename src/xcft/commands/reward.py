@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from xcft.commands.eval import EvalDataset, resolve_hd_num
-from xcft.data.dataset import DataCollator, read_data
+from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.mixture import load_spec
 from xcft.data.preference import PairCollator, PreferenceDataset, append_token, read_any_file, read_pair_data
+from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import DataError, XcftError
 from xcft.model.loading import load_pretrained
 from xcft.train.reward import REWARD_HEAD_NAME, RewardModel, load_reward_head, reward_token_id
@@ -56,54 +56,52 @@ def score(
     max_length: int | None = None,
     batch_size: int = 4,
     hd_num: int | None = None,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """Rewards of every conversation (or pair) of ``data``; see the module docstring."""
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
-    config: Any = model.lm.config
-    hd_num = resolve_hd_num(config, hd_num)
-    limit = int(max_length or config.max_length) - 1  # room for the reward token
+    sizes = resolve_sizes(model_sizes(model.lm.config), img_size, max_length, hd_num)
+    limit = sizes.max_length - 1  # room for the reward token
     token = reward_token_id(tokenizer)
     device = next(model.parameters()).device
-    img_size = int(config.img_size)
 
     def run(batch: dict[str, Any]) -> list[float]:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         return [float(r) for r in model(**batch).tolist()]
 
     if _is_pair_data(data):
-        files = read_pair_data(data, tokenizer, img_size, limit, given_num=False, hd_num=hd_num)
-        ds = PreferenceDataset(files, tokenizer, img_size, limit, hd_num=hd_num, end_token=token)
-        collate = PairCollator(ds.pad_token_id)
-        keys = ds.keys()
+        files = read_pair_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num)
+        pair_ds = PreferenceDataset(
+            files, tokenizer, sizes.img_size, limit, hd_num=sizes.hd_num, end_token=token, every_sample=True
+        )
+        collate = PairCollator(pair_ds.pad_token_id)
         pairs: list[dict[str, Any]] = []
-        for start in tqdm(range(0, len(keys), batch_size), desc="reward", unit="batch", file=sys.stderr):
-            chunk = keys[start : start + batch_size]
-            rewards = run(collate([ds.item(f, j) for f, j in chunk]))
-            n = len(chunk)
-            for k, (f, j) in enumerate(chunk):
-                conv = files[f].conversations[j]
-                chosen, rejected = rewards[k], rewards[n + k]
+        for start in tqdm(range(0, len(pair_ds), batch_size), desc="reward", unit="batch", file=sys.stderr):
+            indices = range(start, min(start + batch_size, len(pair_ds)))
+            rewards = run(collate([pair_ds[i] for i in indices]))
+            for k, i in enumerate(indices):
+                conv = pair_ds.conversation(i)
+                chosen, rejected = rewards[k], rewards[len(indices) + k]
                 pairs.append({"id": conv.id, "file": conv.file, "file_index": conv.index, "chosen": chosen, "rejected": rejected})
         correct = sum(p["chosen"] > p["rejected"] for p in pairs)
         return {"pairs": pairs, "accuracy": correct / len(pairs), "num_pairs": len(pairs)}
 
-    files_sft = read_data(data, tokenizer, img_size, limit, given_num=False, hd_num=hd_num)
-    conversations = [c for f in files_sft for c in f.conversations]
-    grids = [g for f in files_sft for g in f.grids] if hd_num is not None else None
-    eval_ds = EvalDataset(conversations, tokenizer, img_size, limit, hd_num, grids)
-    collate_sft = DataCollator(eval_ds.pad_token_id)
+    files_sft = read_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num)
+    ds = XComposerDataset(files_sft, tokenizer, sizes.img_size, limit, hd_num=sizes.hd_num, every_sample=True)
+    collate_sft = DataCollator(ds.pad_token_id)
     samples: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(eval_ds), batch_size), desc="reward", unit="batch", file=sys.stderr):
+    for start in tqdm(range(0, len(ds), batch_size), desc="reward", unit="batch", file=sys.stderr):
+        indices = range(start, min(start + batch_size, len(ds)))
         items = []
-        for i in range(start, min(start + batch_size, len(eval_ds))):
-            item = {k: v for k, v in eval_ds[i].items() if k != "index"}
+        for i in indices:
+            item = dict(ds[i])
             item["input_ids"], item["labels"], item["image_mask"] = append_token(
                 item["input_ids"], item["labels"], item["image_mask"], token
             )
             items.append(item)
-        for i, r in zip(range(start, start + len(items)), run(collate_sft(items))):
-            conv = conversations[i]
+        for i, r in zip(indices, run(collate_sft(items))):
+            conv = ds.conversation(i)
             samples.append({"id": conv.id, "file": conv.file, "file_index": conv.index, "reward": r})
     return {"samples": samples, "num_samples": len(samples)}
 
@@ -118,10 +116,11 @@ def reward_command(
     dtype: str = "float32",
     device: str | None = None,
     hd_num: int | None = None,
+    img_size: int | None = None,
 ) -> int:
     """``xcft reward DATA --model DIR``: print each reward (pairs: chosen, rejected, margin) and the accuracy."""
     model, tokenizer = load_reward_model(model_dir, dtype=dtype, device=device)
-    result = score(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num)
+    result = score(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size)
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
         return 0

@@ -5,7 +5,7 @@ every valid sample, and collects a per-file report and every problem found, so a
 samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page present the results.
 
 For a 2.5 model each image's crop grid (and so its token count) at the chosen ``hd_num`` comes from
-the size of that one decode; the family is read from the weight files' headers (no tensor data).
+the size of that one decode; sizes and family are settled by :mod:`xcft.data.sizes`.
 """
 
 from __future__ import annotations
@@ -19,24 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
 from xcft.data.dataset import conversation_grids
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, draw_count, resolve_data
 from xcft.data.preference import EncodedPair, PreferencePair, encode_pair, pair_skip_reason, read_any_file
 from xcft.data.schema import Conversation, Problem
-from xcft.errors import ModelFolderError, XcftError
-from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
-from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE
+from xcft.data.sizes import folder_sizes, resolve_sizes
+from xcft.errors import XcftError
+from xcft.model.configuration_xcomposer2 import FAMILY_2_0
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_IMG_SIZE = 490
-
 
 # --------------------------------------------------------------------------- model settings
 
@@ -55,105 +49,15 @@ class Settings:
         return ImageSpec(self.img_size, self.hd_num)
 
 
-class _Shape:
-    """A tensor stand-in that has only its shape (what family detection reads)."""
-
-    def __init__(self, shape: Any) -> None:
-        self.shape = tuple(shape)
-
-
-def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | None]:
-    """``(family, view size or None)`` of a checkpoint folder, from its weight files' headers.
-
-    Only tensor names and shapes are read (safetensors headers; ``.bin`` files memory-mapped), so a
-    7B checkpoint costs milliseconds. A folder without weights keeps the declared family (2.0 when none).
-    """
-    from xcft.model import loading  # lazy: loading imports the modeling code, which check-data never needs
-
-    try:
-        files = loading.weight_files(folder)
-    except XcftError:
-        return declared or FAMILY_2_0, None
-    wanted = (*loading.SEPARATOR_KEYS, loading.PROJECTOR_KEY, loading.PATCH_KEY, loading.POSITION_KEY)
-    shapes: dict[str, _Shape] = {}
-    for path in files:
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as fh:
-                    present = set(fh.keys())
-                    for key in wanted:
-                        if key in present:
-                            shapes[key] = _Shape(fh.get_slice(key).get_shape())
-            else:
-                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-                shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
-        except Exception as exc:  # a truncated or corrupt weight file: one line naming it
-            raise ModelFolderError(
-                f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}): "
-                "the file is truncated or corrupt; re-download or re-save it"
-            ) from None
-    return loading.detect_family(shapes, declared, source=str(folder))  # type: ignore[arg-type]
-
-
 def load_settings(
     model_dir: str | os.PathLike[str], img_size: int | None, max_length: int | None, hd_num: int | None = None
 ) -> Settings:
-    """Tokenizer and sizes from a model folder (its config.json is read as plain JSON, the family from the weights).
+    """Tokenizer and sizes of a model folder, settled with the options by :func:`xcft.data.sizes.resolve_sizes`.
 
-    ``hd_num``: the crop budget of a 2.5 model (default: the training default, 18); an error for 2.0.
+    config.json is read as plain JSON and the family from the weight files' headers: no model is loaded.
     """
     d = Path(model_dir)
-    if not d.is_dir():
-        raise XcftError(
-            f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json"
-        )
-    notes: list[str] = []
-    config: dict[str, Any] = {}
-    cfg_path = d / "config.json"
-    if cfg_path.is_file():
-        from xcft.model.loading import read_json_object  # lazy: keeps check-data free of the modeling code
-
-        config = read_json_object(cfg_path)
-        for key in ("img_size", "max_length"):
-            value = config.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ModelFolderError(
-                    f"{cfg_path}: {key} is {value!r} ({type(value).__name__}); expected a positive integer. Fix the file"
-                )
-    family, view = model_family(d, config.get("family"))
-    if family == FAMILY_2_5:
-        view = view or config.get("img_size") or HD_VIEW_SIZE
-        if img_size is not None and int(img_size) != view:
-            raise XcftError(
-                f"--img-size {img_size}: {d} is an InternLM-XComposer-2.5 model whose views are {view} px; drop --img-size"
-            )
-        img_size = view
-        hd_num = HD_NUM_TRAIN if hd_num is None else int(hd_num)
-        if hd_num < 1:
-            raise XcftError(f"--hd-num must be at least 1 (crops per image), got {hd_num}")
-    elif hd_num is not None:
-        raise XcftError(
-            f"--hd-num {hd_num}: {d} is an InternLM-XComposer2 (2.0) model, whose images are one fixed-size view; "
-            "--hd-num applies to 2.5 models only. Drop it"
-        )
-    if img_size is None:
-        img_size = config.get("img_size")
-        if img_size is None:
-            img_size = DEFAULT_IMG_SIZE
-            notes.append(f"{cfg_path} has no img_size; using {DEFAULT_IMG_SIZE} (pass --img-size to choose)")
-    if max_length is None:
-        max_length = config.get("max_length")
-        if max_length is None:
-            max_length = DEFAULT_MAX_LENGTH_2_5 if family == FAMILY_2_5 else DEFAULT_MAX_LENGTH
-            notes.append(
-                f"{cfg_path} has no max_length; using {max_length} (the official code would silently cut every sample to 20 tokens; pass --max-length to choose)"
-            )
-    try:
-        ImageSpec(int(img_size), hd_num)
-    except ValueError as exc:
-        raise XcftError(f"img_size: {exc}") from exc
-    if int(max_length) <= 0:
-        raise XcftError(f"max_length must be positive, got {max_length}")
+    sizes = resolve_sizes(folder_sizes(d), img_size, max_length, hd_num)
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
         raise XcftError(
@@ -164,7 +68,7 @@ def load_settings(
         tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
     except Exception as exc:
         raise XcftError(f"{tok_path}: not a usable InternLM2 SentencePiece model ({exc})") from exc
-    return Settings(tokenizer, int(img_size), int(max_length), notes, family, hd_num)
+    return Settings(tokenizer, sizes.img_size, sizes.max_length, list(sizes.notes), sizes.family, sizes.hd_num)
 
 
 # --------------------------------------------------------------------------- reading everything
@@ -534,7 +438,6 @@ __all__ = [
     "find_sample",
     "length_stats",
     "load_settings",
-    "model_family",
     "render_sample",
     "run_check",
     "sample_runs",

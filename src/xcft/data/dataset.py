@@ -126,6 +126,8 @@ def read_data(
 class XComposerDataset(Dataset):
     """The samples drawn for the current epoch; ``set_epoch(e)`` redraws (same draw on every rank).
 
+    ``every_sample``: no draw; every sample once, in file order (evaluation).
+
     ``__getitem__(i)`` returns ``input_ids``, ``labels``, ``image_mask`` ([L]) and ``pixel_values``
     ([n, 3, S, S], n may be 0) for the i-th drawn sample; with ``hd_num`` (2.5) ``pixel_values``
     holds every view of the sample's images ([V, 3, S, S]) and ``image_grids`` ([n, 2]) their crop grids.
@@ -142,8 +144,10 @@ class XComposerDataset(Dataset):
         epoch: int = 0,
         fast_jpeg: bool = False,
         hd_num: int | None = None,
+        every_sample: bool = False,
     ) -> None:
         self.files = list(files)
+        self.every_sample = every_sample
         self.tokenizer = tokenizer
         self.img_size = int(img_size)
         self.hd_num = hd_num
@@ -155,7 +159,7 @@ class XComposerDataset(Dataset):
         self.fast_jpeg = fast_jpeg
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(tokenizer.eos_token_id if pad is None else pad)
-        if sum(f.draw_count for f in self.files) == 0:
+        if sum(len(f.conversations) if every_sample else f.draw_count for f in self.files) == 0:
             raise DataError(
                 "the data draws no sample per epoch (every count is 0 or every sample was skipped); check data.txt numbers"
             )
@@ -171,6 +175,10 @@ class XComposerDataset(Dataset):
         if epoch == self.epoch:
             return
         self.epoch = epoch
+        if self.every_sample:
+            order = [(f, j) for f, fd in enumerate(self.files) for j in range(len(fd.conversations))]
+            self.draw = np.array(order, dtype=np.int64).reshape(-1, 2)
+            return
         self.draw = epoch_draw([f.draw_count for f in self.files], [len(f.conversations) for f in self.files], self.seed, epoch)
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
+from xcft.data.sizes import SizeOptions
 from xcft.errors import XcftError
 from xcft.run_files import RESOLVED_CONFIG_NAME
 
@@ -98,8 +99,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Training and evaluation data and how samples are encoded."""
+class DataArguments(SizeOptions):
+    """Training and evaluation data and how samples are encoded (--img_size, --max_length, --hd_num: :class:`SizeOptions`)."""
 
     data_path: str | None = field(
         default=None,
@@ -112,22 +113,11 @@ class DataArguments:
             "scripts pass) or ratios of each file's size (false)."
         },
     )
-    img_size: int | None = field(
-        default=None,
-        metadata={"help": "Image (2.0) or view (2.5) side in pixels; must be the model's (490 for vl-7b, 560 for 2.5)."},
-    )
     resolution: int | None = field(
         default=None,
         metadata={
             "help": "Official 2.5 flag, the same as --img_size: accepted when it is the checkpoint's view size (560); "
             "the official code never passes it to its dataset either."
-        },
-    )
-    hd_num: int | None = field(
-        default=None,
-        metadata={
-            "help": "InternLM-XComposer-2.5: crop budget per image (default 18, the official training default); "
-            "each image becomes a global view plus up to hd_num crops. XComposer2 (2.0) models ignore it."
         },
     )
     batch_size: int = field(
@@ -136,13 +126,6 @@ class DataArguments:
             "help": "Official flag: samples per dataset item. xcft multiplies it into the per-device batch "
             "(per_device_train_batch_size * batch_size samples per device and step); prefer "
             "per_device_train_batch_size."
-        },
-    )
-    max_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Token limit per sample, image slots included (default: the model's max_length; 16384 for a "
-            "2.5 checkpoint whose config has none, the official script's value)."
         },
     )
     eval_data_path: str | None = field(

@@ -35,7 +35,7 @@ from xcft.data.encode import IGNORE_INDEX
 from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_dtype, unwrap_model
-from xcft.train.datasets import _redo_counts, resolve_hd_num, resolve_lengths, split_holdout
+from xcft.train.datasets import _redo_counts, resolve_run_sizes, split_holdout
 from xcft.train.trainer import XcftTrainer
 
 logger = logging.getLogger(__name__)
@@ -247,10 +247,10 @@ def build_preference_datasets(
     """
     if cfg.data.packing:
         raise XcftError("--packing is not available for preference stages yet; drop it (pairs are padded per batch)")
-    img_size, max_length = resolve_lengths(cfg, model_config)
+    sizes = resolve_run_sizes(cfg, model_config)
+    img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     if end_token is not None:
         max_length -= 1
-    hd_num = resolve_hd_num(cfg, model_config)
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     files = read_pair_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
     eval_ds = None

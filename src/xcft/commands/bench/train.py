@@ -42,7 +42,7 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_lengths
+from xcft.train.datasets import resolve_run_sizes
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 
@@ -171,15 +171,18 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
             opts.seed,
         )
     else:
-        img_size, max_length = resolve_lengths(cfg, base_config)
-        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+        sizes = resolve_run_sizes(cfg, base_config)
+        img_size, max_length = sizes.img_size, sizes.max_length
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=sizes.hd_num)
         if opts.sources:
             files = [f for f in files if any(s in f.display for s in opts.sources)]
             if not files:
                 raise XcftError(f"--source {' '.join(opts.sources)}: no data file of {opts.data} matches")
         samples = rows_needed
         while True:
-            ds = XComposerDataset(_scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed)
+            ds = XComposerDataset(
+                _scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed, hd_num=sizes.hd_num
+            )
             if not opts.packing:
                 break
             ds = PackedDataset(ds, max_length)
