@@ -133,6 +133,11 @@ class DemoOptions(FormatOption):
     )
     steps: int | None = option(None, "training steps (default: preset)")
     quick: bool = option(False, "fewer samples and steps (for tests)")
+    stage: str = option(
+        "sft",
+        "sft: LoRA finetune of a tiny base; dpo: a model that names a wrong colour, corrected by DPO on preference pairs",
+        choices=["sft", "dpo"],
+    )
 
 
 @dataclass(kw_only=True)

@@ -384,9 +384,13 @@ def _run_demo(
     return result
 
 
-def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text", family: str = "2.0") -> int:
+def demo_command(
+    *, output: str, steps: int | None, quick: bool, output_format: str = "text", family: str = "2.0", stage: str = "sft"
+) -> int:
     """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
     quiet = output_format == "json"
+    if stage == "dpo":
+        return _dpo_demo(output=output, steps=steps, quick=quick, quiet=quiet, family=family)
     # In JSON mode stdout carries the one JSON object only: everything the stages print (and
     # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.
     with _redirect(quiet):
@@ -397,4 +401,16 @@ def demo_command(*, output: str, steps: int | None, quick: bool, output_format: 
     else:
         print()
         print(format_table(result))
+    return 0
+
+
+def _dpo_demo(*, output: str, steps: int | None, quick: bool, quiet: bool, family: str) -> int:
+    """``xcft demo --stage dpo`` (see :mod:`xcft.commands.demo.dpo`)."""
+    from xcft.commands.demo.dpo import format_dpo_table, run_dpo_demo  # lazy: dpo imports this module
+
+    if family != "2.0":
+        raise XcftError("xcft demo --stage dpo runs on the 2.0 tiny model; drop --family")
+    with _redirect(quiet):
+        result = run_dpo_demo(output, quick=quick, steps=steps, quiet=quiet).to_dict()
+    print(to_json(result) if quiet else "\n" + format_dpo_table(result))
     return 0
