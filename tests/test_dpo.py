@@ -351,3 +351,17 @@ def test_sft_data_given_to_dpo_names_the_sample(tiny_base: Path, tiny_data: Path
     assert _train("--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "y")) == 1
     err = capsys.readouterr().err
     assert "sample 0 (id '0'): not a preference pair" in err
+
+
+@pytest.mark.slow
+def test_dpo_demo_quick_moves_preference_accuracy(tmp_path: Path) -> None:
+    """The starting model prefers the wrong colour (below chance); DPO turns the held-out preference around."""
+    from xcft.commands.demo.dpo import run_dpo_demo
+
+    result = run_dpo_demo(tmp_path / "demo", quick=True, quiet=True)
+    assert result.preference_accuracy_before < 0.5 and result.says_wrong_colour_before > 0.5
+    assert result.preference_accuracy_after >= 0.75
+    assert result.mean_margin_after > 0 > result.mean_margin_before
+    assert result.colour_accuracy_after > result.colour_accuracy_before
+    saved = json.loads((tmp_path / "demo" / "result.json").read_text())
+    assert saved["preference_accuracy_after"] == result.preference_accuracy_after

@@ -69,6 +69,7 @@ class DpoDemoPreset:
     sft_learning_rate: float = 3e-3
     dpo_learning_rate: float = 2e-3
     beta: float = 0.1
+    rpo_alpha: float | None = 1.0  # the chosen answers' NLL added (TRL's RPO): keeps greedy answers words
     img_size: int = 56
     overrides: dict[str, Any] = field(default_factory=lambda: dict(QUICK.overrides))
 
@@ -159,6 +160,7 @@ def _dpo_flags(preset: DpoDemoPreset, base: Path, pairs: Path, heldout: Path, ou
         "lora_alpha": 32,
         "lora_dropout": 0.0,
         "beta": preset.beta,
+        **({"rpo_alpha": preset.rpo_alpha} if preset.rpo_alpha else {}),
         "output_dir": out,
         "max_steps": steps,
         "per_device_train_batch_size": preset.batch_size,
