@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,8 @@ SHARED_DIR = Path(os.environ.get("XCFT_SHARED_DIR") or PROJECT_ROOT.parent / "sh
 TINY_IMG_SIZE = 56
 TINY_MAX_LENGTH = 160
 TINY_VOCAB = 1000
+#: ``xcft train`` flags of every quick test run: CPU, no progress bar, no reporting, a fixed seed.
+CPU_TRAIN_FLAGS = ("--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3")
 
 
 # ---------------------------------------------------------------------- ../shared (parity only)
@@ -97,7 +100,48 @@ def tok(built_tokenizer: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path) -> Callable[..., Path]:
+def tiny_model() -> Callable[..., Any]:
+    """``tiny_model(preset="tiny", **overrides)``: a fresh randomly initialised model of a tiny preset, in eval mode.
+
+    Defaults: the built tokenizer's vocabulary (1000), seed 0, Partial-LoRA dropout 0 (so two
+    forwards agree); ``overrides`` are :func:`xcft.model.presets.build_model` arguments
+    (``img_size``, ``vocab_size``, ``seed``, ``max_length``, any config field).
+    """
+    from xcft.model.presets import build_model
+
+    def make(preset: str = "tiny", **overrides: Any) -> Any:
+        return build_model(preset, **{"vocab_size": TINY_VOCAB, "seed": 0, "plora_dropout": 0.0, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_argv() -> Callable[..., list[str]]:
+    """``train_argv(base, data, out, *extra)``: an ``xcft train`` argument list for a quick CPU run.
+
+    The model, data and output folder, then CPU, no progress bar, no reporting and seed 3, then ``extra``
+    (later flags win).
+    """
+
+    def make(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *extra: str) -> list[str]:
+        return [
+            "--model_name_or_path",
+            str(base),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            *CPU_TRAIN_FLAGS,
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(
+    tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path, tiny_model: Callable[..., Any]
+) -> Callable[..., Path]:
     """``tiny_folder(img_size=56, max_length=160, seed=0)``: a saved tiny model folder, built once per argument set.
 
     The folder is what ``xcft init-model`` writes (weights, config, self-contained code, the built
@@ -106,7 +150,6 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path)
     Treat the folders as read-only; copy one before changing it.
     """
     from xcft.model.loading import save_pretrained
-    from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
     built: dict[tuple[int, int, int], Path] = {}
@@ -114,9 +157,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path)
     def make(img_size: int = TINY_IMG_SIZE, max_length: int = TINY_MAX_LENGTH, seed: int = 0) -> Path:
         key = (img_size, max_length, seed)
         if key not in built:
-            model = build_model(
-                "tiny", img_size=img_size, vocab_size=TINY_VOCAB, seed=seed, max_length=max_length, plora_dropout=0.0
-            )
+            model = tiny_model(img_size=img_size, seed=seed, max_length=max_length)
             tokenizer = InternLM2Tokenizer.from_model_file(built_tokenizer)
             out = tmp_path_factory.mktemp("tiny-model") / f"tiny-{img_size}-{max_length}-{seed}"
             built[key] = save_pretrained(model, tokenizer, out)

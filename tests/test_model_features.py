@@ -11,10 +11,7 @@ import torch
 torch.set_num_threads(1)
 
 
-def tiny(**kw):
-    from xcft.model.presets import build_model
-
-    return build_model("tiny", vocab_size=300, seed=1, **kw)
+TINY = {"vocab_size": 300, "seed": 1, "plora_dropout": 0.05}  # the preset default
 
 
 def collate(items):
@@ -29,8 +26,8 @@ def grads(model, batch):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_grads(random_item):
-    model = tiny()
+def test_gradient_checkpointing_gives_the_same_grads(random_item, tiny_model):
+    model = tiny_model(**TINY)
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -52,10 +49,10 @@ def test_gradient_checkpointing_gives_the_same_grads(random_item):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_every_trainable_parameter_gets_a_gradient_even_without_images(random_item):
+def test_every_trainable_parameter_gets_a_gradient_even_without_images(random_item, tiny_model):
     """DDP without find_unused_parameters needs a gradient for every Partial-LoRA weight on every rank;
     post_layernorm (unused by the features) is also kept in the graph when images are present."""
-    model = tiny()
+    model = tiny_model(**TINY)
     model.train()
     gen = torch.Generator().manual_seed(0)
     text_only = collate([random_item(model, gen, images=0)])
@@ -70,9 +67,9 @@ def test_every_trainable_parameter_gets_a_gradient_even_without_images(random_it
     assert missing == []
 
 
-def test_eager_and_sdpa_agree(random_item):
+def test_eager_and_sdpa_agree(random_item, tiny_model):
     gen = torch.Generator().manual_seed(0)
-    model = tiny()
+    model = tiny_model(**TINY)
     batch = collate([random_item(model, gen), random_item(model, gen, n_text=3, images=0)])
     with torch.no_grad():
         sdpa = model(**batch).logits
@@ -82,10 +79,10 @@ def test_eager_and_sdpa_agree(random_item):
     torch.testing.assert_close(eager[mask], sdpa[mask], rtol=1e-4, atol=1e-5)
 
 
-def test_packed_rows_equal_separate_rows(random_item):
+def test_packed_rows_equal_separate_rows(random_item, tiny_model):
     """Packing hook: two samples in one row with restarting position_ids (and no attention mask)
     give the same per-sample losses as the two samples apart (block-diagonal causal mask)."""
-    model = tiny()
+    model = tiny_model(**TINY)
     gen = torch.Generator().manual_seed(0)
     a, b = random_item(model, gen), random_item(model, gen, n_text=7, images=0)
     with torch.no_grad():
@@ -103,8 +100,8 @@ def test_packed_rows_equal_separate_rows(random_item):
     assert abs(sp.item() - (sa.item() + sb.item())) < 1e-4 * abs(sp.item())
 
 
-def test_bf16_forward_and_backward(random_item):
-    model = tiny(dtype=torch.bfloat16)
+def test_bf16_forward_and_backward(random_item, tiny_model):
+    model = tiny_model(**TINY, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     model.train()
     gen = torch.Generator().manual_seed(0)
@@ -163,20 +160,20 @@ def test_init_model_with_a_given_tokenizer(tmp_path):
     assert (tmp_path / "t" / "tokenizer.model").read_bytes() == given.read_bytes()
 
 
-def test_image_count_mismatch_is_rejected(random_item):
-    model = tiny()
+def test_image_count_mismatch_is_rejected(random_item, tiny_model):
+    model = tiny_model(**TINY)
     item = random_item(model, torch.Generator().manual_seed(0))
     batch = {k: v[None] if k != "pixel_values" else torch.cat([v, v]) for k, v in item.items()}
     with pytest.raises(ValueError, match=f"image_mask marks {model.image_tokens} slots"):
         model(**batch)
 
 
-def test_peft_lora_wraps_the_partial_lora_linears_and_merges(random_item):
+def test_peft_lora_wraps_the_partial_lora_linears_and_merges(random_item, tiny_model):
     """The official LoRA targets (attention.wqkv ... feed_forward.w3) wrap our PLoRA linears;
     Partial LoRA still sees the image positions, and merging keeps the logits."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny()
+    model = tiny_model(**TINY)
     gen = torch.Generator().manual_seed(0)
     batch = collate([random_item(model, gen), random_item(model, gen, images=0)])
     targets = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]

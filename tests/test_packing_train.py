@@ -11,15 +11,13 @@ from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.train.args import parse_train_args
 
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--save_strategy", "no"]
-
 
 @pytest.fixture(scope="module")
-def argv(tiny_base, tiny_data):
-    """``argv(out, *flags)``: xcft train arguments for the tiny folder on the tiny mixture."""
+def argv(tiny_base, tiny_data, train_argv):
+    """``argv(out, *flags)``: xcft train arguments for the tiny folder on the tiny mixture (no checkpoints)."""
 
     def make(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
+        return train_argv(tiny_base, tiny_data, out, "--save_strategy", "no", *extra)
 
     return make
 

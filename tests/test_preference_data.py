@@ -9,13 +9,8 @@ import pytest
 from PIL import Image
 
 from xcft.data.encode import IGNORE_INDEX, ImageSpec
-from xcft.data.preference import (
-    PairCollator,
-    PreferenceDataset,
-    encode_pair,
-    read_pair_data,
-    read_pair_file,
-)
+from xcft.data.pairs import encode_pair, read_pair_file
+from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
 from xcft.errors import DataError
 
 
@@ -161,7 +156,7 @@ def test_answer_cut_away_by_max_length_is_skipped(tmp_path: Path, tok) -> None:
     )
     files = read_pair_data(path, tok, 56, 60, given_num=False)
     assert files[0].skipped == 1
-    with pytest.raises(DataError, match="no pair can be trained"):
+    with pytest.raises(DataError, match="no pair of this file can be trained"):
         read_pair_data(_write(tmp_path / "only_long.json", [json.loads(path.read_text())[0]]), tok, 56, 60, given_num=False)
 
 

@@ -22,28 +22,16 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMON = [
-    "--use_cpu",
-    "--disable_tqdm",
-    "true",
-    "--report_to",
-    "none",
-    "--seed",
-    "11",
-    "--max_steps",
-    "3",
-    "--learning_rate",
-    "1e-3",
-]
+RUN = ["--seed", "11", "--max_steps", "3", "--learning_rate", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_base, tiny_data, subprocess_env, read_losses, torchrun):
+def runs(tiny_base, tiny_data, subprocess_env, read_losses, torchrun, train_argv):
     """``runs.torchrun(out, *flags)`` (2 processes, batch 1 each) and ``runs.single(out, *flags)`` (1 process,
     batch 2: the same global batch, returns its losses), both on the tiny folder and mixture."""
 
     def argv(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
+        return train_argv(tiny_base, tiny_data, out, *RUN, *extra)
 
     def distributed(out, *extra, timeout=600):
         cmd = [

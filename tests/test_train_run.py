@@ -16,25 +16,13 @@ from xcft.errors import XcftError
 from xcft.output_dir import own_entries
 from xcft.run_files import EXIT_SIGTERM, MERGE_CHECK_NAME, STAGING_DIR_NAME, find_last_checkpoint, read_merge_check
 
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
-
 
 @pytest.fixture(scope="module")
-def train(tiny_base, tiny_data):
+def train(tiny_base, tiny_data, train_argv):
     """``train(out, *flags, data=None)``: ``xcft train`` of the tiny folder on the tiny mixture (or ``data``)."""
 
     def run(out, *extra, data=None):
-        argv = [
-            "--model_name_or_path",
-            str(tiny_base),
-            "--data_path",
-            str(data or tiny_data),
-            "--output_dir",
-            str(out),
-            *COMMON,
-            *extra,
-        ]
-        return train_command(argv)
+        return train_command(train_argv(tiny_base, data or tiny_data, out, *extra))
 
     return run
 
@@ -225,13 +213,12 @@ print("DIFF", d, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
     assert float(diff) < 1e-4 and imported == "False"
 
 
-def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base):
+def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base, tiny_model):
     from xcft.commands.merge import merge_command
     from xcft.model.loading import save_pretrained
-    from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
-    other = build_model("tiny", img_size=56, vocab_size=1000, seed=1, max_length=160)
+    other = tiny_model(img_size=56, seed=1, max_length=160, plora_dropout=0.05)
     other_dir = save_pretrained(other, InternLM2Tokenizer.from_model_file(tiny_base / "tokenizer.model"), tmp_path / "o")
     # --base overrides the adapter's base: merging onto it is still checked against base + adapter...
     assert merge_command(adapter=str(lora_run), output=str(tmp_path / "m"), base=str(other_dir)) == 0

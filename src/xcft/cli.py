@@ -76,9 +76,7 @@ SUBCOMMANDS = (
         opts.ConvertOptions,
     ),
     Subcommand("chat", "chat with a model about images", "xcft.commands.chat:chat_command", opts.ChatOptions),
-    Subcommand(
-        "demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.run:demo_command", opts.DemoOptions
-    ),
+    Subcommand("demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.main:demo_main", opts.DemoOptions),
     Subcommand(
         "web", "browser UI: data, training, chat, merge (needs xcft[web])", "xcft.commands.web:web_command", opts.WebOptions
     ),

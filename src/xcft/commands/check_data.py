@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from xcft.data.check import CheckResult, encode_for, encode_pair_for, find_sample, load_settings, render_sample, run_check
 from xcft.data.encode import slots_per_image
-from xcft.data.preference import PreferencePair, pair_skip_reason
+from xcft.data.pairs import PreferencePair, pair_skip_reason
 from xcft.data.report import describe_images, stats_text, verdict
 from xcft.data.schema import Problem
 from xcft.errors import XcftError

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.mixture import load_spec
-from xcft.data.preference import PairCollator, PreferenceDataset, append_token, read_any_file, read_pair_data
+from xcft.data.pairs import read_any_file
+from xcft.data.preference import PairCollator, PreferenceDataset, append_token, read_pair_data
 from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import DataError, XcftError
 from xcft.model.loading import load_pretrained

@@ -1,7 +1,7 @@
 """Checking a data set against a model's tokenizer and sizes, and finding one sample.
 
-:func:`run_check` reads every file and decodes every image once (images in a thread pool), encodes
-every valid sample, and collects a per-file report and every problem found, so a user with 40 broken
+:func:`run_check` is the read pass training uses (:mod:`xcft.data.read_pass`) with every image
+decoded once, turned into a per-file report; every problem found is kept, so a user with 40 broken
 samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page present the results.
 
 For a 2.5 model each image's crop grid (and so its token count) at the chosen ``hd_num`` comes from
@@ -13,17 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.data.dataset import conversation_grids
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
-from xcft.data.images import IMAGE_FIX, decode_with_size
-from xcft.data.mixture import DataSpec, draw_count, resolve_data
-from xcft.data.preference import EncodedPair, PreferencePair, encode_pair, pair_skip_reason, read_any_file
+from xcft.data.mixture import DataSpec, resolve_data
+from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
+from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
 from xcft.data.schema import Conversation, Problem
 from xcft.data.sizes import folder_sizes, resolve_sizes
 from xcft.errors import XcftError
@@ -90,6 +87,27 @@ class FileReport:
     skipped: int = 0
     image_tokens: list[int] = field(default_factory=list)  # slots of each image of the usable samples
 
+    @classmethod
+    def from_samples(cls, fs: FileSamples) -> FileReport:
+        """The counts of one file of the read pass."""
+        encoded = [r for r in fs.records if r.encoded]
+        usable = fs.usable
+        return cls(
+            fs.source.display,
+            str(fs.source.path),
+            fs.source.number,
+            samples=len(fs.records),
+            valid=len(encoded),
+            usable=len(usable),
+            drawn_per_epoch=fs.draw_count,
+            images=sum(len(r.conversation.images) for r in encoded if r.conversation is not None),
+            lengths=[r.length for r in usable],
+            supervised=sum(r.supervised for r in usable),
+            truncated=sum(1 for r in encoded if r.truncated),
+            skipped=fs.skipped,
+            image_tokens=[n for r in usable for n in r.image_tokens],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.display,
@@ -114,11 +132,6 @@ def length_stats(lengths: list[int]) -> dict[str, float | int | None]:
         return {"min": None, "median": None, "max": None}
     med = statistics.median(lengths)
     return {"min": min(lengths), "median": int(med) if float(med).is_integer() else med, "max": max(lengths)}
-
-
-#: ``progress(phase, done, total)``: phase is "reading", "images" or "encoding".
-ProgressFn = Callable[[str, int, int], None]
-PROGRESS_EVERY = 1000
 
 
 @dataclass
@@ -171,161 +184,24 @@ def run_check(
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> CheckResult:
-    """Read, decode and encode everything once; collect every problem.
+    """The read pass (:func:`~xcft.data.read_pass.read_pass`) with every image decoded; a report per file.
 
     ``progress`` is called now and then with the phase and its counts (for a progress bar).
     """
-    report_progress = progress or (lambda phase, done, total: None)
-    spec, problems = resolve_data(data)
-    files: list[FileReport] = []
-    if spec is None:
-        return CheckResult(None, files, problems, settings)
-    per_file: list[list[Conversation | PreferencePair | None]] = []
-    pair_files: list[str] = []
-    for k, src in enumerate(spec.sources):
-        report_progress("reading", k, len(spec.sources))
-        convs, probs, is_pairs = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
-        problems.extend(probs)
-        per_file.append(convs)
-        files.append(FileReport(src.display, str(src.path), src.number, samples=len(convs)))
-        if is_pairs:
-            pair_files.append(src.display)
-    if pair_files and len(pair_files) < len(spec.sources):
-        sft = next(f.display for f in files if f.display not in pair_files)
-        problems.append(
-            Problem(
-                str(data),
-                None,
-                None,
-                f"mixes preference pairs ({pair_files[0]}) and SFT conversations ({sft})",
-                "give SFT data to --stage sft and pairs to --stage dpo, in separate data.txt files",
-            )
-        )
-
-    # decode every distinct image once, in parallel
-    paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
-    n_workers = max(1, workers or os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decoded: dict[Path, tuple[str | None, tuple[int, int]]] = {}
-        for k, (path, result) in enumerate(zip(paths, pool.map(decode_with_size, paths))):
-            decoded[path] = result
-            if k % PROGRESS_EVERY == 0:
-                report_progress("images", k, len(paths))
-    decode_errors = {p: why for p, (why, _) in decoded.items()}
-    image_spec = settings.image_spec
-    grids: dict[Path, Grid] = {}
-    if image_spec.hd:
-        for p, (why, size) in decoded.items():
-            if why is None:
-                try:
-                    grids[p] = image_spec.grid(*size)
-                except ValueError as exc:  # e.g. too elongated for the HD transform
-                    decode_errors[p] = f"cannot be used ({exc})"
-
-    n_samples = sum(len(convs) for convs in per_file)
-    done = 0
-    for src, report, convs in zip(spec.sources, files, per_file):
-        for conv in convs:
-            done += 1
-            if done % PROGRESS_EVERY == 0:
-                report_progress("encoding", done, n_samples)
-            if conv is None:
-                continue
-            bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
-            for p, why in bad:
-                problems.append(Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX))
-            if bad:
-                continue
-            report.valid += 1
-            report.images += len(conv.images)
-            conv_grids = [grids[p] for p in conv.images] if image_spec.hd else None
-            if isinstance(conv, PreferencePair):
-                _check_pair(conv, conv_grids, settings, report, problems)
-                continue
-            enc = encode_conversation(conv, settings.tokenizer, image_spec, settings.max_length, conv_grids)
-            if enc.truncated:
-                report.truncated += 1
-            n_supervised = enc.num_supervised  # a count over every label: once per sample
-            if n_supervised == 0:
-                report.skipped += 1
-                problems.append(
-                    Problem(
-                        src.display,
-                        conv.index,
-                        conv.id,
-                        f"no supervised token left after truncation to max_length={settings.max_length} (full length {enc.untruncated_length}); the sample is skipped in training",
-                        "shorten the user turns or images before the first answer, or raise --max-length",
-                        level="warning",
-                    )
-                )
-                continue
-            report.usable += 1
-            report.lengths.append(len(enc))
-            report.image_tokens += (
-                [image_spec.slots(g) for g in conv_grids] if conv_grids is not None else [image_spec.slots()] * len(conv.images)
-            )
-            report.supervised += n_supervised
-        report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
-        if report.valid and not report.usable:
-            problems.append(
-                Problem(
-                    src.display,
-                    None,
-                    None,
-                    f"no sample of this file keeps a supervised token within max_length={settings.max_length}",
-                    "raise --max-length (images take their slots in full), or shorten the samples",
-                    line=src.line,
-                )
-            )
-        if report.usable and report.drawn_per_epoch == 0:
-            problems.append(
-                Problem(
-                    src.display,
-                    None,
-                    None,
-                    f"the number {src.number} draws no sample per epoch",
-                    "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)",
-                    level="warning",
-                    line=src.line,
-                )
-            )
-    pair_lists = [
-        [c if isinstance(c, PreferencePair) else None for c in convs] if convs and name in pair_files else []
-        for convs, name in zip(per_file, (f.display for f in files))
-    ]
-    chosen = [[c.chosen if isinstance(c, PreferencePair) else c for c in convs] for convs in per_file]
-    return CheckResult(spec, files, problems, settings, chosen, pair_lists)
-
-
-def _check_pair(
-    pair: PreferencePair, grids: list[Grid] | None, settings: Settings, report: FileReport, problems: list[Problem]
-) -> None:
-    """A valid pair's share of the report (both sequences' lengths and scored tokens), or why training skips it."""
-    enc = encode_pair(pair, settings.tokenizer, settings.image_spec, settings.max_length, grids)
-    if enc.truncated:
-        report.truncated += 1
-    why = pair_skip_reason(pair, enc, settings.max_length)
-    if why is not None:
-        report.skipped += 1
-        if enc.scorable:  # equal answers: reported when the pair was read
-            return
-        problems.append(
-            Problem(
-                pair.file,
-                pair.index,
-                pair.id,
-                f"{why}; the pair is skipped in training",
-                "shorten the prompt or its images, or raise --max-length",
-                level="warning",
-            )
-        )
-        return
-    report.usable += 1
-    report.lengths += [len(enc.chosen), len(enc.rejected)]
-    report.image_tokens += (
-        [settings.image_spec.slots(g) for g in grids] if grids is not None else [settings.image_spec.slots()] * len(pair.images)
+    found = read_pass(
+        data,
+        settings.tokenizer,
+        settings.image_spec,
+        settings.max_length,
+        given_num,
+        decode_images=True,
+        workers=workers,
+        progress=progress,
     )
-    report.supervised += enc.num_supervised
+    files = [FileReport.from_samples(fs) for fs in found.files]
+    conversations = [[r.conversation for r in fs.records] for fs in found.files]
+    pairs = [[r.pair for r in fs.records] if fs.pairs else [] for fs in found.files]
+    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
 
 
 # --------------------------------------------------------------------------- one sample
@@ -431,6 +307,7 @@ def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
 __all__ = [
     "CheckResult",
     "FileReport",
+    "ProgressFn",
     "Run",
     "Settings",
     "encode_for",
