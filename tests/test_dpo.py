@@ -303,9 +303,16 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_base: Path, pairs_fi
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-6)
 
 
-def test_2d5_lora_dpo_run(tmp_path: Path) -> None:
-    model_dir = tmp_path / "tiny25"
+@pytest.fixture(scope="module")
+def tiny25(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = tmp_path_factory.mktemp("dpo25") / "tiny25"
     assert main(["init-model", str(model_dir), "--preset", "tiny-2.5", "--seed", "1"]) == 0
+    return model_dir
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_2d5_dpo_run(tiny25: Path, tmp_path: Path, mode: str) -> None:
+    """2.5 (HD crops): LoRA (reference = adapter off) and full finetune (precomputed reference)."""
     Image.new("RGB", (300, 200), (200, 20, 20)).save(tmp_path / "wide.png")
     records = [
         {"id": k, "image": "wide.png", "conversations": [{"from": "user", "value": q}], "chosen": "Red.", "rejected": "Green."}
@@ -314,27 +321,32 @@ def test_2d5_lora_dpo_run(tmp_path: Path) -> None:
     data = tmp_path / "p.json"
     data.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / "out25"
+    extra = ["--use_lora", "true"] if mode == "lora" else ["--precompute_ref_log_probs", "true"]
     assert (
         _train(
             "--model_name_or_path",
-            str(model_dir),
+            str(tiny25),
             "--data_path",
             str(data),
             "--output_dir",
             str(out),
-            "--use_lora",
-            "true",
             "--hd_num",
             "4",
             "--max_steps",
-            "1",
+            "2",
             "--per_device_train_batch_size",
             "2",
+            "--learning_rate",
+            "1e-3",
+            *extra,
         )
         == 0
     )
-    first = next(r for r in _log(out) if "loss" in r)
-    assert "rewards/accuracies" in first and math.isfinite(first["loss"])
+    train = [r for r in _log(out) if "loss" in r]
+    assert "rewards/accuracies" in train[0] and all(math.isfinite(r["loss"]) for r in train)
+    if mode == "full":  # the tiny-2.5 preset has Partial-LoRA dropout: policy = reference only up to it
+        assert train[0]["loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert (out / ("adapter_model.safetensors" if mode == "lora" else "model.safetensors")).is_file()
 
 
 def test_bad_preference_options_are_one_line_errors(tiny_base: Path, pairs_file: Path, tmp_path: Path, capsys) -> None:

@@ -170,3 +170,31 @@ def test_reward_model_reads_the_last_real_token() -> None:
         batch = rm(ids, mask)
         alone = rm(ids[:1, :4], mask[:1, :4])
     assert float(batch[0]) == pytest.approx(float(alone[0]), rel=1e-5, abs=1e-6)
+
+
+def test_rm_on_a_2d5_model_with_hd_images(tmp_path: Path, capsys) -> None:
+    """2.5 (HD crops): the official format with a lone image, trained and scored."""
+    from xcft.data.spm_builder import build_tokenizer
+    from xcft.model.loading import save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    tok = InternLM2Tokenizer.from_model_file(build_tokenizer(tmp_path / "tok", extra_pieces=["[UNUSED_TOKEN_130]"]))
+    base = save_pretrained(build_model("tiny-2.5", vocab_size=1000, seed=1), tok, tmp_path / "base25")
+    Image.new("RGB", (300, 200), (200, 20, 20)).save(tmp_path / "wide.png")
+    q = [{"from": "human", "value": "What colour?"}]
+    records = [
+        {"id": k, "image": "wide.png", "conversations_a": [*q, {"from": "bot", "value": "Red."}],
+         "conversations_b": [*q, {"from": "bot", "value": "Green, I think."}]}
+        for k in range(2)
+    ]  # fmt: skip
+    data = tmp_path / "p.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "rm25"
+    argv = ["train", "--stage", "rm", *COMMON, "--model_name_or_path", str(base), "--data_path", str(data)]
+    argv += ["--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2", "--hd_num", "4"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["reward", str(data), "--model", str(out), "--hd-num", "4", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_pairs"] == 2 and all(math.isfinite(p["chosen"] - p["rejected"]) for p in result["pairs"])
