@@ -38,9 +38,11 @@ def _is_pair_data(data: str) -> bool:
     return kinds == {True}
 
 
-def load_reward_model(model_dir: str, *, dtype: str = "float32", device: str | None = None) -> tuple[RewardModel, Any]:
-    """(reward model in eval mode, tokenizer) from an ``xcft train --stage rm`` output folder."""
-    lm, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device)
+def load_reward_model(
+    model_dir: str, *, dtype: str = "float32", device: str | None = None, bits: int = 16
+) -> tuple[RewardModel, Any]:
+    """(reward model in eval mode, tokenizer) from an ``xcft train --stage rm`` output folder (``bits``: as xcft eval)."""
+    lm, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device, bits=bits)
     head = load_reward_head(model_dir, lm.config.hidden_size)
     if head is None:
         raise XcftError(f"{model_dir} has no {REWARD_HEAD_NAME}: it is not a reward model. Train one with xcft train --stage rm")
@@ -118,9 +120,10 @@ def reward_command(
     device: str | None = None,
     hd_num: int | None = None,
     img_size: int | None = None,
+    bits: int = 16,
 ) -> int:
     """``xcft reward DATA --model DIR``: print each reward (pairs: chosen, rejected, margin) and the accuracy."""
-    model, tokenizer = load_reward_model(model_dir, dtype=dtype, device=device)
+    model, tokenizer = load_reward_model(model_dir, dtype=dtype, device=device, bits=bits)
     result = score(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size)
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
