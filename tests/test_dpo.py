@@ -377,3 +377,22 @@ def test_dpo_demo_quick_moves_preference_accuracy(tmp_path: Path) -> None:
     assert result.colour_accuracy_after > result.colour_accuracy_before
     saved = json.loads((tmp_path / "demo" / "result.json").read_text())
     assert saved["preference_accuracy_after"] == result.preference_accuracy_after
+
+
+def test_qlora_dpo_reference_is_the_quantized_base(tiny_base: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """--bits 4 --use_lora: the reference is the 4-bit base with the adapter off (step 1: log 2, rewards 0)."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    assert (
+        _train(
+            "--model_name_or_path", str(tiny_base), "--data_path", str(pairs_file), "--output_dir", str(out),
+            "--use_lora", "true", "--bits", "4", "--lora_dropout", "0", "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        )
+        == 0
+    )  # fmt: skip
+    train = [r for r in _log(out) if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(train[0]["rewards/margins"]) < 1e-4
+    assert any(abs(r["rewards/margins"]) > 1e-3 for r in train[1:])  # the adapter moved away from the reference
+    assert (out / "adapter_model.safetensors").is_file()
