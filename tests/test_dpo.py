@@ -115,6 +115,25 @@ def test_pair_batch_equals_each_sequence_alone_and_encodes_each_image_once(tiny_
         assert float(logps[r]) == pytest.approx(-float(sums[0]), rel=1e-5)
 
 
+def test_packed_pair_batch_equals_the_padded_batch(tiny_base: Path, pairs_file: Path, tok) -> None:
+    """--packing: a pair's two sequences in one row (positions restart) give the same log-probs, images encoded once."""
+    model, _ = load_pretrained(tiny_base)
+    files = read_pair_data(pairs_file, tok, 56, 160, given_num=False)
+    ds = PreferenceDataset(files, tok, 56, 160)
+    items = [ds[i] for i in (0, 4, 1)]
+    padded = PairCollator(ds.pad_token_id)(items)
+    packed = PairCollator(ds.pad_token_id, packed=True)(items)
+    assert packed["input_ids"].shape[0] == 3 and "attention_mask" not in packed
+    views: list[int] = []
+    model.vit.register_forward_hook(lambda mod, args, out: views.append(int(args[0].shape[0])))
+    with torch.no_grad():
+        lp_padded, n_padded = answer_logps(model, padded)
+        lp_packed, n_packed = answer_logps(model, packed)
+    assert views == [2, 2]  # two image pairs: two images per forward, padded or packed
+    assert n_packed.tolist() == n_padded.tolist()
+    torch.testing.assert_close(lp_packed, lp_padded, rtol=1e-5, atol=1e-5)
+
+
 def test_policy_equal_to_reference_gives_log2_and_zero_rewards(tiny_base: Path, pairs_file: Path, tok) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -192,6 +211,16 @@ def test_first_loss_with_ref_model_equals_eval_log_probs(tiny_folder, pairs_file
     first = next(r for r in _log(out) if "loss" in r)
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
     assert abs(first["loss"] - math.log(2)) > 1e-3  # the two models differ: not the trivial value
+    packed = tmp_path / "packed"
+    assert (
+        _train(
+            "--model_name_or_path", str(policy_dir), "--ref_model_name_or_path", str(ref_dir), "--data_path", str(data),
+            "--output_dir", str(packed), "--max_steps", "1", "--per_device_train_batch_size", "4", "--beta", str(beta),
+            "--packing", "true",
+        )
+        == 0
+    )  # fmt: skip
+    assert next(r for r in _log(packed) if "loss" in r)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_lora_run_logs_trl_metrics_and_eval(tiny_base: Path, pairs_file: Path, tmp_path: Path) -> None:
@@ -355,8 +384,8 @@ def test_bad_preference_options_are_one_line_errors(tiny_base: Path, pairs_file:
     assert "--beta must be positive" in capsys.readouterr().err
     assert main(["train", *base, "--ref_model_name_or_path", str(tiny_base)]) == 1
     assert "applies to --stage dpo" in capsys.readouterr().err
-    assert main(["train", *base, "--stage", "dpo", "--packing", "true"]) == 1
-    assert "--packing is not available" in capsys.readouterr().err
+    assert main(["train", *base, "--stage", "rm", "--packing", "true"]) == 1
+    assert "--packing is not available with --stage rm" in capsys.readouterr().err
 
 
 def test_sft_data_given_to_dpo_names_the_sample(tiny_base: Path, tiny_data: Path, tmp_path: Path, capsys) -> None:

@@ -150,42 +150,73 @@ def append_token(
 
 
 def pair_image_index(num_images: Sequence[int]) -> torch.Tensor:
-    """For rows ordered chosen 0..P-1 then rejected 0..P-1: each image occurrence's index among the pairs' images."""
-    offsets = np.concatenate([[0], np.cumsum(num_images)]).astype(int)
-    one_side = [o + k for o, n in zip(offsets[:-1].tolist(), num_images) for k in range(int(n))]
-    return torch.tensor(one_side + one_side, dtype=torch.long)
+    """The pairs' images in order (pair 0's, then pair 1's, ...): one side's image occurrences."""
+    return torch.arange(int(sum(num_images)), dtype=torch.long)
 
 
 @dataclass
 class PairCollator:
-    """Pairs -> one batch: rows chosen 0..P-1 then rejected 0..P-1, right-padded together.
+    """Pairs -> one batch of sequences ordered chosen 0..P-1 then rejected 0..P-1.
 
-    Each pair's images appear once in ``pixel_values`` (``image_grids``); ``image_index`` tells the
-    model which encoded image each row's image slots take, so an image is encoded once per pair.
-    ``ref_logps`` [P, 2] is passed on when the items carry precomputed reference log-probs.
+    Padded (default): one row per sequence, right-padded together (2P rows). ``packed``: one row
+    per pair, the chosen then the rejected sequence, positions restarting at the second (no
+    ``attention_mask``: block-diagonal attention), P rows. Either way each pair's images appear
+    once in ``pixel_values`` (``image_grids``), ``image_index`` tells the model which encoded image
+    each image occurrence takes (an image is encoded once per pair), and ``sequence_ids`` [rows,
+    width] names the sequence (0..2P-1) each position belongs to. ``ref_logps`` [P, 2] is passed on
+    when the items carry precomputed reference log-probs.
     """
 
     pad_token_id: int
+    packed: bool = False
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        rows = [
+        n_pairs = len(features)
+        sides = [
             {"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"], "image_mask": f[f"{side}_image_mask"]}
             for side in ("chosen", "rejected")
             for f in features
-        ]
-        batch = pad_batch(rows, self.pad_token_id)
+        ]  # sequence s: chosen of pair s, or rejected of pair s - P
         counts = [int(f["num_images"]) for f in features]
+        one_side = pair_image_index(counts)
+        if self.packed:
+            rows = [_join(sides[k], sides[n_pairs + k]) for k in range(n_pairs)]
+            batch = pad_batch(rows, self.pad_token_id, packed=True)
+            seq = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+            index: list[int] = []
+            for k in range(n_pairs):
+                n_chosen = int(sides[k]["input_ids"].shape[0])
+                n_all = n_chosen + int(sides[n_pairs + k]["input_ids"].shape[0])
+                seq[k, :n_chosen], seq[k, n_chosen:n_all] = k, n_pairs + k
+                own = list(range(int(offsets[k]), int(offsets[k + 1])))
+                index += own + own
+            batch["image_counts"] = torch.tensor([2 * c for c in counts], dtype=torch.long)
+            batch["image_index"] = torch.tensor(index, dtype=torch.long)
+        else:
+            batch = pad_batch(sides, self.pad_token_id)
+            seq = torch.arange(2 * n_pairs).unsqueeze(1).expand_as(batch["input_ids"]).clone()
+            batch["image_counts"] = torch.tensor(counts + counts, dtype=torch.long)
+            batch["image_index"] = torch.cat([one_side, one_side])
         pixels = [f["pixel_values"] for f in features if f["pixel_values"].shape[0]]
         batch["pixel_values"] = torch.cat(pixels) if pixels else None
-        batch["image_counts"] = torch.tensor(counts + counts, dtype=torch.long)
-        batch["image_index"] = pair_image_index(counts) if pixels else None
+        if not pixels:
+            batch["image_index"] = None
         if any("image_grids" in f for f in features):
             grids = [f["image_grids"] for f in features if f["image_grids"].shape[0]]
             batch["image_grids"] = torch.cat(grids) if grids else None
+        batch["sequence_ids"] = seq
         batch["pair_key"] = torch.stack([f["pair_key"] for f in features])
         if all("ref_logps" in f for f in features):
             batch["ref_logps"] = torch.stack([f["ref_logps"] for f in features])
         return batch
+
+
+def _join(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two sequences as one packed item (positions restart at the second)."""
+    out = {k: torch.cat([first[k], second[k]]) for k in ("input_ids", "labels", "image_mask")}
+    out["position_ids"] = torch.cat([torch.arange(first["input_ids"].shape[0]), torch.arange(second["input_ids"].shape[0])])
+    return out
 
 
 __all__ = [

@@ -634,10 +634,8 @@ def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
             used.append("precompute_ref_log_probs")
         if used:
             raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
-    if pref.stage == "sft":
-        return
-    if data.packing:
-        raise XcftError(f"--packing is not available with --stage {pref.stage}; drop it (pairs are padded per batch)")
+    if pref.stage == "rm" and data.packing:
+        raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
 
 
 def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:

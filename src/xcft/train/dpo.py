@@ -15,7 +15,8 @@ TRL's names: ``rewards/chosen`` = ``beta (lp_c - lp_ref_c)`` (mean over pairs), 
 The reference: the policy with its LoRA adapter disabled (LoRA runs, no second copy), a frozen
 copy of the starting model (full finetune), another folder (``--ref_model_name_or_path``), or
 log-probs computed once before training (``--precompute_ref_log_probs``). A batch of P pairs is one
-forward of 2P rows (chosen rows, then rejected rows) in which each pair's images are encoded once.
+forward of 2P padded rows (chosen rows, then rejected rows), or with ``--packing`` of P rows holding
+a pair's two sequences each; each pair's images are encoded once.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 #: Batch keys that describe pairs, not model inputs.
-PAIR_KEYS = ("pair_key", "ref_logps")
+PAIR_KEYS = ("pair_key", "ref_logps", "sequence_ids")
 
 
 # --------------------------------------------------------------------------- log-probs and losses
 
 
 def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (summed log-prob of the scored tokens [R] float32, their count [R]).
+    """Per sequence: (summed log-prob of the scored tokens [S] float32, their count [S]).
 
-    Scored tokens are those with a label (``labels[t+1]`` predicted at position t). The output head
-    runs only at the positions that some row scores, so no [R, L, vocab] tensor is made for the prompts.
+    Scored tokens are those with a label (``labels[t+1]`` predicted at position t). A sequence is a
+    row, or with ``sequence_ids`` (packed pairs) the positions that name it. The output head runs
+    only at the positions that some row scores, so no [R, L, vocab] tensor is made for the prompts.
     """
     inputs = {k: v for k, v in batch.items() if k not in PAIR_KEYS and k != "labels"}
     labels = batch["labels"]
@@ -64,7 +66,15 @@ def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch
     targets = shift[:, positions]
     mask = keep[:, positions]
     token_logps = logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(dim=-1), mask.sum(dim=-1)
+    seq = batch.get("sequence_ids")
+    if seq is None:
+        return (token_logps * mask).sum(dim=-1), mask.sum(dim=-1)
+    owner = seq[:, 1:][:, positions].to(token_logps.device)  # the target's sequence (labels[t+1] at position t)
+    n_seq = int(seq.max()) + 1
+    flat, picked = owner[mask], token_logps[mask]
+    sums = torch.zeros(n_seq, dtype=token_logps.dtype, device=token_logps.device).index_add(0, flat, picked)
+    counts = torch.zeros(n_seq, dtype=torch.long, device=token_logps.device).index_add(0, flat, torch.ones_like(flat))
+    return sums, counts
 
 
 def preference_loss(
@@ -158,7 +168,7 @@ class Reference:
     @torch.no_grad()
     def logps(self, policy: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) reference log-probs [P] for a pair batch."""
-        pairs = batch["labels"].shape[0] // 2
+        pairs = batch["pair_key"].shape[0]
         if self.kind == "precomputed":
             ref = batch.get("ref_logps")
             if ref is None:
@@ -245,8 +255,8 @@ def build_preference_datasets(
 
     ``end_token``: appended to every sequence (the reward token); the encoding leaves room for it.
     """
-    if cfg.data.packing:
-        raise XcftError("--packing is not available for preference stages yet; drop it (pairs are padded per batch)")
+    if cfg.data.packing and end_token is not None:
+        raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
     sizes = resolve_run_sizes(cfg, model_config)
     img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     if end_token is not None:
@@ -270,7 +280,8 @@ def build_preference_datasets(
         f", {len(eval_ds)} eval pairs" if eval_ds is not None else "",
         max_length,
     )
-    return train_ds, eval_ds, PairCollator(train_ds.pad_token_id)
+    # --packing: a pair's two sequences share one row (positions restart), instead of two padded rows
+    return train_ds, eval_ds, PairCollator(train_ds.pad_token_id, packed=bool(cfg.data.packing))
 
 
 # --------------------------------------------------------------------------- trainer
@@ -331,7 +342,7 @@ class PreferenceTrainer(PairTrainer):
     def pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics) of one pair batch."""
         p = self.preference
-        pairs = inputs["labels"].shape[0] // 2
+        pairs = inputs["pair_key"].shape[0]
         ref_chosen, ref_rejected = self.reference.logps(model, inputs)
         logps, counts = answer_logps(model, inputs)
         policy_chosen, policy_rejected = logps[:pairs], logps[pairs:]

@@ -27,7 +27,7 @@ from torch import nn
 
 from xcft.errors import XcftError
 from xcft.model.loading import write_model_code
-from xcft.train.dpo import PairTrainer
+from xcft.train.dpo import PAIR_KEYS, PairTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class RewardTrainer(PairTrainer):
 
     def pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pairs = inputs["input_ids"].shape[0] // 2
-        rewards = model(**{k: v for k, v in inputs.items() if k not in ("labels", "pair_key", "ref_logps")})
+        rewards = model(**{k: v for k, v in inputs.items() if k not in (*PAIR_KEYS, "labels")})
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         loss = -F.logsigmoid(chosen - rejected).mean()
         return loss, pair_reward_metrics(chosen, rejected)
