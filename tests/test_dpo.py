@@ -425,3 +425,26 @@ def test_qlora_dpo_reference_is_the_quantized_base(tiny_base: Path, pairs_file: 
     assert abs(train[0]["rewards/margins"]) < 1e-4
     assert any(abs(r["rewards/margins"]) > 1e-3 for r in train[1:])  # the adapter moved away from the reference
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_resume_continues_like_an_uninterrupted_run_and_merges(tiny_base: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """A LoRA DPO run resumed from its step-2 checkpoint logs the same steps 3-4; its adapter merges."""
+    common = [
+        "--model_name_or_path", str(tiny_base), "--data_path", str(pairs_file), "--use_lora", "true",
+        "--lora_dropout", "0", "--per_device_train_batch_size", "2", "--learning_rate", "5e-3",
+        "--lr_scheduler_type", "constant", "--max_steps", "4",
+    ]  # fmt: skip
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _train(*common, "--output_dir", str(whole)) == 0
+    assert main(["train", "--stage", "dpo", *COMMON[:-2], *common, "--output_dir", str(part), "--save_steps", "2",
+                 "--max_steps", "2"]) == 0  # fmt: skip
+    assert main(["train", "--stage", "dpo", *COMMON[:-2], *common, "--output_dir", str(part), "--save_steps", "2",
+                 "--resume_from_checkpoint", "true"]) == 0  # fmt: skip
+    full = {r["step"]: r for r in _log(whole) if "loss" in r}
+    resumed = {r["step"]: r for r in _log(part) if "loss" in r}
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5)
+        assert resumed[step]["rewards/margins"] == pytest.approx(full[step]["rewards/margins"], rel=1e-4, abs=1e-7)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(whole), "--output", str(merged)]) == 0
+    assert (merged / "model.safetensors").is_file()
