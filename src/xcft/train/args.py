@@ -206,6 +206,13 @@ class PreferenceArguments:
             "--use_lora the base with the adapter disabled, no second copy)."
         },
     )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "dpo: switch off every dropout (LoRA, Partial LoRA) in the policy, as TRL does by default, so "
+            "policy and reference agree before the first step and the log-prob ratios carry no dropout noise."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={

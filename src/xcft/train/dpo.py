@@ -195,6 +195,16 @@ def load_reference_model(path: str, policy: Any, dtype: str) -> Any:
     return ref
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of ``model`` to 0 (TRL's ``disable_dropout``); returns how many there were."""
+    found = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            found += 1
+    return found
+
+
 def make_reference(cfg: Any, model: Any) -> Reference:
     """The reference of a run: see :class:`Reference` (a separate model only when one is needed)."""
     pref = cfg.preference
@@ -234,6 +244,8 @@ def precompute_reference(reference: Reference, policy: Any, dataset: PreferenceD
 
 def prepare_reference(cfg: Any, model: Any, datasets: list[PreferenceDataset | None]) -> Reference:
     """The run's reference; with --precompute_ref_log_probs the pairs are scored now and no reference model is kept."""
+    if cfg.preference.disable_dropout and (n := disable_dropout(model)):
+        logger.info("--disable_dropout: %d dropout layer(s) of the policy set to 0", n)
     reference = make_reference(cfg, model)
     if not cfg.preference.precompute_ref_log_probs:
         return reference
@@ -373,6 +385,7 @@ __all__ = [
     "Reference",
     "answer_logps",
     "build_preference_datasets",
+    "disable_dropout",
     "load_reference_model",
     "make_reference",
     "precompute_reference",
