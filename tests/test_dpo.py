@@ -181,6 +181,14 @@ def test_first_loss_with_ref_model_equals_eval_log_probs(tiny_folder, pairs_file
     data = pairs_file.parent / "four.json"
     data.write_text(json.dumps(records), encoding="utf-8")
     lp = {(m, s): _eval_logps(d, sides[s], capsys) for m, d in (("policy", policy_dir), ("ref", ref_dir)) for s in sides}
+    # xcft eval on the pair file itself reports the same per-answer log-probs and token counts
+    capsys.readouterr()
+    assert main(["eval", str(pairs_file), "--model", str(policy_dir), "--format", "json"]) == 0
+    pair_eval = json.loads(capsys.readouterr().out)
+    for k, p in enumerate(pair_eval["pairs"][:4]):
+        assert p["chosen_logp"] == pytest.approx(lp["policy", "chosen"][k], rel=1e-5)
+        assert p["rejected_logp"] == pytest.approx(lp["policy", "rejected"][k], rel=1e-5)
+    assert pair_eval["preference_accuracy"] == sum(p["margin"] > 0 for p in pair_eval["pairs"]) / len(pair_eval["pairs"])
     beta = 0.3
     expected = 0.0
     for k in range(4):

@@ -18,24 +18,14 @@ import torch
 from tqdm import tqdm
 
 from xcft.data.dataset import DataCollator, XComposerDataset, read_data
-from xcft.data.mixture import load_spec
-from xcft.data.pairs import read_any_file
+from xcft.data.pairs import is_pair_data
 from xcft.data.preference import PairCollator, PreferenceDataset, append_token, read_pair_data
 from xcft.data.sizes import model_sizes, resolve_sizes
-from xcft.errors import DataError, XcftError
+from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained
 from xcft.train.reward import REWARD_HEAD_NAME, RewardModel, load_reward_head, reward_token_id
 
 logger = logging.getLogger(__name__)
-
-
-def _is_pair_data(data: str) -> bool:
-    """Whether a data set holds preference pairs (every file) or conversations (every file)."""
-    spec = load_spec(data)
-    kinds = {read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)[2] for src in spec.sources}
-    if len(kinds) > 1:
-        raise DataError(f"{data}: mixes preference pair files and conversation files; score them separately")
-    return kinds == {True}
 
 
 def load_reward_model(
@@ -73,7 +63,7 @@ def score(
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         return [float(r) for r in model(**batch).tolist()]
 
-    if _is_pair_data(data):
+    if is_pair_data(data):
         files = read_pair_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num)
         pair_ds = PreferenceDataset(
             files, tokenizer, sizes.img_size, limit, hd_num=sizes.hd_num, end_token=token, every_sample=True

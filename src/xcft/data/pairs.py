@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from xcft.data.encode import EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
+from xcft.data.mixture import load_spec
 from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Level, Problem, normalize_sample, read_records
+from xcft.errors import DataError
 
 #: Keys that make a record a preference pair (either form).
 OFFICIAL_KEYS = ("conversations_a", "conversations_b")
@@ -191,6 +193,15 @@ def normalize_pair(
     return PreferencePair(chosen, rejected), problems
 
 
+def is_pair_data(data: str | Path) -> bool:
+    """Whether a data.txt (or one JSON file) holds preference pairs; DataError when it mixes pair and SFT files."""
+    spec = load_spec(data)
+    kinds = {is_preference_file(read_records(src.path, src.display)[0]) for src in spec.sources}
+    if len(kinds) > 1:
+        raise DataError(f"{data}: mixes preference pair files and conversation files. Fix: use them separately")
+    return kinds == {True}
+
+
 def not_a_pair(file: str, index: int, record: Any, line: int | None = None) -> Problem:
     """The problem of a record that is not a pair where pairs are expected."""
     sid = str(record.get("id", index)) if isinstance(record, dict) else None
@@ -303,6 +314,7 @@ __all__ = [
     "EncodedPair",
     "PreferencePair",
     "encode_pair",
+    "is_pair_data",
     "is_pair_record",
     "is_preference_file",
     "normalize_pair",

@@ -28,9 +28,9 @@ import torch
 from xcft.commands.demo.run import QUICK, RESULT_NAME, _redirect, train_flags
 from xcft.commands.demo.scoring import answer_accuracy, first_word
 from xcft.commands.demo.synthetic import COLOURS, QA, QUESTIONS, generate_dataset
+from xcft.commands.eval import evaluate_pairs
 from xcft.commands.merge import merge_command
 from xcft.commands.train import train_command
-from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
 from xcft.data.spm_builder import build_tokenizer
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, save_pretrained
@@ -38,7 +38,6 @@ from xcft.model.presets import build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 from xcft.output_dir import FolderLock, OutputFolder
 from xcft.run_files import TRAINER_LOG_NAME
-from xcft.train.dpo import answer_logps
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +106,10 @@ class DpoDemoResult:
         return asdict(self)
 
 
-@torch.no_grad()
-def pair_margins(model: Any, tokenizer: Any, pairs_file: Path, img_size: int, batch_size: int = 8) -> np.ndarray:
-    """Per held-out pair: summed answer log-prob of the chosen minus the rejected answer (training encoding)."""
-    files = read_pair_data(pairs_file, tokenizer, img_size, int(model.config.max_length), given_num=False)
-    ds = PreferenceDataset(files, tokenizer, img_size, int(model.config.max_length), every_sample=True)
-    collate = PairCollator(ds.pad_token_id)
-    model.eval()
-    out: list[float] = []
-    for start in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        logps, _ = answer_logps(model, collate(items))
-        n = len(items)
-        out += (logps[:n] - logps[n:]).tolist()
-    return np.asarray(out)
+def pair_margins(model: Any, tokenizer: Any, pairs_file: Path, batch_size: int = 8) -> np.ndarray:
+    """Per held-out pair: summed answer log-prob of the chosen minus the rejected answer (``xcft eval``'s)."""
+    result = evaluate_pairs(model, tokenizer, str(pairs_file), batch_size=batch_size, progress=False)
+    return np.asarray([p["margin"] for p in result["pairs"]])
 
 
 def _write_pairs(path: Path, samples: list[tuple[str, str]]) -> Path:
@@ -257,7 +246,7 @@ def _run(
 
     # 3. before
     model, tokenizer = load_pretrained(parts["sft"], dtype=torch.float32, device="cpu")
-    margins_before = pair_margins(model, tokenizer, pairs_heldout, preset.img_size)
+    margins_before = pair_margins(model, tokenizer, pairs_heldout)
     right_before, wrong_before, words_before = _greedy(model, tokenizer, heldout_qas)
     del model
 
@@ -273,7 +262,7 @@ def _run(
 
     # 5. after (the adapter folder, base + LoRA)
     model, tokenizer = load_pretrained(parts["dpo"], dtype=torch.float32, device="cpu")
-    margins_after = pair_margins(model, tokenizer, pairs_heldout, preset.img_size)
+    margins_after = pair_margins(model, tokenizer, pairs_heldout)
     right_after, wrong_after, words_after = _greedy(model, tokenizer, heldout_qas)
     del model
 
