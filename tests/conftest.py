@@ -243,6 +243,56 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def noise_image() -> Callable[[Path, tuple[int, int], int], str]:
+    """``noise_image(path, (width, height), seed)``: save an RGB noise picture, return its path (a string)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(path: Path, size: tuple[int, int], seed: int) -> str:
+        rng = np.random.default_rng(seed)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
+        return str(path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny25_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``xcft init-model --preset tiny-2.5``: an InternLM-XComposer-2.5 folder, 224 px views, a built tokenizer."""
+    from xcft.cli import main
+
+    out = tmp_path_factory.mktemp("tiny25") / "tiny25"
+    assert main(["init-model", str(out), "--preset", "tiny-2.5", "--seed", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def hd_data(tmp_path_factory: pytest.TempPathFactory, noise_image: Callable[..., str]) -> Path:
+    """2.5 training data: one-image (no placeholder), two-image (Image1/Image2) and text-only samples, varied image sizes."""
+    root = tmp_path_factory.mktemp("hd-data")
+    wide = noise_image(root / "wide.png", (300, 200), 0)  # 2x2 at hd 4 with 224 px views
+    small = noise_image(root / "small.png", (100, 60), 1)  # 1x1
+    tall = noise_image(root / "tall.png", (90, 400), 2)  # tall: columns along the height
+
+    def qa(q: str, a: str) -> list[dict[str, str]]:
+        return [{"from": "user", "value": q}, {"from": "assistant", "value": a}]
+
+    samples = [
+        {"id": "one", "image": wide, "conversations": qa("What is in the picture?", "Coloured noise.")},
+        {
+            "id": "two",
+            "image": [small, tall],
+            "conversations": qa("Image1 <ImageHere>; Image2 <ImageHere>; Which is taller?", "Image2."),
+        },
+        {"id": "text", "conversations": qa("Say hello.", "Hello there.")},
+        {"id": "three", "image": [tall], "conversations": qa("<ImageHere> Is it tall?", "Yes, it is tall.")},
+    ]
+    path = root / "data.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+@pytest.fixture(scope="session")
 def random_item() -> Callable[..., dict]:
     """``random_item(model, gen, n_text=12, images=1, prompt_divisor=2)``: a random item in the batch contract.
 
@@ -313,8 +363,10 @@ def run_fresh_python(subprocess_env: dict[str, str], tmp_path_factory: pytest.Te
 def read_losses() -> Callable[[Path], dict[int, float]]:
     """``read_losses(output_dir)``: step -> logged training loss, from the trainer_state.json a run left."""
 
+    from xcft.run_files import TRAINER_STATE_NAME
+
     def read(output_dir: Path) -> dict[int, float]:
-        state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+        state = json.loads((Path(output_dir) / TRAINER_STATE_NAME).read_text())
         return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
     return read

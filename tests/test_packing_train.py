@@ -46,7 +46,7 @@ def test_group_by_length_run_and_options(tmp_path, argv):
 def test_build_datasets_packs_and_sampler_groups(tmp_path, argv, tiny_base):
     from xcft.data.packing import LengthGroupedSampler, PackedDataset, PackingCollator
     from xcft.model.loading import load_pretrained
-    from xcft.train.datasets import build_datasets
+    from xcft.train.inputs import build_datasets
     from xcft.train.trainer import XcftTrainer
 
     model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")

@@ -33,20 +33,19 @@ __all__ = [
 DATA_HELP = "data.txt, or a single .json/.jsonl file"
 
 
-BITS_HELP = (
-    "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as QLoRA "
-    "training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized"
-)
-
-
-@dataclass(kw_only=True)
-class BitsOption:
-    bits: int = option(16, BITS_HELP, choices=[4, 8, 16])
-
-
 @dataclass(kw_only=True)
 class FormatOption:
     output_format: str = option("text", "output format (default: text)", flag="--format", choices=["text", "json"])
+
+
+@dataclass(kw_only=True)
+class QuantOption:
+    bits: int = option(
+        16,
+        "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as "
+        "QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
+        choices=[4, 8, 16],
+    )
 
 
 @dataclass(kw_only=True)
@@ -72,7 +71,7 @@ class InspectOptions(FormatOption, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(BitsOption, FormatOption, SizeOptions, DataOptions):
+class EvalOptions(FormatOption, QuantOption, SizeOptions, DataOptions):
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -114,7 +113,7 @@ class ConvertOptions:
 
 
 @dataclass(kw_only=True)
-class ChatOptions(BitsOption):
+class ChatOptions(QuantOption):
     model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
     images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
     query: str | None = option(None, "one question; without it an interactive session starts")

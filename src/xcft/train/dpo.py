@@ -36,7 +36,7 @@ from xcft.data.encode import IGNORE_INDEX
 from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_dtype, unwrap_model
-from xcft.train.datasets import _redo_counts, resolve_run_sizes, split_holdout
+from xcft.train.inputs import _redo_counts, resolve_run_sizes, split_holdout
 from xcft.train.trainer import XcftTrainer
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_run_sizes
+from xcft.train.inputs import resolve_run_sizes
 from xcft.train.qlora import quantize_for_training
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
@@ -185,10 +185,11 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
     rows_needed = steps * opts.batch_size
     img_size = int(base_config.img_size)
     max_length = int(opts.max_length or base_config.max_length or 4096)
+    sizes = resolve_run_sizes(cfg, base_config)
     if opts.synthetic:
         pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
         per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
-        grid = largest_grid(resolve_run_sizes(cfg, base_config).hd_num or 1, img_size) if base_config.hd else None
+        grid = largest_grid(sizes.hd_num or 1, img_size) if base_config.hd else None
         ds: Any = SyntheticDataset(
             rows_needed * per_row,
             opts.synthetic,
@@ -201,7 +202,6 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
             grid=grid,
         )
     else:
-        sizes = resolve_run_sizes(cfg, base_config)
         img_size, max_length = sizes.img_size, sizes.max_length
         files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=sizes.hd_num)
         if opts.sources:
