@@ -198,3 +198,19 @@ def test_rm_on_a_2d5_model_with_hd_images(tmp_path: Path, capsys) -> None:
     assert main(["reward", str(data), "--model", str(out), "--hd-num", "4", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_pairs"] == 2 and all(math.isfinite(p["chosen"] - p["rejected"]) for p in result["pairs"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rm_resume_continues_like_an_uninterrupted_run(rm_base: Path, official_pairs: Path, tmp_path: Path, lora: bool) -> None:
+    """The checkpoint holds the model (or adapter) and the head; a resumed run logs the same steps 3-4."""
+    common = ["train", "--stage", "rm", *COMMON[:-2], "--model_name_or_path", str(rm_base), "--data_path", str(official_pairs)]
+    common += ["--per_device_train_batch_size", "2", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant"]
+    common += ["--save_steps", "2", "--given_num", "false"] + (["--use_lora", "true", "--lora_dropout", "0"] if lora else [])
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*common, "--output_dir", str(whole), "--max_steps", "4"]) == 0
+    assert main([*common, "--output_dir", str(part), "--max_steps", "2"]) == 0
+    assert main([*common, "--output_dir", str(part), "--max_steps", "4", "--resume_from_checkpoint", "true"]) == 0
+    full = {r["step"]: r["loss"] for r in _log(whole) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in _log(part) if "loss" in r}
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xcft.errors import XcftError
-from xcft.model.loading import write_model_code
+from xcft.model.loading import read_state_dict, write_model_code
 from xcft.train.dpo import PAIR_KEYS, PairTrainer
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 REWARD_HEAD_NAME = "reward_head.safetensors"
 REWARD_HEAD_CONFIG_NAME = "reward_head.json"
 HEAD_WEIGHT_KEY = "v_head.weight"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
 def reward_token_id(tokenizer: Any) -> int:
@@ -143,6 +145,25 @@ class RewardTrainer(PairTrainer):
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         loss = -F.logsigmoid(chosen - rejected).mean()
         return loss, pair_reward_metrics(chosen, rejected)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume: the LM (adapter or full weights) and the head from a checkpoint this trainer wrote."""
+        reward_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        folder = Path(resume_from_checkpoint)
+        lm = reward_model.lm
+        if hasattr(lm, "peft_config"):
+            set_peft_model_state_dict(lm, load_file(str(folder / ADAPTER_WEIGHTS_NAME)))
+        else:
+            result = lm.load_state_dict(read_state_dict(folder), strict=False)
+            if result.missing_keys:
+                raise XcftError(
+                    f"{folder}: the checkpoint lacks {len(result.missing_keys)} weights ({result.missing_keys[0]}, ...)"
+                )
+        head = load_reward_head(folder, reward_model.v_head.in_features)
+        if head is None:
+            raise XcftError(f"{folder} has no {REWARD_HEAD_NAME}: not a checkpoint of an --stage rm run")
+        with torch.no_grad():
+            reward_model.v_head.weight.copy_(head.weight)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         target = Path(output_dir or str(self.args.output_dir))

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xcft.model.loading import unwrap_model
-from xcft.train.inputs import build_datasets
 from xcft.train.dpo import PreferenceTrainer, build_preference_datasets, prepare_reference
+from xcft.train.inputs import build_datasets
 from xcft.train.reward import RewardModel, RewardTrainer, load_reward_head, reward_token_id
 from xcft.train.trainer import XcftTrainer
 
