@@ -79,3 +79,37 @@ def test_dpo_zero3_full_precomputed_reference_two_processes(tiny_base, pairs, tm
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
     assert (out / "model.safetensors").is_file()
+
+
+def test_rm_zero2_two_processes_equal_one_process(tmp_path, subprocess_env, torchrun, train_argv, tmp_path_factory):
+    """A reward model under ZeRO-2: same losses as one process; the head is saved beside the model."""
+    from xcft.data.spm_builder import build_tokenizer
+    from xcft.model.loading import save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
+
+    pytest.importorskip("deepspeed")
+    tok = InternLM2Tokenizer.from_model_file(build_tokenizer(tmp_path / "tok", extra_pieces=["[UNUSED_TOKEN_130]"]))
+    base = save_pretrained(build_model("tiny", vocab_size=1000, seed=0, plora_dropout=0.0), tok, tmp_path / "base")
+    records = [
+        {"id": k, "conversations_a": [{"from": "human", "value": f"Q{k}"}, {"from": "bot", "value": "good answer"}],
+         "conversations_b": [{"from": "human", "value": f"Q{k}"}, {"from": "bot", "value": "no"}]}
+        for k in range(4)
+    ]  # fmt: skip
+    data = tmp_path / "rm.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    run = ["--stage", "rm", "--seed", "11", "--max_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no"]
+    out, ref = tmp_path / "dist", tmp_path / "single"
+    argv = train_argv(
+        base, data, out, *run, "--per_device_train_batch_size", "1", "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")
+    )
+    r = subprocess.run(
+        [*torchrun(), "train", *argv], env=subprocess_env, capture_output=True, text=True, timeout=900, cwd=str(ROOT)
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    assert train_command(train_argv(base, data, ref, *run, "--per_device_train_batch_size", "2")) == 0
+    got, expected = _losses(out), _losses(ref)
+    assert sorted(got) == sorted(expected) == [1, 2]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+    assert (out / "reward_head.safetensors").is_file() and (out / "model.safetensors").is_file()

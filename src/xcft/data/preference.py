@@ -163,7 +163,8 @@ class PairCollator:
     ``attention_mask``: block-diagonal attention), P rows. Either way each pair's images appear
     once in ``pixel_values`` (``image_grids``), ``image_index`` tells the model which encoded image
     each image occurrence takes (an image is encoded once per pair), and ``sequence_ids`` [rows,
-    width] names the sequence (0..2P-1) each position belongs to. ``ref_logps`` [P, 2] is passed on
+    width] names the sequence (0..2P-1) each position belongs to; padded batches also carry
+    ``score_positions`` [rows], each row's last real position. ``ref_logps`` [P, 2] is passed on
     when the items carry precomputed reference log-probs.
     """
 
@@ -196,6 +197,8 @@ class PairCollator:
         else:
             batch = pad_batch(sides, self.pad_token_id)
             seq = torch.arange(2 * n_pairs).unsqueeze(1).expand_as(batch["input_ids"]).clone()
+            # each row's last real token (a reward model reads its score there, whatever is appended later)
+            batch["score_positions"] = torch.tensor([int(s["input_ids"].shape[0]) - 1 for s in sides], dtype=torch.long)
             batch["image_counts"] = torch.tensor(counts + counts, dtype=torch.long)
             batch["image_index"] = torch.cat([one_side, one_side])
         pixels = [f["pixel_values"] for f in features if f["pixel_values"].shape[0]]

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 #: Batch keys that describe pairs, not model inputs.
-PAIR_KEYS = ("pair_key", "ref_logps", "sequence_ids")
+PAIR_KEYS = ("pair_key", "ref_logps", "sequence_ids", "score_positions")
 
 
 # --------------------------------------------------------------------------- log-probs and losses

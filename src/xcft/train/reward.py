@@ -53,12 +53,14 @@ def reward_token_id(tokenizer: Any) -> int:
 class RewardModel(nn.Module):
     """A causal LM (or its peft wrapper) with a score head on the last non-padding position."""
 
-    def __init__(self, lm: nn.Module, hidden_size: int, head: nn.Linear | None = None) -> None:
+    def __init__(self, lm: nn.Module, hidden_size: int, head: nn.Linear | None = None, *, seed: int = 0) -> None:
         super().__init__()
         self.lm: Any = lm  # XComposer2ForCausalLM or its peft wrapper
-        if head is None:
+        if head is None:  # a new head from its own generator: the same on every rank and in every run of a seed
             head = nn.Linear(hidden_size, 1, bias=False)
-            nn.init.normal_(head.weight, std=1 / math.sqrt(hidden_size + 1))
+            gen = torch.Generator().manual_seed(int(seed))
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(hidden_size + 1))
         self.v_head: nn.Linear = head
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
@@ -74,9 +76,14 @@ class RewardModel(nn.Module):
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        score_positions: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """The reward of each row [B] (float32)."""
+        """The reward of each row [B] (float32), read at ``score_positions`` (default: the last unmasked position).
+
+        Pass ``score_positions`` when a row may carry attended positions after its reward token (the
+        blank image that ZeRO-3 / FSDP batches append to a row without images).
+        """
         hidden = self.lm.last_hidden_states(
             input_ids,
             attention_mask=attention_mask,
@@ -86,7 +93,7 @@ class RewardModel(nn.Module):
             image_grids=image_grids,
             image_index=image_index,
         )
-        last = attention_mask.long().sum(dim=1) - 1
+        last = score_positions if score_positions is not None else attention_mask.long().sum(dim=1) - 1
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         picked = hidden[rows, last.to(hidden.device)]
         return self.v_head(picked.to(self.v_head.weight.dtype)).squeeze(-1).float()
@@ -141,7 +148,9 @@ class RewardTrainer(PairTrainer):
 
     def pair_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pairs = inputs["input_ids"].shape[0] // 2
-        rewards = model(**{k: v for k, v in inputs.items() if k not in (*PAIR_KEYS, "labels")})
+        rewards = model(
+            **{k: v for k, v in inputs.items() if k not in (*PAIR_KEYS, "labels")}, score_positions=inputs["score_positions"]
+        )
         chosen, rejected = rewards[:pairs], rewards[pairs:]
         loss = -F.logsigmoid(chosen - rejected).mean()
         return loss, pair_reward_metrics(chosen, rejected)

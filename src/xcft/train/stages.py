@@ -47,7 +47,7 @@ def stage_setup(cfg: Any, model: Any, tokenizer: Any) -> StageParts:
         logger.info(
             "reward head: %s", "continued from the model folder" if head is not None else "new (hidden size -> 1, random init)"
         )
-        reward_model = RewardModel(model, config.hidden_size, head)
+        reward_model = RewardModel(model, config.hidden_size, head, seed=cfg.training.seed)
         return StageParts(reward_model, train_ds, eval_ds, collator, RewardTrainer, {"token_id": token})
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, config)
     return StageParts(model, train_ds, eval_ds, collator)
