@@ -220,7 +220,7 @@ def test_check_data_and_inspect_show_pairs(pair_dir: Path, tiny_base: Path, caps
     capsys.readouterr()
     assert main(["check-data", str(pair_dir / "bad.json"), "--model", str(tiny_base)]) == 1
     out = capsys.readouterr().out
-    assert "preference pairs (for --stage dpo)" in out
+    assert "preference pairs (for --stage dpo or rm)" in out
     assert "ERROR " + str(pair_dir / "bad.json") + ": sample 2 (id 'differs'): the prompts of conversations_a" in out
     assert "sample 3 (id 'long'): the chosen answer is empty after truncation to max_length=160" in out
     assert main(["check-data", str(pair_dir / "data.txt"), "--model", str(tiny_base), "--format", "json"]) == 0

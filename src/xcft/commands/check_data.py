@@ -31,7 +31,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
     print(f"data: {data}  ({describe_images(s)}; max_length {s.max_length})", file=out)
     if result.is_preference:
         print(
-            "preference pairs (for --stage dpo): samples count pairs; tokens are each side's length; "
+            "preference pairs (for --stage dpo or rm): samples count pairs; tokens are a pair's two sequences together; "
             "supervised = the scored tokens of both final answers",
             file=out,
         )
