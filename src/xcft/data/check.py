@@ -19,8 +19,9 @@ from typing import Any
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.mixture import DataSpec, resolve_data
+from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
 from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
-from xcft.data.schema import Conversation, Problem, read_file
+from xcft.data.schema import Conversation, Problem
 from xcft.data.sizes import folder_sizes, resolve_sizes
 from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0
@@ -142,6 +143,13 @@ class CheckResult:
     # every sample read, per file in data.txt order (None where a sample could not be normalised),
     # kept so that a caller can show any sample without reading the files again
     conversations: list[list[Conversation | None]] = field(default_factory=list)
+    # preference data: every pair read, per file (empty lists for SFT files); ``conversations``
+    # then holds each pair's chosen conversation
+    pairs: list[list[PreferencePair | None]] = field(default_factory=list)
+
+    @property
+    def is_preference(self) -> bool:
+        return any(self.pairs)
 
     @property
     def errors(self) -> list[Problem]:
@@ -192,7 +200,8 @@ def run_check(
     )
     files = [FileReport.from_samples(fs) for fs in found.files]
     conversations = [[r.conversation for r in fs.records] for fs in found.files]
-    return CheckResult(found.spec, files, found.problems, settings, conversations)
+    pairs = [[r.pair for r in fs.records] if fs.pairs else [] for fs in found.files]
+    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
 
 
 # --------------------------------------------------------------------------- one sample
@@ -200,14 +209,14 @@ def run_check(
 
 def find_sample(
     data: str, settings: Settings, index: int | None, sample_id: str | None
-) -> tuple[Conversation | None, list[Problem], str]:
+) -> tuple[Conversation | PreferencePair | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
         return None, errs, ""
     offset = 0
     for src in spec.sources:
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, _ = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         if not convs:
             file_errs = [p for p in probs if p.level == "error" and p.index is None]
             if file_errs and index is not None and index >= offset:
@@ -281,6 +290,13 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
+def encode_pair_for(pair: PreferencePair, settings: Settings) -> EncodedPair:
+    """Encode one preference pair as training would (each side scores only its final answer)."""
+    spec = settings.image_spec
+    grids = conversation_grids(pair.chosen, spec) if spec.hd else None
+    return encode_pair(pair, settings.tokenizer, spec, settings.max_length, grids)
+
+
 def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
     """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
     spec = settings.image_spec
@@ -295,6 +311,7 @@ __all__ = [
     "Run",
     "Settings",
     "encode_for",
+    "encode_pair_for",
     "find_sample",
     "length_stats",
     "load_settings",

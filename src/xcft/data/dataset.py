@@ -41,6 +41,8 @@ class FileData:
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
     grids: list[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
+    # preference data: the rejected conversation of each pair (``conversations`` holds the chosen ones)
+    rejected: list[Conversation] = field(default_factory=list)
 
 
 def read_data(
@@ -59,6 +61,11 @@ def read_data(
     supervised token, which is skipped) are logged.
     """
     found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num)
+    if found.is_preference:
+        raise DataError(
+            f"{data} holds preference pairs (conversations_a/conversations_b or chosen/rejected), not conversations. "
+            "Fix: train on them with --stage dpo or --stage rm"
+        )
     raise_first(found.problems)
     for problem in found.problems:
         if problem.level == "warning":  # skipped samples, a number that draws nothing

@@ -26,7 +26,8 @@ from PIL import Image
 from xcft.data.encode import Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.images import IMAGE_FIX, decode_with_size
 from xcft.data.mixture import DataSpec, Source, draw_count, resolve_data
-from xcft.data.schema import Conversation, Problem, read_file
+from xcft.data.pairs import PreferencePair, encode_pair, pair_skip_reason, read_any_file
+from xcft.data.schema import Conversation, Problem
 from xcft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class SampleRecord:
     """
 
     index: int
-    conversation: Conversation | None
+    conversation: Conversation | None  # a preference pair's chosen conversation
     encoded: bool = False
     length: int = 0  # tokens after truncation, image slots included
     untruncated_length: int = 0
@@ -65,6 +66,7 @@ class SampleRecord:
     truncated: bool = False
     grids: list[Grid] | None = None  # 2.5: each image's crop grid
     image_tokens: list[int] = field(default_factory=list)  # slots of each of its images (usable samples)
+    pair: PreferencePair | None = None  # preference data: the pair (length and supervised count both sides)
 
     @property
     def usable(self) -> bool:
@@ -78,6 +80,7 @@ class FileSamples:
     source: Source
     records: list[SampleRecord]
     draw_count: int = 0
+    pairs: bool = False  # a preference data file (its first record is a pair)
 
     @property
     def usable(self) -> list[SampleRecord]:
@@ -100,6 +103,11 @@ class DataPass:
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def is_preference(self) -> bool:
+        """The data holds preference pairs (every file, or a problem says it mixes them)."""
+        return any(fs.pairs for fs in self.files)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -179,25 +187,38 @@ def read_pass(
     spec, problems = resolve_data(data)
     if spec is None:
         return DataPass(None, [], problems)
-    per_file: list[list[Conversation | None]] = []
+    per_file: list[list[Conversation | PreferencePair | None]] = []
+    pair_files: list[bool] = []
     for k, src in enumerate(spec.sources):
         report("reading", k, len(spec.sources))
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        items, probs, is_pairs = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         problems.extend(probs)
-        per_file.append(convs)
+        per_file.append(items)
+        pair_files.append(is_pairs)
+    if any(pair_files) and not all(pair_files):
+        pairs_at, sft_at = pair_files.index(True), pair_files.index(False)
+        problems.append(
+            Problem(
+                str(data),
+                None,
+                None,
+                f"mixes preference pairs ({spec.sources[pairs_at].display}) and SFT conversations ({spec.sources[sft_at].display})",
+                "give SFT data to --stage sft and pairs to --stage dpo or rm, in separate data.txt files",
+            )
+        )
     paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
     bad_images, grids = _check_images(paths, image_spec, decode_images, workers, report)
 
     files: list[FileSamples] = []
     total, done = sum(len(c) for c in per_file), 0
-    for src, convs in zip(spec.sources, per_file):
+    for src, convs, is_pairs in zip(spec.sources, per_file, pair_files):
         records: list[SampleRecord] = []
         for k, conv in enumerate(convs):
             done += 1
             if done % PROGRESS_EVERY == 0:
                 report("encoding", done, total)
             records.append(_encode(k, conv, src, tokenizer, image_spec, max_length, bad_images, grids, problems))
-        fs = FileSamples(src, records)
+        fs = FileSamples(src, records, pairs=is_pairs)
         fs.draw_count = draw_count(len(fs.usable), src.number, given_num)
         problems.extend(_file_problems(fs, max_length))
         files.append(fs)
@@ -206,7 +227,7 @@ def read_pass(
 
 def _encode(
     k: int,
-    conv: Conversation | None,
+    item: Conversation | PreferencePair | None,
     src: Source,
     tokenizer: TokenizerLike,
     spec: ImageSpec,
@@ -215,7 +236,13 @@ def _encode(
     grids: dict[Path, Grid],
     problems: list[Problem],
 ) -> SampleRecord:
-    record = SampleRecord(k, conv)
+    pair: PreferencePair | None = None
+    conv: Conversation | None
+    if isinstance(item, PreferencePair):
+        pair, conv = item, item.chosen
+    else:
+        conv = item
+    record = SampleRecord(k, conv, pair=pair)
     if conv is None:
         return record
     bad = [(p, bad_images[p]) for p in conv.images if p in bad_images]
@@ -224,6 +251,8 @@ def _encode(
     if bad:
         return record
     conv_grids = [grids[p] for p in conv.images] if spec.hd else None
+    if pair is not None:
+        return _encode_pair(record, pair, src, tokenizer, spec, max_length, conv_grids, problems)
     enc = encode_conversation(conv, tokenizer, spec, max_length, conv_grids)
     record.encoded, record.grids = True, conv_grids
     record.length, record.untruncated_length, record.truncated = len(enc), enc.untruncated_length, enc.truncated
@@ -245,17 +274,57 @@ def _encode(
     return record
 
 
+def _encode_pair(
+    record: SampleRecord,
+    pair: PreferencePair,
+    src: Source,
+    tokenizer: TokenizerLike,
+    spec: ImageSpec,
+    max_length: int,
+    grids: list[Grid] | None,
+    problems: list[Problem],
+) -> SampleRecord:
+    """A pair's record: both sequences' length and scored tokens; supervised 0 when training skips it."""
+    enc = encode_pair(pair, tokenizer, spec, max_length, grids)
+    record.encoded, record.grids = True, grids
+    record.length, record.truncated = len(enc), enc.truncated
+    record.untruncated_length = enc.chosen.untruncated_length + enc.rejected.untruncated_length
+    record.supervised = enc.num_supervised
+    why = pair_skip_reason(pair, enc, max_length)
+    if why is not None:
+        record.supervised = 0
+        if not enc.scorable:  # equal answers were reported when the pair was read
+            problems.append(
+                Problem(
+                    src.display,
+                    pair.index,
+                    pair.id,
+                    f"{why}; the pair is skipped in training",
+                    "shorten the prompt or its images, or raise --max-length",
+                    level="warning",
+                )
+            )
+        return record
+    record.image_tokens = [spec.slots(g) for g in grids] if grids is not None else [spec.slots()] * len(pair.images)
+    return record
+
+
 def _file_problems(fs: FileSamples, max_length: int) -> list[Problem]:
     """A file whose every valid sample is skipped (an error), or whose number draws nothing (a warning)."""
     src, out = fs.source, []
     encoded = [r for r in fs.records if r.encoded]
     if encoded and not fs.usable:
+        what = (
+            "no pair of this file can be trained (equal answers, or an answer cut away by"
+            if fs.pairs
+            else ("no sample of this file keeps a supervised token within")
+        )
         out.append(
             Problem(
                 src.display,
                 None,
                 None,
-                f"no sample of this file keeps a supervised token within max_length={max_length} (all {len(encoded)} skipped)",
+                f"{what} max_length={max_length}{')' if fs.pairs else ''} (all {len(encoded)} skipped)",
                 "raise --max-length (images take their slots in full), or shorten the samples",
                 line=src.line,
             )

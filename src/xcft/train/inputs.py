@@ -62,6 +62,7 @@ def _subset(fd: Any, indices: list[int], **changes: Any) -> Any:
         conversations=[fd.conversations[i] for i in indices],
         lengths=[fd.lengths[i] for i in indices],
         grids=[fd.grids[i] for i in indices] if fd.grids else [],
+        rejected=[fd.rejected[i] for i in indices] if fd.rejected else [],
         **changes,
     )
 
