@@ -35,6 +35,12 @@ def train_command_line(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "xcft.cli", "train", *argv]
 
 
+def command_line(record: dict) -> list[str]:
+    """The run's program (recorded by the server; older records: ``xcft train``) and its arguments."""
+    argv = list(record["argv"])
+    return [*record["command"], *argv] if record.get("command") else train_command_line(argv)
+
+
 def main(run_dir: str) -> int:
     root = Path(run_dir)
     record = json.loads((root / RUN_RECORD).read_text(encoding="utf-8"))
@@ -43,7 +49,7 @@ def main(run_dir: str) -> int:
     with open(root / LOG_NAME, "ab", buffering=0) as log:
         log.write(f"\n$ xcft train {' '.join(argv)}\n".encode())
         proc = subprocess.Popen(
-            train_command_line(argv),
+            command_line(record),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
