@@ -71,6 +71,18 @@ SUBCOMMANDS = (
     ),
     Subcommand("chat", "chat with a model about images", "xcft.commands.chat:chat_command", opts.ChatOptions),
     Subcommand(
+        "predict",
+        "answer every sample of a data set in batches (JSON Lines)",
+        "xcft.commands.predict:predict_command",
+        opts.PredictOptions,
+    ),
+    Subcommand(
+        "score",
+        "answer metrics of a prediction file, or compare two",
+        "xcft.commands.score:score_command",
+        opts.ScoreOptions,
+    ),
+    Subcommand(
         "demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.run:demo_command", opts.DemoOptions
     ),
     Subcommand(

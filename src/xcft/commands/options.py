@@ -27,6 +27,9 @@ __all__ = [
     "InitModelOptions",
     "InspectOptions",
     "MergeOptions",
+    "PredictOptions",
+    "PromptOptions",
+    "ScoreOptions",
     "WebOptions",
 ]
 
@@ -98,13 +101,15 @@ class ConvertOptions:
 
 
 @dataclass(kw_only=True)
-class ChatOptions:
-    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
-    images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
-    query: str | None = option(None, "one question; without it an interactive session starts")
+class PromptOptions:
+    """How a question is put to the model and answered: shared by chat and predict."""
+
     max_new_tokens: int = option(256, "answer length limit in tokens")
-    system: str | None = option(None, "system prompt ('' for none; default: the prompt layout's, the official one for 2.0, else none)", aliases=["--meta-instruction"])
-    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
+    system: str | None = option(
+        None,
+        "system prompt ('' for none; default: the prompt layout's, the official one for 2.0, else none)",
+        aliases=["--meta-instruction"],
+    )
     layout: str | None = option(
         None,
         "prompt layout (default: the one the model folder records; official checkpoints and their finetunes: "
@@ -117,6 +122,44 @@ class ChatOptions:
         None, "2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)"
     )
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+@dataclass(kw_only=True)
+class ChatOptions(PromptOptions):
+    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
+    images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
+    query: str | None = option(None, "one question; without it an interactive session starts")
+    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
+
+
+METRICS_HELP = (
+    "comma-separated answer metrics: exact, contains, first_word, choice (multiple-choice letter), bleu, rouge_l "
+    "(default: all; the first of exact/contains/first_word/choice decides which samples failed)"
+)
+
+
+@dataclass(kw_only=True)
+class PredictOptions(PromptOptions):
+    data: str = option(help=DATA_HELP + " in the training format; the last user turn of each sample is asked", positional=True)
+    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
+    output: str = option(
+        help="prediction file (JSON Lines); an existing one is continued: samples it holds are skipped", metavar="PREDS.JSONL"
+    )
+    batch_size: int = option(8, "prompts generated together (left padding, KV cache)")
+    sample: bool = option(False, "sample with the official settings (temperature 1, top_p 0.8; default: greedy)")
+    seed: int = option(0, "random seed (with --sample)")
+    limit: int | None = option(None, "predict only the first N samples")
+    metrics: str | None = option(None, "score the predictions when done (as xcft score --metrics)")
+
+
+@dataclass(kw_only=True)
+class ScoreOptions(FormatOption):
+    predictions: str = option(help="prediction file of xcft predict", positional=True)
+    other: str | None = option(
+        None, "a second prediction file of the same data: deltas per source and the samples fixed or broken", positional=True
+    )
+    metrics: str | None = option(None, METRICS_HELP)
+    show: int = option(10, "failed (or changed) samples listed in the text output")
 
 
 @dataclass(kw_only=True)

@@ -1096,6 +1096,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             return query, True
         return place_images(query, history, num_images, numbered=self.config.hd), False
 
+    def chat_text(
+        self,
+        query: str,
+        history: Sequence[tuple[str, str]] = (),
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
+        num_images: int = 0,
+        prompt_layout: str | None = None,
+    ) -> str:
+        """The prompt text :meth:`build_chat_inputs` tokenizes, ``<ImageHere>`` where the images go."""
+        layout = prompt_layout or self.config.prompt_layout
+        if meta_instruction is FAMILY_DEFAULT:
+            meta_instruction = default_system_prompt(bool(self.config.hd), layout)
+        query, lead = self._chat_placement(query, history, num_images)
+        prompt = chat_prompt(query, history, meta_instruction)
+        return IMAGE_PLACEHOLDER + prompt if lead else prompt
+
     def build_chat_inputs(
         self,
         tokenizer: Any,
@@ -1120,14 +1136,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         ``image_slots`` gives each image's slot count (2.5: from its crop grid; 2.0: fixed).
         """
         hd = bool(self.config.hd)
-        layout = prompt_layout or self.config.prompt_layout
-        if meta_instruction is FAMILY_DEFAULT:
-            meta_instruction = default_system_prompt(hd, layout)
         if bos_per_piece is None:
-            bos_per_piece = bos_per_piece_default(hd, layout)
-        query, lead = self._chat_placement(query, history, num_images)
-        prompt = chat_prompt(query, history, meta_instruction)
-        pieces = (IMAGE_PLACEHOLDER + prompt if lead else prompt).split(IMAGE_PLACEHOLDER)
+            bos_per_piece = bos_per_piece_default(hd, prompt_layout or self.config.prompt_layout)
+        pieces = self.chat_text(query, history, meta_instruction, num_images, prompt_layout).split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != num_images:
             raise ValueError(
                 f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders (history included) but {num_images} "
@@ -1224,7 +1235,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             image_slots=image_slots,
             prompt_layout=prompt_layout,
         )
-        return ChatInputs(prompt_ids[0], prompt_mask[0], pixel_values, image_grids, query, len(images))
+        text = self.chat_text(query, history, meta_instruction, len(images), prompt_layout)
+        return ChatInputs(prompt_ids[0], prompt_mask[0], pixel_values, image_grids, query, len(images), text)
 
     @torch.no_grad()
     def answer_batch(
@@ -1318,6 +1330,7 @@ class ChatInputs:
     image_grids: torch.Tensor | None  # 2.5: [images, 2]
     query: str  # with the placeholders chat placed
     num_images: int
+    text: str = ""  # the whole prompt text, placeholders where the images go
 
 
 def collate_chat_inputs(prompts: Sequence[ChatInputs], pad_id: int) -> dict[str, Any]:
