@@ -37,7 +37,12 @@ def test_the_last_user_turn_is_asked_and_the_answer_after_it_is_the_reference():
     )
     s = prompt_sample(conv)
     assert not isinstance(s, str)
-    assert (s.query, s.history, s.system, s.reference) == ("Colour?", [("<ImageHere>What is it?", "A cat.")], "Be brief.", "Black.")
+    assert (s.query, s.history, s.system, s.reference) == (
+        "Colour?",
+        [("<ImageHere>What is it?", "A cat.")],
+        "Be brief.",
+        "Black.",
+    )
     question_only = Conversation([Message("user", "Why?")], [], "q", "f.json", 0)
     s = prompt_sample(question_only)
     assert not isinstance(s, str) and s.reference is None and s.history == []
@@ -45,7 +50,9 @@ def test_the_last_user_turn_is_asked_and_the_answer_after_it_is_the_reference():
 
 def test_predict_writes_one_line_per_sample_as_chat_answers(tiny_base, tiny_data, tmp_path, capsys):
     out = tmp_path / "preds.jsonl"
-    rc = main(["predict", str(tiny_data), "--model", str(tiny_base), "--output", str(out), "--batch-size", "4", "--max-new-tokens", "5"])
+    rc = main(
+        ["predict", str(tiny_data), "--model", str(tiny_base), "--output", str(out), "--batch-size", "4", "--max-new-tokens", "5"]
+    )
     assert rc == 0
     rows = _lines(out)
     assert [(r["source"].split("/")[-1], r["id"]) for r in rows] == [

@@ -69,7 +69,9 @@ def predict_command(
                 bar.reset(total=todo)
             bar.update(done)
 
-        written, failures = predict_samples(model, tokenizer, samples, output, settings=settings, batch_size=batch_size, progress=progress)
+        written, failures = predict_samples(
+            model, tokenizer, samples, output, settings=settings, batch_size=batch_size, progress=progress
+        )
     errors = [p for p in problems if p.level == "error"]
     logger.info("%d sample(s) predicted into %s", written, output)
     if failures or errors:

@@ -183,7 +183,8 @@ def score_predictions(lines: Iterable[Mapping[str, Any]], metrics: Sequence[str]
     metrics = tuple(metrics)
     verdict_names = [m for m in metrics if m in VERDICT_METRICS]
     primary = verdict_names[0] if verdict_names else None
-    samples, unscored = [], 0
+    samples: list[dict[str, Any]] = []
+    unscored = 0
     for line in lines:
         if line.get("reference") is None:
             unscored += 1
@@ -202,7 +203,7 @@ def score_predictions(lines: Iterable[Mapping[str, Any]], metrics: Sequence[str]
             }
         )
     groups: dict[str, dict[str, Any]] = {}
-    for source in dict.fromkeys(s["source"] for s in samples):
+    for source in dict.fromkeys(str(s["source"]) for s in samples):
         groups[source] = _group([s for s in samples if s["source"] == source], metrics)
     groups[OVERALL] = _group(samples, metrics)
     return Scores(metrics, groups, samples, unscored)

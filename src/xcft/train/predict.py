@@ -102,9 +102,7 @@ def prompt_sample(conv: Conversation) -> PromptSample | str:
     reference = messages[last_user + 1].text if last_user + 1 < len(messages) else None
     earlier = messages[:last_user]
     history = [(earlier[k].text, earlier[k + 1].text) for k in range(0, len(earlier), 2)]
-    return PromptSample(
-        conv.id, conv.file, conv.index, messages[last_user].text, history, list(conv.images), system, reference
-    )
+    return PromptSample(conv.id, conv.file, conv.index, messages[last_user].text, history, list(conv.images), system, reference)
 
 
 def read_prompt_samples(data: str | os.PathLike[str]) -> tuple[list[PromptSample], list[Problem]]:
@@ -222,7 +220,9 @@ def predict_samples(
     done = {(str(r["source"]), str(r["id"])) for r in read_predictions(output, repair=True)}
     todo = [s for s in samples if (s.source, s.id) not in done]
     if len(todo) < len(samples):
-        logger.info("%s holds %d of the %d samples; predicting the other %d", output, len(samples) - len(todo), len(samples), len(todo))
+        logger.info(
+            "%s holds %d of the %d samples; predicting the other %d", output, len(samples) - len(todo), len(samples), len(todo)
+        )
     failures: list[str] = []
     written = 0
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,9 @@ def predict_samples(
                 lines = [
                     json.dumps(
                         asdict(
-                            Prediction(s.id, s.source, s.index, s.query, p.text, s.reference, text, len(tokens), round(seconds, 4))
+                            Prediction(
+                                s.id, s.source, s.index, s.query, p.text, s.reference, text, len(tokens), round(seconds, 4)
+                            )
                         ),
                         ensure_ascii=False,
                     )
