@@ -102,9 +102,16 @@ SUBCOMMANDS = (
         opts.BenchDataOptions,
         group="bench",
     ),
+    Subcommand(
+        "predict",
+        "time batched generation against one prompt at a time",
+        "xcft.commands.bench:bench_predict_command",
+        opts.BenchPredictOptions,
+        group="bench",
+    ),
 )
 #: Subcommand groups and their help (``xcft bench WHAT``).
-GROUPS = {"bench": "benchmarks: training steps or data loading"}
+GROUPS = {"bench": "benchmarks: training steps, data loading or batched generation"}
 #: Subcommands that parse their own argument list, by name.
 OWN_ARGV = {c.name: c for c in SUBCOMMANDS if c.options is None and c.group is None}
 

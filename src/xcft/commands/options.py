@@ -18,6 +18,7 @@ from xcft.options import option
 
 __all__ = [
     "BenchDataOptions",
+    "BenchPredictOptions",
     "BenchTrainCliOptions",
     "ChatOptions",
     "CheckDataOptions",
@@ -188,6 +189,17 @@ class WebOptions:
 @dataclass(kw_only=True)
 class BenchTrainCliOptions(FormatOption, TrainBenchOptions):
     """``xcft bench train``: the benchmark's options and the output format."""
+
+
+@dataclass(kw_only=True)
+class BenchPredictOptions(FormatOption):
+    model_dir: str = option(help="model folder (e.g. xcft init-model M --preset small)", flag="--model")
+    data: str = option(help=DATA_HELP + "; its samples are the prompts")
+    sources: Sequence[str] = option((), "keep only data.txt files whose path contains this (repeatable)", flag="--source")
+    samples: int = option(16, "prompts timed (the data's samples repeated)")
+    batch_size: int = option(8, "batch size compared with batch 1")
+    max_new_tokens: int = option(32, "tokens generated per answer (forced, so both runs generate the same)")
+    device: str | None = option(None, "cpu, cuda ... (default: cuda when available; bfloat16 there)")
 
 
 @dataclass(kw_only=True)

@@ -36,6 +36,7 @@ __all__ = [
     "Prediction",
     "PromptSample",
     "predict_samples",
+    "prompt_inputs",
     "prompt_sample",
     "read_predictions",
     "read_prompt_samples",
@@ -180,7 +181,8 @@ def _batches(items: Sequence[PromptSample], size: int) -> Iterator[list[PromptSa
         yield list(items[start : start + size])
 
 
-def _prompt_inputs(model: Any, tokenizer: Any, sample: PromptSample, settings: ChatSettings) -> Any:
+def prompt_inputs(model: Any, tokenizer: Any, sample: PromptSample, settings: ChatSettings) -> Any:
+    """The sample as ``model.chat`` inputs (its images decoded); DataError when they cannot be built."""
     from xcft.model.template_xcomposer2 import FAMILY_DEFAULT
 
     images = [open_checked_image(p) for p in sample.images]
@@ -231,7 +233,7 @@ def predict_samples(
             ready, inputs = [], []
             for sample in batch:
                 try:
-                    inputs.append(_prompt_inputs(model, tokenizer, sample, settings))
+                    inputs.append(prompt_inputs(model, tokenizer, sample, settings))
                     ready.append(sample)
                 except DataError as exc:
                     failures.append(f"{sample.where}: {exc}")
