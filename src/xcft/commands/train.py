@@ -31,6 +31,7 @@ from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgres
 from xcft.train.checkpoints import clear_staging, resolve_resume
 from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
 from xcft.train.plots import write_loss_plot
+from xcft.train.predict import answer_eval
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 
@@ -158,6 +159,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks + ([RecordOutputsCallback(folder)] if folder is not None else []),
+        answer_eval=answer_eval(cfg, eval_ds, tokenizer),
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -138,6 +138,18 @@ class DataArguments(SizeOptions):
             "Used when eval_data_path is not given."
         },
     )
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={
+            "help": "Answer metrics at each evaluation (comma-separated, as xcft score --metrics: exact, contains, "
+            "first_word, choice, bleu, rouge_l): the eval samples' last user turns are answered greedily as xcft "
+            "predict answers them and scored; logged beside eval_loss as eval_<metric>."
+        },
+    )
+    eval_generate_samples: int = field(
+        default=64, metadata={"help": "With eval_metrics: the first N eval samples are answered (generation is slow)."}
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "With eval_metrics: answer length limit in tokens."})
     # -- speed: packing and length grouping (see README "Speed and memory")
     packing: bool = field(
         default=False,

@@ -32,9 +32,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PREDICTION_KEYS",
+    "AnswerEval",
     "ChatSettings",
     "Prediction",
     "PromptSample",
+    "answer_eval",
     "predict_samples",
     "prompt_inputs",
     "prompt_sample",
@@ -263,3 +265,74 @@ def predict_samples(
             if progress is not None:
                 progress(len(batch), len(todo))
     return written, failures
+
+
+@dataclass
+class AnswerEval:
+    """Answer metrics of a model on a fixed list of samples, for evaluations during training.
+
+    The samples are answered greedily as :func:`predict_samples` answers them (same prompts, same
+    batching) and scored by :func:`xcft.train.answer_metrics.score_predictions`; the overall scores
+    come back by metric name.
+    """
+
+    samples: list[PromptSample]
+    tokenizer: Any
+    metrics: tuple[str, ...]
+    settings: ChatSettings
+    batch_size: int = 8
+
+    def run(self, model: Any) -> dict[str, float]:
+        from xcft.train.answer_metrics import score_predictions
+
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        was_training = model.training
+        model.eval()
+        rows: list[dict[str, Any]] = []
+        try:
+            for batch in _batches(self.samples, self.batch_size):
+                inputs = [prompt_inputs(model, self.tokenizer, s, self.settings) for s in batch]
+                answers = model.answer_batch(
+                    self.tokenizer, inputs, max_new_tokens=self.settings.max_new_tokens, do_sample=False, use_cache=True
+                )
+                rows += [
+                    {"id": s.id, "source": s.source, "question": s.query, "reference": s.reference, "prediction": text}
+                    for s, (text, _) in zip(batch, answers)
+                ]
+        finally:
+            model.train(was_training)
+        overall = score_predictions(rows, self.metrics).groups["overall"]
+        return {m: float(overall[m]) for m in self.metrics if overall.get(m) is not None}
+
+    @classmethod
+    def from_conversations(
+        cls, conversations: Sequence[Conversation], tokenizer: Any, metrics: tuple[str, ...], limit: int, max_new_tokens: int
+    ) -> AnswerEval:
+        """The first ``limit`` conversations that end with a reference answer."""
+        samples = []
+        for conv in conversations:
+            s = prompt_sample(conv)
+            if isinstance(s, PromptSample) and s.reference is not None:
+                samples.append(s)
+            if len(samples) >= limit:
+                break
+        return cls(samples, tokenizer, metrics, ChatSettings(max_new_tokens=max_new_tokens))
+
+
+def answer_eval(cfg: Any, eval_dataset: Any, tokenizer: Any) -> AnswerEval | None:
+    """The :class:`AnswerEval` a training run's ``--eval_metrics`` asks for (None without it)."""
+    from xcft.train.answer_metrics import parse_metrics
+
+    if not cfg.data.eval_metrics:
+        return None
+    metrics = parse_metrics(cfg.data.eval_metrics)
+    if eval_dataset is None:
+        raise XcftError("--eval_metrics needs an eval set: give --eval_data_path or --eval_split")
+    if cfg.data.eval_generate_samples < 1:
+        raise XcftError(f"--eval_generate_samples must be at least 1, got {cfg.data.eval_generate_samples}")
+    conversations = [c for f in eval_dataset.files for c in f.conversations]
+    evaluation = AnswerEval.from_conversations(
+        conversations, tokenizer, metrics, cfg.data.eval_generate_samples, cfg.data.eval_max_new_tokens
+    )
+    logger.info("eval answers: %d sample(s), metrics %s", len(evaluation.samples), ", ".join(metrics))
+    return evaluation
