@@ -15,7 +15,6 @@ from xcft.data.encode import encode_conversation
 from xcft.data.schema import Conversation, Message
 from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.model.loading import load_pretrained, save_pretrained
-from xcft.model.presets import build_model
 from xcft.model.template_xcomposer2 import LAYOUT_OFFICIAL, LAYOUT_TRAINING, OFFICIAL_SYSTEM_PROMPT
 
 S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
@@ -31,9 +30,9 @@ OFFICIAL_META = (
 
 
 @pytest.fixture(scope="module")
-def model(tok):
+def model(tok, tiny_model):
     """A model in the official layout (as official checkpoints and their finetunes record it)."""
-    return build_model("tiny", vocab_size=int(tok.vocab_size), seed=0, prompt_layout=LAYOUT_OFFICIAL)
+    return tiny_model(vocab_size=int(tok.vocab_size), plora_dropout=0.05, prompt_layout=LAYOUT_OFFICIAL)
 
 
 def _official(tok, pieces: list[str], slots: int) -> list[int]:
@@ -107,8 +106,8 @@ def test_config_without_a_layout_is_official():
         XComposer2Config(prompt_layout="chatml")
 
 
-def test_a_new_model_records_and_defaults_to_the_training_layout(tok, model, tmp_path):
-    new = build_model("tiny", vocab_size=int(tok.vocab_size), seed=0)
+def test_a_new_model_records_and_defaults_to_the_training_layout(tok, model, tiny_model, tmp_path):
+    new = tiny_model(vocab_size=int(tok.vocab_size))
     assert new.config.prompt_layout == LAYOUT_TRAINING
     folder = save_pretrained(new, tok, tmp_path / "new")
     loaded, _ = load_pretrained(folder, dtype=torch.float32, device="cpu")

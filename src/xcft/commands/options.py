@@ -43,6 +43,16 @@ class FormatOption:
 
 
 @dataclass(kw_only=True)
+class QuantOption:
+    bits: int = option(
+        16,
+        "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as "
+        "QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
+        choices=[4, 8, 16],
+    )
+
+
+@dataclass(kw_only=True)
 class DataOptions:
     """A data set read against a model folder (combined with :class:`SizeOptions`)."""
 
@@ -65,7 +75,7 @@ class InspectOptions(FormatOption, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(FormatOption, SizeOptions, DataOptions):
+class EvalOptions(FormatOption, QuantOption, SizeOptions, DataOptions):
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -102,7 +112,7 @@ class ConvertOptions:
 
 
 @dataclass(kw_only=True)
-class PromptOptions:
+class PromptOptions(QuantOption):
     """How a question is put to the model and answered: shared by chat and predict."""
 
     max_new_tokens: int = option(256, "answer length limit in tokens")
