@@ -17,7 +17,14 @@ from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.output_dir import own_entries
-from xcft.run_files import EXIT_SIGTERM, MERGE_CHECK_NAME, STAGING_DIR_NAME, TRAINER_LOG_NAME, find_last_checkpoint, read_merge_check
+from xcft.run_files import (
+    EXIT_SIGTERM,
+    MERGE_CHECK_NAME,
+    STAGING_DIR_NAME,
+    TRAINER_LOG_NAME,
+    find_last_checkpoint,
+    read_merge_check,
+)
 from xcft.train.args import parse_train_args
 from xcft.train.setup import SEPARATOR_NAMES
 

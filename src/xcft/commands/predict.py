@@ -41,6 +41,7 @@ def predict_command(
     device: str | None = None,
     limit: int | None = None,
     metrics: str | None = None,
+    bits: int = 16,
 ) -> int:
     """Predict every sample ``output`` does not hold yet; 1 when a sample could not be predicted."""
     if batch_size < 1:
@@ -52,7 +53,7 @@ def predict_command(
         samples = samples[: max(0, limit)]
     if not samples:
         raise DataError(f"{data}: no sample to predict")
-    model, tokenizer = load_for_chat(model_dir, device)
+    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
     resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
     set_seed(seed)
     settings = ChatSettings(

@@ -16,7 +16,10 @@ from typing import Any
 
 import gradio as gr
 
-from xcft.commands.web import chat_tab, data_tab, export_tab, train_tab
+import xcft.commands.web.chat_tab as chat_tab
+import xcft.commands.web.data_tab as data_tab
+import xcft.commands.web.export_tab as export_tab
+import xcft.commands.web.train_tab as train_tab
 from xcft.commands.web.chat import ModelCache
 from xcft.commands.web.runs import RunManager
 from xcft.commands.web.ui import CSS

@@ -14,7 +14,8 @@ from typing import Any
 
 import gradio as gr
 
-from xcft.commands.web import data_view, ui
+import xcft.commands.web.data_view as data_view
+import xcft.commands.web.ui as ui
 from xcft.errors import XcftError
 
 #: Share of the progress bar per phase of the check-data pass.

@@ -365,7 +365,7 @@ def length_histogram(index: DataIndex) -> Any:
     n = max(1, len(files))
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.4 * cols, 2.3 + 2.7 * rows), dpi=90)
+    fig = Figure(figsize=(4.4 * cols, 0.6 + 2.6 * rows), dpi=90)
     max_length = index.settings.max_length
     left_out = len([f for f in index.result.files if f.lengths]) - len(files)
     caption = "token lengths per file (image slots included; dashed: max_length)"
@@ -376,15 +376,17 @@ def length_histogram(index: DataIndex) -> Any:
         ax.set_axis_off()
     for k, f in enumerate(files):
         ax = fig.add_subplot(rows, cols, k + 1)
-        # each file on its own scale (short files keep their shape); max_length drawn when it is in view
-        longest = max(f.lengths)
-        right = max(longest * 1.05, longest + 2)
-        if max_length <= 1.5 * longest:
-            right = max(right, max_length * 1.03)
+        # each file on its own scale (short files keep their shape); max_length drawn when it is near
+        lo, hi = min(f.lengths), max(f.lengths)
+        width = max(1.0, (hi - lo + 1) / 40)  # at most 40 bars, never narrower than one token
+        edges = [lo - 0.5 + j * width for j in range(41) if lo - 0.5 + j * width < hi + 0.5] + [hi + 0.5]
+        ax.hist(f.lengths, bins=edges, color="#4c78a8")
+        pad = max(1.0, 0.08 * (hi - lo))
+        left, right = max(0.0, lo - pad), hi + pad
+        if max_length <= hi + 0.5 * (hi - lo) + 2 * pad:
+            right = max(right, max_length + pad)
             ax.axvline(max_length, color="#e45756", linestyle="--", linewidth=1)
-        bins = max(1, min(40, longest - min(f.lengths) + 1))
-        ax.hist(f.lengths, bins=bins, color="#4c78a8")
-        ax.set_xlim(0, right)
+        ax.set_xlim(left, right)
         ax.set_title(f"{_wrap(f.display)} ({len(f.lengths)})", fontsize=8)
         ax.set_xlabel("tokens", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from xcft.commands.web import ui
+import xcft.commands.web.ui as ui
 from xcft.commands.web.export import MergeProgress, merge_argv, run_merge
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 RUN_RECORD = "run.json"
 LOG_NAME = "train.log"
 PID_NAME = "train.pid"
+RUNNER_PID_NAME = "runner.pid"
 EXIT_NAME = "exit_code"
 
 
@@ -43,6 +44,7 @@ def command_line(record: dict) -> list[str]:
 
 def main(run_dir: str) -> int:
     root = Path(run_dir)
+    write_atomic(root / RUNNER_PID_NAME, str(os.getpid()))  # the server tells "still recording" from "killed"
     record = json.loads((root / RUN_RECORD).read_text(encoding="utf-8"))
     argv = list(record["argv"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, train_command_line, write_atomic
+from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, RUNNER_PID_NAME, train_command_line, write_atomic
 from xcft.errors import XcftError
 from xcft.run_files import EXIT_SIGTERM, TrainerProgress, complete_checkpoints, earlier_results, follow_trainer_log
 
@@ -50,8 +50,8 @@ class RunStatus:
 
     @property
     def can_resume(self) -> bool:
-        """Ended one way or another, with a complete checkpoint to continue from."""
-        return not self.active and bool(self.checkpoints)
+        """Stopped, failed or ended before finishing, with a complete checkpoint to continue from."""
+        return self.state in ("stopped", "failed", "ended") and bool(self.checkpoints)
 
 
 class RunManager:
@@ -127,7 +127,7 @@ class RunManager:
 
     def _launch(self, run_id: str) -> None:
         run_dir = self.root / run_id
-        for name in (PID_NAME, EXIT_NAME):
+        for name in (PID_NAME, EXIT_NAME, RUNNER_PID_NAME):
             (run_dir / name).unlink(missing_ok=True)
         self._progress.pop(run_id, None)
         # A session of its own: the training survives the server and signals aimed at the server's group.
@@ -160,6 +160,8 @@ class RunManager:
         st = self.status(run_id)
         if st.active:
             raise XcftError(f"run {run_id} is still running")
+        if st.state == "finished":
+            raise XcftError(f"run {run_id} has finished; start a new run to train further")
         if not st.checkpoints:
             raise XcftError(f"run {run_id} has no checkpoint in {st.output_dir} to resume from; start a new run instead")
         record = self._record(run_id)
@@ -176,26 +178,22 @@ class RunManager:
         except (OSError, ValueError):
             return None
 
-    def _alive(self, run_id: str, pid: int | None, output_dir: str) -> bool:
+    def _train_alive(self, pid: int | None, output_dir: str) -> bool:
         """The training process is alive and is this run's (its command line names the output folder)."""
-        if pid is None:
-            return False
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return False
+        return _process_alive(pid, "xcft", output_dir) or _process_alive(pid, "xcft", Path(output_dir).name)
+
+    def _runner_alive(self, run_id: str) -> bool:
+        """The runner of the run's latest start is alive (this server's child, or one an earlier server started)."""
+        child = self._children.get(run_id)
+        if child is not None and child.poll() is None:
             return True
-        return "xcft" in cmdline and (output_dir in cmdline or Path(output_dir).name in cmdline)
+        run_dir = self.root / run_id
+        return _process_alive(_read_int(run_dir / RUNNER_PID_NAME), "xcft.commands.web.runner", str(run_dir))
 
     def status(self, run_id: str) -> RunStatus:
         record = self._record(run_id)
         run_dir = self.root / run_id
         out = record["output_dir"]
-        child = self._children.get(run_id)
-        runner_alive = child is not None and child.poll() is None
         exit_code = _read_int(run_dir / EXIT_NAME)
         pid = self._train_pid(run_id)
         st = RunStatus(run_id, "", "", out)
@@ -205,10 +203,11 @@ class RunManager:
         st.checkpoints = [str(c) for c in complete_checkpoints(out)]
         last_ckpt = st.checkpoints[-1] if st.checkpoints else None
         if exit_code is None:
-            if self._alive(run_id, pid, out):
+            if self._train_alive(pid, out):
                 st.state, st.message = "running", f"running (process {pid})"
-            elif runner_alive and pid is None:
-                st.state, st.message = "starting", "starting xcft train ..."
+            elif self._runner_alive(run_id):  # before the training starts, or after it ended, until it is recorded
+                st.state = "starting" if pid is None else "running"
+                st.message = "starting xcft train ..." if pid is None else "ending: recording the exit status ..."
             else:
                 st.state, st.message = "ended", "ended without a recorded exit status (the runner was killed)"
         elif exit_code == 0:
@@ -227,12 +226,8 @@ class RunManager:
 
     def log_tail(self, run_id: str, max_lines: int = 200) -> str:
         """The end of the run's log, progress-bar redraws collapsed to their last state."""
-        path = self.root / run_id / LOG_NAME
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-                data = f.read().decode("utf-8", errors="replace")
-        except OSError:
+        data = _read_tail(self.root / run_id / LOG_NAME)
+        if data is None:
             return ""
         data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
         lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
@@ -252,6 +247,31 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def _process_alive(pid: int | None, *needles: str) -> bool:
+    """Process ``pid`` exists and its command line holds every needle (a recycled pid is someone else's)."""
+    if pid is None:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # no /proc (not Linux): the pid alone
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return bool(cmdline) and all(n in cmdline for n in needles)
+
+
+def _read_tail(path: Path) -> str | None:
+    """The last :data:`LOG_TAIL_BYTES` of a log as text, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -261,11 +281,8 @@ def _read_int(path: Path) -> int | None:
 
 def _last_error(log: Path) -> str:
     """The CLI's one-line error ("error: ...") from the log, else its last non-empty line."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
+    text = _read_tail(log)
+    if text is None:
         return "no log"
     lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
     for ln in reversed(lines):

@@ -13,7 +13,9 @@ from typing import Any
 
 import gradio as gr
 
-from xcft.commands.web import train_form, train_view, ui
+import xcft.commands.web.train_form as train_form
+import xcft.commands.web.train_view as train_view
+import xcft.commands.web.ui as ui
 from xcft.commands.web.runs import RunManager
 
 REFRESH_S = 1.0

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xcft.commands.web import train_form, ui
+import xcft.commands.web.train_form as train_form
+import xcft.commands.web.ui as ui
 from xcft.commands.web.runs import RunManager, RunStatus
 from xcft.train import plots
 
