@@ -71,8 +71,6 @@ def bench_predict_command(*, output_format: str = "text", **options: Any) -> int
 
     with contextlib.redirect_stdout(sys.stderr):
         result = run_predict_bench(**options)
-        f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v not in (None, ())
-    )
     print(json.dumps(result) if output_format == "json" else format_predict_result(result))
     return 0
 
