@@ -129,10 +129,12 @@ def test_bad_samples_are_named_and_the_rest_predicted(tiny_base, tiny_data, tmp_
     assert "multi.json: sample 0 (id '0')" in messages and "grey.jpeg" in messages
 
 
-def test_a_file_that_is_not_a_prediction_file_is_refused(tiny_base, tiny_data, tmp_path, capsys):
+@pytest.mark.parametrize("text", ['{"my": "notes"}\n', "my notes", '{"id": "1", "source": "s", "prediction": "x"}\nnotes'])
+def test_a_file_that_is_not_a_prediction_file_is_refused_and_kept(tiny_base, tiny_data, tmp_path, capsys, text):
     out = tmp_path / "notes.jsonl"
-    out.write_text('{"my": "notes"}\n')
+    out.write_text(text)
     rc = main(["predict", str(tiny_data), "--model", str(tiny_base), "--output", str(out), "--max-new-tokens", "2"])
     assert rc == 1
-    assert "not a prediction" in capsys.readouterr().err
-    assert out.read_text() == '{"my": "notes"}\n'
+    err = capsys.readouterr().err
+    assert "not JSON" in err or "not a prediction" in err
+    assert out.read_text() == text

@@ -143,10 +143,25 @@ def read_prompt_samples(data: str | os.PathLike[str]) -> tuple[list[PromptSample
     return samples, problems
 
 
+#: How every line xcft predict writes begins (``json.dumps`` of a :class:`Prediction`): a cut line is recognised by it.
+LINE_START = b'{"id": '
+
+
+def _prediction_row(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise XcftError(f"{path} line {number}: not JSON ({exc.msg}); give a file xcft predict wrote") from None
+    if not isinstance(row, dict) or not {"id", "source", "prediction"} <= row.keys():
+        raise XcftError(f"{path} line {number}: not a prediction (needs id, source, prediction); give a file xcft predict wrote")
+    return row
+
+
 def read_predictions(path: str | os.PathLike[str], *, repair: bool = False) -> list[dict[str, Any]]:
     """The lines of a prediction file; ``repair`` drops a last line an interruption cut short (in the file too).
 
-    Any other line that is not a prediction is an error: the file is not one ``xcft predict`` wrote.
+    Any other line that is not a prediction is an error, and then nothing is changed: the file is
+    not one ``xcft predict`` wrote.
     """
     path = Path(path)
     if not path.exists():
@@ -156,25 +171,21 @@ def read_predictions(path: str | os.PathLike[str], *, repair: bool = False) -> l
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     tail = lines.pop()  # "" when the file ends with a newline
-    if tail and repair:
+    out = [_prediction_row(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not tail.strip():
+        return out
+    try:
+        out.append(_prediction_row(path, len(lines) + 1, tail))
+    except XcftError:
+        if not (repair and tail.startswith(LINE_START)):
+            raise
         logger.warning("%s: its last line was cut short (an interrupted run); that sample is predicted again", path)
         with open(path, "r+b") as f:
             f.truncate(len(raw) - len(tail))
-    elif tail:
-        lines.append(tail)
-    out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise XcftError(f"{path} line {number}: not JSON ({exc.msg}); give a file xcft predict wrote") from None
-        if not isinstance(row, dict) or not {"id", "source", "prediction"} <= row.keys():
-            raise XcftError(
-                f"{path} line {number}: not a prediction (needs id, source, prediction); give a file xcft predict wrote"
-            )
-        out.append(row)
+        return out
+    if repair:  # a whole last line without its newline: end it, so that the next line starts on its own
+        with open(path, "ab") as f:
+            f.write(b"\n")
     return out
 
 
