@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from xcft.errors import XcftError
+from xcft.model.bits import QUANT_TYPES, SUPPORTED_BITS
 from xcft.model.modeling_xcomposer2 import PLoRALinear
 
 logger = logging.getLogger(__name__)
 
-#: Storage widths of ``--bits``: 16 means "not quantized" (the weights stay in the model dtype).
-SUPPORTED_BITS = (4, 8, 16)
-QUANT_TYPES = ("nf4", "fp4")
 #: Block size of bitsandbytes 4-bit quantization (one absmax scale per block).
 BLOCKSIZE_4BIT = 64
 #: Second-level block size of double quantization (the float32 scales quantized to 8 bit).
