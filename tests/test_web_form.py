@@ -58,3 +58,9 @@ def test_command_and_yaml_give_the_same_run(tmp_path: Path):
     assert resolved_config(from_flags) == resolved_config(from_yaml)
     assert from_flags.lora.lora_r == 8 and from_flags.training.max_steps == 120 and from_flags.training.eval_steps == 30
     assert from_flags.model.use_lora and from_flags.training.learning_rate == 0.002
+
+
+def test_stage_options_have_their_own_group():
+    groups = {f.name: f.group for f in form_fields()}
+    assert groups["stage"] == groups["beta"] == groups["loss_type"] == "preference"
+    assert groups["bits"] == "model"

@@ -64,11 +64,18 @@ TITLES = {
 #: Fields the form leaves out: set per process by launchers, secrets, or objects no flag can express.
 HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
 #: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
-GROUPS = {"ModelArguments": "model", "DataArguments": "data", "LoraArguments": "lora", "OutputArguments": "output"}
+GROUPS = {
+    "ModelArguments": "model",
+    "DataArguments": "data",
+    "LoraArguments": "lora",
+    "PreferenceArguments": "preference",
+    "OutputArguments": "output",
+}
 GROUP_TITLES = {
     "model": "Model",
     "data": "Data",
     "lora": "LoRA",
+    "preference": "Stage (SFT, DPO, reward model)",
     "output": "Output folder",
     "training": "Training (TrainingArguments)",
 }
