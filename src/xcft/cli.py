@@ -85,6 +85,13 @@ def train(argv: Sequence[str]) -> int:
     return train_command(list(argv))
 
 
+def plan(argv: Sequence[str]) -> int:
+    """Peak memory per device of a training run (xcft train's options), and the changes that make it fit."""
+    from xcft.commands.plan import plan_command
+
+    return plan_command(list(argv))
+
+
 def merge(args: argparse.Namespace) -> int:
     """Merge a LoRA adapter into its base and verify the merged logits."""
     from xcft.commands.merge import merge_command
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="finetune a model (official finetune.py flags work)", add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("plan", help="memory a training run needs per GPU, before it starts (xcft train's flags)", add_help=False)
     p.set_defaults(func=None)
 
     p = sub.add_parser("check-data", help="validate a data.txt or JSON file before training")
@@ -332,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if a not in ("-v", "--verbose")]
     if rest and rest[0] == "train":
         return _run(lambda: train(rest[1:]))
+    if rest and rest[0] == "plan":
+        return _run(lambda: plan(rest[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -22,6 +22,7 @@ from xcft.model.loading import unwrap_model
 from xcft.output_dir import FolderLock, OutputFolder, check_no_overlap, check_output_folder, save_errors
 from xcft.train.args import RESOLVED_CONFIG_NAME, TrainConfig, parse_train_args, print_help, write_resolved_config
 from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
+from xcft.train.memory_plan import ALLOCATOR_CONF, check_memory_plan, default_allocator_settings
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import (
     STAGING_DIR_NAME,
@@ -48,6 +49,8 @@ def train_command(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return 0
+    if default_allocator_settings():  # before anything initialises CUDA
+        logger.debug("PYTORCH_CUDA_ALLOC_CONF=%s (xcft's default)", ALLOCATOR_CONF)
     return run_training(parse_train_args(argv))
 
 
@@ -154,6 +157,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", cfg.logging_dir)
     set_seed(args.seed)
     apply_host_settings(cfg)
+    plan = check_memory_plan(cfg)  # before any weight is loaded: a run that cannot fit stops here
 
     # ---- model
     model, tokenizer = load_base_model(cfg)
@@ -161,7 +165,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
 
     # ---- data
     base_config = unwrap_model(model).config
-    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
+    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config, files=plan.files)
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")

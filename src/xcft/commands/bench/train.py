@@ -61,11 +61,24 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Random token samples in the batch contract (for shape-only runs such as the GPU check).
 
     Each sample: BOS, ``images`` image blocks, then random text up to ``length`` tokens; the last
-    40% of the text is supervised (an answer).
+    ``supervised_fraction`` of the sample is supervised (an answer; image slots never are). A 2.5
+    model's images (``grid`` = (rows, cols)) have a global view plus ``rows x cols`` crops and
+    ``image_tokens`` slots for that grid.
     """
 
     def __init__(
-        self, count: int, length: int, images: int, image_tokens: int, img_size: int, vocab: int, pad: int, seed: int = 0
+        self,
+        count: int,
+        length: int,
+        images: int,
+        image_tokens: int,
+        img_size: int,
+        vocab: int,
+        pad: int,
+        seed: int = 0,
+        *,
+        grid: tuple[int, int] | None = None,
+        supervised_fraction: float = 0.4,
     ):
         need = 2 + images * image_tokens
         if length < need + 8:
@@ -74,6 +87,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
             )
         self.count, self.length, self.images = int(count), int(length), int(images)
         self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
+        self.grid = grid
+        self.supervised_fraction = float(supervised_fraction)
         self.pad_token_id = pad
         self.epoch = 0
 
@@ -98,15 +113,19 @@ class SyntheticDataset(torch.utils.data.Dataset):
             start += self.image_tokens + 1
         ids[mask] = self.pad
         labels = torch.full_like(ids, -100)
-        answer = int(self.length * 0.6)
+        answer = max(1, int(self.length * (1.0 - self.supervised_fraction)))
         labels[answer:] = ids[answer:]
         labels[mask] = -100
-        return {
+        views = self.images * (1 + self.grid[0] * self.grid[1] if self.grid is not None else 1)
+        item = {
             "input_ids": ids,
             "labels": labels,
             "image_mask": mask,
-            "pixel_values": torch.randn(self.images, 3, self.img_size, self.img_size, generator=gen),
+            "pixel_values": torch.randn(views, 3, self.img_size, self.img_size, generator=gen),
         }
+        if self.grid is not None:
+            item["image_grids"] = torch.tensor([list(self.grid)] * self.images, dtype=torch.long)
+        return item
 
 
 def _segments(item: dict[str, Any]) -> list[int]:

@@ -45,12 +45,19 @@ COMMON_FIELDS = (
 #: Fields the form leaves out: set per process by launchers, secrets, or objects no flag can express.
 HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
 #: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
-GROUPS = {"ModelArguments": "model", "DataArguments": "data", "LoraArguments": "lora", "OutputArguments": "output"}
+GROUPS = {
+    "ModelArguments": "model",
+    "DataArguments": "data",
+    "LoraArguments": "lora",
+    "OutputArguments": "output",
+    "MemoryArguments": "memory",
+}
 GROUP_TITLES = {
     "model": "Model",
     "data": "Data",
     "lora": "LoRA",
     "output": "Output folder",
+    "memory": "Memory plan",
     "training": "Training (TrainingArguments)",
 }
 
