@@ -68,6 +68,7 @@ def eval_(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         hd_num=args.hd_num,
+        bits=args.bits,
     )
 
 
@@ -120,6 +121,7 @@ def chat(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         training_layout=args.training_layout,
         hd_num=args.hd_num,
+        bits=args.bits,
     )
 
 
@@ -149,6 +151,17 @@ def bench(args: argparse.Namespace) -> int:
 
 def _add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+
+
+def _add_bits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[4, 8, 16],
+        default=16,
+        help="store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, "
+        "as QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="InternLM-XComposer-2.5: crop budget per image (default 18, the training default); not for 2.0 models",
     )
+    _add_bits(p)
     _add_format(p)
     p.set_defaults(func=eval_)
 
@@ -274,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)",
     )
     p.add_argument("--device", default=None)
+    _add_bits(p)
     p.set_defaults(func=chat)
 
     p = sub.add_parser("demo", help="end-to-end demo on synthetic data (CPU, minutes)")

@@ -42,13 +42,16 @@ def make_streamer(tokenizer: Any, stop_ids: Sequence[int]) -> TextStreamer:
     return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def load_for_chat(model_dir: str, device: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
+def load_for_chat(model_dir: str, device: str | None, bits: int = 16) -> tuple[Any, Any]:
+    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32).
+
+    ``bits`` 4/8: decoder linears quantized with bitsandbytes (see :func:`xcft.model.loading.load_pretrained`).
+    """
     if not Path(model_dir).is_dir():
         raise XcftError(f"model folder {model_dir} does not exist")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev, bits=bits)
     return model.eval(), tokenizer
 
 
@@ -92,10 +95,11 @@ def chat_command(
     greedy: bool = False,
     training_layout: bool = False,
     hd_num: int | None = None,
+    bits: int = 16,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
-    model, tokenizer = load_for_chat(model_dir, device)
+    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
     kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
     if hd_num is not None and not model.config.hd:
         raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")

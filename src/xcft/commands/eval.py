@@ -158,9 +158,10 @@ def eval_command(
     dtype: str = "float32",
     device: str | None = None,
     hd_num: int | None = None,
+    bits: int = 16,
 ) -> int:
-    """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean."""
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device)
+    """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean (``bits`` 4/8: quantized decoder)."""
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device, bits=bits)
     result = evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num)
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
