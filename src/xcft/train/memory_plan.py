@@ -550,6 +550,14 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
             "activations": layers_saved + final_norm + around,
             "output head": head_inputs + head_weight_grad + head_chunk,
         },
+        # the head's backward only scales what its forward computed: a scaled copy of each gradient
+        "head backward": {
+            **common,
+            "batch": batch_bytes,
+            "activations": layers_saved + final_norm + around,
+            "output head": n_targets * h * d.residual * 2,
+            "gradients": 2 * head_weight_grad,
+        },
         "optimizer step": {**common, "batch": batch_bytes, "gradients": grads},
         "data loading": {**common, "batch": 4 * one_batch},
     }
@@ -632,7 +640,7 @@ def alternatives(sh: ModelShape, st: PlanSettings, sample: SampleShape | None, b
         cands.append(("--model_dtype bfloat16", rep(st, model_dtype="bfloat16"), sample))
     if not st.use_lora:
         cands.append(("--use_lora true --model_dtype bfloat16", rep(st, use_lora=True, model_dtype="bfloat16"), sample))
-    if st.bits == 16:
+    if st.bits == 16 and st.zero_stage < 3:
         flags = "--bits 4" if st.use_lora else "--use_lora true --bits 4"
         cands.append((flags, rep(st, use_lora=True, bits=4), sample))
         if not st.checkpointing:
@@ -799,10 +807,16 @@ class RunPlan:
     alternatives: list[Alternative]
     model: str
     files: Any = None  # the data files read for the plan (reused by the run)
+    context_taken: bool = False  # the budget is free memory measured after this process created its CUDA context
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must fit in the budget: the plan's requirement, less the CUDA context when it is already taken."""
+        return self.plan.required_bytes - (CUDA_CONTEXT_BYTES if self.context_taken else 0)
 
     @property
     def fits(self) -> bool:
-        return self.plan.required_bytes <= self.budget_bytes
+        return self.needed_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -810,6 +824,7 @@ class RunPlan:
             "family": self.shape.family,
             "device": self.plan.settings.device,
             "fits": self.fits,
+            "needed_bytes": self.needed_bytes,
             "budget_bytes": self.budget_bytes,
             "budget_gib": round(self.budget_bytes / GIB, 3),
             "budget_source": self.budget_source,
@@ -843,7 +858,9 @@ def plan_for_config(cfg: Any, *, read_data_files: bool = True, free_gpu_bytes: i
     if read_data_files and cfg.data.data_path and not path.startswith(PRESET_PREFIX):
         sample, files = _data_sample(cfg, config, shape, settings)
     plan = compute_plan(shape, settings, sample)
-    return RunPlan(shape, plan, budget, source, alternatives(shape, settings, sample, budget), path, files)
+    taken = free_gpu_bytes is not None and not mem.gpu_memory
+    alts = alternatives(shape, settings, sample, budget + (CUDA_CONTEXT_BYTES if taken else 0))
+    return RunPlan(shape, plan, budget, source, alts, path, files, taken)
 
 
 def _visible_device_budget(use_cpu: bool) -> tuple[int, str, str]:
@@ -923,7 +940,7 @@ def check_memory_plan(cfg: Any) -> RunPlan:
     if main:
         logger.warning(
             "the memory plan (%.1f GiB) is above %s (%.1f GiB); %s",
-            run.plan.required_bytes / GIB,
+            run.needed_bytes / GIB,
             run.budget_source,
             run.budget_bytes / GIB,
             "going on as --ignore_memory_plan true asks" if on_gpu else "the run may swap or be stopped by the system",
@@ -966,7 +983,7 @@ def format_plan(run: RunPlan) -> str:
     extra = "CUDA context and allocator" if st.device == "cuda" else "Python, torch and libraries"
     lines.append(f"    {'+ ' + extra:<22}{_gib(plan.overhead_bytes)}" if len(extra) < 20 else f"    + {extra}: {plan.overhead_bytes / GIB:.2f} GiB")
     verdict = "fits" if run.fits else "does NOT fit"
-    lines.append(f"  needs {plan.required_bytes / GIB:.2f} GiB of {run.budget_bytes / GIB:.2f} GiB {device} ({run.budget_source}): {verdict}")
+    lines.append(f"  needs {run.needed_bytes / GIB:.2f} GiB of {run.budget_bytes / GIB:.2f} GiB {device} ({run.budget_source}): {verdict}")
     shown = [a for a in run.alternatives if a.plan.required_bytes < plan.required_bytes][:6]
     if shown:
         lines.append("  changes that lower it (each planned anew):")
@@ -981,7 +998,7 @@ def refusal(run: RunPlan) -> str:
     fixes = [a.change for a in run.alternatives if a.fits][:3]
     fix = ("; it fits with " + " or ".join(fixes)) if fixes else "; no single change makes it fit (see xcft plan)"
     return (
-        f"the memory plan needs {run.plan.required_bytes / GIB:.1f} GiB per GPU ({run.plan.phase}: "
+        f"the memory plan needs {run.needed_bytes / GIB:.1f} GiB per GPU ({run.plan.phase}: "
         + ", ".join(f"{p.name} {p.bytes / GIB:.1f}" for p in run.plan.parts[:4])
         + f" GiB) but {run.budget_source} is {run.budget_bytes / GIB:.1f} GiB{fix}; "
         "pass --ignore_memory_plan true to try anyway"
