@@ -2,7 +2,9 @@
 # GPU check (one H100, under 5 minutes): the 7b preset (random weights, 490 px), LoRA, bf16,
 # ~4096-token sequences, activation checkpointing on and off, unpacked batch 1 and packed.
 # Prints tokens/s, MFU and peak GPU memory per configuration, then the verdict against the
-# targets (MFU >= 45 %, peak <= 20 GiB with checkpointing).
+# targets (MFU >= 45 %, peak <= 20 GiB with checkpointing). Each result also carries the memory
+# plan of that run ("plan": the JSON of `xcft plan --format json` for the check's synthetic rows)
+# and "peak_over_plan" (torch.cuda.max_memory_allocated / the planned peak of live tensors).
 #
 # Installs nothing: needs python with torch (CUDA), transformers, peft (flash-attn used when present).
 # Run from anywhere: it uses the repository's src/ directly (no pip install).

@@ -85,7 +85,13 @@ def measure_case(preset: str, mode: str, checkpointing: bool, out) -> tuple[int,
 
 
 CASES = [
-    pytest.param(preset, mode, ckpt, id=f"{preset}-{mode}-{'ckpt' if ckpt else 'nockpt'}", marks=[pytest.mark.slow] if "small" in preset else [])
+    pytest.param(
+        preset,
+        mode,
+        ckpt,
+        id=f"{preset}-{mode}-{'ckpt' if ckpt else 'nockpt'}",
+        marks=[pytest.mark.slow] if "small" in preset else [],
+    )
     for preset in ("tiny", "tiny-2.5", "small", "small-2.5")
     for mode in ("full", "lora", "qlora")
     for ckpt in (False, True)
@@ -141,7 +147,11 @@ def test_parameter_counts_match_the_models():
         model = build_model(preset, device="meta")
         shape = ModelShape.from_config(model.config)
         assert shape.total_params() == sum(p.numel() for p in model.parameters())
-        linears = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("wqkv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight")))
+        linears = sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if n.endswith(("wqkv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight"))
+        )
         assert shape.base_linear_params() == linears
 
 
@@ -240,7 +250,16 @@ def test_train_on_cpu_plans_host_ram(tiny_folder, tiny_data, tmp_path, caplog):
     from xcft.train.memory_plan import check_memory_plan
 
     cfg = parse_train_args(
-        ["--model_name_or_path", str(tiny_folder()), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "o"), "--use_cpu", "true"]
+        [
+            "--model_name_or_path",
+            str(tiny_folder()),
+            "--data_path",
+            str(tiny_data),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "true",
+        ]
     )
     with caplog.at_level("INFO", logger="xcft.train.memory_plan"):
         run = check_memory_plan(cfg)

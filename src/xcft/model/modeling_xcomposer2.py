@@ -22,7 +22,6 @@ features in with ``masked_scatter``.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import inspect
 import logging

@@ -364,7 +364,7 @@ def _optimizer_bytes_per_param(optim: str) -> float:
     name = optim.lower()
     if "8bit" in name:
         return 2.0 if "lion" not in name else 1.0
-    if "lion" in name or "sgd" in name and "momentum" in name:
+    if "lion" in name or ("sgd" in name and "momentum" in name):
         return 4.0
     if "sgd" in name:
         return 0.0
@@ -492,7 +492,7 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
     grad_bytes_per = 2 if (st.amp and st.zero_stage) else 4
     master = 4 * trainable if (st.amp and st.zero_stage) else 0
     states = opt_per_param * trainable + master
-    grads = grad_bytes_per * trainable
+    grads: float = grad_bytes_per * trainable
     zero_buffers = 0
     if st.zero_stage:
         if st.zero_stage >= 1:
@@ -597,7 +597,9 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
             f", {t:,} positions ({m:,} image slots)"
         ),
         "backward working set": (
-            "one decoder layer recomputed + its gradients in flight" if st.checkpointing else "one decoder layer's gradients in flight"
+            "one decoder layer recomputed + its gradients in flight"
+            if st.checkpointing
+            else "one decoder layer's gradients in flight"
         ),
         "output head": f"{n_targets:,} targets: rows + their gradient, one {chunk}-row float32 logits chunk",
         "batch": f"{views} views of {sh.img_size} px; the next batch is fetched during a step",
@@ -631,15 +633,26 @@ class Alternative:
 
 
 def alternatives(sh: ModelShape, st: PlanSettings, sample: SampleShape | None, budget: int) -> list[Alternative]:
-    """The single changes (and a few pairs) that lower the peak, each planned anew; cheapest first."""
+    """The single changes (and one pair) that lower the peak, each planned anew.
+
+    Those that fit come first, in order of what they cost the run (speed, then what is trained, then
+    hardware); then the others, lowest requirement first.
+    """
     cands: list[tuple[str, PlanSettings, SampleShape | None]] = []
     rep = dataclasses.replace
     if not st.checkpointing:
         cands.append(("--gradient_checkpointing true", rep(st, checkpointing=True), sample))
     if st.use_lora and st.bits == 16 and st.model_dtype == "float32":
         cands.append(("--model_dtype bfloat16", rep(st, model_dtype="bfloat16"), sample))
-    if not st.use_lora:
-        cands.append(("--use_lora true --model_dtype bfloat16", rep(st, use_lora=True, model_dtype="bfloat16"), sample))
+    if st.batch > 1:
+        fitting = largest_batch(sh, rep(st, batch=1), sample, budget, limit=st.batch - 1) or 1
+        cands.append(
+            (
+                f"--per_device_train_batch_size {fitting} --gradient_accumulation_steps {math.ceil(st.batch / fitting)}",
+                rep(st, batch=fitting),
+                sample,
+            )
+        )
     if st.bits == 16 and st.zero_stage < 3:
         flags = "--bits 4" if st.use_lora else "--use_lora true --bits 4"
         cands.append((flags, rep(st, use_lora=True, bits=4), sample))
@@ -650,15 +663,8 @@ def alternatives(sh: ModelShape, st: PlanSettings, sample: SampleShape | None, b
     length = int(st.max_length or sh.max_length)
     if length >= 2048:
         cands.append((f"--max_length {length // 2}", rep(st, max_length=length // 2), None))
-    if st.batch > 1:
-        fitting = largest_batch(sh, rep(st, batch=1), sample, budget, limit=st.batch - 1) or max(1, st.batch // 2)
-        cands.append(
-            (
-                f"--per_device_train_batch_size {fitting} --gradient_accumulation_steps {math.ceil(st.batch / fitting)}",
-                rep(st, batch=fitting),
-                sample,
-            )
-        )
+    if not st.use_lora:
+        cands.append(("--use_lora true --model_dtype bfloat16", rep(st, use_lora=True, model_dtype="bfloat16"), sample))
     if st.zero_stage < 3 and st.bits == 16:
         n = st.gpus if st.gpus > 1 else 8
         cands.append(
@@ -672,10 +678,11 @@ def alternatives(sh: ModelShape, st: PlanSettings, sample: SampleShape | None, b
             )
         )
     out = []
-    for change, alt, smp in cands:
+    for rank, (change, alt, smp) in enumerate(cands):
         p = compute_plan(sh, alt, smp)
-        out.append(Alternative(change, p, p.required_bytes <= budget))
-    return sorted(out, key=lambda a: (not a.fits, a.plan.required_bytes))
+        out.append((rank, Alternative(change, p, p.required_bytes <= budget)))
+    out.sort(key=lambda ra: (0, ra[0]) if ra[1].fits else (1, ra[1].plan.required_bytes))
+    return [a for _, a in out]
 
 
 def largest_batch(sh: ModelShape, st: PlanSettings, sample: SampleShape | None, budget: int, limit: int = 64) -> int:
@@ -761,7 +768,9 @@ def model_shape(path: str) -> tuple[ModelShape, Any]:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise XcftError(f"--model_name_or_path {path}: no such folder (a model folder, or preset:NAME to plan for a preset shape)")
+        raise XcftError(
+            f"--model_name_or_path {path}: no such folder (a model folder, or preset:NAME to plan for a preset shape)"
+        )
     overrides: dict[str, Any] = {}
     try:
         names = _folder_weight_shapes(folder)
@@ -809,10 +818,13 @@ class RunPlan:
     files: Any = None  # the data files read for the plan (reused by the run)
     context_taken: bool = False  # the budget is free memory measured after this process created its CUDA context
 
+    def needed(self, plan: MemoryPlan) -> int:
+        """What ``plan`` needs of the budget: its requirement, less the CUDA context when it is already taken."""
+        return plan.required_bytes - (CUDA_CONTEXT_BYTES if self.context_taken else 0)
+
     @property
     def needed_bytes(self) -> int:
-        """What must fit in the budget: the plan's requirement, less the CUDA context when it is already taken."""
-        return self.plan.required_bytes - (CUDA_CONTEXT_BYTES if self.context_taken else 0)
+        return self.needed(self.plan)
 
     @property
     def fits(self) -> bool:
@@ -830,7 +842,13 @@ class RunPlan:
             "budget_source": self.budget_source,
             **self.plan.to_dict(),
             "alternatives": [
-                {"change": a.change, "peak_bytes": a.plan.peak_bytes, "required_bytes": a.plan.required_bytes, "fits": a.fits}
+                {
+                    "change": a.change,
+                    "peak_bytes": a.plan.peak_bytes,
+                    "required_bytes": a.plan.required_bytes,
+                    "needed_bytes": self.needed(a.plan),
+                    "fits": a.fits,
+                }
                 for a in self.alternatives
             ],
         }
@@ -881,7 +899,9 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
 
     img_size, max_length = resolve_lengths(cfg, config)
     hd_num = resolve_hd_num(cfg, config)
-    files = read_data(cfg.data.data_path, load_tokenizer(cfg.model.model_name_or_path), img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+    files = read_data(
+        cfg.data.data_path, load_tokenizer(cfg.model.model_name_or_path), img_size, max_length, cfg.data.given_num, hd_num=hd_num
+    )
     lengths, slots, views = [], [], []
     for fd in files:
         for k, (conv, n) in enumerate(zip(fd.conversations, fd.lengths)):
@@ -958,10 +978,16 @@ def describe_settings(shape: ModelShape, st: PlanSettings) -> str:
     if st.use_lora:
         mode += f" r {st.lora_r}"
     where = f"{st.gpus} GPU{'s' if st.gpus > 1 else ''}" if st.device == "cuda" else "CPU"
-    zero = f", ZeRO-{st.zero_stage}" + (" + offload" if st.offload_optimizer or st.offload_params else "") if st.zero_stage else ""
+    zero = (
+        f", ZeRO-{st.zero_stage}" + (" + offload" if st.offload_optimizer or st.offload_params else "") if st.zero_stage else ""
+    )
     hd = f", hd_num {st.hd_num}" if shape.hd else ""
+    frozen = {4: "float32", 2: "float16" if st.amp == "fp16" or st.model_dtype == "float16" else "bfloat16"}[
+        int(_dtypes(shape, st).frozen)
+    ]
+    weights = f"{st.bits}-bit linears + {frozen}" if st.bits in (4, 8) else st.model_dtype
     return (
-        f"{mode}, {st.amp or st.model_dtype}, weights {st.model_dtype}, checkpointing {'on' if st.checkpointing else 'off'}, "
+        f"{mode}, {st.amp or 'no mixed precision'}, weights {weights}, checkpointing {'on' if st.checkpointing else 'off'}, "
         f"batch {st.batch}{', packed' if st.packing else ''}{hd}, {st.optim}{zero}, {where}"
     )
 
@@ -980,16 +1006,18 @@ def format_plan(run: RunPlan) -> str:
     for part in plan.parts:
         lines.append(f"    {part.name:<22}{_gib(part.bytes)}   {part.note}")
     lines.append(f"    {'= live tensors':<22}{_gib(plan.peak_bytes)}")
-    extra = "CUDA context and allocator" if st.device == "cuda" else "Python, torch and libraries"
-    lines.append(f"    {'+ ' + extra:<22}{_gib(plan.overhead_bytes)}" if len(extra) < 20 else f"    + {extra}: {plan.overhead_bytes / GIB:.2f} GiB")
+    extra = "CUDA context, allocator slack" if st.device == "cuda" else "Python, torch, libraries"
+    lines.append(f"    {'+ runtime':<22}{_gib(plan.overhead_bytes)}   {extra}")
     verdict = "fits" if run.fits else "does NOT fit"
-    lines.append(f"  needs {run.needed_bytes / GIB:.2f} GiB of {run.budget_bytes / GIB:.2f} GiB {device} ({run.budget_source}): {verdict}")
-    shown = [a for a in run.alternatives if a.plan.required_bytes < plan.required_bytes][:6]
+    lines.append(
+        f"  needs {run.needed_bytes / GIB:.2f} GiB of {run.budget_bytes / GIB:.2f} GiB {device} ({run.budget_source}): {verdict}"
+    )
+    shown = [a for a in run.alternatives if a.plan.required_bytes < plan.required_bytes][:8]
     if shown:
         lines.append("  changes that lower it (each planned anew):")
         lines.append(f"    {'change':<66}{'needs':>11}  fits")
         for alt in shown:
-            lines.append(f"    {alt.change:<66}{alt.plan.required_bytes / GIB:7.2f} GiB  {'yes' if alt.fits else 'no'}")
+            lines.append(f"    {alt.change:<66}{run.needed(alt.plan) / GIB:7.2f} GiB  {'yes' if alt.fits else 'no'}")
     return "\n".join(lines)
 
 
@@ -999,7 +1027,7 @@ def refusal(run: RunPlan) -> str:
     fix = ("; it fits with " + " or ".join(fixes)) if fixes else "; no single change makes it fit (see xcft plan)"
     return (
         f"the memory plan needs {run.needed_bytes / GIB:.1f} GiB per GPU ({run.plan.phase}: "
-        + ", ".join(f"{p.name} {p.bytes / GIB:.1f}" for p in run.plan.parts[:4])
+        + ", ".join(f"{p.name} {p.bytes / GIB:.1f}" for p in sorted(run.plan.parts, key=lambda p: -p.bytes)[:4])
         + f" GiB) but {run.budget_source} is {run.budget_bytes / GIB:.1f} GiB{fix}; "
         "pass --ignore_memory_plan true to try anyway"
     )
@@ -1014,26 +1042,26 @@ def _read_json(path: str) -> dict[str, Any]:
 
 __all__ = [
     "GPU_MEMORY_GIB",
-    "RunPlan",
-    "host_memory",
-    "model_shape",
-    "plan_for_config",
     "Alternative",
     "MemoryPlan",
     "ModelShape",
     "Part",
     "PlanSettings",
+    "RunPlan",
     "SampleShape",
     "alternatives",
     "check_memory_plan",
     "compute_plan",
     "default_allocator_settings",
+    "default_sample",
     "describe_settings",
     "format_plan",
-    "refusal",
-    "default_sample",
+    "host_memory",
     "largest_batch",
+    "model_shape",
     "parse_gpu_memory",
+    "plan_for_config",
+    "refusal",
     "sample_from_lengths",
     "settings_from_config",
 ]

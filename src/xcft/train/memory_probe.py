@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ class LiveTensorProbe(TorchDispatchMode):
                 self.current_bytes += nbytes - entry[0]
                 self.live[key] = (nbytes, entry[1])
             return
-        ref = weakref.ref(st, lambda r, k=key: self._forget(k, r))
+        ref: weakref.ref[torch.UntypedStorage] = weakref.ref(st, partial(self._forget, key))
         self.live[key] = (nbytes, ref)
         self.current_bytes += nbytes
         if self.detail:
@@ -177,7 +178,7 @@ def measure_training_peak(
     start = probe.current_bytes
     with probe:
         trainer.train()
-    out = {"peak_bytes": probe.peak_bytes, "start_bytes": start, "peak_op": probe.peak_op}
+    out: dict[str, Any] = {"peak_bytes": probe.peak_bytes, "start_bytes": start, "peak_op": probe.peak_op}
     if detail:
         out["peak_detail"] = dict(sorted(probe.peak_detail.items(), key=lambda kv: -kv[1]))
     return out

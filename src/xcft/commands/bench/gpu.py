@@ -11,6 +11,7 @@ MFU and peak memory; a failing run (e.g. out of memory) is reported and the othe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -25,6 +26,7 @@ import transformers
 from xcft.commands.bench.options import TrainBenchOptions
 from xcft.commands.bench.train import _train_argv, prepare_model, run_train_bench
 from xcft.train.args import parse_train_args
+from xcft.train.memory_plan import ModelShape, SampleShape, compute_plan, settings_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +86,11 @@ def run_gpu_check(
         )
         entry: dict[str, Any] = {"config": name, "activation_checkpointing": ac, "packing": packed}
         try:
+            entry["plan"] = planned_memory(opts, length)
             r = run_train_bench(opts, prepared=prepared)
             entry.update(r)
+            if "peak_gpu_bytes" in r:
+                entry["peak_over_plan"] = r["peak_gpu_bytes"] / entry["plan"]["peak_bytes"]
         except Exception as exc:  # report and go on: one failing configuration must not hide the others
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -95,6 +100,34 @@ def run_gpu_check(
         results.append(entry)
         print(_line(entry), flush=True)
     return results
+
+
+def planned_memory(opts: TrainBenchOptions, row_length: int) -> dict[str, Any]:
+    """The memory plan of one check run (its JSON form), for the synthetic rows it trains on.
+
+    Rows of ``row_length`` positions; each sample has ``opts.synthetic_images`` images and its last 40 %
+    supervised (see :class:`~xcft.commands.bench.train.SyntheticDataset`); packed rows hold
+    ``row_length // opts.synthetic`` samples.
+    """
+    assert opts.preset is not None and opts.synthetic, "the GPU check runs presets on synthetic data"
+    cfg = parse_train_args(_train_argv(opts, "/tmp/xcft-gpu-check"))
+    from xcft.model.presets import preset_config
+
+    shape = ModelShape.from_config(preset_config(opts.preset))
+    settings = settings_from_config(cfg, shape, device="cuda" if torch.cuda.is_available() else "cpu", gpus=1)
+    if opts.bf16:  # the check builds the preset in bf16 (prepare_model), frozen weights included
+        settings = dataclasses.replace(settings, model_dtype="bfloat16")
+    per_row = max(1, row_length // opts.synthetic) if opts.packing else 1
+    slots = opts.synthetic_images * shape.image_tokens()
+    targets = opts.synthetic - max(1, int(opts.synthetic * 0.6))
+    sample = SampleShape(
+        per_row * opts.synthetic,
+        per_row * slots,
+        per_row * opts.synthetic_images,
+        per_row * targets,
+        "the GPU check's synthetic rows",
+    )
+    return compute_plan(shape, settings, sample).to_dict()
 
 
 def _line(e: dict[str, Any]) -> str:
@@ -108,6 +141,11 @@ def _line(e: dict[str, Any]) -> str:
         f"{e['config']:<14} {e['tokens_per_s']:10.0f} tokens/s  {e['seconds_per_step']:7.3f} s/step  MFU {mfu_s}  "
         f"peak {where} {gib:6.2f} GiB  {e['tokens_per_step']:.0f} tokens/step  padding {e['padding_fraction']:.3f}  "
         f"attention {e['attn_implementation']}  checkpointing active {e['activation_checkpointing_active']}  calibration {e['calibration_gflops']:.0f} GFLOP/s"
+        + (
+            f"  plan {e['plan']['peak_bytes'] / 1024**3:.2f} GiB (measured/plan {e['peak_over_plan']:.3f})"
+            if "peak_over_plan" in e
+            else ""
+        )
     )
 
 
