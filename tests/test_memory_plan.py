@@ -155,6 +155,17 @@ def test_parameter_counts_match_the_models():
         assert shape.base_linear_params() == linears
 
 
+def test_official_2_5_folder_is_planned_as_2_5(fixture_2d5_dir):
+    """An official 2.5 folder says internlm2 in config.json: the family comes from the weight names in the header."""
+    from xcft.model.loading import load_model
+    from xcft.train.memory_plan import model_shape
+
+    shape, _ = model_shape(str(fixture_2d5_dir))
+    model = load_model(fixture_2d5_dir, dtype=torch.float32, device="cpu")
+    assert shape.family == "2.5" and shape.img_size == model.config.img_size and shape.plora_r == model.config.plora_r
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+
+
 def test_2_5_image_tokens_agree_with_the_config():
     config = preset_config("7b-2.5")
     shape = ModelShape.from_config(config)
@@ -202,6 +213,39 @@ def test_plan_orders_the_obvious():
     assert full > lora
     zero3 = compute_plan(shape, dataclasses.replace(base, use_lora=False, model_dtype="float32", zero_stage=3, gpus=8))
     assert zero3.peak_bytes < full
+
+
+def test_sample_from_real_lengths_unpacked_and_packed():
+    from xcft.train.memory_plan import sample_from_lengths
+
+    lengths, slots, views = [300, 1200, 900], [0, 1000, 600], [0, 2, 1]
+    unpacked = sample_from_lengths(lengths, slots, views, PlanSettings(), 2048)
+    assert (unpacked.positions, unpacked.image_slots, unpacked.views) == (1200, 1000, 2)
+    packed = sample_from_lengths(lengths, slots, views, PlanSettings(packing=True), 2048)
+    assert packed.positions == 2048 and packed.image_slots == 1707  # the densest sample's share of a row
+    assert packed.views == 4 and packed.targets == 2048 - 1707 - 1
+
+
+def test_settings_read_the_deepspeed_config(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = parse_train_args(
+        ["--model_name_or_path", "preset:7b", "--output_dir", str(tmp_path), "--use_cpu", "true",
+         "--per_device_train_batch_size", "1", "--gpus", "8"],
+        require_data=False,
+    )  # fmt: skip
+    cfg.training.deepspeed = str(root / "configs" / "ds_zero3_offload.json")  # read as a file, as the Trainer does
+    st = settings_from_config(cfg, _7b(), device="cuda", gpus=8)
+    assert (st.zero_stage, st.offload_optimizer, st.offload_params, st.gpus) == (3, True, True, 8)
+    cfg.training.deepspeed = str(root / "configs" / "ds_zero2.json")
+    st2 = settings_from_config(cfg, _7b(), device="cuda", gpus=8)
+    assert st2.zero_stage == 2 and not st2.offload_optimizer
+    full = dataclasses.replace(st2, amp="bf16")
+    assert (
+        compute_plan(_7b(), dataclasses.replace(full, gpus=8)).peak_bytes
+        < compute_plan(_7b(), dataclasses.replace(full, gpus=2)).peak_bytes
+    )
 
 
 # ---------------------------------------------------------------------------- xcft plan / xcft train

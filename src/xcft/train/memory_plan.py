@@ -781,9 +781,10 @@ def model_shape(path: str) -> tuple[ModelShape, Any]:
         pos = names.get(POSITION_KEY)
         if pos:
             overrides["img_size"] = math.isqrt(pos[0] - 1) * 14
+    plora = next((shape for name, shape in names.items() if name.endswith("Plora_A.weight") and shape), None)
+    if plora:  # the loader takes the Partial-LoRA rank from the weights, as here
+        overrides["plora_r"] = int(plora[0])
     config = load_config(folder, **overrides)
-    if not config.family and "family" not in overrides:
-        config.family = "2.0"
     return ModelShape.from_config(config), config
 
 
