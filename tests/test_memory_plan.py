@@ -27,10 +27,10 @@ from xcft.train.memory_plan import (
     PlanSettings,
     compute_plan,
     default_sample,
-    hd_worst_grid,
     parse_gpu_memory,
     plan_for_config,
     settings_from_config,
+    worst_hd_grid,
 )
 from xcft.train.memory_probe import LiveTensorProbe, measure_training_peak
 from xcft.train.setup import prepare_model_for_training
@@ -68,7 +68,10 @@ def measure_case(preset: str, mode: str, checkpointing: bool, out) -> tuple[int,
 
         model = quantize_model(model, bits=4, compute_dtype=torch.float32, device="cpu")
     model = prepare_model_for_training(cfg, model)
-    grid = hd_worst_grid(shape, int(settings.hd_num or 0), length - 8) if shape.hd else None
+    room = length - 8
+    grid = (
+        worst_hd_grid(int(settings.hd_num or 0), shape.img_size, lambda g: shape.image_tokens(*g) <= room) if shape.hd else None
+    )
     data = SyntheticDataset(
         4,
         length,
@@ -171,8 +174,8 @@ def test_2_5_image_tokens_agree_with_the_config():
     shape = ModelShape.from_config(config)
     for grid in [(1, 1), (2, 3), (3, 6)]:
         assert shape.image_tokens(*grid) == config.hd_image_tokens(*grid)
-    grid = hd_worst_grid(shape, 18, 16384)
-    assert grid is not None and grid[0] * grid[1] == 18
+    grid = worst_hd_grid(18, 560)
+    assert grid == (18, 1) and shape.image_tokens(*grid) == 7981
 
 
 def test_parse_gpu_memory():

@@ -308,14 +308,21 @@ class MemoryPlan:
 # ============================================================================ sample shape
 
 
-def hd_worst_grid(shape: ModelShape, hd_num: int, room: int) -> tuple[int, int] | None:
-    """The 2.5 crop grid (rows, cols) with at most ``hd_num`` crops and the most slots that fit in ``room``."""
-    best: tuple[int, int] | None = None
-    for r in range(1, hd_num + 1):
-        for c in range(1, hd_num // r + 1):
-            if shape.image_tokens(r, c) <= room and (best is None or shape.image_tokens(r, c) > shape.image_tokens(*best)):
-                best = (r, c)
-    return best
+def worst_hd_grid(hd_num: int, view_size: int, fits: Any = None) -> tuple[int, int] | None:
+    """The 2.5 crop grid (rows, cols) an image can get at ``hd_num`` with the most crops, then the most
+    rows (so the most slots), among those ``fits(grid)`` accepts; None when none does.
+
+    The grids are those the training transform really produces (:func:`hd_crop_grid` over every aspect ratio).
+    """
+    from xcft.model.image_processing_xcomposer2 import hd_crop_grid
+
+    grids = {
+        hd_crop_grid(view_size * cols, view_size * rows, hd_num, view_size=view_size)
+        for rows in range(1, hd_num + 1)
+        for cols in range(1, hd_num // rows + 1)
+    }
+    allowed = [g for g in grids if fits is None or fits(g)]
+    return max(allowed, key=lambda g: (g[0] * g[1], g[0])) if allowed else None
 
 
 def default_sample(shape: ModelShape, settings: PlanSettings) -> SampleShape:
@@ -326,7 +333,7 @@ def default_sample(shape: ModelShape, settings: PlanSettings) -> SampleShape:
     slots, views, note = 0, 0, "no image fits"
     if shape.hd:
         hd_num = int(settings.hd_num or DEFAULT_HD_NUM)
-        grid = hd_worst_grid(shape, hd_num, room)
+        grid = worst_hd_grid(hd_num, shape.img_size, lambda g: shape.image_tokens(*g) <= room)
         if grid is not None:
             slots, views = shape.image_tokens(*grid), 1 + grid[0] * grid[1]
             note = f"one image of {grid[0]}x{grid[1]} crops"
@@ -450,12 +457,11 @@ def _dtypes(sh: ModelShape, st: PlanSettings) -> _Dtypes:
 
 
 def _quantized_bytes(params: int, rows: int, st: PlanSettings) -> float:
-    if st.bits == 4:
-        absmax = 1 / 64 + 4 / (64 * 256) if st.double_quant else 4 / 64
-        return params * (0.5 + absmax)
-    if st.bits == 8:
-        return params * 1.0 + rows * 4
-    raise ValueError(st.bits)
+    """Storage of the quantized decoder linears: bitsandbytes' bits per weight (scales included), 8 bit
+    with a float32 scale per output row."""
+    from xcft.model.quantization import bits_per_weight
+
+    return params * bits_per_weight(st.bits, st.double_quant) / 8 + (rows * 4 if st.bits == 8 else 0)
 
 
 def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = None) -> MemoryPlan:
@@ -1065,4 +1071,5 @@ __all__ = [
     "refusal",
     "sample_from_lengths",
     "settings_from_config",
+    "worst_hd_grid",
 ]

@@ -1,4 +1,4 @@
-"""QLoRA in ``xcft train``: which runs may use ``--bits 4/8``, the dtype weights load in, the load-time quantization.
+"""QLoRA in ``xcft train``: the dtype weights load in and their quantization right after loading.
 
 ``--bits 4`` (or 8) stores the frozen decoder linears with bitsandbytes (see
 :mod:`xcft.model.quantization`) and trains peft LoRA adapters on top, as ``--use_lora`` does. The

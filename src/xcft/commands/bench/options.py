@@ -25,11 +25,17 @@ class TrainBenchOptions:
     """One benchmark run (the ``xcft bench train`` flags)."""
 
     model: str | None = _opt(None, "model folder, as for xcft train")
-    preset: str | None = _opt(None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b"])
+    preset: str | None = _opt(
+        None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"]
+    )
     data: str | None = _opt(None, "data.txt or JSON file, as for xcft train")
     sources: Sequence[str] = _opt((), "keep only data.txt files whose path contains this (repeatable)", "--source")
     synthetic: int | None = _opt(None, "synthetic samples of LENGTH tokens instead of --data", metavar="LENGTH")
     synthetic_images: int = _opt(1, "images per synthetic sample")
+    hd_num: int | None = _opt(
+        None,
+        "2.5 models: crop budget (xcft train --hd_num; default 18); synthetic images get the largest crop grid it allows",
+    )
     batch_size: int = _opt(1, "samples per step (rows per step with --packing)")
     packing: bool = _opt(False, "pack samples into rows of max_length")
     group_by_length: bool = _opt(False, "length-grouped batches (unpacked runs)")
@@ -38,6 +44,7 @@ class TrainBenchOptions:
     max_length: int | None = _opt(None, "token limit (default: the model's)")
     workers: int = _opt(0, "DataLoader workers (dataloader_num_workers)")
     use_lora: bool = _opt(False, "LoRA (use_lora true) instead of a full finetune", "--lora")
+    bits: int = _opt(16, "decoder linears in 4 or 8 bit (xcft train --bits; QLoRA with --lora)", choices=[4, 8, 16])
     fix_vit: bool = _opt(True, "train the vision tower too (xcft train --fix_vit false)", "--no-fix-vit")
     bf16: bool = _opt(False, "bf16 mixed precision (frozen weights in bf16 with --preset)")
     activation_checkpointing: bool = _opt(False, "activation (gradient) checkpointing")

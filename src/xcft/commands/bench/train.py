@@ -42,7 +42,9 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_lengths
+from xcft.train.datasets import resolve_hd_num, resolve_lengths
+from xcft.train.memory_plan import worst_hd_grid
+from xcft.train.qlora import quantize_for_training
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 
@@ -128,6 +130,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return item
 
 
+def largest_grid(hd_num: int, view_size: int) -> tuple[int, int]:
+    """The crop grid with the most crops (then slots) that a 2.5 image can get at ``hd_num`` (worst case for memory)."""
+    grid = worst_hd_grid(hd_num, view_size)
+    assert grid is not None, "every hd_num >= 1 allows a 1x1 grid"
+    return grid
+
+
 def _segments(item: dict[str, Any]) -> list[int]:
     n = int(item["input_ids"].shape[0])
     pos = item.get("position_ids")
@@ -179,26 +188,29 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
     if opts.synthetic:
         pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
         per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
+        grid = largest_grid(resolve_hd_num(cfg, base_config) or 1, img_size) if base_config.hd else None
         ds: Any = SyntheticDataset(
             rows_needed * per_row,
             opts.synthetic,
             opts.synthetic_images,
-            int(base_config.image_tokens),
+            int(base_config.hd_image_tokens(*grid) if grid else base_config.image_tokens),
             img_size,
             int(base_config.vocab_size),
             pad,
             opts.seed,
+            grid=grid,
         )
     else:
         img_size, max_length = resolve_lengths(cfg, base_config)
-        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num)
+        hd_num = resolve_hd_num(cfg, base_config)
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
         if opts.sources:
             files = [f for f in files if any(s in f.display for s in opts.sources)]
             if not files:
                 raise XcftError(f"--source {' '.join(opts.sources)}: no data file of {opts.data} matches")
         samples = rows_needed
         while True:
-            ds = XComposerDataset(_scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed)
+            ds = XComposerDataset(_scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed, hd_num=hd_num)
             if not opts.packing:
                 break
             ds = PackedDataset(ds, max_length)
@@ -300,6 +312,10 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
         "--fix_vit",
         str(opts.fix_vit).lower(),
     ]
+    if opts.bits != 16:
+        argv += ["--bits", str(opts.bits)]
+    if opts.hd_num is not None:
+        argv += ["--hd_num", str(opts.hd_num)]
     if not torch.cuda.is_available():
         argv += ["--use_cpu", "true"]
     if opts.bf16:
@@ -347,6 +363,9 @@ def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
         model = build_model(
             opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu", attn_implementation=attn or "sdpa"
         )
+        model = quantize_for_training(cfg, model)  # --bits 4/8: as xcft train does after loading
+        if cuda:
+            torch.cuda.empty_cache()  # the full-precision linears quantized away leave no reserved memory behind
         tokenizer = None
     else:
         model, tokenizer = load_base_model(cfg)
@@ -451,6 +470,9 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "group_by_length": opts.group_by_length,
         "supervised_head": not opts.full_head,
         "use_lora": bool(cfg.model.use_lora),
+        "bits": int(cfg.model.bits),
+        "hd_num": resolve_hd_num(cfg, base_config),
+        "image_grid": list(train_ds.grid) if getattr(train_ds, "grid", None) else None,
         "bf16": opts.bf16,
         "cpu_reuse_memory": reuse_memory,
         "activation_checkpointing": opts.activation_checkpointing,
@@ -468,6 +490,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     }
     if cuda:
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_gpu_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
         peak = gpu_peak_flops(result["device"], half=opts.bf16)
         result["mfu"] = achieved / peak if peak else None
     else:
