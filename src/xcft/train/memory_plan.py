@@ -548,19 +548,29 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
     trans = _layer_backward_transient(sh, st, t, d)
     layer_grads = (grads - (4 * 2 * v * h if full else 0)) / max(1, sh.layers)
     recomputed = layer - residual  # its input is the checkpoint
+    # Mixed precision on float32 decoder weights: autocast casts each matmul weight to the half dtype
+    # and the matmul keeps the copy for its backward. Trained weights' copies are also cached until
+    # the forward ends (checkpointing or not); frozen ones live only while a layer's graph does.
+    linear_weights = sh.base_linear_params() + sh.plora_params()
+    casts_all = casts_forward = 0.0
+    if st.amp and not st.zero_stage and (full or (d.frozen == 4 and st.bits == 16)):
+        casts_all = 2 * linear_weights
+        casts_forward = casts_all if (full or not st.checkpointing) else 0
+    casts_layer = casts_all / max(1, sh.layers)
+    saved_casts = 0 if st.checkpointing else casts_all
     common = {"weights": weight_bytes, "optimizer state": states, "communication buffers": zero_buffers}
     phases: dict[str, dict[str, float]] = {
         "forward end": {
             **common,
             "batch": batch_bytes,
-            "activations": layers_saved + final_norm + around,
+            "activations": layers_saved + final_norm + around + casts_forward,
             "output head": head_inputs + head_weight_grad + head_chunk,
         },
         # the head's backward only scales what its forward computed: a scaled copy of each gradient
         "head backward": {
             **common,
             "batch": batch_bytes,
-            "activations": layers_saved + final_norm + around,
+            "activations": layers_saved + final_norm + around + saved_casts,
             "output head": n_targets * h * d.residual * 2,
             "gradients": 2 * head_weight_grad,
         },
@@ -572,21 +582,21 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
             **common,
             "batch": batch_bytes,
             "activations": layers_saved + around,
-            "backward working set": recomputed + trans,
+            "backward working set": recomputed + trans + casts_layer,
             "gradients": head_weight_grad,
         }
         phases["backward, first layer"] = {
             **common,
             "batch": batch_bytes,
             "activations": residual + around,
-            "backward working set": recomputed + trans,
+            "backward working set": recomputed + trans + casts_layer,
             "gradients": grads - layer_grads - (4 * v * h if full else 0),
         }
     else:
         phases["backward"] = {
             **common,
             "batch": batch_bytes,
-            "activations": layers_saved + around,
+            "activations": layers_saved + around + saved_casts,
             "backward working set": trans,
             "gradients": head_weight_grad + layer_grads,
         }
