@@ -111,6 +111,28 @@ def test_plan_within_10_percent_of_measured_live_tensors(preset, mode, checkpoin
     )
 
 
+def test_packed_rows_within_10_percent(tmp_path):
+    """Packed rows: SDPA gets a block-diagonal mask (kept per layer as an additive bias) and repeated k / v."""
+    from xcft.data.packing import PackedDataset, PackingCollator
+    from xcft.train.memory_plan import SampleShape
+
+    length = 1024
+    cfg = parse_train_args([*_argv(tmp_path, length, "full", False), "--packing", "true"])
+    model = build_model("tiny")
+    shape = ModelShape.from_config(model.config)
+    settings = settings_from_config(cfg, shape, device="cpu", gpus=1)
+    assert settings.attention_mask
+    model = prepare_model_for_training(cfg, model)
+    half = length // 2  # two samples per row, one image each
+    data = PackedDataset(
+        SyntheticDataset(8, half, 1, shape.image_tokens(), shape.img_size, shape.vocab, 2, supervised_fraction=1.0), length
+    )
+    sample = SampleShape(length, 2 * shape.image_tokens(), 2, 2 * (half - shape.image_tokens() - 1), "two packed samples")
+    planned = compute_plan(shape, settings, sample).peak_bytes
+    measured = measure_training_peak(model, cfg.training, data, PackingCollator(pad_token_id=2))["peak_bytes"]
+    assert abs(planned / measured - 1) <= TOLERANCE, (planned, measured)
+
+
 # ---------------------------------------------------------------------------- the probe itself
 
 

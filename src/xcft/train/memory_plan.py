@@ -252,6 +252,8 @@ class PlanSettings:
     max_length: int | None = None
     hd_num: int | None = None
     device: str = "cuda"  # "cuda" or "cpu"
+    attention_mask: bool = False  # rows carry a mask (packing, or padded rows of different lengths)
+    flash_attention: bool = False  # flash_attention_2 (no mask tensor; xcft train uses SDPA)
 
 
 @dataclass(frozen=True)
@@ -380,7 +382,7 @@ def _optimizer_bytes_per_param(optim: str) -> float:
     return 8.0  # AdamW / Adam: two float32 moments
 
 
-def _layer_saved(sh: ModelShape, st: PlanSettings, t: int, m: int, d: _Dtypes) -> int:
+def _layer_saved(sh: ModelShape, st: PlanSettings, t: int, m: int, d: _Dtypes, mask_elems: int = 0) -> int:
     """Bytes autograd keeps for one decoder layer's backward: ``t`` positions, ``m`` of them image slots.
 
     Counted as the modeling code runs: RMSNorm in float32 (inputs, 1/rms, the normalised input when
@@ -402,6 +404,11 @@ def _layer_saved(sh: ModelShape, st: PlanSettings, t: int, m: int, d: _Dtypes) -
     total += t * sh.qkv_width * c  # qkv (v is a view of it)
     total += t * o * c + t * sh.kv_heads * sh.head_dim * c  # rotated q and k
     total += t * o * c + sh.heads * t * 4  # attention output + log-sum-exp
+    if st.attention_mask and not st.flash_attention:
+        # SDPA with a mask: the mask as an additive bias in the matmul dtype, and k / v repeated per query head
+        total += mask_elems * c
+        if sh.kv_heads < sh.heads:
+            total += 2 * t * o * c - t * sh.kv_heads * sh.head_dim * c
     total += 3 * t * i * c  # w1 out, w3 out, silu(w1 out)
     if full:
         total += t * i * lin_in  # silu * w3: the input w2 keeps
@@ -523,7 +530,8 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
     batch_bytes = 2 * one_batch
 
     # ---- activations
-    layer = _layer_saved(sh, st, t, m, d)
+    mask_elems = b * sample.positions**2 if st.attention_mask and not st.flash_attention else 0
+    layer = _layer_saved(sh, st, t, m, d, mask_elems)
     residual = t * h * d.residual
     proj_saved = 0 if st.fix_sampler else m * (sh.projector_input * d.saved_input + 2 * sh.projector_hidden * d.compute)
     vit_saved = 0
@@ -750,6 +758,7 @@ def settings_from_config(cfg: Any, shape: ModelShape, *, device: str, gpus: int)
         gpus=gpus,
         batch=int(args.per_device_train_batch_size),
         packing=bool(cfg.data.packing),
+        attention_mask=bool(cfg.data.packing),
         max_length=int(cfg.data.max_length or shape.max_length),
         hd_num=(int(cfg.data.hd_num) if cfg.data.hd_num else DEFAULT_HD_NUM) if shape.hd else None,
         device=device,
@@ -891,7 +900,9 @@ def plan_for_config(cfg: Any, *, read_data_files: bool = True, free_gpu_bytes: i
     settings = settings_from_config(cfg, shape, device=device, gpus=gpus)
     sample, files = None, None
     if read_data_files and cfg.data.data_path and not path.startswith(PRESET_PREFIX):
-        sample, files = _data_sample(cfg, config, shape, settings)
+        sample, files, varied = _data_sample(cfg, config, shape, settings)
+        if varied and settings.batch > 1:  # rows of different lengths are padded: SDPA gets a mask
+            settings = dataclasses.replace(settings, attention_mask=True)
     plan = compute_plan(shape, settings, sample)
     taken = free_gpu_bytes is not None and not mem.gpu_memory
     alts = alternatives(shape, settings, sample, budget + (CUDA_CONTEXT_BYTES if taken else 0))
@@ -908,7 +919,7 @@ def _visible_device_budget(use_cpu: bool) -> tuple[int, str, str]:
     return avail, f"available host RAM ({avail / GIB:.1f} of {total / GIB:.1f} GiB)", "cpu"
 
 
-def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSettings) -> tuple[SampleShape, Any]:
+def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSettings) -> tuple[SampleShape, Any, bool]:
     """The largest row of the real data: lengths and crop grids as the data reader knows them (no decoding)."""
     from xcft.data.dataset import read_data
     from xcft.model.loading import load_tokenizer
@@ -931,7 +942,8 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
             lengths.append(n)
             slots.append(min(s, n))
             views.append(vw)
-    return sample_from_lengths(lengths, slots, views, settings, max_length), (files, (img_size, max_length, hd_num))
+    sample = sample_from_lengths(lengths, slots, views, settings, max_length)
+    return sample, (files, (img_size, max_length, hd_num)), len(set(lengths)) > 1
 
 
 #: The allocator setting xcft trains with on a GPU unless the user chose one: segments that grow in

@@ -30,7 +30,7 @@ import torch
 import transformers
 
 from xcft.commands.bench.options import TrainBenchOptions
-from xcft.commands.bench.train import _train_argv, largest_grid, prepare_model, run_train_bench
+from xcft.commands.bench.train import _resolve_attn, _train_argv, largest_grid, prepare_model, run_train_bench
 from xcft.train.args import parse_train_args
 from xcft.train.memory_plan import ModelShape, SampleShape, compute_plan, settings_from_config
 
@@ -128,6 +128,8 @@ def planned_memory(opts: TrainBenchOptions, row_length: int) -> dict[str, Any]:
     settings = settings_from_config(cfg, shape, device="cuda" if torch.cuda.is_available() else "cpu", gpus=1)
     if opts.bf16:  # the check builds the preset in bf16 (prepare_model), frozen weights included
         settings = dataclasses.replace(settings, model_dtype="bfloat16")
+    if _resolve_attn(opts.attn, torch.cuda.is_available()) == "flash_attention_2":  # packed rows need no mask tensor
+        settings = dataclasses.replace(settings, flash_attention=True)
     per_row = max(1, row_length // opts.synthetic) if opts.packing else 1
     grid = largest_grid(settings.hd_num or 1, shape.img_size) if shape.hd else (1, 1)  # as build_bench_data
     slots = opts.synthetic_images * shape.image_tokens(*grid)
