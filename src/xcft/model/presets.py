@@ -5,7 +5,8 @@
 straight on the GPU: ``build_model("7b", device="cuda", dtype=torch.bfloat16)``).
 ``tiny-2.5`` and ``7b-2.5`` are the InternLM-XComposer-2.5 family (HD crops, separators): the
 tiny one with 224 px views (145 slots for a 1x1 crop grid) so it trains on a CPU, the 7b one the
-released internlm-xcomposer2d5-7b shape (CLIP ViT-L/14 at 560 px, 16384 tokens).
+released internlm-xcomposer2d5-7b shape (CLIP ViT-L/14 at 560 px, 16384 tokens); ``small-2.5`` is the
+``small`` shape with 448 px HD views (the memory plan's tests).
 """
 
 from __future__ import annotations
