@@ -916,7 +916,7 @@ def _visible_device_budget(use_cpu: bool) -> tuple[int, str, str]:
         total = torch.cuda.get_device_properties(0).total_memory
         return int(total), f"{torch.cuda.get_device_name(0)} ({total / GIB:.1f} GiB)", "cuda"
     total, avail = host_memory()
-    return avail, f"available host RAM ({avail / GIB:.1f} of {total / GIB:.1f} GiB)", "cpu"
+    return avail, f"available of {total / GIB:.1f} GiB", "cpu"
 
 
 def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSettings) -> tuple[SampleShape, Any, bool]:
@@ -988,10 +988,10 @@ def check_memory_plan(cfg: Any) -> RunPlan:
         raise XcftError(refusal(run))
     if main:
         logger.warning(
-            "the memory plan (%.1f GiB) is above %s (%.1f GiB); %s",
-            run.needed_bytes / GIB,
+            "the memory plan (%s) is above %s (%s); %s",
+            _size(run.needed_bytes),
             run.budget_source,
-            run.budget_bytes / GIB,
+            _size(run.budget_bytes),
             "going on as --ignore_memory_plan true asks" if on_gpu else "the run may swap or be stopped by the system",
         )
     return run
@@ -1026,7 +1026,7 @@ def format_plan(run: RunPlan) -> str:
     plan, st, sh = run.plan, run.plan.settings, run.shape
     device = "GPU" if st.device == "cuda" else "host RAM"
     lines = [
-        f"memory plan for {run.model} (InternLM-XComposer {sh.family}, {plan.params['total'] / 1e9:.2f} B parameters)",
+        f"memory plan for {run.model} (InternLM-XComposer {sh.family}, {_count(plan.params['total'])} parameters)",
         f"  run:     {describe_settings(sh, st)}",
         f"  sample:  {plan.sample.source}; per row {plan.sample.positions:,} positions, {plan.sample.image_slots:,} image slots, "
         f"{plan.sample.targets:,} supervised targets",
@@ -1050,14 +1050,22 @@ def format_plan(run: RunPlan) -> str:
     return "\n".join(lines)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / MIB:.0f} MiB"
+
+
 def refusal(run: RunPlan) -> str:
     """The one line ``xcft train`` stops with when the plan does not fit the GPU's free memory."""
     fixes = [a.change for a in run.alternatives if a.fits][:3]
     fix = ("; it fits with " + " or ".join(fixes)) if fixes else "; no single change makes it fit (see xcft plan)"
     return (
-        f"the memory plan needs {run.needed_bytes / GIB:.1f} GiB per GPU ({run.plan.phase}: "
-        + ", ".join(f"{p.name} {p.bytes / GIB:.1f}" for p in sorted(run.plan.parts, key=lambda p: -p.bytes)[:4])
-        + f" GiB) but {run.budget_source} is {run.budget_bytes / GIB:.1f} GiB{fix}; "
+        f"the memory plan needs {_size(run.needed_bytes)} per GPU ({run.plan.phase}: "
+        + ", ".join(f"{p.name} {_size(p.bytes)}" for p in sorted(run.plan.parts, key=lambda p: -p.bytes)[:4])
+        + f") but {run.budget_source} is {_size(run.budget_bytes)}{fix}; "
         "pass --ignore_memory_plan true to try anyway"
     )
 
