@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from xcft.errors import XcftError
+from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,16 @@ CUDA_CONTEXT_BYTES = int(0.75 * GIB)
 ALLOCATOR_SLACK = 0.05
 #: On a CPU: the Python process, torch and the libraries, before any tensor.
 HOST_RUNTIME_BYTES = int(1.0 * GIB)
-#: Rows per chunk of the training head (``OutputHead.chunk_rows`` in the modeling code).
-HEAD_CHUNK_ROWS = 1024
 #: The 2.5 crop budget of training when --hd_num is not given (the official default).
-DEFAULT_HD_NUM = 18
+DEFAULT_HD_NUM = HD_NUM_TRAIN
+
+
+def _head_chunk_rows() -> int:
+    """Rows per chunk of the training head (the modeling code's ``OutputHead.chunk_rows``)."""
+    from xcft.model.modeling_xcomposer2 import OutputHead
+
+    return int(OutputHead.chunk_rows)
+
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -543,7 +550,7 @@ def compute_plan(sh: ModelShape, st: PlanSettings, sample: SampleShape | None = 
     final_norm = residual + t * 4 + residual * (2 if full else 1)  # its input, 1/rms, normalised input, output
     head_inputs = 2 * n_targets * h * d.residual  # the supervised rows and their gradient
     head_weight_grad = 4 * v * h if full else 0
-    chunk = min(n_targets, HEAD_CHUNK_ROWS)
+    chunk = min(n_targets, _head_chunk_rows())
     head_chunk = chunk * v * (4 + (d.compute if d.compute != 4 else 0)) + chunk * h * d.compute
     head_weight_bytes = 4 if full else d.frozen
     if d.compute != head_weight_bytes:
