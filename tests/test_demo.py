@@ -83,7 +83,7 @@ def test_cli_parses_demo_flags() -> None:
     from xcft.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--output", "x", "--steps", "7", "--quick", "--format", "json"])
-    assert (args.output, args.steps, args.quick, args.format) == ("x", 7, True, "json")
+    assert (args.output, args.steps, args.quick, args.output_format) == ("x", 7, True, "json")
 
 
 @pytest.mark.slow

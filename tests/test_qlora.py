@@ -13,17 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.model.modeling_xcomposer2 import PLoRALinear
-from xcft.model.presets import build_model
 from xcft.model.quantization import bits_per_weight, model_bits, quantize_model
 from xcft.train.args import parse_train_args
 
@@ -33,7 +30,6 @@ from xcft.model.quantized_linear import PLoRALinear4bit, PLoRALinear8bit
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
 QLORA = ["--use_lora", "true", "--bits", "4", "--lora_r", "4", "--lora_alpha", "8"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,14 +111,14 @@ def _probe(model, tok):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-2.5"])
-def test_quantized_forward_close_to_full_precision(preset, tok):
-    model = build_model(preset, vocab_size=1000, seed=0, plora_dropout=0.0, img_size=224).eval()
+def test_quantized_forward_close_to_full_precision(preset, tok, tiny_model):
+    model = tiny_model(preset, img_size=224)
     batch = _probe(model, tok)
     with torch.no_grad():
         ref = model(**batch)
     errors = {}
     for bits in (8, 4):
-        quantized = build_model(preset, vocab_size=1000, seed=0, plora_dropout=0.0, img_size=224).eval()
+        quantized = tiny_model(preset, img_size=224)
         quantize_model(quantized, bits=bits, compute_dtype=torch.float32)
         assert model_bits(quantized) == bits
         assert not any(type(m) is PLoRALinear for m in quantized.modules()), "every decoder linear is quantized"
@@ -139,12 +135,11 @@ def test_quantized_forward_close_to_full_precision(preset, tok):
 # --------------------------------------------------------------------------- options
 
 
-def _argv(*extra: str) -> list[str]:
-    return ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", *COMMON, *extra]
-
-
-def test_alias_and_refusals(tmp_path, caplog):
+def test_alias_and_refusals(tmp_path, caplog, train_argv):
     import logging
+
+    def _argv(*extra: str) -> list[str]:
+        return train_argv("m", "d.json", "o", *extra)
 
     with caplog.at_level(logging.INFO, logger="xcft.train.args"):
         cfg = parse_train_args(_argv("--use_lora", "true", "--quantization_bit", "4"))
@@ -163,7 +158,7 @@ def test_alias_and_refusals(tmp_path, caplog):
     assert parse_train_args(_argv("--use_lora", "true", "--bits", "4", "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")))
 
 
-def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
+def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path, train_argv):
     """What ``xcft train --use_lora true --bits 4 --quant_type fp4 --double_quant false --bf16 true --fix_sampler false``
     trains, and in which dtype."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
@@ -171,9 +166,8 @@ def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
     from xcft.model.loading import unwrap_model
     from xcft.train.setup import load_base_model, prepare_model_for_training
 
-    argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "o"), *COMMON]
     flags = ["--quant_type", "fp4", "--double_quant", "false", "--bf16", "true", "--fix_sampler", "false"]
-    cfg = parse_train_args([*argv, *QLORA, *flags])
+    cfg = parse_train_args(train_argv(tiny_base, tiny_data, tmp_path / "o", *QLORA, *flags))
     model, _ = load_base_model(cfg)
     peft_model = prepare_model_for_training(cfg, model, base_path=str(tiny_base))
     base = unwrap_model(peft_model)
@@ -191,29 +185,15 @@ def test_prepared_model_layout_bf16(tiny_base, tiny_data, tmp_path):
     assert any(dtypes[n][0] == torch.uint8 for n in dtypes), "packed 4-bit weights"
 
 
-def test_refusal_is_one_line_exit_1(tiny_base, tiny_data, tmp_path, capsys):
-    rc = main(
-        [
-            "train",
-            "--model_name_or_path",
-            str(tiny_base),
-            "--data_path",
-            str(tiny_data),
-            "--output_dir",
-            str(tmp_path / "o"),
-            *COMMON,
-            "--bits",
-            "4",
-        ]
-    )
+def test_refusal_is_one_line_exit_1(tiny_base, tiny_data, tmp_path, capsys, train_argv):
+    rc = main(["train", *train_argv(tiny_base, tiny_data, tmp_path / "o", "--bits", "4")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "--use_lora true" in err[0], err
 
 
-def test_missing_bitsandbytes_is_one_line(tiny_base, tiny_data, tmp_path, monkeypatch, capsys):
+def test_missing_bitsandbytes_is_one_line(tiny_base, tiny_data, tmp_path, monkeypatch, capsys, train_argv):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the qlora extra were not installed
-    argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "o")]
-    assert main(["train", *argv, *COMMON, *QLORA]) == 1
+    assert main(["train", *train_argv(tiny_base, tiny_data, tmp_path / "o", *QLORA)]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "bitsandbytes, which is not installed: pip install 'xcft[qlora]'" in err[0], err
     assert not (tmp_path / "o").exists(), "nothing is left behind"
@@ -227,10 +207,9 @@ def test_missing_bitsandbytes_is_one_line(tiny_base, tiny_data, tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def train(tiny_base, tiny_data):
+def train(tiny_base, tiny_data, train_argv):
     def run(out, *extra, data=None):
-        argv = ["--model_name_or_path", str(tiny_base), "--data_path", str(data or tiny_data), "--output_dir", str(out)]
-        return train_command([*argv, *COMMON, *extra])
+        return train_command(train_argv(tiny_base, data or tiny_data, out, *extra))
 
     return run
 
@@ -425,19 +404,12 @@ def _fixed_data(tmp_path: Path, tiny_data: Path) -> Path:
 # --------------------------------------------------------------------------- training, 2.5
 
 
-def _image(path: Path, size: tuple[int, int], seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
-    return str(path)
-
-
 @pytest.mark.slow
-def test_qlora_2_5_trains_merges_and_loads_without_xcft(tmp_path, capsys, run_fresh_python):
+def test_qlora_2_5_trains_merges_and_loads_without_xcft(tmp_path, capsys, run_fresh_python, train_argv, noise_image, tiny25_base):
     from xcft.commands.merge import merge_command
 
-    base = tmp_path / "tiny25"
-    assert main(["init-model", str(base), "--preset", "tiny-2.5", "--seed", "1"]) == 0
-    wide = _image(tmp_path / "wide.png", (300, 200), 0)
+    base = tiny25_base
+    wide = noise_image(tmp_path / "wide.png", (300, 200), 0)
     qa = lambda q, a: [{"from": "user", "value": q}, {"from": "assistant", "value": a}]  # noqa: E731
     data = tmp_path / "data.json"
     data.write_text(
@@ -449,10 +421,9 @@ def test_qlora_2_5_trains_merges_and_loads_without_xcft(tmp_path, capsys, run_fr
         )
     )
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(out), *COMMON]
     rc = train_command(
         [
-            *argv,
+            *train_argv(base, data, out),
             *QLORA,
             "--hd_num",
             "4",
@@ -521,7 +492,7 @@ def test_bits_8_continues_an_adapter(qlora_run, train, tmp_path, read_losses):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "zero2"])
 def test_qlora_two_processes_equal_one_process(
-    launcher, train, tiny_base, tiny_data, tmp_path, torchrun, subprocess_env, read_losses
+    launcher, train, tiny_base, tiny_data, tmp_path, torchrun, subprocess_env, read_losses, train_argv
 ):
     """2 processes x batch 1 (DDP over gloo, or DeepSpeed ZeRO-2) log the losses of 1 process x batch 2."""
     args = [*QLORA, "--lora_dropout", "0", "--fix_sampler", "false", "--max_steps", "2", "--save_strategy", "no"]
@@ -531,13 +502,7 @@ def test_qlora_two_processes_equal_one_process(
     out = tmp_path / launcher
     cmd = torchrun(
         "train",
-        "--model_name_or_path",
-        str(tiny_base),
-        "--data_path",
-        str(tiny_data),
-        "--output_dir",
-        str(out),
-        *COMMON,
+        *train_argv(tiny_base, tiny_data, out),
         *args,
         *extra,
         "--per_device_train_batch_size",

@@ -49,7 +49,9 @@ LOCK_NAME = ".xcft-lock"
 #: Names starting with this belong to xcft in a marked folder (marker, lock, staging folders).
 OWN_PREFIX = ".xcft"
 MARKER_KIND = "xcft output folder"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: Checkpoint folders are ``checkpoint-N`` (N the optimizer step), the Hugging Face Trainer's names.
+CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
 # --------------------------------------------------------------------------- marker
@@ -92,7 +94,7 @@ def write_marker(folder: str | os.PathLike, command: str, entries: Iterable[str]
 def is_own_checkpoint(path: str | os.PathLike) -> bool:
     """A ``checkpoint-N`` folder that xcft wrote (it carries the marker)."""
     p = Path(path)
-    return p.is_dir() and not p.is_symlink() and _CHECKPOINT_RE.match(p.name) is not None and is_marked(p)
+    return p.is_dir() and not p.is_symlink() and CHECKPOINT_RE.match(p.name) is not None and is_marked(p)
 
 
 def own_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -100,7 +102,7 @@ def own_checkpoints(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), c) for c in root.iterdir() if (m := _CHECKPOINT_RE.match(c.name)) and is_own_checkpoint(c)]
+    found = [(int(m.group(1)), c) for c in root.iterdir() if (m := CHECKPOINT_RE.match(c.name)) and is_own_checkpoint(c)]
     return [c for _, c in sorted(found)]
 
 
@@ -232,13 +234,6 @@ class OutputFolder:
                 f"{self.path} holds {_shown(clash)}, which xcft did not write and would overwrite; "
                 "move it out of the folder or choose another folder"
             )
-
-    def previous_results(self) -> list[str]:
-        """xcft's checkpoints and finished outputs of an earlier run in this folder."""
-        own = own_entries(self.path)
-        found = [c.name for c in own_checkpoints(self.path)]
-        found += sorted(n for n in own if n == "trainer_state.json")
-        return found
 
     def remove_own(self, keep: Iterable[str] = ()) -> list[str]:
         """Delete everything xcft wrote here except the marker, the lock and ``keep``; returns the names."""
@@ -426,8 +421,11 @@ def staging_dir(parent: str | os.PathLike, name: str) -> Path:
 
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
+    "CHECKPOINT_RE",
     "LOCK_NAME",
     "MARKER_NAME",
+    "OWN_PREFIX",
     "FolderLock",
     "OutputFolder",
     "check_no_overlap",

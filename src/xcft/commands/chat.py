@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TextStreamer
+from transformers import TextIteratorStreamer, TextStreamer
 
 from xcft.data.images import open_checked_image
+from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_device
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
@@ -25,21 +26,42 @@ logger = logging.getLogger(__name__)
 HELP_TEXT = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
 
 
-def make_streamer(tokenizer: Any, stop_ids: Sequence[int]) -> TextStreamer:
-    """A transformers TextStreamer over our tokenizer that prints new tokens as they come, minus stop tokens."""
-    stops = {int(i) for i in stop_ids if i is not None}
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that end an answer (end of sequence, end of turn): generated but never shown."""
+    return {int(i) for i in (tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)) if i is not None}
 
-    class _Streamer(TextStreamer):
-        def put(self, value: torch.Tensor) -> None:
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            ids = [int(t) for t in value.reshape(-1).tolist() if int(t) not in stops]
-            if ids:
-                self.next_tokens_are_prompt = False
-                super().put(torch.tensor(ids))
 
-    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+class _DropStops:
+    """Streamer mixin: leaves the prompt and the stop tokens out; everything else decodes as usual."""
+
+    skip_prompt: bool
+    next_tokens_are_prompt: bool
+
+    def __init__(self, tokenizer: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)  # type: ignore[call-arg]
+        self.stops = stop_token_ids(tokenizer)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        ids = [int(t) for t in value.reshape(-1).tolist() if int(t) not in self.stops]
+        if ids:
+            self.next_tokens_are_prompt = False
+            super().put(torch.tensor(ids))  # type: ignore[misc]
+
+
+class AnswerPrinter(_DropStops, TextStreamer):
+    """Prints an answer's tokens to stdout as they come (``xcft chat``)."""
+
+
+class AnswerStream(_DropStops, TextIteratorStreamer):
+    """Yields an answer's text pieces as they come, to another thread (the web page)."""
+
+
+def make_streamer(tokenizer: Any, *, iterator: bool = False, timeout: float | None = None) -> TextStreamer:
+    """A streamer of the answer without the prompt and stop tokens: printed, or iterated (``iterator=True``)."""
+    return AnswerStream(tokenizer, timeout=timeout) if iterator else AnswerPrinter(tokenizer)
 
 
 def load_for_chat(model_dir: str, device: str | None, bits: int = 16) -> tuple[Any, Any]:
@@ -66,8 +88,6 @@ def generation_settings(
     """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
     if hd_num is not None:
-        if hd_num < 1:
-            raise XcftError(f"--hd-num {hd_num}: give at least 1 (crops per image of a 2.5 model)")
         kwargs["hd_num"] = int(hd_num)
     if training_layout:
         kwargs["bos_per_piece"] = False
@@ -100,18 +120,17 @@ def chat_command(
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
     model, tokenizer = load_for_chat(model_dir, device, bits=bits)
+    # chat's crop budget defaults to the official chat's own (model.chat); only a given one is checked
+    resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
     kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
-    if hd_num is not None and not model.config.hd:
-        raise XcftError(f"--hd-num is for 2.5 models; {model_dir} is a 2.0 model (fixed {model.config.img_size} px images)")
-    stop_ids = [tokenizer.eos_token_id, getattr(tokenizer, "turn_end_id", None)]
     if query is not None:
         response, _ = ask(model, tokenizer, query, images, **kwargs)
         print(response)
         return 0
-    return _interactive(model, tokenizer, images, kwargs, stop_ids)
+    return _interactive(model, tokenizer, images, kwargs)
 
 
-def _interactive(model: Any, tokenizer: Any, images: list[Any], kwargs: dict[str, Any], stop_ids: list[Any]) -> int:
+def _interactive(model: Any, tokenizer: Any, images: list[Any], kwargs: dict[str, Any]) -> int:
     print(f"xcft chat: {len(images)} image(s) attached to the first question. {HELP_TEXT}", file=sys.stderr)
     history: list[tuple[str, str]] = []
     while True:
@@ -134,5 +153,5 @@ def _interactive(model: Any, tokenizer: Any, images: list[Any], kwargs: dict[str
             print(f"(only the first question can hold images; {IMAGE_PLACEHOLDER} ignored)", file=sys.stderr)
             query = text.replace(IMAGE_PLACEHOLDER, "")
         print("assistant> ", end="", flush=True)
-        streamer = make_streamer(tokenizer, stop_ids)
+        streamer = make_streamer(tokenizer)
         _, history = ask(model, tokenizer, query, images, history=history, streamer=streamer, **kwargs)

@@ -9,25 +9,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from xcft.data.check import CheckResult, Settings, encode_for, find_sample, length_stats, load_settings, render_sample, run_check
+from xcft.data.check import CheckResult, encode_for, encode_pair_for, find_sample, load_settings, render_sample, run_check
 from xcft.data.encode import slots_per_image
+from xcft.data.pairs import PreferencePair, pair_skip_reason
+from xcft.data.report import describe_images, stats_text, verdict
 from xcft.data.schema import Problem
 from xcft.errors import XcftError
 
 MAX_NOTES_PER_FILE = 3
-
-
-def _stats_text(values: list[int]) -> str:
-    st = length_stats(values)
-    return "-" if st["min"] is None else f"{st['min']}/{st['median']}/{st['max']}"
-
-
-def _describe_images(s: Settings) -> str:
-    if s.hd_num is not None:
-        return f"InternLM-XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num}: slots per image from its crop grid"
-    return f"img_size {s.img_size}: {slots_per_image(s.img_size)} slots per image"
+#: The per-file counts the JSON output adds up in "total".
+TOTAL_KEYS = ("samples", "drawn_per_epoch", "images", "tokens", "supervised_tokens", "over_max_length", "image_tokens")
 
 
 def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
@@ -35,34 +28,30 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
     hd = s.hd_num is not None
     for note in s.notes:
         print(f"note: {note}", file=out)
-    print(f"data: {data}  ({_describe_images(s)}; max_length {s.max_length})", file=out)
+    print(f"data: {data}  ({describe_images(s)}; max_length {s.max_length})", file=out)
+    if result.is_preference:
+        print(
+            "preference pairs (for --stage dpo or rm): samples count pairs; tokens are a pair's two sequences together; "
+            "supervised = the scored tokens of both final answers",
+            file=out,
+        )
     if result.files:
         header: tuple[str, ...] = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
         if hd:
             header += ("image tokens min/median/max",)
         rows = []
-        for f in result.files:
+        for f in [*result.files, result.total]:
             samples = str(f.samples) if f.usable == f.samples else f"{f.usable}/{f.samples}"
             row = (
                 f.display,
                 samples,
                 str(f.drawn_per_epoch),
                 str(f.images),
-                _stats_text(f.lengths),
+                stats_text(f.lengths),
                 str(f.supervised),
                 str(f.truncated),
             )
-            rows.append(row + ((_stats_text(f.image_tokens),) if hd else ()))
-        total = (
-            "total",
-            str(sum(f.samples for f in result.files)),
-            str(sum(f.drawn_per_epoch for f in result.files)),
-            str(sum(f.images for f in result.files)),
-            _stats_text([n for f in result.files for n in f.lengths]),
-            str(sum(f.supervised for f in result.files)),
-            str(sum(f.truncated for f in result.files)),
-        )
-        rows.append(total + ((_stats_text([n for f in result.files for n in f.image_tokens]),) if hd else ()))
+            rows.append(row + ((stats_text(f.image_tokens),) if hd else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         print(fmt.format(*header), file=out)
@@ -93,12 +82,7 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
         if len(group) > MAX_NOTES_PER_FILE:
             print(f"NOTE {file}: ... and {len(group) - MAX_NOTES_PER_FILE} more sample(s) with the same note", file=out)
     print(file=out)
-    if result.ok:
-        print(f"OK: training can start ({len(warnings)} warning(s), {len(notes)} note(s))", file=out)
-    elif errors:
-        print(f"FAILED: {len(errors)} error(s), {len(warnings)} warning(s); fix the errors above before training", file=out)
-    else:
-        print("FAILED: no sample would be drawn per epoch", file=out)
+    print(verdict(result), file=out)
 
 
 def check_data_command(
@@ -124,17 +108,10 @@ def check_data_command(
             "slots_per_image": None if settings.hd_num is not None else slots_per_image(settings.img_size),
             "family": settings.family,
             "hd_num": settings.hd_num,
+            "preference": result.is_preference,
             "notes": settings.notes,
             "files": [f.to_dict() for f in result.files],
-            "total": {
-                "samples": sum(f.samples for f in result.files),
-                "drawn_per_epoch": sum(f.drawn_per_epoch for f in result.files),
-                "images": sum(f.images for f in result.files),
-                "tokens": length_stats([n for f in result.files for n in f.lengths]),
-                "supervised_tokens": sum(f.supervised for f in result.files),
-                "over_max_length": sum(f.truncated for f in result.files),
-                "image_tokens": length_stats([n for f in result.files for n in f.image_tokens]),
-            },
+            "total": {k: v for k, v in result.total.to_dict().items() if k in TOTAL_KEYS},
             "errors": len(result.errors),
             "problems": [p.to_dict() for p in result.problems],
         }
@@ -165,11 +142,13 @@ def inspect_command(
         for p in errs:
             print(f"ERROR {p}", file=sys.stderr)
         return 1
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if isinstance(conv, PreferencePair):
+        return _inspect_pair(conv, problems, where, settings, output_format, color)
     enc = encode_for(conv, settings)
     if output_format == "json":
         print(json.dumps({"input_ids": enc.input_ids, "labels": enc.labels, "image_mask": enc.image_mask}))
         return 0
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(f"{where}, id {conv.id!r}")
     print(
         f"{len(enc)} tokens ({enc.untruncated_length} before truncation), {enc.num_supervised} supervised, "
@@ -185,6 +164,35 @@ def inspect_command(
     print(render_sample(enc, settings.tokenizer, color))
     if enc.num_supervised == 0:
         print("--- this sample has no supervised token: training skips it")
+    return 0
+
+
+def _inspect_pair(
+    pair: PreferencePair, problems: list[Problem], where: str, settings: Any, output_format: str, color: bool
+) -> int:
+    """Both sides of a preference pair: the shared prompt, then each answer with its scored tokens marked."""
+    enc = encode_pair_for(pair, settings)
+    if output_format == "json":
+        sides = {"chosen": enc.chosen, "rejected": enc.rejected}
+        print(
+            json.dumps({k: {"input_ids": e.input_ids, "labels": e.labels, "image_mask": e.image_mask} for k, e in sides.items()})
+        )
+        return 0
+    print(f"{where}, id {pair.id!r}: preference pair")
+    for p in problems:
+        print(f"{p.level.upper()} {p}")
+    for path in pair.images[: enc.chosen.num_images]:
+        print(f"image: {path}")
+    why = pair_skip_reason(pair, enc, settings.max_length)
+    legend = "scored tokens in bold green" if color else "scored tokens between « »"
+    for side, e in (("chosen", enc.chosen), ("rejected", enc.rejected)):
+        print(
+            f"--- {side}: {len(e)} tokens ({e.untruncated_length} before truncation), {e.num_supervised} scored"
+            f"{', truncated' if e.truncated else ''} ({legend})"
+        )
+        print(render_sample(e, settings.tokenizer, color))
+    if why is not None:
+        print(f"--- {why}: training skips this pair")
     return 0
 
 

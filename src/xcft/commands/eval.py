@@ -2,10 +2,15 @@
 
 Every usable sample of the data (a data.txt or one JSON/JSONL file) is evaluated once, in
 data order (data.txt numbers and epoch draws do not apply). A sample's loss is the mean
-cross-entropy over its supervised tokens, exactly the official per-sample loss; ``mean_loss``
+cross-entropy over its supervised tokens, exactly the official per-sample loss; ``logp`` is the
+summed log-probability of those (answer) tokens and ``tokens`` their number; ``mean_loss``
 is the mean over all supervised tokens of the data set (the training objective) and
 ``mean_sample_loss`` the plain mean of the sample losses. Samples left with no supervised
 token after truncation are reported by the data reader and not evaluated.
+
+Preference pairs (``conversations_a``/``conversations_b`` or ``chosen``/``rejected`` records): each
+pair's two final answers are scored as DPO scores them (summed log-prob ``chosen_logp`` /
+``rejected_logp`` and token counts), with the share of pairs whose chosen answer is more likely.
 """
 
 from __future__ import annotations
@@ -17,68 +22,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from xcft.data.dataset import DataCollator, make_item, read_data
-from xcft.data.encode import Grid, ImageSpec, encode_conversation
+from xcft.data.dataset import DataCollator, XComposerDataset, read_data
+from xcft.data.pairs import is_pair_data
+from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
+from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import DataError, XcftError
-from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import load_pretrained
+from xcft.train.dpo import answer_logps
 
 logger = logging.getLogger(__name__)
-
-
-class EvalDataset(Dataset):
-    """Every usable conversation once, as batch-contract items (``xcft.data`` encoding).
-
-    2.5 (``hd_num`` set): ``grids`` holds each conversation's image crop grids (from :func:`read_data`).
-    """
-
-    def __init__(
-        self,
-        conversations: list[Any],
-        tokenizer: Any,
-        img_size: int,
-        max_length: int,
-        hd_num: int | None = None,
-        grids: list[list[Grid]] | None = None,
-    ) -> None:
-        self.conversations = conversations
-        self.tokenizer = tokenizer
-        self.img_size = int(img_size)
-        self.max_length = int(max_length)
-        self.hd_num = hd_num
-        self.spec = ImageSpec(self.img_size, hd_num)
-        self.grids = grids
-        if hd_num is not None and (grids is None or len(grids) != len(conversations)):
-            raise ValueError("2.5 evaluation needs the crop grids of every conversation")
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_token_id = int(tokenizer.eos_token_id if pad is None else pad)
-
-    def __len__(self) -> int:
-        return len(self.conversations)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        conv = self.conversations[i]
-        grids = self.grids[i] if self.grids is not None else None
-        enc = encode_conversation(conv, self.tokenizer, self.spec, self.max_length, grids)
-        return {**make_item(conv, enc, self.pad_token_id, self.img_size, hd_num=self.hd_num), "index": i}
-
-
-def resolve_hd_num(config: Any, hd_num: int | None) -> int | None:
-    """The crop budget for a model: the given one or 18 for 2.5; an error when given for a 2.0 model."""
-    if getattr(config, "hd", False):
-        hd_num = HD_NUM_TRAIN if hd_num is None else int(hd_num)
-        if hd_num < 1:
-            raise XcftError(f"--hd-num must be at least 1 (crops per image), got {hd_num}")
-        return hd_num
-    if hd_num is not None:
-        raise XcftError(
-            f"--hd-num {hd_num}: this is an InternLM-XComposer2 (2.0) model, whose images are one fixed-size view; "
-            "--hd-num applies to 2.5 models only. Drop it"
-        )
-    return None
 
 
 def evaluate(
@@ -90,39 +45,37 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     hd_num: int | None = None,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """Per-sample and overall loss of ``model`` on ``data`` (see the module docstring).
 
-    ``hd_num``: crop budget of a 2.5 model (default 18, the training default).
+    Sizes as for training (:func:`xcft.data.sizes.resolve_sizes`); ``hd_num``: crop budget of a 2.5
+    model (default 18, the training default). The samples are the training dataset's, every one once.
     """
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
-    hd_num = resolve_hd_num(model.config, hd_num)
-    max_length = int(max_length or model.config.max_length)
-    files = read_data(data, tokenizer, model.config.img_size, max_length, hd_num=hd_num)
-    conversations = [conv for f in files for conv in f.conversations]
-    grids = [g for f in files for g in f.grids] if hd_num is not None else None
-    skipped = sum(f.skipped for f in files)
-    if not conversations:
+    sizes = resolve_sizes(model_sizes(model.config), img_size, max_length, hd_num)
+    max_length = sizes.max_length
+    files = read_data(data, tokenizer, sizes.img_size, max_length, hd_num=sizes.hd_num)
+    if not any(f.conversations for f in files):
         raise DataError(f"{data}: no sample with a supervised token within max_length={max_length}; nothing to evaluate")
-    dataset = EvalDataset(conversations, tokenizer, model.config.img_size, max_length, hd_num, grids)
-    collate = DataCollator(dataset.pad_token_id)
-
-    def collate_with_index(items: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
-        return [it["index"] for it in items], collate([{k: v for k, v in it.items() if k != "index"} for it in items])
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_with_index)
+    dataset = XComposerDataset(files, tokenizer, sizes.img_size, max_length, hd_num=sizes.hd_num, every_sample=True)
+    skipped = dataset.num_skipped
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollator(dataset.pad_token_id))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     samples: list[dict[str, Any]] = []
     total_nll, total_tokens = 0.0, 0
     try:
-        for indices, batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
+        start = 0  # the loader keeps the dataset's order: batch k holds the next len(batch) samples
+        for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             sums, counts = model.sample_losses(**batch)
+            indices = range(start, start + len(sums))
+            start += len(sums)
             for i, s, n in zip(indices, sums.tolist(), counts.tolist()):
-                conv = conversations[i]
+                conv = dataset.conversation(i)
                 samples.append(
                     {
                         "index": i,
@@ -130,6 +83,7 @@ def evaluate(
                         "file": conv.file,
                         "file_index": conv.index,
                         "loss": s / n,
+                        "logp": -s,
                         "tokens": int(n),
                     }
                 )
@@ -148,6 +102,67 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def evaluate_pairs(
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    *,
+    max_length: int | None = None,
+    batch_size: int = 4,
+    hd_num: int | None = None,
+    img_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preference pairs: each answer's summed log-prob and token count (final answer only, as DPO scores them).
+
+    ``preference_accuracy`` is the share of pairs whose chosen answer has the higher log-prob.
+    """
+    if batch_size < 1:
+        raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
+    sizes = resolve_sizes(model_sizes(model.config), img_size, max_length, hd_num)
+    files = read_pair_data(data, tokenizer, sizes.img_size, sizes.max_length, given_num=False, hd_num=sizes.hd_num)
+    ds = PreferenceDataset(files, tokenizer, sizes.img_size, sizes.max_length, hd_num=sizes.hd_num, every_sample=True)
+    collate = PairCollator(ds.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pairs: list[dict[str, Any]] = []
+    try:
+        for start in tqdm(range(0, len(ds), batch_size), desc="eval", unit="batch", file=sys.stderr, disable=not progress):
+            indices = range(start, min(start + batch_size, len(ds)))
+            batch = collate([ds[i] for i in indices])
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            logps, counts = answer_logps(model, batch)
+            n = len(indices)
+            for k, i in enumerate(indices):
+                conv = ds.conversation(i)
+                chosen, rejected = float(logps[k]), float(logps[n + k])
+                pairs.append(
+                    {
+                        "index": i,
+                        "id": conv.id,
+                        "file": conv.file,
+                        "file_index": conv.index,
+                        "chosen_logp": chosen,
+                        "rejected_logp": rejected,
+                        "chosen_tokens": int(counts[k]),
+                        "rejected_tokens": int(counts[n + k]),
+                        "margin": chosen - rejected,
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return {
+        "pairs": pairs,
+        "preference_accuracy": sum(p["margin"] > 0 for p in pairs) / len(pairs),
+        "mean_margin": float(np.mean([p["margin"] for p in pairs])),
+        "num_pairs": len(pairs),
+        "skipped": ds.num_skipped,
+        "max_length": sizes.max_length,
+    }
+
+
 def eval_command(
     data: str,
     *,
@@ -158,13 +173,18 @@ def eval_command(
     dtype: str = "float32",
     device: str | None = None,
     hd_num: int | None = None,
+    img_size: int | None = None,
     bits: int = 16,
 ) -> int:
     """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean (``bits`` 4/8: quantized decoder)."""
     model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device, bits=bits)
-    result = evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num)
+    run = evaluate_pairs if is_pair_data(data) else evaluate
+    result = run(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size)
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
+        return 0
+    if "pairs" in result:
+        _print_pairs(result)
         return 0
     width = max(len(str(s["id"])) for s in result["samples"])
     print(f"{'index':>5}  {'id':<{width}}  {'tokens':>6}  {'loss':>9}  file:sample")
@@ -179,4 +199,18 @@ def eval_command(
     return 0
 
 
-__all__ = ["EvalDataset", "eval_command", "evaluate", "resolve_hd_num"]
+def _print_pairs(result: dict[str, Any]) -> None:
+    width = max(len(str(p["id"])) for p in result["pairs"])
+    print(f"{'index':>5}  {'id':<{width}}  {'chosen logp':>11}  {'rejected logp':>13}  {'margin':>9}  file:sample")
+    for p in result["pairs"]:
+        print(
+            f"{p['index']:>5}  {p['id']!s:<{width}}  {p['chosen_logp']:11.4f}  {p['rejected_logp']:13.4f}  "
+            f"{p['margin']:9.4f}  {p['file']}:{p['file_index']}"
+        )
+    print(
+        f"preference accuracy {result['preference_accuracy']:.4f} ({result['num_pairs']} pairs; chosen answer more likely), "
+        f"mean margin {result['mean_margin']:.4f}"
+    )
+
+
+__all__ = ["eval_command", "evaluate", "evaluate_pairs"]

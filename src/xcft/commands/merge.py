@@ -3,7 +3,8 @@
 The merged folder is self-contained (our model code inside). Verification: one probe batch with
 an image and text goes through base + adapter (before merging) and through the merged folder
 reloaded from disk; the largest absolute logit difference is printed and must be within
-tolerance, otherwise the command fails and writes nothing.
+tolerance, otherwise the command fails and writes nothing. The result is also written, as data, to
+``merge_check.json`` in the merged folder (:func:`xcft.run_files.read_merge_check` reads it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from PIL import Image
 from xcft.errors import OutputFolderError, XcftError
 from xcft.model.image_processing_xcomposer2 import load_image_tensor
 from xcft.model.loading import load_adapter_model, load_pretrained, save_pretrained, unwrap_model
-from xcft.output_dir import check_no_overlap, check_output_folder
+from xcft.output_dir import check_no_overlap, check_output_folder, read_marker, write_marker
+from xcft.run_files import MERGE_CHECK_NAME, MergeCheck, write_merge_check
 
 if TYPE_CHECKING:
     from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
@@ -79,8 +81,25 @@ def tolerance(reference: torch.Tensor) -> float:
     return 1e-4 * max(1.0, float(reference.abs().max()))
 
 
+def _record_check(folder: Path, check: MergeCheck) -> None:
+    """Write ``merge_check.json`` into the (not yet published) merged folder and list it as xcft's."""
+    write_merge_check(folder, check)
+    entries = set((read_marker(folder) or {}).get("entries") or [])
+    write_marker(folder, "merge", entries | {MERGE_CHECK_NAME})
+
+
 def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
-    """Merge ``adapter`` into its base (or ``base``), write ``output``, verify; returns the exit status."""
+    """``xcft merge``: :func:`merge_model`, then the exit status."""
+    merge_model(adapter=adapter, output=output, base=base)
+    return 0
+
+
+def merge_model(*, adapter: str, output: str, base: str | None = None) -> MergeCheck:
+    """Merge ``adapter`` into its base (or ``base``), verify, write ``output``; returns the verification.
+
+    Raises :class:`~xcft.errors.XcftError` (nothing written) when the merged model is not the same
+    function as base + adapter.
+    """
     out = Path(output).resolve()
     check_output_folder(out, flag="--output")
     if out.is_dir() and any(out.iterdir()):
@@ -106,20 +125,26 @@ def merge_command(*, adapter: str, output: str, base: str | None = None) -> int:
         gc.collect()
         reloaded, _ = load_pretrained(written, dtype=torch.float32, device="cpu")
         got = probe_logits(reloaded, batch)
-        diff = float((got - reference).abs().max())
-        tol = tolerance(reference)
-        print(
-            f"probe: {batch['input_ids'].shape[1]} tokens, 1 image; max abs logit diff merged vs adapter: {diff:.3e} (tolerance {tol:.1e})"
+        check = MergeCheck(
+            max_abs_logit_diff=float((got - reference).abs().max()),
+            tolerance=tolerance(reference),
+            probe_tokens=int(batch["input_ids"].shape[1]),
+            probe_images=1,
+            positions=PROBE_POSITIONS,
+            adapter=str(Path(adapter).resolve()),
+            base=str(Path(base_path).resolve()),
         )
-        if not diff <= tol:
+        print(check.line())
+        if not check.ok:
             raise XcftError(
-                f"merged model differs from base + adapter by {diff:.3e} > {tol:.1e} on the probe batch; "
-                "nothing was written. Check that --base is the model the adapter was trained on"
+                f"merged model differs from base + adapter by {check.max_abs_logit_diff:.3e} > {check.tolerance:.1e} "
+                "on the probe batch; nothing was written. Check that --base is the model the adapter was trained on"
             )
+        _record_check(written, check)
         if out.exists():
             out.rmdir()
         written.rename(out)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     print(f"merged model written to {out}")
-    return 0
+    return check

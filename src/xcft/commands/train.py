@@ -7,41 +7,35 @@ The steps themselves live in :mod:`xcft.train`; this module only puts them in or
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from xcft.data.mixture import resolve_data
 from xcft.errors import OutputFolderError
 from xcft.model.loading import unwrap_model
 from xcft.output_dir import FolderLock, OutputFolder, check_no_overlap, check_output_folder, save_errors
-from xcft.train.args import RESOLVED_CONFIG_NAME, TrainConfig, parse_train_args, print_help, write_resolved_config
-from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
-from xcft.train.memory_plan import ALLOCATOR_CONF, check_memory_plan, default_allocator_settings
-from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
-from xcft.train.trainer import (
-    STAGING_DIR_NAME,
+from xcft.run_files import (
+    EXIT_SIGTERM,
+    LOSS_PLOT_NAME,
+    RESOLVED_CONFIG_NAME,
     TRAINER_STATE_NAME,
-    EpochDrawCallback,
-    JsonLogCallback,
-    LossProgressCallback,
-    SigtermCallback,
-    XcftTrainer,
-    clear_staging,
-    plot_loss,
-    remaining_checkpoint,
-    resolve_resume,
+    earlier_results,
+    resume_requested,
 )
+from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
+from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgressCallback, RecordOutputsCallback, SigtermCallback
+from xcft.train.checkpoints import clear_staging, resolve_resume
+from xcft.train.inputs import needs_vision_alignment, vision_aligned
+from xcft.train.memory_plan import ALLOCATOR_CONF, check_memory_plan, default_allocator_settings
+from xcft.train.plots import write_loss_plot
+from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
+from xcft.train.stages import stage_setup
 
 logger = logging.getLogger(__name__)
-
-LOSS_PLOT_NAME = "loss.png"
-EXIT_SIGTERM = 143  # 128 + SIGTERM: the conventional status of a process stopped by SIGTERM
 
 
 def train_command(argv: list[str]) -> int:
@@ -83,6 +77,8 @@ def _input_folders(cfg: TrainConfig) -> tuple[list[tuple[str, Path]], list[tuple
     models = [("the base model folder of --model_name_or_path", Path(cfg.model.model_name_or_path))]
     if cfg.lora.lora_weight_path:
         models.append(("the adapter folder of --lora_weight_path", Path(cfg.lora.lora_weight_path)))
+    if cfg.preference.ref_model_name_or_path:
+        models.append(("the reference model folder of --ref_model_name_or_path", Path(cfg.preference.ref_model_name_or_path)))
     data: list[tuple[str, Path]] = []
     for flag, value in (("--data_path", cfg.data.data_path), ("--eval_data_path", cfg.data.eval_data_path)):
         if not value:
@@ -113,14 +109,14 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[OutputFolder | None, FolderLoc
     folder = OutputFolder.claim(out, "train")
     lock = FolderLock(out).acquire() if args.process_index == 0 else None
     try:
-        resume = str(args.resume_from_checkpoint or "").strip().lower() not in ("", "false", "no", "0", "none")
+        resume = resume_requested(args.resume_from_checkpoint)
         overwrite = cfg.output.overwrite_output_dir
         if resume and overwrite:
             raise OutputFolderError(
                 "--resume_from_checkpoint and --overwrite_output_dir true contradict each other: "
                 "resume continues the earlier run, overwrite removes it; give one of them"
             )
-        earlier = folder.previous_results()
+        earlier = earlier_results(out)
         if earlier and not resume and lock is not None:
             if not overwrite:
                 raise OutputFolderError(
@@ -138,19 +134,6 @@ def prepare_output_dir(cfg: TrainConfig) -> tuple[OutputFolder | None, FolderLoc
     return folder, lock
 
 
-class _RecordOutputs(TrainerCallback):
-    """Keeps the output folder's manifest current, so a killed run's files are still known as xcft's."""
-
-    def __init__(self, folder: OutputFolder) -> None:
-        self.folder = folder
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.folder.record()
-
-    def on_save(self, args, state, control, **kwargs):
-        self.folder.record()
-
-
 def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     args = cfg.training
     if cfg.logging_dir:
@@ -163,44 +146,41 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     model, tokenizer = load_base_model(cfg)
     model = prepare_model_for_training(cfg, model, base_path=cfg.model.model_name_or_path)
 
-    # ---- data
+    # ---- data (and what else the stage changes: a reward head, a reference)
     base_config = unwrap_model(model).config
-    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config, files=plan.files)
+    parts = stage_setup(cfg, model, tokenizer, files=plan.files)
+    train_ds, eval_ds, collator = parts.train_dataset, parts.eval_dataset, parts.collator
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
 
     # ---- trainer
     sigterm = SigtermCallback()
-    trainer = XcftTrainer(
-        model=model,
+    callbacks = [EpochDrawCallback(train_ds), sigterm, JsonLogCallback()]
+    trainer = parts.trainer_class(
+        model=parts.model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[EpochDrawCallback(train_ds), sigterm, JsonLogCallback()]
-        + ([_RecordOutputs(folder)] if folder is not None else []),
+        callbacks=callbacks + ([RecordOutputsCallback(folder)] if folder is not None else []),
+        **parts.trainer_kwargs,
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(LossProgressCallback)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    out = Path(args.output_dir)
     if args.should_save:
-        clear_staging(args.output_dir)
-        with save_errors(RESOLVED_CONFIG_NAME, out):
-            path = write_resolved_config(cfg, args.output_dir)
-        logger.info("resolved configuration written to %s", path)
-        if folder is not None:
-            folder.record()
+        _write_resolved_config(cfg, folder)
     trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
 
     # ---- save
+    out = Path(args.output_dir)
     if args.should_save:
         with save_errors(LOSS_PLOT_NAME, out):
-            plot = plot_loss(trainer.state.log_history, out / LOSS_PLOT_NAME)
+            plot = write_loss_plot(trainer.state.log_history, out / LOSS_PLOT_NAME)
         if plot is not None:
             logger.info("loss curve written to %s", plot)
     if sigterm.received:
@@ -210,42 +190,17 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
             args.output_dir,
         )
         return EXIT_SIGTERM
-    # The final output is written to a staging folder and moved in once complete: a full disk
-    # leaves the folder as it was, and a name someone else put there is never overwritten.
-    staged = out / STAGING_DIR_NAME / "final"
-    if args.should_save:
-        shutil.rmtree(staged, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    with save_errors(
-        "the final " + ("adapter" if cfg.model.use_lora else "model"),
-        out,
-        remains=lambda: remaining_checkpoint(out),
-        cleanup=lambda: clear_staging(out),
-    ):
-        trainer.save_model(str(staged))
-        if trainer.is_world_process_zero():
-            trainer.state.save_to_json(str(staged / TRAINER_STATE_NAME))
-        if args.should_save:
-            _finish_output(cfg, staged)
-        trainer.accelerator.wait_for_everyone()
-        if args.should_save:
-            (folder or OutputFolder(out, "train")).publish(staged)
-            clear_staging(out)
-    trainer.accelerator.wait_for_everyone()
+    trainer.save_final(folder, adapter_base=cfg.model.model_name_or_path if cfg.model.use_lora else None)
     logger.info("finished: %s written to %s", "LoRA adapter" if cfg.model.use_lora else "model", args.output_dir)
     return 0
 
 
-def _finish_output(cfg: TrainConfig, out: Path) -> None:
-    """Check the saved output in ``out`` is what the docs promise (adapter names its base by absolute path)."""
-    if cfg.model.use_lora:
-        conf_path = out / "adapter_config.json"
-        if conf_path.is_file():
-            conf = json.loads(conf_path.read_text())
-            assert cfg.model.model_name_or_path is not None, "parse_train_args requires --model_name_or_path"
-            base = str(Path(cfg.model.model_name_or_path).resolve())
-            if conf.get("base_model_name_or_path") != base:
-                conf["base_model_name_or_path"] = base
-                tmp = conf_path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(conf, indent=2, sort_keys=True))
-                os.replace(tmp, conf_path)
+def _write_resolved_config(cfg: TrainConfig, folder: OutputFolder | None) -> None:
+    """Clear an interrupted save and record the run's resolved options (main process)."""
+    out = cfg.training.output_dir
+    clear_staging(out)
+    with save_errors(RESOLVED_CONFIG_NAME, out):
+        path = write_resolved_config(cfg, out)
+    logger.info("resolved configuration written to %s", path)
+    if folder is not None:
+        folder.record()

@@ -1,11 +1,11 @@
 """Checking a data set against a model's tokenizer and sizes, and finding one sample.
 
-:func:`run_check` reads every file and decodes every image once (images in a thread pool), encodes
-every valid sample, and collects a per-file report and every problem found, so a user with 40 broken
+:func:`run_check` is the read pass training uses (:mod:`xcft.data.read_pass`) with every image
+decoded once, turned into a per-file report; every problem found is kept, so a user with 40 broken
 samples sees 40 problems. ``xcft check-data``, ``xcft inspect`` and the web page present the results.
 
 For a 2.5 model each image's crop grid (and so its token count) at the chosen ``hd_num`` comes from
-the size of that one decode; the family is read from the weight files' headers (no tensor data).
+the size of that one decode; sizes and family are settled by :mod:`xcft.data.sizes`.
 """
 
 from __future__ import annotations
@@ -13,29 +13,21 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
-from xcft.data.dataset import conversation_grids
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
-from xcft.data.images import IMAGE_FIX, decode_with_size
-from xcft.data.mixture import DataSpec, draw_count, resolve_data
-from xcft.data.schema import Conversation, Problem, read_file
-from xcft.errors import ModelFolderError, XcftError
-from xcft.model.configuration_xcomposer2 import DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH_2_5, FAMILY_2_0, FAMILY_2_5
-from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN, HD_VIEW_SIZE
+from xcft.data.mixture import DataSpec, resolve_data
+from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
+from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
+from xcft.data.schema import Conversation, Problem
+from xcft.data.sizes import folder_sizes, resolve_sizes
+from xcft.errors import XcftError
+from xcft.model.configuration_xcomposer2 import FAMILY_2_0
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_IMG_SIZE = 490
-
 
 # --------------------------------------------------------------------------- model settings
 
@@ -54,105 +46,15 @@ class Settings:
         return ImageSpec(self.img_size, self.hd_num)
 
 
-class _Shape:
-    """A tensor stand-in that has only its shape (what family detection reads)."""
-
-    def __init__(self, shape: Any) -> None:
-        self.shape = tuple(shape)
-
-
-def model_family(folder: Path, declared: str | None = None) -> tuple[str, int | None]:
-    """``(family, view size or None)`` of a checkpoint folder, from its weight files' headers.
-
-    Only tensor names and shapes are read (safetensors headers; ``.bin`` files memory-mapped), so a
-    7B checkpoint costs milliseconds. A folder without weights keeps the declared family (2.0 when none).
-    """
-    from xcft.model import loading  # lazy: loading imports the modeling code, which check-data never needs
-
-    try:
-        files = loading.weight_files(folder)
-    except XcftError:
-        return declared or FAMILY_2_0, None
-    wanted = (*loading.SEPARATOR_KEYS, loading.PROJECTOR_KEY, loading.PATCH_KEY, loading.POSITION_KEY)
-    shapes: dict[str, _Shape] = {}
-    for path in files:
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as fh:
-                    present = set(fh.keys())
-                    for key in wanted:
-                        if key in present:
-                            shapes[key] = _Shape(fh.get_slice(key).get_shape())
-            else:
-                part = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-                shapes.update({k: _Shape(v.shape) for k, v in part.items() if k in wanted})
-        except Exception as exc:  # a truncated or corrupt weight file: one line naming it
-            raise ModelFolderError(
-                f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}): "
-                "the file is truncated or corrupt; re-download or re-save it"
-            ) from None
-    return loading.detect_family(shapes, declared, source=str(folder))  # type: ignore[arg-type]
-
-
 def load_settings(
     model_dir: str | os.PathLike[str], img_size: int | None, max_length: int | None, hd_num: int | None = None
 ) -> Settings:
-    """Tokenizer and sizes from a model folder (its config.json is read as plain JSON, the family from the weights).
+    """Tokenizer and sizes of a model folder, settled with the options by :func:`xcft.data.sizes.resolve_sizes`.
 
-    ``hd_num``: the crop budget of a 2.5 model (default: the training default, 18); an error for 2.0.
+    config.json is read as plain JSON and the family from the weight files' headers: no model is loaded.
     """
     d = Path(model_dir)
-    if not d.is_dir():
-        raise XcftError(
-            f"model folder {d} not found; --model must be a checkpoint folder holding tokenizer.model and config.json"
-        )
-    notes: list[str] = []
-    config: dict[str, Any] = {}
-    cfg_path = d / "config.json"
-    if cfg_path.is_file():
-        from xcft.model.loading import read_json_object  # lazy: keeps check-data free of the modeling code
-
-        config = read_json_object(cfg_path)
-        for key in ("img_size", "max_length"):
-            value = config.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ModelFolderError(
-                    f"{cfg_path}: {key} is {value!r} ({type(value).__name__}); expected a positive integer. Fix the file"
-                )
-    family, view = model_family(d, config.get("family"))
-    if family == FAMILY_2_5:
-        view = view or config.get("img_size") or HD_VIEW_SIZE
-        if img_size is not None and int(img_size) != view:
-            raise XcftError(
-                f"--img-size {img_size}: {d} is an InternLM-XComposer-2.5 model whose views are {view} px; drop --img-size"
-            )
-        img_size = view
-        hd_num = HD_NUM_TRAIN if hd_num is None else int(hd_num)
-        if hd_num < 1:
-            raise XcftError(f"--hd-num must be at least 1 (crops per image), got {hd_num}")
-    elif hd_num is not None:
-        raise XcftError(
-            f"--hd-num {hd_num}: {d} is an InternLM-XComposer2 (2.0) model, whose images are one fixed-size view; "
-            "--hd-num applies to 2.5 models only. Drop it"
-        )
-    if img_size is None:
-        img_size = config.get("img_size")
-        if img_size is None:
-            img_size = DEFAULT_IMG_SIZE
-            notes.append(f"{cfg_path} has no img_size; using {DEFAULT_IMG_SIZE} (pass --img-size to choose)")
-    if max_length is None:
-        max_length = config.get("max_length")
-        if max_length is None:
-            max_length = DEFAULT_MAX_LENGTH_2_5 if family == FAMILY_2_5 else DEFAULT_MAX_LENGTH
-            notes.append(
-                f"{cfg_path} has no max_length; using {max_length} (the official code would silently cut every sample to 20 tokens; pass --max-length to choose)"
-            )
-    try:
-        ImageSpec(int(img_size), hd_num)
-    except ValueError as exc:
-        raise XcftError(f"img_size: {exc}") from exc
-    if int(max_length) <= 0:
-        raise XcftError(f"max_length must be positive, got {max_length}")
+    sizes = resolve_sizes(folder_sizes(d), img_size, max_length, hd_num)
     tok_path = d / "tokenizer.model"
     if not tok_path.is_file():
         raise XcftError(
@@ -163,7 +65,7 @@ def load_settings(
         tokenizer.turn_start_id, tokenizer.turn_end_id  # noqa: B018 - validates the model
     except Exception as exc:
         raise XcftError(f"{tok_path}: not a usable InternLM2 SentencePiece model ({exc})") from exc
-    return Settings(tokenizer, int(img_size), int(max_length), notes, family, hd_num)
+    return Settings(tokenizer, sizes.img_size, sizes.max_length, list(sizes.notes), sizes.family, sizes.hd_num)
 
 
 # --------------------------------------------------------------------------- reading everything
@@ -184,6 +86,27 @@ class FileReport:
     truncated: int = 0  # samples longer than max_length (cut)
     skipped: int = 0
     image_tokens: list[int] = field(default_factory=list)  # slots of each image of the usable samples
+
+    @classmethod
+    def from_samples(cls, fs: FileSamples) -> FileReport:
+        """The counts of one file of the read pass."""
+        encoded = [r for r in fs.records if r.encoded]
+        usable = fs.usable
+        return cls(
+            fs.source.display,
+            str(fs.source.path),
+            fs.source.number,
+            samples=len(fs.records),
+            valid=len(encoded),
+            usable=len(usable),
+            drawn_per_epoch=fs.draw_count,
+            images=sum(len(r.conversation.images) for r in encoded if r.conversation is not None),
+            lengths=[r.length for r in usable],
+            supervised=sum(r.supervised for r in usable),
+            truncated=sum(1 for r in encoded if r.truncated),
+            skipped=fs.skipped,
+            image_tokens=[n for r in usable for n in r.image_tokens],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -211,11 +134,6 @@ def length_stats(lengths: list[int]) -> dict[str, float | int | None]:
     return {"min": min(lengths), "median": int(med) if float(med).is_integer() else med, "max": max(lengths)}
 
 
-#: ``progress(phase, done, total)``: phase is "reading", "images" or "encoding".
-ProgressFn = Callable[[str, int, int], None]
-PROGRESS_EVERY = 1000
-
-
 @dataclass
 class CheckResult:
     spec: DataSpec | None
@@ -225,6 +143,13 @@ class CheckResult:
     # every sample read, per file in data.txt order (None where a sample could not be normalised),
     # kept so that a caller can show any sample without reading the files again
     conversations: list[list[Conversation | None]] = field(default_factory=list)
+    # preference data: every pair read, per file (empty lists for SFT files); ``conversations``
+    # then holds each pair's chosen conversation
+    pairs: list[list[PreferencePair | None]] = field(default_factory=list)
+
+    @property
+    def is_preference(self) -> bool:
+        return any(self.pairs)
 
     @property
     def errors(self) -> list[Problem]:
@@ -234,6 +159,23 @@ class CheckResult:
     def ok(self) -> bool:
         return not self.errors and sum(f.drawn_per_epoch for f in self.files) > 0
 
+    @property
+    def total(self) -> FileReport:
+        """Every file's counts added up (display name ``total``)."""
+        total = FileReport("total", "", None)
+        for f in self.files:
+            total.samples += f.samples
+            total.valid += f.valid
+            total.usable += f.usable
+            total.drawn_per_epoch += f.drawn_per_epoch
+            total.images += f.images
+            total.lengths += f.lengths
+            total.supervised += f.supervised
+            total.truncated += f.truncated
+            total.skipped += f.skipped
+            total.image_tokens += f.image_tokens
+        return total
+
 
 def run_check(
     data: str | os.PathLike[str],
@@ -242,108 +184,24 @@ def run_check(
     workers: int | None = None,
     progress: ProgressFn | None = None,
 ) -> CheckResult:
-    """Read, decode and encode everything once; collect every problem.
+    """The read pass (:func:`~xcft.data.read_pass.read_pass`) with every image decoded; a report per file.
 
     ``progress`` is called now and then with the phase and its counts (for a progress bar).
     """
-    report_progress = progress or (lambda phase, done, total: None)
-    spec, problems = resolve_data(data)
-    files: list[FileReport] = []
-    if spec is None:
-        return CheckResult(None, files, problems, settings)
-    per_file: list[list[Conversation | None]] = []
-    for k, src in enumerate(spec.sources):
-        report_progress("reading", k, len(spec.sources))
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
-        problems.extend(probs)
-        per_file.append(convs)
-        files.append(FileReport(src.display, str(src.path), src.number, samples=len(convs)))
-
-    # decode every distinct image once, in parallel
-    paths = sorted({p for convs in per_file for c in convs if c is not None for p in c.images})
-    n_workers = max(1, workers or os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        decoded: dict[Path, tuple[str | None, tuple[int, int]]] = {}
-        for k, (path, result) in enumerate(zip(paths, pool.map(decode_with_size, paths))):
-            decoded[path] = result
-            if k % PROGRESS_EVERY == 0:
-                report_progress("images", k, len(paths))
-    decode_errors = {p: why for p, (why, _) in decoded.items()}
-    image_spec = settings.image_spec
-    grids: dict[Path, Grid] = {}
-    if image_spec.hd:
-        for p, (why, size) in decoded.items():
-            if why is None:
-                try:
-                    grids[p] = image_spec.grid(*size)
-                except ValueError as exc:  # e.g. too elongated for the HD transform
-                    decode_errors[p] = f"cannot be used ({exc})"
-
-    n_samples = sum(len(convs) for convs in per_file)
-    done = 0
-    for src, report, convs in zip(spec.sources, files, per_file):
-        for conv in convs:
-            done += 1
-            if done % PROGRESS_EVERY == 0:
-                report_progress("encoding", done, n_samples)
-            if conv is None:
-                continue
-            bad = [(p, decode_errors[p]) for p in conv.images if decode_errors.get(p)]
-            for p, why in bad:
-                problems.append(Problem(src.display, conv.index, conv.id, f"image {p} {why}", IMAGE_FIX))
-            if bad:
-                continue
-            report.valid += 1
-            report.images += len(conv.images)
-            conv_grids = [grids[p] for p in conv.images] if image_spec.hd else None
-            enc = encode_conversation(conv, settings.tokenizer, image_spec, settings.max_length, conv_grids)
-            if enc.truncated:
-                report.truncated += 1
-            n_supervised = enc.num_supervised  # a count over every label: once per sample
-            if n_supervised == 0:
-                report.skipped += 1
-                problems.append(
-                    Problem(
-                        src.display,
-                        conv.index,
-                        conv.id,
-                        f"no supervised token left after truncation to max_length={settings.max_length} (full length {enc.untruncated_length}); the sample is skipped in training",
-                        "shorten the user turns or images before the first answer, or raise --max-length",
-                        level="warning",
-                    )
-                )
-                continue
-            report.usable += 1
-            report.lengths.append(len(enc))
-            report.image_tokens += (
-                [image_spec.slots(g) for g in conv_grids] if conv_grids is not None else [image_spec.slots()] * len(conv.images)
-            )
-            report.supervised += n_supervised
-        report.drawn_per_epoch = draw_count(report.usable, src.number, given_num)
-        if report.valid and not report.usable:
-            problems.append(
-                Problem(
-                    src.display,
-                    None,
-                    None,
-                    f"no sample of this file keeps a supervised token within max_length={settings.max_length}",
-                    "raise --max-length (images take their slots in full), or shorten the samples",
-                    line=src.line,
-                )
-            )
-        if report.usable and report.drawn_per_epoch == 0:
-            problems.append(
-                Problem(
-                    src.display,
-                    None,
-                    None,
-                    f"the number {src.number} draws no sample per epoch",
-                    "raise the number in data.txt (given_num: thousands of samples, 0.001 = 1)",
-                    level="warning",
-                    line=src.line,
-                )
-            )
-    return CheckResult(spec, files, problems, settings, per_file)
+    found = read_pass(
+        data,
+        settings.tokenizer,
+        settings.image_spec,
+        settings.max_length,
+        given_num,
+        decode_images=True,
+        workers=workers,
+        progress=progress,
+    )
+    files = [FileReport.from_samples(fs) for fs in found.files]
+    conversations = [[r.conversation for r in fs.records] for fs in found.files]
+    pairs = [[r.pair for r in fs.records] if fs.pairs else [] for fs in found.files]
+    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
 
 
 # --------------------------------------------------------------------------- one sample
@@ -351,14 +209,14 @@ def run_check(
 
 def find_sample(
     data: str, settings: Settings, index: int | None, sample_id: str | None
-) -> tuple[Conversation | None, list[Problem], str]:
+) -> tuple[Conversation | PreferencePair | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
         return None, errs, ""
     offset = 0
     for src in spec.sources:
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, _ = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         if not convs:
             file_errs = [p for p in probs if p.level == "error" and p.index is None]
             if file_errs and index is not None and index >= offset:
@@ -432,6 +290,13 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
+def encode_pair_for(pair: PreferencePair, settings: Settings) -> EncodedPair:
+    """Encode one preference pair as training would (each side scores only its final answer)."""
+    spec = settings.image_spec
+    grids = conversation_grids(pair.chosen, spec) if spec.hd else None
+    return encode_pair(pair, settings.tokenizer, spec, settings.max_length, grids)
+
+
 def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
     """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
     spec = settings.image_spec
@@ -442,13 +307,14 @@ def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
 __all__ = [
     "CheckResult",
     "FileReport",
+    "ProgressFn",
     "Run",
     "Settings",
     "encode_for",
+    "encode_pair_for",
     "find_sample",
     "length_stats",
     "load_settings",
-    "model_family",
     "render_sample",
     "run_check",
     "sample_runs",

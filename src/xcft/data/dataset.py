@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
-from xcft.data.mixture import DataSpec, draw_count, epoch_draw, load_spec
-from xcft.data.schema import Conversation, raise_first, read_file
+from xcft.data.mixture import epoch_draw
+from xcft.data.read_pass import read_pass
+from xcft.data.schema import Conversation, raise_first
 from xcft.errors import DataError
 from xcft.model.image_processing_xcomposer2 import load_hd_views, load_image
 
@@ -41,34 +41,8 @@ class FileData:
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
     grids: list[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image file's header (PIL reads no pixel data here)."""
-    with Image.open(path) as img:
-        return img.size
-
-
-def conversation_grids(conv: Conversation, spec: ImageSpec, cache: dict[Path, Grid] | None = None) -> list[Grid]:
-    """2.5: the crop grid of each image of ``conv`` at ``spec.hd_num``, from the file headers (DataError if unreadable)."""
-    out: list[Grid] = []
-    for path in conv.images:
-        grid = cache.get(path) if cache is not None else None
-        if grid is None:
-            try:
-                size = image_size(path)
-            except Exception as exc:  # PIL raises many types for broken headers
-                raise DataError(
-                    f"{conv.where}: cannot read the size of image {path}: {exc}. Fix: replace or re-save the file"
-                ) from exc
-            try:
-                grid = spec.grid(*size)
-            except ValueError as exc:  # e.g. an aspect ratio the HD transform cannot handle
-                raise DataError(f"{conv.where}: image {path} cannot be used: {exc}. Fix: crop or pad the image") from exc
-            if cache is not None:
-                cache[path] = grid
-        out.append(grid)
-    return out
+    # preference data: the rejected conversation of each pair (``conversations`` holds the chosen ones)
+    rejected: list[Conversation] = field(default_factory=list)
 
 
 def read_data(
@@ -80,49 +54,47 @@ def read_data(
     *,
     hd_num: int | None = None,
 ) -> list[FileData]:
-    """Read, validate and encode every sample of a data.txt or a JSON file (raises DataError on bad data).
+    """The training samples of a data.txt or a JSON file (:func:`~xcft.data.read_pass.read_pass`); DataError on bad data.
 
     ``hd_num`` set: a 2.5 model's data (crop grids read from the image headers at that budget).
+    Stops at the first error (``xcft check-data`` lists them all); warnings (a sample left with no
+    supervised token, which is skipped) are logged.
     """
-    spec: DataSpec = load_spec(data)
-    image_spec = ImageSpec(int(img_size), hd_num)
-    grid_cache: dict[Path, Grid] = {}
+    found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num)
+    if found.is_preference:
+        raise DataError(
+            f"{data} holds preference pairs (conversations_a/conversations_b or chosen/rejected), not conversations. "
+            "Fix: train on them with --stage dpo or --stage rm"
+        )
+    raise_first(found.problems)
+    for problem in found.problems:
+        if problem.level == "warning":  # skipped samples, a number that draws nothing
+            logger.warning("%s", problem)
     files: list[FileData] = []
-    for src in spec.sources:
-        convs, problems = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
-        raise_first(problems)
-        keep: list[Conversation] = []
-        lengths: list[int] = []
-        grids: list[list[Grid]] = []
-        skipped = 0
-        for conv in convs:
-            assert conv is not None
-            conv_grids = conversation_grids(conv, image_spec, grid_cache) if image_spec.hd else None
-            enc = encode_conversation(conv, tokenizer, image_spec, max_length, conv_grids)
-            if enc.num_supervised == 0:
-                skipped += 1
-                logger.warning("%s: no supervised token left after truncation to %d tokens; skipped", conv.where, max_length)
-                continue
-            keep.append(conv)
-            lengths.append(len(enc))
-            if conv_grids is not None:
-                grids.append(conv_grids)
-        if skipped:
+    for fs in found.files:
+        if fs.skipped:
             logger.warning(
-                "%s: %d sample(s) skipped (no supervised token within max_length=%d)", src.display, skipped, max_length
+                "%s: %d sample(s) skipped (no supervised token within max_length=%d)", fs.source.display, fs.skipped, max_length
             )
-        if convs and not keep:
-            raise DataError(
-                f"{src.display}: no sample keeps a supervised token within max_length={max_length} "
-                f"(all {skipped} skipped). Fix: raise max_length (images take their slots in full) or shorten the samples"
+        usable = fs.usable
+        files.append(
+            FileData(
+                fs.source.display,
+                fs.source.path,
+                [r.conversation for r in usable if r.conversation is not None],
+                [r.length for r in usable],
+                fs.draw_count,
+                fs.skipped,
+                [r.grids for r in usable if r.grids is not None],
             )
-        count = draw_count(len(keep), src.number, given_num)
-        files.append(FileData(src.display, src.path, keep, lengths, count, skipped, grids))
+        )
     return files
 
 
 class XComposerDataset(Dataset):
     """The samples drawn for the current epoch; ``set_epoch(e)`` redraws (same draw on every rank).
+
+    ``every_sample``: no draw; every sample once, in file order (evaluation).
 
     ``__getitem__(i)`` returns ``input_ids``, ``labels``, ``image_mask`` ([L]) and ``pixel_values``
     ([n, 3, S, S], n may be 0) for the i-th drawn sample; with ``hd_num`` (2.5) ``pixel_values``
@@ -140,8 +112,10 @@ class XComposerDataset(Dataset):
         epoch: int = 0,
         fast_jpeg: bool = False,
         hd_num: int | None = None,
+        every_sample: bool = False,
     ) -> None:
         self.files = list(files)
+        self.every_sample = every_sample
         self.tokenizer = tokenizer
         self.img_size = int(img_size)
         self.hd_num = hd_num
@@ -153,7 +127,7 @@ class XComposerDataset(Dataset):
         self.fast_jpeg = fast_jpeg
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(tokenizer.eos_token_id if pad is None else pad)
-        if sum(f.draw_count for f in self.files) == 0:
+        if sum(len(f.conversations) if every_sample else f.draw_count for f in self.files) == 0:
             raise DataError(
                 "the data draws no sample per epoch (every count is 0 or every sample was skipped); check data.txt numbers"
             )
@@ -169,6 +143,10 @@ class XComposerDataset(Dataset):
         if epoch == self.epoch:
             return
         self.epoch = epoch
+        if self.every_sample:
+            order = [(f, j) for f, fd in enumerate(self.files) for j in range(len(fd.conversations))]
+            self.draw = np.array(order, dtype=np.int64).reshape(-1, 2)
+            return
         self.draw = epoch_draw([f.draw_count for f in self.files], [len(f.conversations) for f in self.files], self.seed, epoch)
 
     def __len__(self) -> int:
@@ -359,8 +337,6 @@ __all__ = [
     "FileData",
     "XComposerDataset",
     "build_dataset",
-    "conversation_grids",
-    "image_size",
     "make_item",
     "pad_batch",
     "read_data",

@@ -318,6 +318,20 @@ def image_candidates(image: str, search_dirs: Sequence[Path]) -> list[Path]:
     return out
 
 
+@dataclass
+class _Reporter:
+    """Collects the problems of one sample (its file, index, line and, once known, id)."""
+
+    file: str
+    index: int
+    line: int | None
+    sid: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    def __call__(self, msg: str, fix: str, level: Level = "error") -> None:
+        self.problems.append(Problem(self.file, self.index, self.sid, msg, fix, level, self.line))
+
+
 def normalize_sample(
     record: Any,
     *,
@@ -328,33 +342,39 @@ def normalize_sample(
     check_images_exist: bool = True,
 ) -> tuple[Conversation | None, list[Problem]]:
     """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems."""
-    problems: list[Problem] = []
-
-    def problem(msg: str, fix: str, level: Level = "error", sid: str | None = None) -> None:
-        problems.append(Problem(file, index, sid, msg, fix, level, line))
-
+    err = _Reporter(file, index, line)
     if not isinstance(record, dict):
-        problem(
+        err(
             f"sample is a JSON {_json_type(record)}, expected an object",
             'each sample must look like {"id": ..., "conversations": [...]}',
         )
-        return None, problems
+        return None, err.problems
+    _sample_id(record, index, err)
+    messages = _messages(record, err)
+    image_list = _image_list(record, err) if messages is not None else None
+    if messages is None or image_list is None:
+        return None, err.problems
+    prepended = _place_images(messages, image_list, err)
+    if prepended is None:
+        return None, err.problems
+    images = _find_images(image_list, search_dirs, check_images_exist, err)
+    if errors(err.problems):
+        return None, err.problems
+    assert err.sid is not None, "_sample_id sets it"
+    return Conversation(messages, images, err.sid, file, index, prepended), err.problems
 
-    # id
-    raw_id = record.get("id", None)
-    if raw_id is None:
-        sid = str(index)
-    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-        sid = str(raw_id)
-        problem(f"id must be a string or an integer, got {_a_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1', sid=sid)
-    else:
-        sid = str(raw_id)
 
-    def err(msg: str, fix: str, level: Level = "error") -> None:
-        problem(msg, fix, level, sid)
+def _sample_id(record: dict, index: int, err: _Reporter) -> None:
+    """The sample's id as a string (its index when it has none); a wrong type is an error."""
+    raw_id = record.get("id")
+    err.sid = str(index) if raw_id is None else str(raw_id)
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int))):
+        err(f"id must be a string or an integer, got {_a_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1')
 
-    # conversations
-    convs = record.get("conversations", None)
+
+def _messages(record: dict, err: _Reporter) -> list[Message] | None:
+    """The turns as messages with normalised roles, alternating user/assistant; None after an error."""
+    convs = record.get("conversations")
     if convs is None:
         other = [k for k in ("conversation", "messages", "dialog") if k in record]
         hint = f' (found "{other[0]}": rename it to "conversations")' if other else ""
@@ -362,67 +382,64 @@ def normalize_sample(
             f'missing "conversations"{hint}',
             'add "conversations": [{"from": "user", "value": ...}, {"from": "assistant", "value": ...}]',
         )
-        return None, problems
+        return None
     if not isinstance(convs, list):
         err(
             f'"conversations" is {_a_json_type(convs)}, expected a list of turns',
             'write "conversations": [{"from": ..., "value": ...}, ...]',
         )
-        return None, problems
+        return None
     if not convs:
         err('"conversations" is empty', "add at least one user turn and one assistant answer")
-        return None, problems
+        return None
+    turns = [_message(t, turn, err) for t, turn in enumerate(convs)]
+    messages = [m for m in turns if m is not None]
+    if len(messages) != len(turns):
+        return None
+    return messages if _alternates(messages, err) else None
 
-    messages: list[Message] = []
-    ok = True
-    for t, turn in enumerate(convs):
-        if not isinstance(turn, dict):
-            err(
-                f"turn {t} is {_a_json_type(turn)}, expected an object",
-                'each turn is {"from": "user"|"assistant", "value": "..."}',
-            )
-            ok = False
-            continue
-        frm = turn.get("from", turn.get("role"))
-        value = turn.get("value", turn.get("content"))
-        if not isinstance(frm, str):
-            err(f'turn {t} has no "from" string', 'add "from": "user" or "from": "assistant"')
-            ok = False
-            continue
-        key = frm.strip().lower()
-        role: Role
-        if key in USER_ROLES:
-            role = "user"
-        elif key in ASSISTANT_ROLES:
-            role = "assistant"
-        elif key == SYSTEM_ROLE:
-            role = "system"
-            if t != 0:
-                err(
-                    f'turn {t} has role "system"; a system turn is allowed only as the first turn',
-                    "move the system text into the first turn or drop it",
-                )
-                ok = False
-                continue
-        else:
-            err(
-                f'turn {t} has unknown role "{frm}"',
-                'use "user"/"human" for questions and "assistant"/"gpt"/"bot" for answers (or "system" as the first turn)',
-            )
-            ok = False
-            continue
-        if not isinstance(value, str):
-            err(
-                f'turn {t} ("{frm}") value is {_a_json_type(value)}, not a string',
-                'write the turn text as a JSON string: "value": "..."',
-            )
-            ok = False
-            continue
-        messages.append(Message(role, value.strip()))
-    if not ok:
-        return None, problems
 
-    # alternation: [system] user assistant user assistant ...
+def _message(t: int, turn: Any, err: _Reporter) -> Message | None:
+    """Turn ``t`` as a message (role names normalised); None after an error."""
+    if not isinstance(turn, dict):
+        err(f"turn {t} is {_a_json_type(turn)}, expected an object", 'each turn is {"from": "user"|"assistant", "value": "..."}')
+        return None
+    frm = turn.get("from", turn.get("role"))
+    value = turn.get("value", turn.get("content"))
+    if not isinstance(frm, str):
+        err(f'turn {t} has no "from" string', 'add "from": "user" or "from": "assistant"')
+        return None
+    key = frm.strip().lower()
+    role: Role
+    if key in USER_ROLES:
+        role = "user"
+    elif key in ASSISTANT_ROLES:
+        role = "assistant"
+    elif key == SYSTEM_ROLE and t == 0:
+        role = "system"
+    elif key == SYSTEM_ROLE:
+        err(
+            f'turn {t} has role "system"; a system turn is allowed only as the first turn',
+            "move the system text into the first turn or drop it",
+        )
+        return None
+    else:
+        err(
+            f'turn {t} has unknown role "{frm}"',
+            'use "user"/"human" for questions and "assistant"/"gpt"/"bot" for answers (or "system" as the first turn)',
+        )
+        return None
+    if not isinstance(value, str):
+        err(
+            f'turn {t} ("{frm}") value is {_a_json_type(value)}, not a string',
+            'write the turn text as a JSON string: "value": "..."',
+        )
+        return None
+    return Message(role, value.strip())
+
+
+def _alternates(messages: list[Message], err: _Reporter) -> bool:
+    """[system] user assistant user assistant ..., with at least one answer."""
     body = messages[1:] if messages and messages[0].role == "system" else messages
     for k, msg in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
@@ -432,12 +449,15 @@ def normalize_sample(
                 f"turn {t} is from the {msg.role} where the {expected} was expected: turns must alternate user, assistant, ... starting with the user",
                 "reorder or merge consecutive turns of the same speaker",
             )
-            return None, problems
+            return False
     if not any(m.role == "assistant" for m in body):
         err("the conversation has no assistant answer, so nothing would be trained", "add an assistant turn after the user turn")
-        return None, problems
+        return False
+    return True
 
-    # images
+
+def _image_list(record: dict, err: _Reporter) -> list[str] | None:
+    """The sample's image paths as written (``image`` or ``images``: a string or a list); None after an error."""
     raw_images = record.get("image", record.get("images"))
     if raw_images is None:
         image_list: list[str] = []
@@ -450,43 +470,49 @@ def normalize_sample(
             f'"image" is {_a_json_type(raw_images)}, expected a path string or a list of path strings',
             'write "image": "a.jpg" or "image": ["a.jpg", "b.jpg"]',
         )
-        return None, problems
+        return None
     if any(not x.strip() for x in image_list):
         err('"image" holds an empty path', "remove the empty entry or give the file name")
-        return None, problems
+        return None
+    return image_list
 
+
+def _place_images(messages: list[Message], image_list: list[str], err: _Reporter) -> bool | None:
+    """Match placeholders to images; one image without a placeholder goes first (returns True). None after an error."""
     n_placeholders = sum(m.text.count(IMAGE_PLACEHOLDER) for m in messages)
-    image_prepended = False
-    if n_placeholders != len(image_list):
-        llava = any(LLAVA_PLACEHOLDER in m.text for m in messages)
-        if n_placeholders == 0 and llava:
-            err(
-                f'found LLaVA-style "{LLAVA_PLACEHOLDER}" but no "{IMAGE_PLACEHOLDER}" ({len(image_list)} image(s))',
-                f'replace "{LLAVA_PLACEHOLDER}" with "{IMAGE_PLACEHOLDER}" in the turn text',
-            )
-            return None, problems
-        if n_placeholders == 0 and len(image_list) == 1:
-            first_user = next(i for i, m in enumerate(messages) if m.role == "user")
-            messages[first_user] = Message("user", IMAGE_PLACEHOLDER + messages[first_user].text)
-            image_prepended = True
-            err(
-                f'one image and no "{IMAGE_PLACEHOLDER}": the image is placed at the start of the first user turn '
-                "(InternLM-XComposer-2.5 models: right after <s>, before the first turn)",
-                f'put "{IMAGE_PLACEHOLDER}" where the image belongs to choose its place',
-                level="info",
-            )
-        else:
-            hint = f' (the text contains "{LLAVA_PLACEHOLDER}": use "{IMAGE_PLACEHOLDER}" instead)' if llava else ""
-            err(
-                f'{n_placeholders} "{IMAGE_PLACEHOLDER}" placeholder(s) but {len(image_list)} image(s){hint}',
-                f'give one "{IMAGE_PLACEHOLDER}" per image, in the order of the "image" list',
-            )
-            return None, problems
+    if n_placeholders == len(image_list):
+        return False
+    llava = any(LLAVA_PLACEHOLDER in m.text for m in messages)
+    if n_placeholders == 0 and llava:
+        err(
+            f'found LLaVA-style "{LLAVA_PLACEHOLDER}" but no "{IMAGE_PLACEHOLDER}" ({len(image_list)} image(s))',
+            f'replace "{LLAVA_PLACEHOLDER}" with "{IMAGE_PLACEHOLDER}" in the turn text',
+        )
+        return None
+    if n_placeholders == 0 and len(image_list) == 1:
+        first_user = next(i for i, m in enumerate(messages) if m.role == "user")
+        messages[first_user] = Message("user", IMAGE_PLACEHOLDER + messages[first_user].text)
+        err(
+            f'one image and no "{IMAGE_PLACEHOLDER}": the image is placed at the start of the first user turn '
+            "(InternLM-XComposer-2.5 models: right after <s>, before the first turn)",
+            f'put "{IMAGE_PLACEHOLDER}" where the image belongs to choose its place',
+            level="info",
+        )
+        return True
+    hint = f' (the text contains "{LLAVA_PLACEHOLDER}": use "{IMAGE_PLACEHOLDER}" instead)' if llava else ""
+    err(
+        f'{n_placeholders} "{IMAGE_PLACEHOLDER}" placeholder(s) but {len(image_list)} image(s){hint}',
+        f'give one "{IMAGE_PLACEHOLDER}" per image, in the order of the "image" list',
+    )
+    return None
 
+
+def _find_images(image_list: list[str], search_dirs: Sequence[Path], check_exist: bool, err: _Reporter) -> list[Path]:
+    """Each image path resolved against the search folders (a missing or odd file is an error)."""
     images: list[Path] = []
     for img in image_list:
         cands = image_candidates(img.strip(), search_dirs)
-        found = next((c for c in cands if c.is_file()), None) if check_images_exist else cands[0]
+        found = next((c for c in cands if c.is_file()), None) if check_exist else cands[0]
         if found is None:
             odd = next((c for c in cands if os.path.lexists(c)), None)
             if odd is not None:  # a folder or a FIFO named like an image: never opened
@@ -499,9 +525,7 @@ def normalize_sample(
             )
             continue
         images.append(found)
-    if errors(problems):
-        return None, problems
-    return Conversation(messages, images, sid, file, index, image_prepended), problems
+    return images
 
 
 def read_file(

@@ -23,7 +23,9 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
+from xcft.data.sizes import SizeOptions
 from xcft.errors import XcftError
+from xcft.run_files import RESOLVED_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,6 @@ DEFAULT_LORA_TARGETS = [
     "feed_forward.w2",
     "feed_forward.w3",
 ]
-
-RESOLVED_CONFIG_NAME = "train_config.yaml"
 
 
 @dataclass
@@ -99,8 +99,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Training and evaluation data and how samples are encoded."""
+class DataArguments(SizeOptions):
+    """Training and evaluation data and how samples are encoded (--img_size, --max_length, --hd_num: :class:`SizeOptions`)."""
 
     data_path: str | None = field(
         default=None,
@@ -113,22 +113,11 @@ class DataArguments:
             "scripts pass) or ratios of each file's size (false)."
         },
     )
-    img_size: int | None = field(
-        default=None,
-        metadata={"help": "Image (2.0) or view (2.5) side in pixels; must be the model's (490 for vl-7b, 560 for 2.5)."},
-    )
     resolution: int | None = field(
         default=None,
         metadata={
             "help": "Official 2.5 flag, the same as --img_size: accepted when it is the checkpoint's view size (560); "
             "the official code never passes it to its dataset either."
-        },
-    )
-    hd_num: int | None = field(
-        default=None,
-        metadata={
-            "help": "InternLM-XComposer-2.5: crop budget per image (default 18, the official training default); "
-            "each image becomes a global view plus up to hd_num crops. XComposer2 (2.0) models ignore it."
         },
     )
     batch_size: int = field(
@@ -137,13 +126,6 @@ class DataArguments:
             "help": "Official flag: samples per dataset item. xcft multiplies it into the per-device batch "
             "(per_device_train_batch_size * batch_size samples per device and step); prefer "
             "per_device_train_batch_size."
-        },
-    )
-    max_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Token limit per sample, image slots included (default: the model's max_length; 16384 for a "
-            "2.5 checkpoint whose config has none, the official script's value)."
         },
     )
     eval_data_path: str | None = field(
@@ -190,6 +172,53 @@ class LoraArguments:
     lora_bias: str = field(
         default="none",
         metadata={"help": "peft bias mode: none, all or lora_only.", "choices": ["none", "all", "lora_only"]},
+    )
+
+
+@dataclass
+class PreferenceArguments:
+    """What is trained (--stage) and, for preference stages, how (TRL's option names)."""
+
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": "sft: supervised finetuning on conversations; dpo: direct preference optimisation on "
+            "preference pairs (conversations_a/conversations_b or chosen/rejected records); rm: a reward model "
+            "(score head on the reward token) on the same pairs.",
+            "choices": ["sft", "dpo", "rm"],
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "dpo: strength of the pull to the reference (TRL's beta)."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "dpo loss: sigmoid (the DPO paper), ipo or hinge.", "choices": ["sigmoid", "ipo", "hinge"]},
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "dpo sigmoid loss: assumed share of wrongly labelled pairs (0 to < 0.5)."}
+    )
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "dpo: add rpo_alpha times the chosen answers' negative log-likelihood (RPO)."}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "dpo: reference model folder of the same family (default: the starting model itself; with "
+            "--use_lora the base with the adapter disabled, no second copy)."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "dpo: switch off every dropout (LoRA, Partial LoRA) in the policy, as TRL does by default, so "
+            "policy and reference agree before the first step and the log-prob ratios carry no dropout noise."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "dpo: score every pair with the reference once before training, so no reference model stays "
+            "in memory (useful for full finetunes)."
+        },
     )
 
 
@@ -264,6 +293,7 @@ class TrainConfig:
     training: Any  # transformers.TrainingArguments
     output: OutputArguments = field(default_factory=OutputArguments)
     memory: MemoryArguments = field(default_factory=MemoryArguments)
+    preference: PreferenceArguments = field(default_factory=PreferenceArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
     logging_dir: str | None = None
     config_file: str | None = None
@@ -271,7 +301,15 @@ class TrainConfig:
 
 def option_classes() -> tuple[type, ...]:
     """The dataclasses whose fields are the options of `xcft train` (the web form is built from them too)."""
-    return (ModelArguments, DataArguments, LoraArguments, OutputArguments, MemoryArguments, TrainingArguments)
+    return (
+        ModelArguments,
+        DataArguments,
+        LoraArguments,
+        PreferenceArguments,
+        OutputArguments,
+        MemoryArguments,
+        TrainingArguments,
+    )
 
 
 def _make_parser():
@@ -556,14 +594,14 @@ def parse_train_args(argv: list[str], *, require_data: bool = True) -> TrainConf
             )
         return groups, explicit
 
-    (model_args, data_args, lora_args, output_args, memory_args, training_args), explicit = parse({})
+    (model_args, data_args, lora_args, pref_args, output_args, memory_args, training_args), explicit = parse({})
     conditional: dict[str, Any] = {}
     if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
         conditional["eval_strategy"] = "epoch"
     if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
         conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
     if conditional:
-        (model_args, data_args, lora_args, output_args, memory_args, training_args), explicit = parse(conditional)
+        (model_args, data_args, lora_args, pref_args, output_args, memory_args, training_args), explicit = parse(conditional)
 
     if not model_args.model_name_or_path:
         raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
@@ -606,6 +644,7 @@ def parse_train_args(argv: list[str], *, require_data: bool = True) -> TrainConf
                 "thing (the view size): pass one"
             )
         data_args.img_size = data_args.resolution
+    check_preference(pref_args, data_args)
     check_quantization_options(model_args, training_args)
     logging_dir = legacy.get("logging_dir")
     return TrainConfig(
@@ -615,10 +654,31 @@ def parse_train_args(argv: list[str], *, require_data: bool = True) -> TrainConf
         training=training_args,
         output=output_args,
         memory=memory_args,
+        preference=pref_args,
         explicit=explicit,
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
         config_file=config_file,
     )
+
+
+def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
+    """Reject preference options that cannot work together (one error line each)."""
+    if pref.beta <= 0:
+        raise XcftError(f"--beta must be positive, got {pref.beta}")
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        raise XcftError(f"--label_smoothing must be in [0, 0.5), got {pref.label_smoothing}")
+    if pref.label_smoothing and pref.loss_type != "sigmoid":
+        raise XcftError(f"--label_smoothing applies to --loss_type sigmoid, not {pref.loss_type}")
+    if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
+        raise XcftError(f"--rpo_alpha must be at least 0, got {pref.rpo_alpha}")
+    if pref.stage != "dpo":
+        used = [name for name in ("ref_model_name_or_path", "rpo_alpha") if getattr(pref, name)]
+        if pref.precompute_ref_log_probs:
+            used.append("precompute_ref_log_probs")
+        if used:
+            raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
+    if pref.stage == "rm" and data.packing:
+        raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
 
 
 def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:
@@ -666,7 +726,7 @@ def _plain(value: Any) -> Any:
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
     out: dict[str, Any] = {}
-    for group in (cfg.model, cfg.data, cfg.lora, cfg.output, cfg.memory):
+    for group in (cfg.model, cfg.data, cfg.lora, cfg.preference, cfg.output, cfg.memory):
         out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
     training = cfg.training.to_dict()
     for f in dataclasses.fields(cfg.training):

@@ -775,20 +775,6 @@ def settings_from_config(cfg: Any, shape: ModelShape, *, device: str, gpus: int)
 PRESET_PREFIX = "preset:"
 
 
-def _folder_weight_shapes(folder: Path) -> dict[str, tuple[int, ...] | None]:
-    """Tensor names of a checkpoint folder (shapes where the file header has them), without loading a weight."""
-    names: dict[str, tuple[int, ...] | None] = {}
-    for index in sorted(folder.glob("*.index.json")):
-        with open(index, encoding="utf-8") as fh:
-            names.update({k: None for k in (json.load(fh).get("weight_map") or {})})
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as fh:  # the safetensors header: 8-byte length, then JSON
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        names.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return names
-
-
 def model_shape(path: str) -> tuple[ModelShape, Any]:
     """(shape, configuration) of a model folder or ``preset:NAME``, from config.json and the weight names only."""
     if path.startswith(PRESET_PREFIX):
@@ -796,26 +782,21 @@ def model_shape(path: str) -> tuple[ModelShape, Any]:
 
         config = preset_config(path[len(PRESET_PREFIX) :])
         return ModelShape.from_config(config), config
-    from xcft.model.loading import POSITION_KEY, SEPARATOR_KEYS, load_config
+    from xcft.data.sizes import _weight_shapes, model_family
+    from xcft.model.loading import load_config, read_json_object
 
     folder = Path(path)
     if not folder.is_dir():
         raise XcftError(
             f"--model_name_or_path {path}: no such folder (a model folder, or preset:NAME to plan for a preset shape)"
         )
-    overrides: dict[str, Any] = {}
-    try:
-        names = _folder_weight_shapes(folder)
-    except (OSError, ValueError):
-        names = {}
-    if any(k in names for k in SEPARATOR_KEYS):  # official 2.5 folders say internlm2 in config.json
-        overrides["family"] = "2.5"
-        pos = names.get(POSITION_KEY)
-        if pos:
-            overrides["img_size"] = math.isqrt(pos[0] - 1) * 14
-    plora = next((shape for name, shape in names.items() if name.endswith("Plora_A.weight") and shape), None)
-    if plora:  # the loader takes the Partial-LoRA rank from the weights, as here
-        overrides["plora_r"] = int(plora[0])
+    declared = read_json_object(folder / "config.json").get("family") if (folder / "config.json").is_file() else None
+    family, view = model_family(folder, declared)  # official 2.5 folders say internlm2 in config.json
+    overrides: dict[str, Any] = {"family": family, **({"img_size": view} if view else {})}
+    # the loader takes the Partial-LoRA rank from the weights (any layer's Plora_A rows), as here
+    plora = _weight_shapes(folder, ("model.layers.0.attention.wqkv.Plora_A.weight",))
+    if plora:
+        overrides["plora_r"] = int(next(iter(plora.values())).shape[0])
     config = load_config(folder, **overrides)
     return ModelShape.from_config(config), config
 
@@ -930,10 +911,10 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
     """The largest row of the real data: lengths and crop grids as the data reader knows them (no decoding)."""
     from xcft.data.dataset import read_data
     from xcft.model.loading import load_tokenizer
-    from xcft.train.datasets import resolve_hd_num, resolve_lengths
+    from xcft.train.inputs import resolve_run_sizes
 
-    img_size, max_length = resolve_lengths(cfg, config)
-    hd_num = resolve_hd_num(cfg, config)
+    sizes = resolve_run_sizes(cfg, config)
+    img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     files = read_data(
         cfg.data.data_path, load_tokenizer(cfg.model.model_name_or_path), img_size, max_length, cfg.data.given_num, hd_num=hd_num
     )

@@ -8,12 +8,13 @@ taken on different machines, or under different load, can be compared.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
+from collections.abc import Sequence
+from typing import Any
 
-from xcft.commands.bench.options import from_namespace
+from xcft.commands.bench.options import TrainBenchOptions
 from xcft.errors import XcftError
 
 
@@ -29,33 +30,38 @@ def _photo_size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def bench_command(args: argparse.Namespace) -> int:
-    """Entry point of ``xcft bench train`` / ``xcft bench data``; prints text or one JSON object."""
-    if args.bench_command == "train":
-        # torch and the training stack load only when a benchmark runs (keeps `xcft --help` fast)
-        from xcft.commands.bench.train import format_train_result, run_train_bench
+def bench_train_command(*, output_format: str = "text", **options: Any) -> int:
+    """``xcft bench train``: time real optimizer steps; prints text or one JSON object."""
+    # torch and the training stack load only when a benchmark runs (keeps `xcft --help` fast)
+    from xcft.commands.bench.train import format_train_result, run_train_bench
 
-        opts = from_namespace(args)
-        # Libraries print to stdout (DeepSpeed's accelerator notice, Trainer logs): keep it for the report.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_train_bench(opts)
-        print(json.dumps(result) if args.format == "json" else format_train_result(result))
-        return 0
-    if args.bench_command == "data":
-        from xcft.commands.bench.data import format_data_result, run_data_bench
-
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_data_bench(
-                args.data,
-                args.img_size,
-                workers=args.workers,
-                fast_jpeg=args.fast_jpeg,
-                photo=_photo_size(getattr(args, "photo", None)),
-                sources=tuple(getattr(args, "source", None) or ()),
-            )
-        print(json.dumps(result) if args.format == "json" else format_data_result(result))
-        return 0
-    raise XcftError(f"unknown bench command {args.bench_command!r}; use 'train' or 'data'")
+    opts = TrainBenchOptions(**options)
+    # Libraries print to stdout (DeepSpeed's accelerator notice, Trainer logs): keep it for the report.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_train_bench(opts)
+    print(json.dumps(result) if output_format == "json" else format_train_result(result))
+    return 0
 
 
-__all__ = ["bench_command"]
+def bench_data_command(
+    *,
+    data: str,
+    img_size: int = 490,
+    workers: int = 0,
+    fast_jpeg: bool = False,
+    photo: str | None = None,
+    sources: Sequence[str] = (),
+    output_format: str = "text",
+) -> int:
+    """``xcft bench data``: time image decoding and preprocessing; prints text or one JSON object."""
+    from xcft.commands.bench.data import format_data_result, run_data_bench
+
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_data_bench(
+            data, img_size, workers=workers, fast_jpeg=fast_jpeg, photo=_photo_size(photo), sources=tuple(sources)
+        )
+    print(json.dumps(result) if output_format == "json" else format_data_result(result))
+    return 0
+
+
+__all__ = ["bench_data_command", "bench_train_command"]

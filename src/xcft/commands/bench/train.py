@@ -42,7 +42,7 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_hd_num, resolve_lengths
+from xcft.train.inputs import resolve_run_sizes
 from xcft.train.memory_plan import worst_hd_grid
 from xcft.train.qlora import quantize_for_training
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
@@ -185,10 +185,11 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
     rows_needed = steps * opts.batch_size
     img_size = int(base_config.img_size)
     max_length = int(opts.max_length or base_config.max_length or 4096)
+    sizes = resolve_run_sizes(cfg, base_config)
     if opts.synthetic:
         pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
         per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
-        grid = largest_grid(resolve_hd_num(cfg, base_config) or 1, img_size) if base_config.hd else None
+        grid = largest_grid(sizes.hd_num or 1, img_size) if base_config.hd else None
         ds: Any = SyntheticDataset(
             rows_needed * per_row,
             opts.synthetic,
@@ -201,16 +202,17 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
             grid=grid,
         )
     else:
-        img_size, max_length = resolve_lengths(cfg, base_config)
-        hd_num = resolve_hd_num(cfg, base_config)
-        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+        img_size, max_length = sizes.img_size, sizes.max_length
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=sizes.hd_num)
         if opts.sources:
             files = [f for f in files if any(s in f.display for s in opts.sources)]
             if not files:
                 raise XcftError(f"--source {' '.join(opts.sources)}: no data file of {opts.data} matches")
         samples = rows_needed
         while True:
-            ds = XComposerDataset(_scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed, hd_num=hd_num)
+            ds = XComposerDataset(
+                _scaled_files(files, samples), tokenizer, img_size, max_length, seed=opts.seed, hd_num=sizes.hd_num
+            )
             if not opts.packing:
                 break
             ds = PackedDataset(ds, max_length)
@@ -471,7 +473,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "supervised_head": not opts.full_head,
         "use_lora": bool(cfg.model.use_lora),
         "bits": int(cfg.model.bits),
-        "hd_num": resolve_hd_num(cfg, base_config),
+        "hd_num": resolve_run_sizes(cfg, base_config).hd_num,
         "image_grid": list(train_ds.grid) if getattr(train_ds, "grid", None) else None,
         "bf16": opts.bf16,
         "cpu_reuse_memory": reuse_memory,

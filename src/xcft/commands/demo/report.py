@@ -1,16 +1,13 @@
-"""What the demo shows the user: a short table (or one JSON object) and a loss curve."""
+"""What the demo shows the user: a short table or one JSON object (the loss curve is :mod:`xcft.train.plots`)."""
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["format_table", "plot_loss"]
+__all__ = ["format_table", "to_json"]
 
 
 def _pct(x: float | None) -> str:
@@ -51,31 +48,6 @@ def format_table(result: Mapping[str, Any]) -> str:
         if result.get(key):
             lines.append(f"{label + ':':{w}}   {result[key]}")
     return "\n".join(lines)
-
-
-def plot_loss(steps: Sequence[float], losses: Sequence[float], path: str | Path, *, title: str = "") -> Path | None:
-    """Write the training-loss curve to ``path`` (PNG). Returns None, with a warning, if matplotlib is missing."""
-    try:
-        import matplotlib  # lazy: plotting is optional and slow to import
-
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is a dependency, but a broken install must not fail the demo
-        logger.warning("matplotlib is not importable; %s not written", path)
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(list(steps), list(losses), marker="." if len(losses) < 60 else None, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def to_json(result: Mapping[str, Any]) -> str:

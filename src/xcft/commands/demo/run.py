@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from xcft.commands.demo.report import format_table, plot_loss, to_json
+from xcft.commands.demo.report import format_table, to_json
 from xcft.commands.demo.scoring import HEADLINE_KINDS, answer_accuracy, chance_levels
-from xcft.commands.demo.synthetic import generate_dataset
-from xcft.commands.merge import merge_command
+from xcft.commands.demo.synthetic import DemoData, generate_dataset
+from xcft.commands.merge import merge_model
 from xcft.commands.train import train_command
 from xcft.data.spm_builder import build_tokenizer
 from xcft.errors import XcftError
@@ -34,6 +34,8 @@ from xcft.model.loading import load_pretrained, save_pretrained
 from xcft.model.presets import build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 from xcft.output_dir import FolderLock, OutputFolder
+from xcft.run_files import LOSS_PLOT_NAME, TRAINER_STATE_NAME
+from xcft.train.plots import loss_figure, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def _redirect(quiet: bool):
 
 def _loss_history(adapter_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) pairs from the trainer state ``xcft train`` saves next to the adapter."""
-    state = adapter_dir / "trainer_state.json"
+    state = adapter_dir / TRAINER_STATE_NAME
     if not state.is_file():
         raise XcftError(f"{state} is missing: training did not finish (see the messages above)")
     history = json.loads(state.read_text())["log_history"]
@@ -213,7 +215,6 @@ def _reload_and_ask(merged: Path, image: str, question: str, timeout: float = 30
 
 
 RESULT_NAME = "result.json"
-LOSS_PLOT_NAME = "loss.png"
 
 
 def run_demo(
@@ -257,6 +258,42 @@ def run_demo(
             folder.record()
 
 
+def _data_and_base(parts: dict[str, Path], preset: DemoPreset, *, seed: int, blank_train_images: bool) -> DemoData:
+    """Generate the synthetic data, then a tokenizer and a tiny base model saved as an ordinary model folder."""
+    data = generate_dataset(
+        parts["data"],
+        n_single=preset.n_single,
+        n_compare=preset.n_compare,
+        n_text=preset.n_text,
+        n_heldout=preset.n_heldout,
+        img_size=preset.img_size,
+        seed=seed,
+        blank_train_images=blank_train_images,
+        shape_fraction=preset.shape_fraction,
+        draw_size=preset.draw_size,
+        **({"shapes": preset.shapes} if preset.shapes else {}),
+    )
+    tok_path = build_tokenizer(parts["tokenizer"])
+    tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
+    model = build_model(preset.model, preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
+    save_pretrained(model, tokenizer, parts["base"], command="demo")
+    shutil.rmtree(parts["tokenizer"], ignore_errors=True)  # it is inside the base folder now
+    return data
+
+
+def _merge_and_ask(parts: dict[str, Path], replies: Any, quiet: bool) -> tuple[dict[str, Any], str, str]:
+    """Merge the adapter (verified), then ask the merged folder a held-out colour question in a new process.
+
+    Returns (the question, the merged model's answer, the adapter's answer in this process).
+    """
+    with _redirect(quiet):
+        merge_model(adapter=str(parts["lora"]), output=str(parts["merged"]), base=None)
+    qa, adapter_answer = next((q, a) for q, a in replies if q.kind == "colour")
+    # The question as trained, placeholder included: where an image without one goes differs by family.
+    question = {"image": qa.images[0], "question": qa.question, "answer": qa.answer}
+    return question, _reload_and_ask(parts["merged"], qa.images[0], qa.question), adapter_answer
+
+
 def _run_demo(
     out: Path,
     folder: OutputFolder,
@@ -286,27 +323,8 @@ def _run_demo(
         if path.exists():
             shutil.rmtree(path)
 
-    # 1. data
-    data = generate_dataset(
-        parts["data"],
-        n_single=preset.n_single,
-        n_compare=preset.n_compare,
-        n_text=preset.n_text,
-        n_heldout=preset.n_heldout,
-        img_size=preset.img_size,
-        seed=seed,
-        blank_train_images=blank_train_images,
-        shape_fraction=preset.shape_fraction,
-        draw_size=preset.draw_size,
-        **({"shapes": preset.shapes} if preset.shapes else {}),
-    )
-    # 2. tokenizer + tiny base model, saved as an ordinary model folder
-    tok_path = build_tokenizer(parts["tokenizer"])
-    tokenizer = InternLM2Tokenizer.from_model_file(tok_path)
-    model = build_model(preset.model, preset.img_size, int(tokenizer.vocab_size), seed=seed, **preset.overrides)
-    save_pretrained(model, tokenizer, parts["base"], command="demo")
-    del model
-    shutil.rmtree(parts["tokenizer"], ignore_errors=True)  # it is inside the base folder now
+    # 1-2. data, tokenizer and the tiny base model
+    data = _data_and_base(parts, preset, seed=seed, blank_train_images=blank_train_images)
 
     # 3. accuracy before (the saved base folder, loaded like a user's)
     base_model, tokenizer = load_pretrained(parts["base"], dtype=torch.float32, device="cpu")
@@ -335,18 +353,11 @@ def _run_demo(
     # 6. merge, then one question to the merged folder in a new process
     merged_dir = reload_answer = reload_q = adapter_answer = None
     if merge:
-        with _redirect(quiet):
-            status = merge_command(adapter=str(parts["lora"]), output=str(parts["merged"]), base=None)
-        if status != 0:
-            raise XcftError(f"xcft merge stopped with status {status}")
+        reload_q, reload_answer, adapter_answer = _merge_and_ask(parts, after.replies, quiet)
         merged_dir = str(parts["merged"])
-        qa, adapter_answer = next((q, a) for q, a in after.replies if q.kind == "colour")
-        # The question as trained, placeholder included: where an image without one goes differs by family.
-        reload_q = {"image": qa.images[0], "question": qa.question, "answer": qa.answer}
-        reload_answer = _reload_and_ask(parts["merged"], qa.images[0], reload_q["question"])
 
     # 7. loss plot + result
-    png = plot_loss([s for s, _ in losses], [v for _, v in losses], out / LOSS_PLOT_NAME, title="xcft demo: LoRA training loss")
+    png = save_figure(loss_figure(losses, title="xcft demo: LoRA training loss", log_scale=True), out / LOSS_PLOT_NAME)
     chance = chance_levels()
     result = DemoResult(
         accuracy_before=before.overall,
@@ -384,7 +395,7 @@ def _run_demo(
 
 
 def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text", family: str = "2.0") -> int:
-    """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
+    """The SFT demo of ``xcft demo``: run it, print the table (or one JSON object)."""
     quiet = output_format == "json"
     # In JSON mode stdout carries the one JSON object only: everything the stages print (and
     # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.

@@ -1,4 +1,4 @@
-"""Training / evaluation data sets of an ``xcft train`` run (on top of :mod:`xcft.data`)."""
+"""Training / evaluation inputs of an ``xcft train`` run: datasets and collator (on top of :mod:`xcft.data`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.mixture import draw_count, load_spec
 from xcft.data.packing import PackedDataset, PackingCollator
+from xcft.data.sizes import Sizes, model_sizes, resolve_sizes
 from xcft.errors import XcftError
-from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 from xcft.model.loading import unwrap_model
 
 if TYPE_CHECKING:
@@ -23,32 +23,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def resolve_lengths(cfg: Any, model_config: Any) -> tuple[int, int]:
-    """``(img_size, max_length)``: the flags, or the model's values; an img_size the model was not built for is an error."""
-    model_img = int(getattr(model_config, "img_size", 0) or 0)
-    img_size = int(cfg.data.img_size or model_img)
-    if model_img and img_size != model_img:
-        flag = "--resolution" if getattr(cfg.data, "resolution", None) is not None else "--img_size"
-        what = (
-            "the checkpoint's view size (each crop and the global view)"
-            if getattr(model_config, "hd", False)
-            else "the model's img_size"
-        )
-        raise XcftError(
-            f"{flag} {img_size} is not {what}, {model_img} px: its vision position table is built for {model_img} px. "
-            f"Drop {flag} or pass {model_img}"
-        )
-    max_length = int(cfg.data.max_length or model_config.max_length)
-    return img_size, max_length
-
-
-def resolve_hd_num(cfg: Any, model_config: Any) -> int | None:
-    """The crop budget of a 2.5 model (``--hd_num``, default 18); None for a 2.0 model (which ignores the flag)."""
-    if not getattr(model_config, "hd", False):
-        if cfg.data.hd_num is not None:
-            logger.info("--hd_num applies to InternLM-XComposer-2.5 models; this 2.0 model ignores it")
-        return None
-    return int(cfg.data.hd_num) if cfg.data.hd_num is not None else HD_NUM_TRAIN
+def resolve_run_sizes(cfg: Any, model_config: Any) -> Sizes:
+    """The run's sizes: ``--img_size``/``--resolution``, ``--max_length``, ``--hd_num`` settled against the model."""
+    data = cfg.data
+    img_flag = "--resolution" if getattr(data, "resolution", None) is not None else "--img_size"
+    return resolve_sizes(model_sizes(model_config), data.img_size, data.max_length, data.hd_num, style="_", img_flag=img_flag)
 
 
 def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -83,6 +62,7 @@ def _subset(fd: Any, indices: list[int], **changes: Any) -> Any:
         conversations=[fd.conversations[i] for i in indices],
         lengths=[fd.lengths[i] for i in indices],
         grids=[fd.grids[i] for i in indices] if fd.grids else [],
+        rejected=[fd.rejected[i] for i in indices] if fd.rejected else [],
         **changes,
     )
 
@@ -102,10 +82,10 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any, files: Any = Non
     """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`.
 
     ``files``: ``(FileData list, (img_size, max_length, hd_num))`` already read for the memory plan;
-    used when read with the same settings, so the data is read once.
+    used when read with the same sizes, so the data is read once.
     """
-    img_size, max_length = resolve_lengths(cfg, model_config)
-    hd_num = resolve_hd_num(cfg, model_config)
+    sizes = resolve_run_sizes(cfg, model_config)
+    img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     if files is not None and files[1] == (img_size, max_length, hd_num):
         files = files[0]
