@@ -887,7 +887,10 @@ def plan_for_config(cfg: Any, *, read_data_files: bool = True, free_gpu_bytes: i
         budget, source, device = _visible_device_budget(use_cpu)
     settings = settings_from_config(cfg, shape, device=device, gpus=gpus)
     sample, files = None, None
-    if read_data_files and cfg.data.data_path and not path.startswith(PRESET_PREFIX):
+    stage = getattr(getattr(cfg, "preference", None), "stage", "sft")
+    if stage != "sft":  # pairs: not read here; planned as one sequence per row (a lower bound for DPO / RM)
+        logger.info("memory plan: --stage %s is planned as supervised finetuning of one sequence per row (a lower bound)", stage)
+    elif read_data_files and cfg.data.data_path and not path.startswith(PRESET_PREFIX):
         sample, files, varied = _data_sample(cfg, config, shape, settings)
         if varied and settings.batch > 1:  # rows of different lengths are padded: SDPA gets a mask
             settings = dataclasses.replace(settings, attention_mask=True)
