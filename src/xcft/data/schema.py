@@ -340,8 +340,12 @@ def normalize_sample(
     search_dirs: Sequence[Path],
     line: int | None = None,
     check_images_exist: bool = True,
+    require_answer: bool = True,
 ) -> tuple[Conversation | None, list[Problem]]:
-    """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems."""
+    """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems.
+
+    ``require_answer`` False accepts a conversation without an assistant turn (a question to answer).
+    """
     err = _Reporter(file, index, line)
     if not isinstance(record, dict):
         err(
@@ -350,7 +354,7 @@ def normalize_sample(
         )
         return None, err.problems
     _sample_id(record, index, err)
-    messages = _messages(record, err)
+    messages = _messages(record, err, require_answer)
     image_list = _image_list(record, err) if messages is not None else None
     if messages is None or image_list is None:
         return None, err.problems
@@ -372,7 +376,7 @@ def _sample_id(record: dict, index: int, err: _Reporter) -> None:
         err(f"id must be a string or an integer, got {_a_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1')
 
 
-def _messages(record: dict, err: _Reporter) -> list[Message] | None:
+def _messages(record: dict, err: _Reporter, require_answer: bool = True) -> list[Message] | None:
     """The turns as messages with normalised roles, alternating user/assistant; None after an error."""
     convs = record.get("conversations")
     if convs is None:
@@ -396,7 +400,7 @@ def _messages(record: dict, err: _Reporter) -> list[Message] | None:
     messages = [m for m in turns if m is not None]
     if len(messages) != len(turns):
         return None
-    return messages if _alternates(messages, err) else None
+    return messages if _alternates(messages, err, require_answer) else None
 
 
 def _message(t: int, turn: Any, err: _Reporter) -> Message | None:
@@ -438,8 +442,8 @@ def _message(t: int, turn: Any, err: _Reporter) -> Message | None:
     return Message(role, value.strip())
 
 
-def _alternates(messages: list[Message], err: _Reporter) -> bool:
-    """[system] user assistant user assistant ..., with at least one answer."""
+def _alternates(messages: list[Message], err: _Reporter, require_answer: bool = True) -> bool:
+    """[system] user assistant user assistant ..., with at least one answer (unless not ``require_answer``)."""
     body = messages[1:] if messages and messages[0].role == "system" else messages
     for k, msg in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
@@ -450,7 +454,7 @@ def _alternates(messages: list[Message], err: _Reporter) -> bool:
                 "reorder or merge consecutive turns of the same speaker",
             )
             return False
-    if not any(m.role == "assistant" for m in body):
+    if require_answer and not any(m.role == "assistant" for m in body):
         err("the conversation has no assistant answer, so nothing would be trained", "add an assistant turn after the user turn")
         return False
     return True
@@ -534,6 +538,7 @@ def read_file(
     search_dirs: Sequence[Path] | None = None,
     display: str | None = None,
     check_images_exist: bool = True,
+    require_answer: bool = True,
 ) -> tuple[list[Conversation | None], list[Problem]]:
     """Read and normalise every sample of one file.
 
@@ -548,7 +553,13 @@ def read_file(
     out: list[Conversation | None] = []
     for index, (line, record) in enumerate(records):
         conv, probs = normalize_sample(
-            record, file=name, index=index, search_dirs=dirs, line=line, check_images_exist=check_images_exist
+            record,
+            file=name,
+            index=index,
+            search_dirs=dirs,
+            line=line,
+            check_images_exist=check_images_exist,
+            require_answer=require_answer,
         )
         out.append(conv)
         problems.extend(probs)

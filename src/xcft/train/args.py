@@ -138,6 +138,18 @@ class DataArguments(SizeOptions):
             "Used when eval_data_path is not given."
         },
     )
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={
+            "help": "Answer metrics at each evaluation (comma-separated, as xcft score --metrics: exact, contains, "
+            "first_word, choice, bleu, rouge_l): the eval samples' last user turns are answered greedily as xcft "
+            "predict answers them and scored; logged beside eval_loss as eval_<metric>."
+        },
+    )
+    eval_generate_samples: int = field(
+        default=64, metadata={"help": "With eval_metrics: the first N eval samples are answered (generation is slow)."}
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "With eval_metrics: answer length limit in tokens."})
     # -- speed: packing and length grouping (see README "Speed and memory")
     packing: bool = field(
         default=False,
@@ -679,6 +691,10 @@ def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
             raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
     if pref.stage == "rm" and data.packing:
         raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
+    if pref.stage != "sft" and data.eval_metrics:
+        raise XcftError(
+            f"--eval_metrics scores generated answers of --stage sft; --stage {pref.stage} logs its own pair metrics: drop it"
+        )
 
 
 def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:

@@ -26,6 +26,7 @@ from xcft.model.loading import write_model_code
 from xcft.output_dir import OutputFolder, is_own_checkpoint, save_errors, write_marker
 from xcft.run_files import STAGING_DIR_NAME, TRAINER_STATE_NAME, checkpoint_name
 from xcft.train.checkpoints import clear_staging, remaining_checkpoint, remove_staged, rotate_own_checkpoints
+from xcft.train.predict import AnswerEval
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,20 @@ class XcftTrainer(Trainer):
     forward argument, so nothing about training ends up in the model's config.
     """
 
-    def __init__(self, *args: Any, supervised_head: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, supervised_head: bool = True, answer_eval: AnswerEval | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._xcft_staging = False
         self.supervised_head = supervised_head
+        self.answer_eval = answer_eval
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The eval loss, and with ``answer_eval`` the answer metrics beside it (one log entry)."""
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.answer_eval is not None and output.metrics is not None:
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            scores = self.answer_eval.run(self.accelerator.unwrap_model(self.model))
+            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return output
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if self.supervised_head and model.training:
