@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xcft.commands.bench.options import TrainBenchOptions
+from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
+from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 from xcft.options import option
 
@@ -45,12 +47,7 @@ class FormatOption:
 
 @dataclass(kw_only=True)
 class QuantOption:
-    bits: int = option(
-        16,
-        "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as "
-        "QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
-        choices=[4, 8, 16],
-    )
+    bits: int = option(16, BITS_HELP, choices=list(SUPPORTED_BITS))
 
 
 @dataclass(kw_only=True)
@@ -63,9 +60,7 @@ class DataOptions:
 
 @dataclass(kw_only=True)
 class CheckDataOptions(FormatOption, SizeOptions, DataOptions):
-    given_num: bool = option(
-        True, "data.txt numbers are thousands of samples (true, default) or ratios (false)", value=True, metavar="true|false"
-    )
+    given_num: bool = option(True, GIVEN_NUM_HELP, value=True, metavar="true|false")
     workers: int | None = option(None, "image decoding threads (default: CPU count)")
 
 

@@ -23,8 +23,10 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
+from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
 from xcft.errors import XcftError
+from xcft.model.bits import BITS_HELP, QUANT_TYPES, SUPPORTED_BITS
 from xcft.run_files import RESOLVED_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -69,16 +71,11 @@ class ModelArguments:
     )
     bits: int = field(
         default=16,
-        metadata={
-            "help": "Store the frozen decoder linears in 4 or 8 bit (bitsandbytes; QLoRA with --use_lora true) "
-            "or keep them in --model_dtype (16). Needs the qlora extra: pip install 'xcft[qlora]'. "
-            "Alias: --quantization_bit.",
-            "choices": [4, 8, 16],
-        },
+        metadata={"help": f"{BITS_HELP}. Alias: --quantization_bit.", "choices": list(SUPPORTED_BITS)},
     )
     quant_type: str = field(
         default="nf4",
-        metadata={"help": "4-bit data type of --bits 4: nf4 (QLoRA's normal float) or fp4.", "choices": ["nf4", "fp4"]},
+        metadata={"help": "4-bit data type of --bits 4: nf4 (QLoRA's normal float) or fp4.", "choices": list(QUANT_TYPES)},
     )
     double_quant: bool = field(
         default=True,
@@ -108,10 +105,7 @@ class DataArguments(SizeOptions):
     )
     given_num: bool = field(
         default=True,
-        metadata={
-            "help": "data.txt numbers are sample counts in thousands drawn per epoch (true, what the official "
-            "scripts pass) or ratios of each file's size (false)."
-        },
+        metadata={"help": GIVEN_NUM_HELP},
     )
     resolution: int | None = field(
         default=None,
