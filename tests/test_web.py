@@ -769,8 +769,9 @@ def test_demo_model_answers_in_the_chat_tab_with_its_defaults(browser, web):
     from xcft.commands.demo.run import run_demo
 
     demo = run_demo(web["root"] / "demo", quick=True)
-    heldout = json.loads((Path(demo.output_dir) / "data" / "heldout.json").read_text())
-    colours = [q for q in heldout if q["id"].startswith("heldout-colour")][:3]
+    from xcft.commands.demo.synthetic import HELDOUT_PREFIX
+
+    colours = json.loads((Path(demo.output_dir) / "data" / f"{HELDOUT_PREFIX}colour.json").read_text())[:3]
     pg = _new_page(browser, web)
     try:
         _load_model(pg, demo.merged_dir)

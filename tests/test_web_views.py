@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("gradio", reason="gradio is not installed (pip install 'xcft[web]')")
 
 from xcft.commands.web import chat_tab, data_tab, export_tab, ui
-from xcft.commands.web.chat import ChatSettings, ModelCache, stream_answer
+from xcft.commands.web.chat import ModelCache, chat_kwargs, page_settings, stream_answer
 from xcft.commands.web.export import MergeProgress, merge_argv, run_merge
 from xcft.errors import XcftError
 from xcft.model.template_xcomposer2 import LAYOUT_OFFICIAL, LAYOUT_TRAINING, OFFICIAL_SYSTEM_PROMPT
@@ -79,12 +79,12 @@ def test_sample_navigation_says_where_it_ends(checked):
 
 
 def test_chat_settings_are_xcft_chats():
-    kw = ChatSettings(max_new_tokens=7, system="", sampling=False, layout=LAYOUT_TRAINING).generate_kwargs()
+    kw = chat_kwargs(page_settings(7, "", False, 1.0, LAYOUT_TRAINING))
     assert kw == {"max_new_tokens": 7, "do_sample": False, "prompt_layout": LAYOUT_TRAINING, "meta_instruction": None}
-    kw = ChatSettings(system=OFFICIAL_SYSTEM_PROMPT, temperature=0.5, layout=LAYOUT_OFFICIAL).generate_kwargs()
+    kw = chat_kwargs(page_settings(256, OFFICIAL_SYSTEM_PROMPT, True, 0.5, LAYOUT_OFFICIAL))
     assert kw["meta_instruction"] == OFFICIAL_SYSTEM_PROMPT and kw["do_sample"] and kw["temperature"] == 0.5
     with pytest.raises(XcftError, match="at least 1"):
-        ChatSettings(max_new_tokens=0).generate_kwargs()
+        page_settings(0, "", True, 1.0, None)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,9 @@ def two_models(tiny_folder):
 
 
 def _answer(cache, choice, question, history=(), images=()):
-    out = list(chat_tab.send(cache, choice, question, list(images), list(history), [], [], ChatSettings(8, "", False, 1.0, None)))
+    out = list(
+        chat_tab.send(cache, choice, question, list(images), list(history), [], [], page_settings(8, "", False, 1.0, None))
+    )
     messages, new_history, _, box, status = out[-1]
     assert "xcft-error" not in status, status
     return messages, new_history, box
@@ -123,11 +125,13 @@ def test_a_question_that_fails_leaves_the_conversation_as_it_was(two_models):
     cache = ModelCache("cpu")
     before = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     history = [("Hi", "Hello")]
-    *_, last = chat_tab.send(cache, None, "What now?", [], history, [], before, ChatSettings())
+    *_, last = chat_tab.send(cache, None, "What now?", [], history, [], before, page_settings(256, "", True, 1.0, None))
     messages, new_history, _, box, status = last
     assert (messages, new_history, box) == (before, history, "What now?") and "press Load" in status
     _, choice, _, _ = chat_tab.load(cache, str(two_models[0]))
-    *_, last = chat_tab.send(cache, choice, "<ImageHere><ImageHere>Two?", ["/nope.png"], [], [], before, ChatSettings())
+    *_, last = chat_tab.send(
+        cache, choice, "<ImageHere><ImageHere>Two?", ["/nope.png"], [], [], before, page_settings(256, "", True, 1.0, None)
+    )
     messages, new_history, _, box, status = last
     assert (messages, new_history, box) == (before, [], "<ImageHere><ImageHere>Two?") and "xcft-error" in status
     assert "no model folder given" in chat_tab.load(cache, " ")[0]
@@ -143,7 +147,7 @@ def test_layout_change_shows_that_layouts_system_prompt(two_models):
 def test_stream_grows_to_the_answer(two_models):
     cache = ModelCache("cpu")
     loaded = cache.get(str(two_models[0]))
-    pieces = list(stream_answer(loaded, "Say something.", [], [], ChatSettings(8, "", False)))
+    pieces = list(stream_answer(loaded, "Say something.", [], [], page_settings(8, "", False, 1.0, None)))
     *growing, (answer, history) = pieces
     assert all(h is None for _, h in growing) and history == [("Say something.", answer)]
     assert growing and all(answer.startswith(text.strip()) for text, _ in growing)  # the answer is stripped

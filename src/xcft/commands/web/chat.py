@@ -24,6 +24,7 @@ from xcft.commands.chat import AnswerStream, ask, generation_settings, load_chat
 from xcft.errors import XcftError
 from xcft.model.loading import adapter_base_path, is_adapter_folder
 from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER, default_system_prompt
+from xcft.train.predict import ChatSettings
 
 logger = logging.getLogger(__name__)
 
@@ -105,28 +106,21 @@ def _describe(folder: str, model: Any) -> str:
     )
 
 
-@dataclass(frozen=True)
-class ChatSettings:
-    """The Chat tab's settings, as ``xcft chat`` options.
+def page_settings(max_new_tokens: int, system: str, sampling: bool, temperature: float, layout: str | None) -> ChatSettings:
+    """The Chat tab's settings as ``xcft chat`` / ``xcft predict`` settings.
 
-    ``system``: the text of the system prompt ("" for none); ``layout``: "official" or "training"
-    (None: the model's own).
+    ``system``: the system prompt's text ("" for none); ``layout``: "official" or "training" (None: the model's).
     """
+    if int(max_new_tokens) < 1:
+        raise XcftError(f"max new tokens {max_new_tokens}: give at least 1")
+    extra = {"temperature": max(float(temperature), 1e-3)} if sampling else {}
+    return ChatSettings(int(max_new_tokens), greedy=not sampling, system=system.strip(), layout=layout, extra=extra)
 
-    max_new_tokens: int = 256
-    system: str = ""
-    sampling: bool = True
-    temperature: float = 1.0
-    layout: str | None = None
 
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``model.chat`` (through ``xcft chat``'s own settings)."""
-        if int(self.max_new_tokens) < 1:
-            raise XcftError(f"max new tokens {self.max_new_tokens}: give at least 1")
-        kwargs = generation_settings(int(self.max_new_tokens), self.system.strip(), not self.sampling, self.layout)
-        if self.sampling:
-            kwargs["temperature"] = max(float(self.temperature), 1e-3)
-        return kwargs
+def chat_kwargs(settings: ChatSettings) -> dict[str, Any]:
+    """Keyword arguments of ``model.chat`` for the settings (through ``xcft chat``'s own)."""
+    kwargs = generation_settings(settings.max_new_tokens, settings.system, settings.greedy, settings.layout, settings.hd_num)
+    return {**kwargs, **settings.extra}
 
 
 def stream_answer(
@@ -147,7 +141,7 @@ def stream_answer(
     if history and IMAGE_PLACEHOLDER in query:
         query = query.replace(IMAGE_PLACEHOLDER, "").strip()
     pictures = load_chat_images(list(images or []))
-    kwargs = settings.generate_kwargs()
+    kwargs = chat_kwargs(settings)
     streamer = AnswerStream(loaded.tokenizer, timeout=STREAM_TIMEOUT_S)
     result: list[tuple[str, History]] = []
     failure: list[BaseException] = []

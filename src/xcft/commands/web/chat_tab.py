@@ -15,9 +15,10 @@ from typing import Any
 import gradio as gr
 
 import xcft.commands.web.ui as ui
-from xcft.commands.web.chat import ChatSettings, ModelCache, stream_answer
+from xcft.commands.web.chat import ModelCache, page_settings, stream_answer
 from xcft.errors import XcftError
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS, default_system_prompt
+from xcft.train.predict import ChatSettings
 
 #: What the chat shows for an answer that is only a stop token.
 EMPTY_ANSWER = "*(empty answer: the model stopped at once)*"
@@ -133,7 +134,11 @@ def build(cache: ModelCache) -> None:
     c_layout.input(layout_system, [c_choice, c_layout], [c_system])
 
     def on_send(choice, query, files, history, conv_images, messages, max_new, system, sampling, temperature, layout):
-        settings = ChatSettings(int(max_new), system or "", bool(sampling), float(temperature), layout or None)
+        try:
+            settings = page_settings(int(max_new), system or "", bool(sampling), float(temperature), layout or None)
+        except Exception as exc:
+            yield messages, history, conv_images, query, ui.error(exc)
+            return
         yield from send(cache, choice, query, files, history, conv_images, messages, settings)
 
     gr.on(
