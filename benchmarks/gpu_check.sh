@@ -2,7 +2,9 @@
 # GPU check (one H100, under 5 minutes): the 7b preset (random weights, 490 px), LoRA, bf16,
 # ~4096-token sequences, activation checkpointing on and off, unpacked batch 1 and packed.
 # Prints tokens/s, MFU and peak GPU memory per configuration, then the verdict against the
-# targets (MFU >= 45 %, peak <= 20 GiB with checkpointing).
+# targets (MFU >= 45 %, peak <= 20 GiB with checkpointing). Each result also carries the memory
+# plan of that run ("plan": the JSON of `xcft plan --format json` for the check's synthetic rows)
+# and "peak_over_plan" (torch.cuda.max_memory_allocated / the planned peak of live tensors).
 # Then the QLoRA memory lines (--bits 4, checkpointing on, unpacked batch 1): the 2.0 7b preset at
 # 490 px / 4096 tokens and the 2.5 7b-2.5 preset at hd_num 18 / 16384 tokens (one image with the
 # crop grid of most slots hd_num 18 allows: 18x1 crops, 7981 slots), one JSON line each (peak

@@ -189,12 +189,15 @@ def test_gpu_check_script_runs_on_cpu_with_the_tiny_preset(tmp_path):
     assert results["noac-packed"]["activation_checkpointing_active"] is False
     assert results["ac-packed"]["samples_per_step"] == 2 and results["ac-unpacked"]["samples_per_step"] == 1
     assert all(r["use_lora"] and r["tokens_per_step"] == 600 for r in results.values())
+    # the memory plan of each run is recorded next to it, for the same rows
+    assert all(r["plan"]["peak_bytes"] > 0 and r["plan"]["sample"]["positions"] == 600 for r in results.values())
     lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [(r["preset"], r["mode"], r["bits"], r["hd_num"]) for r in lines] == [
         ("tiny", "qlora", 4, None),
         ("tiny-2.5", "qlora", 4, 4),
     ]
     assert lines[1]["image_grid"] == [4, 1] and all("error" not in r and r["seconds_per_step"] > 0 for r in lines)
+    assert all(r["planned_peak_bytes"] > 0 and r["plan"]["sample"]["image_slots"] > 0 for r in lines)
 
 
 def test_cpu_check_script_is_valid_and_names_only_known_runs():

@@ -49,6 +49,9 @@ class Subcommand:
 SUBCOMMANDS = (
     Subcommand("train", "finetune a model (official finetune.py flags work)", "xcft.commands.train:train_command"),
     Subcommand(
+        "plan", "memory a training run needs per GPU, before it starts (xcft train's flags)", "xcft.commands.plan:plan_command"
+    ),
+    Subcommand(
         "check-data",
         "validate a data.txt or JSON file before training",
         "xcft.commands.check_data:check_data_command",

@@ -30,6 +30,7 @@ from xcft.train.args import TrainConfig, parse_train_args, print_help, write_res
 from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgressCallback, RecordOutputsCallback, SigtermCallback
 from xcft.train.checkpoints import clear_staging, resolve_resume
 from xcft.train.inputs import needs_vision_alignment, vision_aligned
+from xcft.train.memory_plan import ALLOCATOR_CONF, check_memory_plan, default_allocator_settings
 from xcft.train.plots import write_loss_plot
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.stages import stage_setup
@@ -42,6 +43,8 @@ def train_command(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return 0
+    if default_allocator_settings():  # before anything initialises CUDA
+        logger.debug("PYTORCH_CUDA_ALLOC_CONF=%s (xcft's default)", ALLOCATOR_CONF)
     return run_training(parse_train_args(argv))
 
 
@@ -137,6 +140,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", cfg.logging_dir)
     set_seed(args.seed)
     apply_host_settings(cfg)
+    plan = check_memory_plan(cfg)  # before any weight is loaded: a run that cannot fit stops here
 
     # ---- model
     model, tokenizer = load_base_model(cfg)
@@ -144,7 +148,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
 
     # ---- data (and what else the stage changes: a reward head, a reference)
     base_config = unwrap_model(model).config
-    parts = stage_setup(cfg, model, tokenizer)
+    parts = stage_setup(cfg, model, tokenizer, files=plan.files)
     train_ds, eval_ds, collator = parts.train_dataset, parts.eval_dataset, parts.collator
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)

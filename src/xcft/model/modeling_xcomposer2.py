@@ -21,6 +21,7 @@ features in with ``masked_scatter``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -588,7 +589,11 @@ class XComposer2VisionTower(nn.Module):
         return self.clip.embeddings.patch_embedding.weight.dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        outputs = self.clip(pixel_values=pixel_values.to(self.dtype))
+        # A frozen tower needs no graph: without one, activation checkpointing (which wraps the CLIP
+        # layers too) would still keep every layer's input until the backward.
+        frozen = not pixel_values.requires_grad and not any(p.requires_grad for p in self.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            outputs = self.clip(pixel_values=pixel_values.to(self.dtype))
         features = outputs.last_hidden_state[:, 1:]
         if self.training and torch.is_grad_enabled():
             features = features + 0.0 * outputs.pooler_output.sum()
@@ -665,6 +670,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_sum = exps.sum(dim=-1, keepdim=True)
             total += (row_max.squeeze(1) + row_sum.log().squeeze(1) - target_logit).sum()
             if not (need_hidden or need_weight):
+                del logits, exps
                 continue
             # d(sum of token losses) / d(logits) = softmax - onehot, built in place;
             # then cast to the matmul dtype, as the plain head's backward does.
@@ -683,6 +689,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(g.t(), xs)
                 else:
                     grad_weight += (g.t() @ xs).float()
+            # free this chunk before the next one's logits exist (one chunk alive, not two)
+            del logits, exps, grad_logits, g
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

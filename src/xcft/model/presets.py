@@ -5,7 +5,8 @@
 straight on the GPU: ``build_model("7b", device="cuda", dtype=torch.bfloat16)``).
 ``tiny-2.5`` and ``7b-2.5`` are the InternLM-XComposer-2.5 family (HD crops, separators): the
 tiny one with 224 px views (145 slots for a 1x1 crop grid) so it trains on a CPU, the 7b one the
-released internlm-xcomposer2d5-7b shape (CLIP ViT-L/14 at 560 px, 16384 tokens).
+released internlm-xcomposer2d5-7b shape (CLIP ViT-L/14 at 560 px, 16384 tokens); ``small-2.5`` is the
+``small`` shape with 448 px HD views (the memory plan's tests).
 """
 
 from __future__ import annotations
@@ -71,37 +72,41 @@ _7B: dict[str, Any] = {
     "dtype": torch.bfloat16,
 }
 
+_SMALL: dict[str, Any] = {
+    "decoder": dict(
+        hidden_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        plora_r=256,
+        plora_alpha=256.0,
+    ),
+    "vision": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        image_size=336,
+    ),
+    "projector_hidden_size": 512,
+    "img_size": 490,
+    "vocab_size": REAL_VOCAB_SIZE,
+    "max_length": 4096,
+    "dtype": torch.float32,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
-    "small": {
-        "decoder": dict(
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            intermediate_size=1408,
-            plora_r=256,
-            plora_alpha=256.0,
-        ),
-        "vision": dict(
-            hidden_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=1024,
-            patch_size=14,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-            image_size=336,
-        ),
-        "projector_hidden_size": 512,
-        "img_size": 490,
-        "vocab_size": REAL_VOCAB_SIZE,
-        "max_length": 4096,
-        "dtype": torch.float32,
-    },
+    "small": _SMALL,
     "7b": _7B,
     # The 2.5 family: the same decoders, HD views (global view + crop grid) with separators.
     "tiny-2.5": {**_TINY, "vision": {**_TINY["vision"], "image_size": 224}, "max_length": 4096, "family": FAMILY_2_5},
+    # the benchmark shape with HD crops (448 px views: 16 x 16 merged tokens each)
+    "small-2.5": {**_SMALL, "vision": {**_SMALL["vision"], "image_size": 448}, "img_size": 448, "family": FAMILY_2_5},
     "7b-2.5": {
         **_7B,
         "vision": {**_7B["vision"], "image_size": 560},

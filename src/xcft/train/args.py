@@ -242,6 +242,30 @@ class OutputArguments:
     )
 
 
+@dataclass
+class MemoryArguments:
+    """The memory plan: how much memory the run needs per device, checked before any weight is loaded."""
+
+    gpu_memory: str | None = field(
+        default=None,
+        metadata={
+            "help": "Memory of one GPU to plan for: a size (24GiB, 80GB, 40000MiB) or a GPU name (A100-40GB, "
+            "A100-80GB, H100, H200, L40S, A10, V100, 3090, 4090 ...). Default: the free memory of the visible "
+            "GPU, or the host RAM on a CPU."
+        },
+    )
+    gpus: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of GPUs the run uses (ZeRO shards over them). Default: the launcher's world size (torchrun), else 1."
+        },
+    )
+    ignore_memory_plan: bool = field(
+        default=False,
+        metadata={"help": "Start even when the memory plan says the run does not fit in the GPU's free memory."},
+    )
+
+
 # Other names of options: flags of older transformers versions that official finetune.sh files pass,
 # and names users know from other finetuning tools. Value: the new name, or None for "accepted and ignored".
 LEGACY_ALIASES: dict[str, str | None] = {
@@ -274,6 +298,7 @@ class TrainConfig:
     lora: LoraArguments
     training: Any  # transformers.TrainingArguments
     output: OutputArguments = field(default_factory=OutputArguments)
+    memory: MemoryArguments = field(default_factory=MemoryArguments)
     preference: PreferenceArguments = field(default_factory=PreferenceArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
     logging_dir: str | None = None
@@ -282,7 +307,15 @@ class TrainConfig:
 
 def option_classes() -> tuple[type, ...]:
     """The dataclasses whose fields are the options of `xcft train` (the web form is built from them too)."""
-    return (ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OutputArguments, TrainingArguments)
+    return (
+        ModelArguments,
+        DataArguments,
+        LoraArguments,
+        PreferenceArguments,
+        OutputArguments,
+        MemoryArguments,
+        TrainingArguments,
+    )
 
 
 def _make_parser():
@@ -511,7 +544,7 @@ def print_help() -> None:
     parser.print_help()
 
 
-def parse_train_args(argv: list[str]) -> TrainConfig:
+def parse_train_args(argv: list[str], *, require_data: bool = True) -> TrainConfig:
     """Parse ``[CONFIG.yaml] [--flag value ...]`` into a :class:`TrainConfig`.
 
     Precedence: command-line flags > YAML file > xcft defaults (:data:`XCFT_DEFAULTS`, plus
@@ -567,18 +600,18 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             )
         return groups, explicit
 
-    (model_args, data_args, lora_args, pref_args, output_args, training_args), explicit = parse({})
+    (model_args, data_args, lora_args, pref_args, output_args, memory_args, training_args), explicit = parse({})
     conditional: dict[str, Any] = {}
     if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
         conditional["eval_strategy"] = "epoch"
     if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
         conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
     if conditional:
-        (model_args, data_args, lora_args, pref_args, output_args, training_args), explicit = parse(conditional)
+        (model_args, data_args, lora_args, pref_args, output_args, memory_args, training_args), explicit = parse(conditional)
 
     if not model_args.model_name_or_path:
         raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
-    if not data_args.data_path:
+    if require_data and not data_args.data_path:
         raise XcftError("--data_path is required (data.txt or a .json/.jsonl file), on the command line or in the YAML file")
     if not 0.0 <= data_args.eval_split < 1.0:
         raise XcftError(f"--eval_split must be a fraction in [0, 1), got {data_args.eval_split}")
@@ -606,6 +639,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             "--dataloader_persistent_workers true keeps each worker's copy of the data set, so the per-epoch "
             "data.txt draw would never change; leave it false"
         )
+    if memory_args.gpus is not None and memory_args.gpus < 1:
+        raise XcftError(f"--gpus must be at least 1, got {memory_args.gpus}")
     if data_args.hd_num is not None and data_args.hd_num < 1:
         raise XcftError(f"--hd_num must be at least 1 (crops per image), got {data_args.hd_num}")
     if data_args.resolution is not None:
@@ -624,6 +659,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         lora=lora_args,
         training=training_args,
         output=output_args,
+        memory=memory_args,
         preference=pref_args,
         explicit=explicit,
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
@@ -700,7 +736,7 @@ def _plain(value: Any) -> Any:
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
     out: dict[str, Any] = {}
-    for group in (cfg.model, cfg.data, cfg.lora, cfg.preference, cfg.output):
+    for group in (cfg.model, cfg.data, cfg.lora, cfg.preference, cfg.output, cfg.memory):
         out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
     training = cfg.training.to_dict()
     for f in dataclasses.fields(cfg.training):

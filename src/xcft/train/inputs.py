@@ -78,12 +78,19 @@ def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]
     ]
 
 
-def build_datasets(cfg: Any, tokenizer: Any, model_config: Any) -> tuple[Any, Any | None, Any]:
-    """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`."""
+def build_datasets(cfg: Any, tokenizer: Any, model_config: Any, files: Any = None) -> tuple[Any, Any | None, Any]:
+    """(train dataset, eval dataset or None, collator) for a :class:`~xcft.train.args.TrainConfig`.
+
+    ``files``: ``(FileData list, (img_size, max_length, hd_num))`` already read for the memory plan;
+    used when read with the same sizes, so the data is read once.
+    """
     sizes = resolve_run_sizes(cfg, model_config)
     img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
-    files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+    if files is not None and files[1] == (img_size, max_length, hd_num):
+        files = files[0]
+    else:
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
     eval_ds = None
     if cfg.data.eval_data_path:
         eval_files = read_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)

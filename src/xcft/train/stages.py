@@ -31,8 +31,11 @@ class StageParts:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def stage_setup(cfg: Any, model: Any, tokenizer: Any) -> StageParts:
-    """The parts of ``cfg.preference.stage`` for a model already prepared for training."""
+def stage_setup(cfg: Any, model: Any, tokenizer: Any, files: Any = None) -> StageParts:
+    """The parts of ``cfg.preference.stage`` for a model already prepared for training.
+
+    ``files``: supervised data already read for the memory plan (see :func:`~xcft.train.inputs.build_datasets`).
+    """
     config: Any = unwrap_model(model).config
     stage = cfg.preference.stage
     if stage == "dpo":
@@ -50,7 +53,7 @@ def stage_setup(cfg: Any, model: Any, tokenizer: Any) -> StageParts:
         )
         reward_model = RewardModel(model, config.hidden_size, head, seed=cfg.training.seed)
         return StageParts(reward_model, train_ds, eval_ds, collator, RewardTrainer, {"token_id": token})
-    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, config)
+    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, config, files=files)
     return StageParts(model, train_ds, eval_ds, collator, trainer_kwargs={"answer_eval": answer_eval(cfg, eval_ds, tokenizer)})
 
 

@@ -17,6 +17,7 @@ time and MFU, with the run's shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -29,9 +30,10 @@ import torch
 import transformers
 
 from xcft.commands.bench.options import TrainBenchOptions
-from xcft.commands.bench.train import _train_argv, prepare_model, run_train_bench
+from xcft.commands.bench.train import _resolve_attn, _train_argv, largest_grid, prepare_model, run_train_bench
 from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
 from xcft.train.args import parse_train_args
+from xcft.train.memory_plan import ModelShape, SampleShape, compute_plan, settings_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +98,11 @@ def run_gpu_check(
         )
         entry: dict[str, Any] = {"config": name, "activation_checkpointing": ac, "packing": packed}
         try:
+            entry["plan"] = planned_memory(opts, length)
             r = run_train_bench(opts, prepared=prepared)
             entry.update(r)
+            if "peak_gpu_bytes" in r:
+                entry["peak_over_plan"] = r["peak_gpu_bytes"] / entry["plan"]["peak_bytes"]
         except Exception as exc:  # report and go on: one failing configuration must not hide the others
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -107,6 +112,38 @@ def run_gpu_check(
         results.append(entry)
         print(_line(entry), flush=True)
     return results
+
+
+def planned_memory(opts: TrainBenchOptions, row_length: int) -> dict[str, Any]:
+    """The memory plan of one check run (its JSON form), for the synthetic rows it trains on.
+
+    Rows of ``row_length`` positions; each sample has ``opts.synthetic_images`` images and its last 40 %
+    supervised (see :class:`~xcft.commands.bench.train.SyntheticDataset`); packed rows hold
+    ``row_length // opts.synthetic`` samples.
+    """
+    assert opts.preset is not None and opts.synthetic, "the GPU check runs presets on synthetic data"
+    cfg = parse_train_args(_train_argv(opts, "/tmp/xcft-gpu-check"))
+    from xcft.model.presets import preset_config
+
+    shape = ModelShape.from_config(preset_config(opts.preset))
+    settings = settings_from_config(cfg, shape, device="cuda" if torch.cuda.is_available() else "cpu", gpus=1)
+    if opts.bf16:  # the check builds the preset in bf16 (prepare_model), frozen weights included
+        settings = dataclasses.replace(settings, model_dtype="bfloat16")
+    if _resolve_attn(opts.attn, torch.cuda.is_available()) == "flash_attention_2":  # packed rows need no mask tensor
+        settings = dataclasses.replace(settings, flash_attention=True)
+    per_row = max(1, row_length // opts.synthetic) if opts.packing else 1
+    grid = largest_grid(settings.hd_num or 1, shape.img_size) if shape.hd else (1, 1)  # as build_bench_data
+    slots = opts.synthetic_images * shape.image_tokens(*grid)
+    views = opts.synthetic_images * (1 + grid[0] * grid[1] if shape.hd else 1)
+    targets = opts.synthetic - max(1, int(opts.synthetic * 0.6))
+    sample = SampleShape(
+        per_row * opts.synthetic,
+        per_row * slots,
+        per_row * views,
+        per_row * targets,
+        "the GPU check's synthetic rows",
+    )
+    return compute_plan(shape, settings, sample).to_dict()
 
 
 def memory_record(preset: str, length: int, bits: int, hd_num: int | None, e: dict[str, Any], device: str) -> dict[str, Any]:
@@ -123,10 +160,14 @@ def memory_record(preset: str, length: int, bits: int, hd_num: int | None, e: di
         "packing": e["packing"],
         "device": device,
     }
+    if "plan" in e:  # the memory plan of the same run, next to what it measured
+        plan = e["plan"]
+        record.update(planned_peak_bytes=plan["peak_bytes"], planned_required_bytes=plan["required_bytes"], plan=plan)
     if "error" in e:
         return {**record, "error": e["error"]}
     return {
         **record,
+        "peak_over_plan": e.get("peak_over_plan"),
         "max_memory_allocated": e.get("peak_gpu_bytes"),
         "max_memory_reserved": e.get("peak_gpu_reserved_bytes"),
         "seconds_per_step": e["seconds_per_step"],
@@ -147,6 +188,11 @@ def _line(e: dict[str, Any]) -> str:
         f"{e['config']:<14} {e['tokens_per_s']:10.0f} tokens/s  {e['seconds_per_step']:7.3f} s/step  MFU {mfu_s}  "
         f"peak {where} {gib:6.2f} GiB  {e['tokens_per_step']:.0f} tokens/step  padding {e['padding_fraction']:.3f}  "
         f"attention {e['attn_implementation']}  checkpointing active {e['activation_checkpointing_active']}  calibration {e['calibration_gflops']:.0f} GFLOP/s"
+        + (
+            f"  plan {e['plan']['peak_bytes'] / 1024**3:.2f} GiB (measured/plan {e['peak_over_plan']:.3f})"
+            if "peak_over_plan" in e
+            else ""
+        )
     )
 
 

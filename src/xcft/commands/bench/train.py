@@ -43,6 +43,7 @@ from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
 from xcft.train.inputs import resolve_run_sizes
+from xcft.train.memory_plan import worst_hd_grid
 from xcft.train.qlora import quantize_for_training
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
@@ -62,8 +63,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Random token samples in the batch contract (for shape-only runs such as the GPU check).
 
     Each sample: BOS, ``images`` image blocks, then random text up to ``length`` tokens; the last
-    40% of the text is supervised (an answer). ``grid`` (2.5 models): every image is a global view
-    plus a ``rows x cols`` crop grid (``image_tokens`` must be that grid's slot count).
+    ``supervised_fraction`` of the sample is supervised (an answer; image slots never are). A 2.5
+    model's images (``grid`` = (rows, cols)) have a global view plus ``rows x cols`` crops and
+    ``image_tokens`` slots for that grid.
     """
 
     def __init__(
@@ -76,7 +78,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         vocab: int,
         pad: int,
         seed: int = 0,
+        *,
         grid: tuple[int, int] | None = None,
+        supervised_fraction: float = 0.4,
     ):
         need = 2 + images * image_tokens
         if length < need + 8:
@@ -85,8 +89,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
             )
         self.count, self.length, self.images = int(count), int(length), int(images)
         self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
-        self.pad_token_id = pad
         self.grid = grid
+        self.supervised_fraction = float(supervised_fraction)
+        self.pad_token_id = pad
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -110,31 +115,26 @@ class SyntheticDataset(torch.utils.data.Dataset):
             start += self.image_tokens + 1
         ids[mask] = self.pad
         labels = torch.full_like(ids, -100)
-        answer = int(self.length * 0.6)
+        answer = max(1, int(self.length * (1.0 - self.supervised_fraction)))
         labels[answer:] = ids[answer:]
         labels[mask] = -100
-        views = self.images * (1 + self.grid[0] * self.grid[1]) if self.grid else self.images
+        views = self.images * (1 + self.grid[0] * self.grid[1] if self.grid is not None else 1)
         item = {
             "input_ids": ids,
             "labels": labels,
             "image_mask": mask,
             "pixel_values": torch.randn(views, 3, self.img_size, self.img_size, generator=gen),
         }
-        if self.grid:
+        if self.grid is not None:
             item["image_grids"] = torch.tensor([list(self.grid)] * self.images, dtype=torch.long)
         return item
 
 
 def largest_grid(hd_num: int, view_size: int) -> tuple[int, int]:
     """The crop grid with the most crops (then slots) that a 2.5 image can get at ``hd_num`` (worst case for memory)."""
-    from xcft.model.image_processing_xcomposer2 import hd_crop_grid
-
-    grids = {
-        hd_crop_grid(view_size * cols, view_size * rows, hd_num, view_size=view_size)
-        for rows in range(1, hd_num + 1)
-        for cols in range(1, hd_num // rows + 1)
-    }
-    return max(grids, key=lambda g: (g[0] * g[1], g[0] + 1))
+    grid = worst_hd_grid(hd_num, view_size)
+    assert grid is not None, "every hd_num >= 1 allows a 1x1 grid"
+    return grid
 
 
 def _segments(item: dict[str, Any]) -> list[int]:

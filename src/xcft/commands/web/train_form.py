@@ -70,6 +70,7 @@ GROUPS = {
     "LoraArguments": "lora",
     "PreferenceArguments": "preference",
     "OutputArguments": "output",
+    "MemoryArguments": "memory",
 }
 GROUP_TITLES = {
     "model": "Model",
@@ -77,6 +78,7 @@ GROUP_TITLES = {
     "lora": "LoRA",
     "preference": "Stage (SFT, DPO, reward model)",
     "output": "Output folder",
+    "memory": "Memory plan",
     "training": "Training (TrainingArguments)",
 }
 
