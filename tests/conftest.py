@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,15 @@ SHARED_DIR = Path(os.environ.get("XCFT_SHARED_DIR") or PROJECT_ROOT.parent / "sh
 TINY_IMG_SIZE = 56
 TINY_MAX_LENGTH = 160
 TINY_VOCAB = 1000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every test (and the processes it starts) keeps the preprocessing cache in a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("data-cache")
+        mp.setenv("XCFT_DATA_CACHE", str(path))
+        yield path
 
 
 # ---------------------------------------------------------------------- ../shared (parity only)

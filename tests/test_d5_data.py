@@ -205,8 +205,8 @@ def test_grids_come_from_headers_without_decoding(cases, fixture_2d5_dir, monkey
     case = cases["p07"]
     files = read_data(_write_case(tmp_path, fixture_2d5_dir, case), tok, 560, 16384, given_num=False, hd_num=18)
     assert decoded == []
-    assert files[0].grids == [[tuple(im["crop_grid_hw"]) for im in case["rows"][0]["images"]]]
-    assert files[0].lengths == [case["rows"][0]["valid_len"]]
+    assert list(files[0].grids) == [[tuple(im["crop_grid_hw"]) for im in case["rows"][0]["images"]]]
+    assert files[0].lengths.tolist() == [case["rows"][0]["valid_len"]]
 
 
 def test_hd_num_changes_grids_and_lengths(cases, model_and_tokenizer, fixture_2d5_dir, tmp_path):
@@ -216,9 +216,9 @@ def test_hd_num_changes_grids_and_lengths(cases, model_and_tokenizer, fixture_2d
     spec = ImageSpec(560, 18)
     for hd, grid in ((6, (2, 3)), (18, (3, 4)), (1, (1, 1))):
         files = read_data(path, tok, 560, 16384, given_num=False, hd_num=hd)
-        assert files[0].grids == [[grid]]
+        assert list(files[0].grids) == [[grid]]
         text_len = case["rows"][0]["valid_len"] - case["rows"][0]["images"][0]["tokens"]
-        assert files[0].lengths == [text_len + spec.slots(grid)]
+        assert files[0].lengths.tolist() == [text_len + spec.slots(grid)]
 
 
 def _mixed_items(cases, fixture_2d5_dir, tok, tmp_path) -> list[dict]:

@@ -33,7 +33,7 @@ def test_getitem_honours_index_and_set_epoch(tok, tiny_data: Path) -> None:
     draw0 = ds.draw.copy()
     for i in (0, 17, 39):
         conv, enc = ds.encode(i)
-        assert conv is ds.files[int(draw0[i, 0])].conversations[int(draw0[i, 1])]
+        assert conv == ds.files[int(draw0[i, 0])].conversations[int(draw0[i, 1])]
         assert ds[i]["input_ids"].shape[0] == len(enc) == ds.lengths[i]
     ds.set_epoch(1)
     assert len(ds) == 40 and not np.array_equal(ds.draw, draw0)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xcft.commands.bench.options import TrainBenchOptions
+from xcft.data.cache_options import CacheOptions
 from xcft.data.sizes import SizeOptions
 from xcft.options import option
 
@@ -46,7 +47,7 @@ class DataOptions:
 
 
 @dataclass(kw_only=True)
-class CheckDataOptions(FormatOption, SizeOptions, DataOptions):
+class CheckDataOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
     given_num: bool = option(
         True, "data.txt numbers are thousands of samples (true, default) or ratios (false)", value=True, metavar="true|false"
     )
@@ -60,7 +61,7 @@ class InspectOptions(FormatOption, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(FormatOption, SizeOptions, DataOptions):
+class EvalOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -27,9 +27,9 @@ from xcft.run_files import (
     resume_requested,
 )
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
-from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgressCallback, RecordOutputsCallback, SigtermCallback
+from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, RecordOutputsCallback, SigtermCallback, progress_callback
 from xcft.train.checkpoints import clear_staging, resolve_resume
-from xcft.train.datasets import build_datasets, needs_vision_alignment, vision_aligned
+from xcft.train.datasets import build_datasets, needs_vision_alignment, source_names, vision_aligned
 from xcft.train.plots import write_loss_plot
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
@@ -158,10 +158,11 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks + ([RecordOutputsCallback(folder)] if folder is not None else []),
+        source_names={"train": source_names(train_ds), "eval": source_names(eval_ds)},
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgressCallback)
+        trainer.add_callback(progress_callback(cfg.output.progress_interval))
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.should_save:
         _write_resolved_config(cfg, folder)

@@ -221,23 +221,25 @@ def _read_jsonl(text: str, name: str) -> tuple[list[tuple[int | None, Any]], lis
         try:
             records.append((lineno, json.loads(line)))
         except (RecursionError, ValueError) as exc:
-            if not isinstance(exc, json.JSONDecodeError):
-                msg, _ = _parse_failure(exc, line)
-                problems.append(Problem(name, None, None, msg, "fix or remove that value", line=lineno))
-                continue
-            problems.append(
-                Problem(
-                    name,
-                    None,
-                    None,
-                    f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
-                    "each line of a JSON Lines file must be one complete JSON object",
-                    line=lineno,
-                )
-            )
+            problems.append(jsonl_problem(exc, line, lineno, name))
     if not records and not problems:
         problems.append(Problem(name, None, None, "file is empty", "put one JSON object per line in it"))
     return records, problems
+
+
+def jsonl_problem(exc: BaseException, line: str, lineno: int, name: str) -> Problem:
+    """The problem of a JSON Lines line that does not parse (``exc`` from ``json.loads(line)``)."""
+    if not isinstance(exc, json.JSONDecodeError):
+        msg, _ = _parse_failure(exc, line)
+        return Problem(name, None, None, msg, "fix or remove that value", line=lineno)
+    return Problem(
+        name,
+        None,
+        None,
+        f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
+        "each line of a JSON Lines file must be one complete JSON object",
+        line=lineno,
+    )
 
 
 def _json_type(value: Any) -> str:
@@ -571,6 +573,7 @@ __all__ = [
     "Problem",
     "errors",
     "image_candidates",
+    "jsonl_problem",
     "load_conversations",
     "normalize_sample",
     "raise_first",
