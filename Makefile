@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	else \
 		$(PIP) install -q "torch==2.13.0+cpu" || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PIP) install -q -c constraints.txt -e ".[test,deepspeed]"
+	$(PIP) install -q -c constraints.txt -e ".[test,deepspeed,qlora]"
 	touch $(STAMP)
 
 demo: $(STAMP)

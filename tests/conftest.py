@@ -37,6 +37,8 @@ SHARED_DIR = Path(os.environ.get("XCFT_SHARED_DIR") or PROJECT_ROOT.parent / "sh
 TINY_IMG_SIZE = 56
 TINY_MAX_LENGTH = 160
 TINY_VOCAB = 1000
+#: ``xcft train`` flags of every quick test run: CPU, no progress bar, no reporting, a fixed seed.
+CPU_TRAIN_FLAGS = ("--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,7 +109,48 @@ def tok(built_tokenizer: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path) -> Callable[..., Path]:
+def tiny_model() -> Callable[..., Any]:
+    """``tiny_model(preset="tiny", **overrides)``: a fresh randomly initialised model of a tiny preset, in eval mode.
+
+    Defaults: the built tokenizer's vocabulary (1000), seed 0, Partial-LoRA dropout 0 (so two
+    forwards agree); ``overrides`` are :func:`xcft.model.presets.build_model` arguments
+    (``img_size``, ``vocab_size``, ``seed``, ``max_length``, any config field).
+    """
+    from xcft.model.presets import build_model
+
+    def make(preset: str = "tiny", **overrides: Any) -> Any:
+        return build_model(preset, **{"vocab_size": TINY_VOCAB, "seed": 0, "plora_dropout": 0.0, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_argv() -> Callable[..., list[str]]:
+    """``train_argv(base, data, out, *extra)``: an ``xcft train`` argument list for a quick CPU run.
+
+    The model, data and output folder, then CPU, no progress bar, no reporting and seed 3, then ``extra``
+    (later flags win).
+    """
+
+    def make(base: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *extra: str) -> list[str]:
+        return [
+            "--model_name_or_path",
+            str(base),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(out),
+            *CPU_TRAIN_FLAGS,
+            *extra,
+        ]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(
+    tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path, tiny_model: Callable[..., Any]
+) -> Callable[..., Path]:
     """``tiny_folder(img_size=56, max_length=160, seed=0)``: a saved tiny model folder, built once per argument set.
 
     The folder is what ``xcft init-model`` writes (weights, config, self-contained code, the built
@@ -116,7 +159,6 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path)
     Treat the folders as read-only; copy one before changing it.
     """
     from xcft.model.loading import save_pretrained
-    from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
     built: dict[tuple[int, int, int], Path] = {}
@@ -124,9 +166,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory, built_tokenizer: Path)
     def make(img_size: int = TINY_IMG_SIZE, max_length: int = TINY_MAX_LENGTH, seed: int = 0) -> Path:
         key = (img_size, max_length, seed)
         if key not in built:
-            model = build_model(
-                "tiny", img_size=img_size, vocab_size=TINY_VOCAB, seed=seed, max_length=max_length, plora_dropout=0.0
-            )
+            model = tiny_model(img_size=img_size, seed=seed, max_length=max_length)
             tokenizer = InternLM2Tokenizer.from_model_file(built_tokenizer)
             out = tmp_path_factory.mktemp("tiny-model") / f"tiny-{img_size}-{max_length}-{seed}"
             built[key] = save_pretrained(model, tokenizer, out)
@@ -209,6 +249,56 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     txt = root / "data.txt"
     txt.write_text("data/text.json 0.02\ndata/single.json 0.01\ndata/multi.json 0.01\n", encoding="utf-8")
     return txt
+
+
+@pytest.fixture(scope="session")
+def noise_image() -> Callable[[Path, tuple[int, int], int], str]:
+    """``noise_image(path, (width, height), seed)``: save an RGB noise picture, return its path (a string)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(path: Path, size: tuple[int, int], seed: int) -> str:
+        rng = np.random.default_rng(seed)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
+        return str(path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny25_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``xcft init-model --preset tiny-2.5``: an InternLM-XComposer-2.5 folder, 224 px views, a built tokenizer."""
+    from xcft.cli import main
+
+    out = tmp_path_factory.mktemp("tiny25") / "tiny25"
+    assert main(["init-model", str(out), "--preset", "tiny-2.5", "--seed", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def hd_data(tmp_path_factory: pytest.TempPathFactory, noise_image: Callable[..., str]) -> Path:
+    """2.5 training data: one-image (no placeholder), two-image (Image1/Image2) and text-only samples, varied image sizes."""
+    root = tmp_path_factory.mktemp("hd-data")
+    wide = noise_image(root / "wide.png", (300, 200), 0)  # 2x2 at hd 4 with 224 px views
+    small = noise_image(root / "small.png", (100, 60), 1)  # 1x1
+    tall = noise_image(root / "tall.png", (90, 400), 2)  # tall: columns along the height
+
+    def qa(q: str, a: str) -> list[dict[str, str]]:
+        return [{"from": "user", "value": q}, {"from": "assistant", "value": a}]
+
+    samples = [
+        {"id": "one", "image": wide, "conversations": qa("What is in the picture?", "Coloured noise.")},
+        {
+            "id": "two",
+            "image": [small, tall],
+            "conversations": qa("Image1 <ImageHere>; Image2 <ImageHere>; Which is taller?", "Image2."),
+        },
+        {"id": "text", "conversations": qa("Say hello.", "Hello there.")},
+        {"id": "three", "image": [tall], "conversations": qa("<ImageHere> Is it tall?", "Yes, it is tall.")},
+    ]
+    path = root / "data.json"
+    path.write_text(json.dumps(samples))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -158,13 +158,15 @@ def test_lookup_normalisation_is_bit_equal():
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu_with_the_tiny_preset(tmp_path):
-    """benchmarks/gpu_check.sh end to end with XCFT_GPU_CHECK_PRESET=tiny: four configurations, no failure."""
+    """benchmarks/gpu_check.sh end to end with XCFT_GPU_CHECK_PRESET=tiny: four configurations, then the two
+    QLoRA memory lines (tiny and tiny-2.5 stand in for 7b and 7b-2.5), no failure."""
     env = {
         **os.environ,
         "XCFT_GPU_CHECK_PRESET": "tiny",
         "XCFT_GPU_CHECK_LENGTH": "600",
         "XCFT_GPU_CHECK_STEPS": "1",
         "XCFT_GPU_CHECK_JSON": str(tmp_path / "r.json"),
+        "XCFT_GPU_CHECK_JSONL": str(tmp_path / "m.jsonl"),
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
@@ -187,6 +189,12 @@ def test_gpu_check_script_runs_on_cpu_with_the_tiny_preset(tmp_path):
     assert results["noac-packed"]["activation_checkpointing_active"] is False
     assert results["ac-packed"]["samples_per_step"] == 2 and results["ac-unpacked"]["samples_per_step"] == 1
     assert all(r["use_lora"] and r["tokens_per_step"] == 600 for r in results.values())
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["preset"], r["mode"], r["bits"], r["hd_num"]) for r in lines] == [
+        ("tiny", "qlora", 4, None),
+        ("tiny-2.5", "qlora", 4, 4),
+    ]
+    assert lines[1]["image_grid"] == [4, 1] and all("error" not in r and r["seconds_per_step"] > 0 for r in lines)
 
 
 def test_cpu_check_script_is_valid_and_names_only_known_runs():

@@ -13,7 +13,6 @@ import torch
 
 from xcft.data.encode import encode_conversation
 from xcft.data.schema import Conversation, Message
-from xcft.model.presets import build_model
 from xcft.model.template_xcomposer2 import OFFICIAL_SYSTEM_PROMPT
 
 S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
@@ -29,8 +28,8 @@ OFFICIAL_META = (
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return build_model("tiny", vocab_size=int(tok.vocab_size), seed=0)
+def model(tok, tiny_model):
+    return tiny_model(vocab_size=int(tok.vocab_size), plora_dropout=0.05)
 
 
 def _official(tok, pieces: list[str], slots: int) -> list[int]:

@@ -145,3 +145,47 @@ def test_label_boundary_general_path(tok) -> None:
 
     conv = Conversation([Message("user", "Describe the sea."), Message("assistant", "Silver light, 大海.")])
     assert encode_conversation(conv, Odd(tok), 490, 4096).labels == encode_conversation(conv, tok, 490, 4096).labels
+
+
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5: a lone image goes first
+
+
+def test_lone_image_layout_2_5_and_2_0(tmp_path, tiny25_base, noise_image):
+    """2.5: <s>, the image, then every turn (a system turn too); 2.0 keeps the image inside the first user turn."""
+    from xcft.data.encode import IMAGE_SLOT, ImageSpec, encode_conversation
+    from xcft.data.schema import read_file
+    from xcft.model.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny25_base)
+    img = noise_image(tmp_path / "a.png", (300, 200), 7)
+    data = tmp_path / "s.json"
+    data.write_text(
+        json.dumps(
+            [
+                {
+                    "image": img,
+                    "conversations": [
+                        {"from": "system", "value": "Be brief."},
+                        {"from": "user", "value": "What?"},
+                        {"from": "assistant", "value": "Noise."},
+                    ],
+                }
+            ]
+        )
+    )
+    (conv,), _ = read_file(data)
+    spec = ImageSpec(224, 4)
+    enc = encode_conversation(conv, tok, spec, 4096, [(2, 2)])
+    n = spec.slots((2, 2))
+    assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[1 : 1 + n] == [IMAGE_SLOT] * n
+    text = tok.decode(enc.input_ids[1 + n :], skip_special_tokens=False)
+    assert text.startswith("[UNUSED_TOKEN_146]system\nBe brief.[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]user\nWhat?")
+    assert [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100] == [
+        *tok.encode_text("Noise.[UNUSED_TOKEN_145]"),
+        tok.eos_token_id,
+    ]
+    old = encode_conversation(conv, tok, 56, 4096)  # 2.0: after the user header
+    first = old.input_ids.index(IMAGE_SLOT)
+    assert tok.decode(old.input_ids[:first], skip_special_tokens=False).endswith("[UNUSED_TOKEN_146]user\n")
+    with pytest.raises(ValueError, match="one crop grid per image"):
+        encode_conversation(conv, tok, spec, 4096)

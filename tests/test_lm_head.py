@@ -11,10 +11,7 @@ from xcft.model.modeling_xcomposer2 import OutputHead, causal_lm_loss
 torch.set_num_threads(1)
 
 
-def build():
-    from xcft.model.presets import build_model
-
-    return build_model("tiny", vocab_size=300, seed=7, plora_dropout=0.0)
+TINY = {"vocab_size": 300, "seed": 7}
 
 
 def batch_of(model):
@@ -49,8 +46,8 @@ def _full_loss(model, batch, num_items=None):
     return causal_lm_loss(logits, batch["labels"], num_items)
 
 
-def test_supervised_head_loss_and_grads_equal_full_head():
-    model = build()
+def test_supervised_head_loss_and_grads_equal_full_head(tiny_model):
+    model = tiny_model(**TINY)
     model.train()
     batch = batch_of(model)
     results = []
@@ -71,10 +68,10 @@ def test_supervised_head_loss_and_grads_equal_full_head():
     assert abs(a.item() - b.item()) <= 1e-6 * abs(b.item())
 
 
-def test_supervised_head_only_projects_supervised_rows():
+def test_supervised_head_only_projects_supervised_rows(tiny_model):
     """The head sees one row per supervised target, not one per position, and keeps no
     [rows, vocab] tensor for backward (the gradients are formed chunk by chunk in the forward)."""
-    model = build()
+    model = tiny_model(**TINY)
     model.train()
     batch = batch_of(model)
     seen = []
@@ -144,9 +141,9 @@ def test_chunked_training_head_equals_plain_head():
     torch.testing.assert_close(got[2], ref[2], rtol=2e-2, atol=2e-3)
 
 
-def test_replaced_head_falls_back_to_plain_loss():
+def test_replaced_head_falls_back_to_plain_loss(tiny_model):
     """A head that is not OutputHead (peft targeting 'output', resized embeddings) still trains, same loss."""
-    model = build()
+    model = tiny_model(**TINY)
     model.train()
     batch = batch_of(model)
     with torch.no_grad():

@@ -23,16 +23,10 @@ from xcft.data.packing import (
 torch.set_num_threads(1)
 
 
-def tiny_model():
-    from xcft.model.presets import build_model
-
-    # PLoRA dropout 0: train mode is then deterministic, so train-mode losses can be compared.
-    return build_model("tiny", vocab_size=300, seed=3, plora_dropout=0.0)
-
-
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(tiny_model):
+    # PLoRA dropout 0 (the factory's default): train mode is then deterministic, so train-mode losses can be compared.
+    return tiny_model(vocab_size=300, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.train.args import parse_train_args
 
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3", "--save_strategy", "no"]
-
 
 @pytest.fixture(scope="module")
-def argv(tiny_base, tiny_data):
-    """``argv(out, *flags)``: xcft train arguments for the tiny folder on the tiny mixture."""
+def argv(tiny_base, tiny_data, train_argv):
+    """``argv(out, *flags)``: xcft train arguments for the tiny folder on the tiny mixture (no checkpoints)."""
 
     def make(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
+        return train_argv(tiny_base, tiny_data, out, "--save_strategy", "no", *extra)
 
     return make
 
@@ -48,7 +46,7 @@ def test_group_by_length_run_and_options(tmp_path, argv):
 def test_build_datasets_packs_and_sampler_groups(tmp_path, argv, tiny_base):
     from xcft.data.packing import LengthGroupedSampler, PackedDataset, PackingCollator
     from xcft.model.loading import load_pretrained
-    from xcft.train.datasets import build_datasets
+    from xcft.train.inputs import build_datasets
     from xcft.train.trainer import XcftTrainer
 
     model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")

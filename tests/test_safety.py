@@ -77,15 +77,13 @@ def snapshot(*folders: Path) -> dict[str, str]:
     return out
 
 
-def build_base(folder: Path, *, vocab_size: int = 1000, img_size: int = IMG_SIZE, **overrides) -> Path:
-    """A tiny self-contained model folder written by xcft's own builders."""
+def build_base(folder: Path, model) -> Path:
+    """``model`` saved as a self-contained model folder by xcft's own save path, with a built tokenizer."""
     from xcft.data.spm_builder import build_tokenizer
     from xcft.model.loading import save_pretrained
-    from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
     tok = InternLM2Tokenizer.from_model_file(build_tokenizer(folder.parent / f"{folder.name}-tok", vocab_size=1000))
-    model = build_model("tiny", img_size=img_size, vocab_size=vocab_size, seed=0, max_length=160, plora_dropout=0.0, **overrides)
     return save_pretrained(model, tok, folder)
 
 
@@ -113,47 +111,24 @@ def build_data(folder: Path, n: int = 4) -> Path:
     return path
 
 
-TRAIN_FLAGS = [
-    "--use_lora",
-    "true",
-    "--lora_r",
-    "4",
-    "--lora_alpha",
-    "8",
-    "--per_device_train_batch_size",
-    "2",
-    "--use_cpu",
-    "true",
-    "--report_to",
-    "none",
-    "--disable_tqdm",
-    "true",
-    "--seed",
-    "1",
-    "--dataloader_num_workers",
-    "0",
-]
-
-
-def train_args(base: Path, data: Path, out: Path, *extra: object) -> list[str]:
-    return [
-        "train",
-        "--model_name_or_path",
-        str(base),
-        "--data_path",
-        str(data),
-        "--output_dir",
-        str(out),
-        *TRAIN_FLAGS,
-        *map(str, extra),
-    ]
+LORA_FLAGS = ["--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--per_device_train_batch_size", "2", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def train_args(train_argv):
+    """``train_args(base, data, out, *flags)``: ``xcft train ...`` arguments (subcommand first) of a quick LoRA run."""
+
+    def make(base: Path, data: Path, out: Path, *extra: object) -> list[str]:
+        return ["train", *train_argv(base, data, out, *LORA_FLAGS, "--dataloader_num_workers", "0", *map(str, extra))]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model):
     """A tiny base model folder and a data folder, shared by the tests of this module (read-only for them)."""
     root = tmp_path_factory.mktemp("safety")
-    base = build_base(root / "base")
+    base = build_base(root / "base", tiny_model(img_size=IMG_SIZE, max_length=160))
     data = build_data(root / "data")
     return root, base, data
 
@@ -178,7 +153,7 @@ def _without_lock(snap: dict[str, str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- 1. output-folder rules
 
 
-def test_train_into_folder_of_user_files_changes_nothing(world, tmp_path):
+def test_train_into_folder_of_user_files_changes_nothing(world, tmp_path, train_args):
     _, base, data = world
     user = _user_folder(tmp_path / "mine")
     before = snapshot(user, base, data.parent)
@@ -187,7 +162,7 @@ def test_train_into_folder_of_user_files_changes_nothing(world, tmp_path):
     assert snapshot(user, base, data.parent) == before  # not even a marker or a lock file
 
 
-def test_output_dir_equal_inside_or_around_inputs_is_refused(world, tmp_path, capsys):
+def test_output_dir_equal_inside_or_around_inputs_is_refused(world, tmp_path, capsys, train_args):
     root, base, data = world
     before = snapshot(base, data.parent)
     # the case that overwrote the base weights: a full finetune into its own model folder
@@ -219,7 +194,7 @@ def test_merge_convert_init_model_refuse_user_folders(world, tmp_path, capsys):
     assert snapshot(user, base) == before
 
 
-def test_earlier_run_needs_resume_or_overwrite_and_only_own_files_go(world, tmp_path):
+def test_earlier_run_needs_resume_or_overwrite_and_only_own_files_go(world, tmp_path, train_args):
     _, base, data = world
     out = tmp_path / "run"
     # an earlier run (in-process: the subprocesses below check what the CLI says)
@@ -252,7 +227,7 @@ def test_earlier_run_needs_resume_or_overwrite_and_only_own_files_go(world, tmp_
 # --------------------------------------------------------------------------- 2. one run per folder
 
 
-def test_second_run_on_a_running_folder_is_refused_with_the_pid(world, tmp_path):
+def test_second_run_on_a_running_folder_is_refused_with_the_pid(world, tmp_path, train_args):
     _, base, data = world
     out = tmp_path / "busy"
     first = subprocess.Popen(
@@ -310,7 +285,7 @@ def _tmpfs_prefix(mount: Path, size: str) -> list[str] | None:
     ]
 
 
-def test_disk_full_during_checkpoint_save_is_one_line(world, tmp_path):
+def test_disk_full_during_checkpoint_save_is_one_line(world, tmp_path, train_args):
     _, base, data = world
     before = snapshot(base, data.parent)
     mount = tmp_path / "small-disk"
@@ -376,7 +351,7 @@ def _broken(base: Path, dest: Path, how: str) -> Path:
         ("no-tokenizer", "inspect", "no tokenizer.model"),
     ],
 )
-def test_broken_model_folder_is_one_line(world, tmp_path, how, command, expect):
+def test_broken_model_folder_is_one_line(world, tmp_path, how, command, expect, train_args):
     _, _, data = world
     _, base, _ = world
     model = _broken(base, tmp_path / "model", how)
@@ -450,7 +425,7 @@ def test_check_data_names_folder_fifo_and_hostile_json(world, tmp_path):
     assert any("bigint.jsonl line 2" in e and "5000 digits" in e for e in errors), text
 
 
-def test_train_on_hostile_json_names_the_file(world, tmp_path):
+def test_train_on_hostile_json_names_the_file(world, tmp_path, train_args):
     _, base, _ = world
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
@@ -489,7 +464,7 @@ print("OK", type(model.get_base_model()).__module__)
 """
 
 
-def test_standard_save_pretrained_is_self_contained_for_autopeft(world, tmp_path):
+def test_standard_save_pretrained_is_self_contained_for_autopeft(world, tmp_path, train_args):
     import xcft as xcft_lib
 
     _, base, data = world
@@ -520,7 +495,7 @@ def test_standard_save_pretrained_is_self_contained_for_autopeft(world, tmp_path
 # --------------------------------------------------------------------------- 8. merge memory
 
 
-def test_merge_peak_memory_stays_near_the_weights(tmp_path):
+def test_merge_peak_memory_stays_near_the_weights(tmp_path, tiny_model):
     """A 6-M-parameter model with the real vocabulary at 490 px: the merge stays far below 1 GB.
 
     Comparing every probe position (1262 x 92544 logits per copy) made this merge peak at 2.3 GB.
@@ -530,7 +505,9 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
 
     import xcft as xcft_lib
 
-    base = build_base(tmp_path / "base", vocab_size=92544, img_size=490, hidden_size=32, intermediate_size=80)
+    base = build_base(
+        tmp_path / "base", tiny_model(vocab_size=92544, img_size=490, max_length=160, hidden_size=32, intermediate_size=80)
+    )
     model, _ = xcft_lib.load_pretrained(base, device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["attention.wqkv"], task_type="CAUSAL_LM"))
     for name, p in peft_model.named_parameters():
@@ -553,7 +530,7 @@ def test_merge_peak_memory_stays_near_the_weights(tmp_path):
     assert is_marked(tmp_path / "merged") and (tmp_path / "merged" / MARKER_NAME).is_file()
 
 
-def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path, torchrun):
+def test_torchrun_has_one_lock_holder_and_marks_its_checkpoints(world, tmp_path, torchrun, train_args):
 
     _, base, data = world
     out = tmp_path / "ddp"

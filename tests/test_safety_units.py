@@ -52,14 +52,15 @@ def test_unmarked_non_empty_folder_and_files_are_refused_without_writing(tmp_pat
         OutputFolder.claim(tmp_path / "file", "train")
 
 
-def test_overlap_rules(tmp_path):
+@pytest.mark.parametrize(
+    ("out", "words"), [("model", "is the model"), ("link", "is the model"), ("model/o", "is inside"), (".", "contains")]
+)
+def test_overlap_rules(tmp_path, out, words):
     model = tmp_path / "model"
     model.mkdir()
-    link = tmp_path / "link"
-    link.symlink_to(model)
-    for out, words in ((model, "is the model"), (link, "is the model"), (model / "o", "is inside"), (tmp_path, "contains")):
-        with pytest.raises(OutputFolderError, match=words):
-            check_no_overlap(out, [("the model", model)])
+    (tmp_path / "link").symlink_to(model)
+    with pytest.raises(OutputFolderError, match=words):
+        check_no_overlap(tmp_path / out, [("the model", model)])
     check_no_overlap(tmp_path / "other", [("the model", model)])
     check_no_overlap(model / "o", [("data", model)], allow_inside=True)  # output below a data folder is fine
 
@@ -167,23 +168,33 @@ def test_json_type_messages_use_articles(tmp_path):
     assert "sample is a JSON array, expected an object" in problems[0].message
 
 
-def test_yaml_values_are_checked_against_option_types(tmp_path):
+def _parse_yaml(tmp_path, text: str):
     from xcft.train.args import parse_train_args
 
-    def parse(text: str):
-        path = tmp_path / "c.yaml"
-        path.write_text(f"model_name_or_path: m\ndata_path: d.json\n{text}\n")
-        return parse_train_args([str(path)])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model_name_or_path: m\ndata_path: d.json\n{text}\n")
+    return parse_train_args([str(path)])
 
-    for text, expected in (
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
         ("learning_rate: [1, 2]", "expected a number"),
         ("lora_r: 2.5", "expected an integer"),
         ("use_lora: sometimes", "expected true or false"),
         ("num_train_epochs: true", "a number"),
         ("lr_scheduler_type: cosin", "expected one of linear, cosine"),
-    ):
-        with pytest.raises(XcftError, match=expected):
-            parse(text)
+    ],
+)
+def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, text, expected):
+    with pytest.raises(XcftError, match=expected):
+        _parse_yaml(tmp_path, text)
+
+
+def test_yaml_values_are_converted_to_the_option_types(tmp_path):
+    def parse(text: str):
+        return _parse_yaml(tmp_path, text)
+
     cfg = parse("learning_rate: 1e-4\nlora_r: 8.0\nlora_target_modules: attention.wqkv\nuse_lora: 'yes'")
     assert cfg.training.learning_rate == 1e-4 and cfg.lora.lora_r == 8 and cfg.model.use_lora is True
     assert cfg.lora.lora_target_modules == ["attention.wqkv"]

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from xcft.commands.train import train_command
 from xcft.errors import XcftError
+from xcft.model.configuration_xcomposer2 import XComposer2Config
 from xcft.run_files import RESOLVED_CONFIG_NAME
 from xcft.train.args import parse_train_args, valid_keys, write_resolved_config
+from xcft.train.inputs import resolve_run_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--model_name_or_path", "m", "--data_path", "d.txt"]
@@ -89,16 +92,20 @@ def test_official_finetune_py_flags_parse(tmp_path):
     assert cfg.training.adam_beta2 == pytest.approx(0.95)
 
 
-def test_every_flag_of_shipped_scripts_is_valid():
-    keys = set(valid_keys())
-    for script in (ROOT / "finetune.sh", ROOT / "finetune_lora.sh"):
-        unknown = [f for f in _official_flags(script) if f not in keys]
-        assert unknown == [], f"{script.name}: {unknown}"
-        text = script.read_text()
-        assert "torchrun" in text and "xcft.cli train" in text
-        for var in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MODEL", "DATA"):
-            assert f"${{{var}" in text or f"${var}" in text or f'"${var}"' in text, var
-        subprocess.run(["sh", "-n", str(script)], check=True)  # POSIX sh syntax
+@pytest.mark.parametrize("name", ["finetune.sh", "finetune_lora.sh"])
+def test_every_flag_of_shipped_scripts_is_valid(name):
+    script = ROOT / name
+    unknown = [f for f in _official_flags(script) if f not in set(valid_keys())]
+    assert unknown == []
+    text = script.read_text()
+    assert "torchrun" in text and "xcft.cli train" in text
+    missing = [
+        v
+        for v in ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MODEL", "DATA")
+        if f"${v}" not in text and f"${{{v}" not in text
+    ]
+    assert missing == []
+    subprocess.run(["sh", "-n", str(script)], check=True)  # POSIX sh syntax
 
 
 def test_yaml_then_flags_override(tmp_path):
@@ -193,12 +200,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_help_lists_official_and_hf_flags(capsys):
-    from xcft.commands.train import train_command
 
     assert train_command(["--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--fix_vit", "--lora_target_modules", "--deepspeed", "--eval_split", "--gradient_accumulation_steps"):
-        assert flag in out
+    flags = ("--fix_vit", "--lora_target_modules", "--deepspeed", "--eval_split", "--gradient_accumulation_steps")
+    assert [f for f in flags if f not in out] == []
 
 
 def test_deepspeed_configs_are_valid_for_transformers():
@@ -227,3 +233,41 @@ def test_fsdp_config_names_our_layer_classes():
     assert set(classes) == set(m.XComposer2PreTrainedModel._no_split_modules)
     cfg = parse_train_args([*REQUIRED, "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(ROOT / "configs" / "fsdp.json")])
     assert cfg.training.fsdp_config["transformer_layer_cls_to_wrap"] == classes
+
+
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5 flags
+
+
+def test_2_5_defaults_hd_num_max_length_and_resolution(tmp_path):
+    def parse(*flags: str):
+        return parse_train_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path), *flags])
+
+    cfg = parse()
+    assert cfg.data.hd_num is None
+    config_25 = XComposer2Config(
+        family="2.5",
+        vision_config={
+            "hidden_size": 32,
+            "patch_size": 14,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    )
+    assert config_25.max_length == 16384 and config_25.img_size == 560  # no max_length in the config: the official 16384
+    assert XComposer2Config().max_length == 4096  # 2.0 unchanged
+    sizes = resolve_run_sizes(cfg, config_25)
+    assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 16384, 18)
+
+    ok = parse("--resolution", "560", "--hd_num", "6", "--max_length", "8192")
+    sizes = resolve_run_sizes(ok, config_25)
+    assert (sizes.img_size, sizes.max_length, sizes.hd_num) == (560, 8192, 6)
+    bad = parse("--resolution", "490")
+    with pytest.raises(XcftError, match=r"--resolution 490: the model is an InternLM-XComposer-2.5 model whose views .* 560 px"):
+        resolve_run_sizes(bad, config_25)
+    with pytest.raises(XcftError, match="--hd_num must be at least 1"):
+        parse("--hd_num", "0")
+    with pytest.raises(XcftError, match="disagree"):
+        parse("--resolution", "560", "--img_size", "490")
+    with pytest.raises(XcftError, match=r"--hd_num 6: the model is an InternLM-XComposer2 \(2\.0\) model"):
+        resolve_run_sizes(ok, XComposer2Config())  # one rule everywhere: --hd_num on a 2.0 model is an error

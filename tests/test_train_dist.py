@@ -22,28 +22,16 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COMMON = [
-    "--use_cpu",
-    "--disable_tqdm",
-    "true",
-    "--report_to",
-    "none",
-    "--seed",
-    "11",
-    "--max_steps",
-    "3",
-    "--learning_rate",
-    "1e-3",
-]
+RUN = ["--seed", "11", "--max_steps", "3", "--learning_rate", "1e-3"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_base, tiny_data, subprocess_env, read_losses, torchrun):
+def runs(tiny_base, tiny_data, subprocess_env, read_losses, torchrun, train_argv):
     """``runs.torchrun(out, *flags)`` (2 processes, batch 1 each) and ``runs.single(out, *flags)`` (1 process,
     batch 2: the same global batch, returns its losses), both on the tiny folder and mixture."""
 
     def argv(out, *extra):
-        return ["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--output_dir", str(out), *COMMON, *extra]
+        return train_argv(tiny_base, tiny_data, out, *RUN, *extra)
 
     def distributed(out, *extra, timeout=600):
         cmd = [
@@ -116,3 +104,43 @@ def test_deepspeed_zero3_full_two_processes_saves_consolidated_weights(runs, rea
     assert any(not torch.equal(saved[k], base[k]) for k in base if k.startswith("vit."))  # fix_vit false trained it
     model, _ = xcft.load_pretrained(str(out), dtype=torch.float32, device="cpu")
     assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 1000)
+
+
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5 under ZeRO-3
+
+
+@pytest.fixture(scope="module")
+def tiny25_no_dropout(tmp_path_factory, tiny25_base: Path, tiny_model) -> Path:
+    """tiny-2.5 without Partial-LoRA dropout, so several ranks reproduce a one-process run exactly."""
+    from xcft.model.loading import load_tokenizer, save_pretrained
+
+    model = tiny_model("tiny-2.5", seed=1)
+    return save_pretrained(model, load_tokenizer(tiny25_base), tmp_path_factory.mktemp("tiny25") / "tiny25_nodrop")
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_text_only_ranks_equals_one_process(
+    hd_data, tiny25_no_dropout, tmp_path, read_losses, subprocess_env, torchrun, train_argv
+):
+    """ZeRO-3 gathers the tower's shards on every rank: a rank whose batch is text gets a blank 1x1 image."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+
+    hd_flags = ["--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--max_steps", "3", "--learning_rate", "1e-3"]
+    hd_flags += ["--fix_vit", "false", "--save_strategy", "no"]
+    out, ref = tmp_path / "z3_25", tmp_path / "z3_25_ref"
+    cmd = [
+        *torchrun(),
+        "train",
+        *train_argv(tiny25_no_dropout, hd_data, out, *hd_flags, "--per_device_train_batch_size", "1"),
+        "--deepspeed",
+        str(ROOT / "configs" / "ds_zero3.json"),
+    ]
+    r = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    assert "one blank image" in r.stderr + r.stdout
+    assert train_command(train_argv(tiny25_no_dropout, hd_data, ref, *hd_flags, "--per_device_train_batch_size", "2")) == 0
+    got, expected = read_losses(out), read_losses(ref)
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)

@@ -148,36 +148,13 @@ def test_chat_interactive_keeps_history_and_streams(picture, tiny_base, monkeypa
     assert "assistant> " in capsys.readouterr().out
 
 
-def test_chat_cli_on_lora_adapter(tmp_path, tiny_base, tiny_data, subprocess_env):
+def test_chat_cli_on_lora_adapter(tmp_path, tiny_base, tiny_data, subprocess_env, train_argv):
     """`xcft chat --model ADAPTER --query` in a real process (the CLI wiring, adapter loading)."""
     from xcft.commands.train import train_command
 
     out = tmp_path / "lora"
-    assert (
-        train_command(
-            [
-                "--model_name_or_path",
-                str(tiny_base),
-                "--data_path",
-                str(tiny_data),
-                "--output_dir",
-                str(out),
-                "--use_cpu",
-                "--disable_tqdm",
-                "true",
-                "--report_to",
-                "none",
-                "--max_steps",
-                "1",
-                "--use_lora",
-                "--lora_r",
-                "2",
-                "--save_strategy",
-                "no",
-            ]
-        )
-        == 0
-    )
+    argv = train_argv(tiny_base, tiny_data, out, "--max_steps", "1", "--use_lora", "--lora_r", "2", "--save_strategy", "no")
+    assert train_command(argv) == 0
     r = subprocess.run(
         [
             sys.executable,

@@ -4,37 +4,30 @@ checkpoints, eval, saving/loading (fresh processes without xcft), merge."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.output_dir import own_entries
 from xcft.run_files import EXIT_SIGTERM, MERGE_CHECK_NAME, STAGING_DIR_NAME, find_last_checkpoint, read_merge_check
-
-COMMON = ["--use_cpu", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3"]
+from xcft.train.args import parse_train_args
+from xcft.train.setup import SEPARATOR_NAMES
 
 
 @pytest.fixture(scope="module")
-def train(tiny_base, tiny_data):
+def train(tiny_base, tiny_data, train_argv):
     """``train(out, *flags, data=None)``: ``xcft train`` of the tiny folder on the tiny mixture (or ``data``)."""
 
     def run(out, *extra, data=None):
-        argv = [
-            "--model_name_or_path",
-            str(tiny_base),
-            "--data_path",
-            str(data or tiny_data),
-            "--output_dir",
-            str(out),
-            *COMMON,
-            *extra,
-        ]
-        return train_command(argv)
+        return train_command(train_argv(tiny_base, data or tiny_data, out, *extra))
 
     return run
 
@@ -225,13 +218,12 @@ print("DIFF", d, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
     assert float(diff) < 1e-4 and imported == "False"
 
 
-def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base):
+def test_merge_other_base_and_user_errors(lora_run, tmp_path, tiny_base, tiny_model):
     from xcft.commands.merge import merge_command
     from xcft.model.loading import save_pretrained
-    from xcft.model.presets import build_model
     from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 
-    other = build_model("tiny", img_size=56, vocab_size=1000, seed=1, max_length=160)
+    other = tiny_model(img_size=56, seed=1, max_length=160, plora_dropout=0.05)
     other_dir = save_pretrained(other, InternLM2Tokenizer.from_model_file(tiny_base / "tokenizer.model"), tmp_path / "o")
     # --base overrides the adapter's base: merging onto it is still checked against base + adapter...
     assert merge_command(adapter=str(lora_run), output=str(tmp_path / "m"), base=str(other_dir)) == 0
@@ -383,8 +375,7 @@ def test_eval_split_and_eval_data_give_eval_loss(tmp_path, train, small_fixed_da
 
 def test_epoch_redraw_differs_and_is_seeded(tiny_base, tiny_data):
     from xcft.model.loading import load_config, load_tokenizer
-    from xcft.train.args import parse_train_args
-    from xcft.train.datasets import build_datasets
+    from xcft.train.inputs import build_datasets
 
     cfg = parse_train_args(["--model_name_or_path", str(tiny_base), "--data_path", str(tiny_data), "--seed", "5"])
     tok = load_tokenizer(tiny_base)
@@ -404,3 +395,156 @@ def test_user_errors(tmp_path, train):
         train(tmp_path / "o", "--img_size", "224", "--max_steps", "1")
     with pytest.raises(XcftError, match="lora_target_modules"):
         train(tmp_path / "o2", "--use_lora", "--lora_target_modules", "no_such_module", "--max_steps", "1")
+
+
+# --------------------------------------------------------------------------- InternLM-XComposer-2.5: generated HD data, the official checkpoint and flags
+
+
+#: ``xcft train`` on the generated 2.5 data: hd_num 4, batch 2, lr 1e-3, no checkpoints.
+HD_FLAGS = ["--given_num", "false", "--hd_num", "4", "--max_length", "1024", "--per_device_train_batch_size", "2"]
+HD_FLAGS += ["--learning_rate", "1e-3", "--save_strategy", "no"]
+
+
+def test_tiny_2_5_trains_with_batch_2(tmp_path, tiny25_base, hd_data, read_losses, train_argv):
+    """Generated HD data (three crop grids, two images in one sample, text), batch 2, full finetune incl. the ViT."""
+    out = tmp_path / "run"
+    rc = train_command(train_argv(tiny25_base, hd_data, out, *HD_FLAGS, "--max_steps", "3", "--fix_vit", "false"))
+    assert rc == 0
+    losses = read_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    before, after = load_file(str(tiny25_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name in SEPARATOR_NAMES:
+        assert not torch.equal(before[name], after[name]), f"{name} was not trained"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vit.") and "post_layernorm" not in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "post_layernorm" in k)
+    assert json.loads((out / "config.json").read_text())["family"] == "2.5"
+
+
+@pytest.mark.parametrize("mode", ["--packing", "--group_by_length"])
+def test_tiny_2_5_trains_packed_and_length_grouped(tmp_path, mode, tiny25_base, hd_data, read_losses, train_argv):
+    out = tmp_path / "run"
+    rc = train_command(train_argv(tiny25_base, hd_data, out, *HD_FLAGS, mode, "true", "--max_steps", "2"))
+    assert rc == 0
+    assert all(math.isfinite(v) for v in read_losses(out).values())
+
+
+OFFICIAL_FLAGS = [
+    "--given_num",
+    "True",
+    "--hd_num",
+    "18",
+    "--batch_size",
+    "2",
+    "--max_length",
+    "16384",
+    "--resolution",
+    "560",
+    "--per_device_train_batch_size",
+    "1",
+    "--gradient_accumulation_steps",
+    "1",
+    "--learning_rate",
+    "1e-5",
+    "--weight_decay",
+    "0.1",
+    "--adam_beta2",
+    "0.95",
+    "--warmup_ratio",
+    "0.01",
+    "--lr_scheduler_type",
+    "cosine",
+    "--gradient_checkpointing",
+    "True",
+    "--max_steps",
+    "2",
+    "--save_strategy",
+    "no",
+]
+
+
+FRESH_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True).eval()
+assert m.config.family == "2.5", m.config.family
+with torch.no_grad():
+    logits = m(input_ids=torch.tensor([[1, 3716, 505, 6176, 364]])).logits
+print("SUM", float(logits.double().sum()), any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
+"""
+
+
+def _fresh_logits_sum(path: Path, run_fresh_python) -> float:
+    r = run_fresh_python(FRESH_LOAD.format(path=str(path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    value, imported = r.stdout.split("SUM", 1)[1].split()
+    assert imported == "False"
+    return float(value)
+
+
+def _xcft_logits_sum(path: Path) -> float:
+    from xcft.model.loading import load_pretrained
+
+    model, _ = load_pretrained(path, dtype="float32", device="cpu")
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([[1, 3716, 505, 6176, 364]])).logits.double().sum())
+
+
+@pytest.mark.slow
+def test_official_full_finetune_flags(fixture_2d5_dir, examples_dir, tmp_path, read_losses, run_fresh_python, train_argv):
+    out = tmp_path / "full"
+    rc = train_command(
+        train_argv(
+            fixture_2d5_dir,
+            examples_dir / "data.txt",
+            out,
+            "--fix_vit",
+            "False",
+            "--fix_sampler",
+            "False",
+            "--use_lora",
+            "False",
+            *OFFICIAL_FLAGS,
+        )
+    )
+    assert rc == 0
+    losses = read_losses(out)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    before, after = load_file(str(fixture_2d5_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name in (*SEPARATOR_NAMES, "vision_proj.0.weight", "vit.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"):
+        assert not torch.equal(before[name].float(), after[name].float()), f"{name} was not trained"
+    assert _fresh_logits_sum(out, run_fresh_python) == pytest.approx(_xcft_logits_sum(out), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_official_lora_flags_and_merge(fixture_2d5_dir, examples_dir, tmp_path, capsys, run_fresh_python, train_argv):
+    out = tmp_path / "lora"
+    rc = train_command(
+        train_argv(
+            fixture_2d5_dir,
+            examples_dir / "data.txt",
+            out,
+            "--fix_vit",
+            "True",
+            "--fix_sampler",
+            "False",
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "64",
+            "--lora_alpha",
+            "64",
+            "--lora_dropout",
+            "0.05",
+            *OFFICIAL_FLAGS,
+            "--learning_rate",
+            "1e-3",
+        )
+    )
+    assert rc == 0
+    assert (out / "adapter_model.safetensors").is_file()
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
+    assert "1 image" in capsys.readouterr().out
+    assert _fresh_logits_sum(merged, run_fresh_python) == pytest.approx(_xcft_logits_sum(merged), rel=1e-5)
+    # the merged weights differ from the base: the adapter was trained
+    assert _xcft_logits_sum(merged) != pytest.approx(_xcft_logits_sum(fixture_2d5_dir), rel=1e-7)

@@ -64,13 +64,16 @@ def make_streamer(tokenizer: Any, *, iterator: bool = False, timeout: float | No
     return AnswerStream(tokenizer, timeout=timeout) if iterator else AnswerPrinter(tokenizer)
 
 
-def load_for_chat(model_dir: str, device: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32)."""
+def load_for_chat(model_dir: str, device: str | None, bits: int = 16) -> tuple[Any, Any]:
+    """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32).
+
+    ``bits`` 4/8: decoder linears quantized with bitsandbytes (see :func:`xcft.model.loading.load_pretrained`).
+    """
     if not Path(model_dir).is_dir():
         raise XcftError(f"model folder {model_dir} does not exist")
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev, bits=bits)
     return model.eval(), tokenizer
 
 
@@ -112,10 +115,11 @@ def chat_command(
     greedy: bool = False,
     training_layout: bool = False,
     hd_num: int | None = None,
+    bits: int = 16,
 ) -> int:
     """Answer ``query`` (prints the answer) or run an interactive loop; returns the exit status."""
     images = load_chat_images(images or [])
-    model, tokenizer = load_for_chat(model_dir, device)
+    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
     # chat's crop budget defaults to the official chat's own (model.chat); only a given one is checked
     resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
     kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)

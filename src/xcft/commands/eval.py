@@ -112,12 +112,13 @@ def eval_command(
     device: str | None = None,
     hd_num: int | None = None,
     img_size: int | None = None,
+    bits: int = 16,
     data_cache_dir: str | None = None,
     no_data_cache: bool = False,
     preprocessing_num_workers: int | None = None,
 ) -> int:
-    """``xcft eval DATA --model DIR``: print per-sample losses, each data file's and the overall mean."""
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device)
+    """``xcft eval DATA --model DIR``: per-sample losses, each data file's and the overall mean (``bits`` 4/8: quantized decoder)."""
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device, bits=bits)
     cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
     result = evaluate(
         model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size, cache=cache

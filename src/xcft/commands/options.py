@@ -39,6 +39,16 @@ class FormatOption:
 
 
 @dataclass(kw_only=True)
+class QuantOption:
+    bits: int = option(
+        16,
+        "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as "
+        "QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
+        choices=[4, 8, 16],
+    )
+
+
+@dataclass(kw_only=True)
 class DataOptions:
     """A data set read against a model folder (combined with :class:`SizeOptions`)."""
 
@@ -61,7 +71,7 @@ class InspectOptions(FormatOption, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
+class EvalOptions(FormatOption, QuantOption, CacheOptions, SizeOptions, DataOptions):
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -98,7 +108,7 @@ class ConvertOptions:
 
 
 @dataclass(kw_only=True)
-class ChatOptions:
+class ChatOptions(QuantOption):
     model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
     images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
     query: str | None = option(None, "one question; without it an interactive session starts")

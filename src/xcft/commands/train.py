@@ -29,7 +29,7 @@ from xcft.run_files import (
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
 from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, RecordOutputsCallback, SigtermCallback, progress_callback
 from xcft.train.checkpoints import clear_staging, resolve_resume
-from xcft.train.datasets import build_datasets, needs_vision_alignment, source_names, vision_aligned
+from xcft.train.inputs import build_datasets, needs_vision_alignment, source_names, vision_aligned
 from xcft.train.plots import write_loss_plot
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer

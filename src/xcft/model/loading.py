@@ -492,22 +492,50 @@ def load_pretrained(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    bits: int = 16,
 ):
     """``(model, tokenizer)`` from an official checkpoint folder or an xcft output folder.
 
     ``dtype`` None keeps the stored dtype (float32 when unknown); ``device`` None picks cuda
     when available. The model is in eval mode. A LoRA adapter folder (``adapter_config.json``)
-    gives its base with the adapter merged in (:func:`load_adapter_folder`).
+    gives its base with the adapter merged in (:func:`load_adapter_folder`). ``bits`` 4 or 8
+    stores the decoder linears with bitsandbytes (:mod:`xcft.model.quantization`, NF4 with double
+    quantization for 4; ``dtype`` is then the compute dtype); an adapter then stays a separate
+    branch on the quantized model instead of being merged.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist")
     if is_adapter_folder(folder):
-        return load_adapter_folder(folder, dtype=dtype, device=device)
+        return load_adapter_folder(folder, dtype=dtype, device=device, bits=bits)
     load_config(folder)  # the cheap checks first: a broken config or a missing tokenizer costs no weight load
     tokenizer = load_tokenizer(folder)
-    model = load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    model = _load_model_bits(folder, dtype=dtype, device=device, attn_implementation=attn_implementation, bits=bits)
     return model, tokenizer
+
+
+def _load_model_bits(
+    folder: Path,
+    *,
+    dtype: str | torch.dtype | None,
+    device: str | torch.device | None,
+    attn_implementation: str | None = None,
+    bits: int = 16,
+) -> XComposer2ForCausalLM:
+    """:func:`load_model`; with ``bits`` 4/8 read on the CPU, then quantized onto ``device`` linear by linear.
+
+    The full-precision weights never reach the accelerator in one piece.
+    """
+    if bits == 16:
+        return load_model(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    from xcft.model.quantization import quantize_model, require_bitsandbytes
+
+    require_bitsandbytes()
+    dev = resolve_device(device)
+    model = load_model(folder, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
+    if attn_implementation is None:
+        model.set_attn_implementation(default_attn_implementation(dev, model.dtype))
+    return quantize_model(model, bits=bits, compute_dtype=model.dtype, device=dev).eval()
 
 
 # ============================================================================ LoRA adapter folders
@@ -546,15 +574,17 @@ def load_adapter_model(
     base: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    bits: int = 16,
 ) -> tuple[Any, Any, Path]:
     """``(peft_model, tokenizer, base_path)``: the base read with our classes, the adapter on top (eval mode).
 
     Works for any base folder, including an official checkpoint whose own remote code would need
     an old transformers: the base is read by our classes and peft applies the adapter on top.
+    ``bits`` 4/8 quantizes the base's decoder linears first (peft's k-bit LoRA layers go on top).
     """
     adapter_dir = Path(adapter_dir)
     base_path = adapter_base_path(adapter_dir, base)
-    model = load_model(base_path, dtype=dtype, device=device)
+    model = _load_model_bits(base_path, dtype=dtype, device=device, bits=bits)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # peft: ValueError/KeyError for mismatches; safetensors errors for a broken file
@@ -565,13 +595,21 @@ def load_adapter_model(
 
 
 def load_adapter_folder(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    bits: int = 16,
 ) -> tuple[XComposer2ForCausalLM, Any]:
     """``(model, tokenizer)`` for an adapter folder: base + adapter merged into a plain XComposer2 model.
 
-    Merging gives a model with ``chat``/``generate`` and the same outputs as base + adapter.
+    Merging gives a model with ``chat``/``generate`` and the same outputs as base + adapter. On a
+    quantized base (``bits`` 4/8) the adapter is not merged (that would round it into the quantized
+    weights): the returned XComposer2 model holds peft's LoRA layers, as in QLoRA training.
     """
-    peft_model, tokenizer, base_path = load_adapter_model(path, dtype=dtype, device=device)
+    peft_model, tokenizer, base_path = load_adapter_model(path, dtype=dtype, device=device, bits=bits)
+    if bits != 16:
+        logger.info("loaded LoRA adapter %s on base %s (%d-bit base, adapter kept as a separate branch)", path, base_path, bits)
+        return peft_model.get_base_model().eval(), tokenizer
     logger.info("loaded LoRA adapter %s on base %s (merged for inference)", path, base_path)
     return peft_model.merge_and_unload().eval(), tokenizer
 

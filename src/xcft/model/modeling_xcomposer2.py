@@ -255,6 +255,10 @@ class PLoRALinear(nn.Linear):
     position, a zero-weighted branch on one position keeps ``Plora_A``/``Plora_B`` in the
     autograd graph, so DDP (without ``find_unused_parameters``) and ZeRO see a gradient for
     every parameter on every rank, as the official code does.
+
+    The base output comes from ``super().forward``: ``nn.Linear`` here, the bitsandbytes 4-/8-bit
+    matmul in the quantized subclasses of :mod:`xcft.model.quantized_linear` (``--bits 4``), so the
+    Partial-LoRA branch below is the same code for both.
     """
 
     def __init__(
@@ -275,7 +279,7 @@ class PLoRALinear(nn.Linear):
         self.Plora_B = nn.Linear(lora_r, out_features, bias=False)
 
     def forward(self, x: torch.Tensor, plora_index: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = super().forward(x)
         if plora_index is None:
             if self.training and torch.is_grad_enabled():
                 out = out + 0.0 * self.Plora_B(self.Plora_A(x[..., :1, :])).sum()

@@ -197,9 +197,10 @@ class OutputArguments:
     )
 
 
-# Flags of older transformers versions that official finetune.sh files pass. Value: the new name, or
-# None for "accepted and ignored".
+# Other names of options: flags of older transformers versions that official finetune.sh files pass,
+# and names users know from other finetuning tools. Value: the new name, or None for "accepted and ignored".
 LEGACY_ALIASES: dict[str, str | None] = {
+    "quantization_bit": "bits",  # LLaMA-Factory / ms-swift
     "evaluation_strategy": "eval_strategy",
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
@@ -210,6 +211,13 @@ LEGACY_ALIASES: dict[str, str | None] = {
     "save_safetensors": None,
     "logging_dir": None,  # handled: becomes the TensorBoard folder
 }
+
+#: How the log line describes an alias (default: an older transformers name).
+ALIAS_ORIGINS: dict[str, str] = {"quantization_bit": "the LLaMA-Factory / ms-swift name"}
+
+
+def _alias_origin(key: str) -> str:
+    return ALIAS_ORIGINS.get(key, "the old name")
 
 
 @dataclass
@@ -375,7 +383,7 @@ def _apply_legacy(values: dict[str, Any], source: str, legacy_out: dict[str, Any
                 if key != "logging_dir":
                     logger.info("%s: '%s' is an option of older transformers versions; ignored", source, key)
                 continue
-            logger.info("%s: '%s' is the old name of '%s'; using it as '%s'", source, key, new, new)
+            logger.info("%s: '%s' is %s of '%s'; using it as '%s'", source, key, _alias_origin(key), new, new)
             key = new
         out[key] = value
     return out
@@ -402,7 +410,7 @@ def _split_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                         logger.info("'--%s' is an option of older transformers versions; ignored", key)
                     i += 1 + (1 if has_value and not eq else 0)
                     continue
-                logger.info("'--%s' is the old name of '--%s'; using it as '--%s'", key, new, new)
+                logger.info("'--%s' is %s of '--%s'; using it as '--%s'", key, _alias_origin(key), new, new)
                 out.append(f"--{new}{eq}{val}" if eq else f"--{new}")
                 i += 1
                 continue
@@ -561,6 +569,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
                 "thing (the view size): pass one"
             )
         data_args.img_size = data_args.resolution
+    check_quantization_options(model_args, training_args)
     logging_dir = legacy.get("logging_dir")
     return TrainConfig(
         model=model_args,
@@ -572,6 +581,35 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
         config_file=config_file,
     )
+
+
+def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:
+    """Refuse what ``--bits 4/8`` does not support, one line each, before anything is loaded.
+
+    Supported: one process, DDP, DeepSpeed ZeRO-1/2 (they never partition frozen weights),
+    checkpointing, resuming (docs/training.md, QLoRA). Quantized weights cannot be trained, ZeRO-3
+    would partition the packed bitsandbytes storage and lose its quantization state, and xcft's FSDP
+    setup would shard bitsandbytes weights like any other.
+    """
+    bits = int(model_args.bits)
+    if bits == 16:
+        return
+    if not model_args.use_lora:
+        raise XcftError(
+            f"--bits {bits} stores the decoder weights in {bits} bit, which cannot be trained: add --use_lora true "
+            "(QLoRA: LoRA adapters on the quantized model) or use --bits 16 for a full finetune"
+        )
+    ds = getattr(training_args, "hf_deepspeed_config", None)
+    if ds is not None and ds.is_zero3():
+        raise XcftError(
+            f"--bits {bits} with DeepSpeed ZeRO-3 is not supported: ZeRO-3 partitions every weight, the packed "
+            "bitsandbytes weights included, and loses their quantization state; use configs/ds_zero2.json or plain DDP"
+        )
+    if training_args.fsdp:
+        raise XcftError(
+            f"--bits {bits} with FSDP is not supported: xcft's FSDP setup shards every weight, bitsandbytes' packed "
+            "weights included; use DeepSpeed ZeRO-2 (configs/ds_zero2.json) or plain DDP"
+        )
 
 
 def _plain(value: Any) -> Any:

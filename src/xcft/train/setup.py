@@ -14,9 +14,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from xcft.errors import XcftError
-from xcft.model.loading import load_pretrained, name_model_code, resolve_dtype, unwrap_model
+from xcft.model.loading import load_pretrained, name_model_code, unwrap_model
+from xcft.model.quantization import require_bitsandbytes
 from xcft.train.args import LoraArguments, TrainConfig
 from xcft.train.host_memory import keep_freed_memory
+from xcft.train.qlora import load_dtype, quantize_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,10 @@ def apply_host_settings(cfg: TrainConfig) -> bool:
 
 
 def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """Load the model to train (float32 master weights unless --model_dtype says otherwise) and its tokenizer."""
+    """Load the model to train (float32 master weights unless --model_dtype says otherwise) and its tokenizer.
+
+    With ``--bits 4/8`` the decoder linears are then quantized on the training device (:mod:`xcft.train.qlora`).
+    """
     path = cfg.model.model_name_or_path
     assert path is not None, "parse_train_args requires --model_name_or_path"
     if not Path(path).is_dir():
@@ -127,7 +132,10 @@ def load_base_model(cfg: TrainConfig) -> tuple[Any, Any]:
             f"--model_name_or_path {path}: no such folder. xcft loads local folders only (nothing is downloaded); "
             "download the checkpoint first, e.g. with huggingface-cli download"
         )
-    model, tokenizer = load_pretrained(path, dtype=resolve_dtype(cfg.model.model_dtype), device="cpu")
+    if cfg.model.bits != 16:
+        require_bitsandbytes()  # before the weights are read
+    model, tokenizer = load_pretrained(path, dtype=load_dtype(cfg), device="cpu")
+    model = quantize_for_training(cfg, model)
     if cfg.model.model_dtype != "float32" and not cfg.model.use_lora:
         logger.warning("--model_dtype %s in a full finetune: trainable weights are kept in float32", cfg.model.model_dtype)
     return model, tokenizer

@@ -6,6 +6,12 @@ activation checkpointing on / off × unpacked batch 1 (one ~``length``-token sam
 packed (samples of ``length / 2`` tokens, two per ``length``-position row). Each prints tokens/s,
 MFU and peak memory; a failing run (e.g. out of memory) is reported and the others still run.
 ``--preset tiny`` runs the same code on a CPU in seconds (the repository's tests do).
+
+``--bits 4`` quantizes the decoder linears as ``xcft train --bits 4`` does (QLoRA); ``--preset 7b-2.5``
+with ``--hd-num`` trains the 2.5 model on samples whose image has the largest crop grid the budget
+allows. ``--jsonl FILE`` appends one JSON line per configuration: peak allocated and reserved GPU
+memory (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the timed run), step
+time and MFU, with the run's shape.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ def run_gpu_check(
     configs: Sequence[str] = ("ac-unpacked", "ac-packed", "noac-unpacked", "noac-packed"),
     bf16: bool | None = None,
     calibration_seconds: float = 0.3,
+    bits: int = 16,
+    hd_num: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the check; returns one result (or error) per configuration, in order."""
 
@@ -68,13 +76,16 @@ def run_gpu_check(
         use_lora=True,
         bf16=bf16,
         calibration_seconds=calibration_seconds,
+        bits=bits,
+        hd_num=hd_num,
     )
 
     t0 = time.perf_counter()
     cfg = parse_train_args(_train_argv(base, "/tmp/xcft-gpu-check"))
     prepared = prepare_model(base, cfg)
     build_s = time.perf_counter() - t0
-    print(f"# model {preset} built and wrapped with LoRA in {build_s:.1f} s", flush=True)
+    quantized = f", decoder linears in {bits} bit" if bits != 16 else ""
+    print(f"# model {preset} built{quantized} and wrapped with LoRA in {build_s:.1f} s", flush=True)
     results = []
     for name in configs:
         ac = name.startswith("ac-")
@@ -95,6 +106,33 @@ def run_gpu_check(
         results.append(entry)
         print(_line(entry), flush=True)
     return results
+
+
+def memory_record(preset: str, length: int, bits: int, hd_num: int | None, e: dict[str, Any], device: str) -> dict[str, Any]:
+    """One JSON line of the memory check: what ran and what it peaked at (or its error)."""
+    record: dict[str, Any] = {
+        "preset": preset,
+        "config": e["config"],
+        "mode": "qlora" if bits != 16 else "lora",
+        "bits": bits,
+        "length": length,
+        "hd_num": e.get("hd_num", hd_num),
+        "image_grid": e.get("image_grid"),
+        "activation_checkpointing": e["activation_checkpointing"],
+        "packing": e["packing"],
+        "device": device,
+    }
+    if "error" in e:
+        return {**record, "error": e["error"]}
+    return {
+        **record,
+        "max_memory_allocated": e.get("peak_gpu_bytes"),
+        "max_memory_reserved": e.get("peak_gpu_reserved_bytes"),
+        "seconds_per_step": e["seconds_per_step"],
+        "tokens_per_step": e["tokens_per_step"],
+        "mfu": e.get("mfu"),
+        "attn_implementation": e["attn_implementation"],
+    }
 
 
 def _line(e: dict[str, Any]) -> str:
@@ -122,11 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-bf16", action="store_true", help="float32 (CPU test runs)")
     p.add_argument("--calibration-seconds", type=float, default=0.3, help="per CPU calibration repeat")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=16, help="4/8: QLoRA (decoder linears quantized)")
+    p.add_argument("--hd-num", type=int, default=None, help="2.5 presets: crop budget (default 18)")
+    p.add_argument("--jsonl", default=None, help="append one JSON line per configuration (memory, step time, MFU)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     info = _versions()
     print("# " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    if info["device"] == "cpu" and args.preset == "7b":
+    if info["device"] == "cpu" and args.preset.startswith("7b"):
         print("# no GPU visible: the 7b check needs one (use --preset tiny to test the script on a CPU)", flush=True)
         return 2
     results = run_gpu_check(
@@ -138,10 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         [c.strip() for c in args.configs.split(",") if c.strip()],
         bf16=False if args.no_bf16 else None,
         calibration_seconds=args.calibration_seconds,
+        bits=args.bits,
+        hd_num=args.hd_num,
     )
     print("# flops: " + next((r["flops_convention"] for r in results if "flops_convention" in r), "n/a"))
     ok = [r for r in results if "error" not in r]
-    for r in ok:
+    for r in ok if args.bits == 16 and args.preset == "7b" else []:  # the targets are those of 2.0 LoRA
         if r["activation_checkpointing"] and r.get("mfu") is not None:
             gib = r["peak_gpu_bytes"] / 1024**3
             verdict = "meets" if r["mfu"] >= TARGET_MFU and gib <= TARGET_PEAK_GIB else "misses"
@@ -149,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"# target (MFU >= {TARGET_MFU:.0%}, peak <= {TARGET_PEAK_GIB:.0f} GiB with checkpointing): "
                 f"{r['config']} {verdict} it (MFU {r['mfu']:.1%}, peak {gib:.2f} GiB)"
             )
+    if args.jsonl:
+        with open(args.jsonl, "a", encoding="utf-8") as fh:
+            for r in results:
+                fh.write(json.dumps(memory_record(args.preset, args.length, args.bits, args.hd_num, r, info["device"])) + "\n")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"versions": info, "results": results}, fh, indent=2)

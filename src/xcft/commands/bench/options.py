@@ -16,11 +16,17 @@ class TrainBenchOptions:
     """One benchmark run (the ``xcft bench train`` flags)."""
 
     model: str | None = option(None, "model folder, as for xcft train")
-    preset: str | None = option(None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b"])
+    preset: str | None = option(
+        None, "random weights of a preset, built on the device", choices=["tiny", "small", "7b", "tiny-2.5", "7b-2.5"]
+    )
     data: str | None = option(None, "data.txt or JSON file, as for xcft train")
     sources: Sequence[str] = option((), "keep only data.txt files whose path contains this (repeatable)", flag="--source")
     synthetic: int | None = option(None, "synthetic samples of LENGTH tokens instead of --data", metavar="LENGTH")
     synthetic_images: int = option(1, "images per synthetic sample")
+    hd_num: int | None = option(
+        None,
+        "2.5 models: crop budget (xcft train --hd_num; default 18); synthetic images get the largest crop grid it allows",
+    )
     batch_size: int = option(1, "samples per step (rows per step with --packing)")
     packing: bool = option(False, "pack samples into rows of max_length")
     group_by_length: bool = option(False, "length-grouped batches (unpacked runs)")
@@ -29,6 +35,7 @@ class TrainBenchOptions:
     max_length: int | None = option(None, "token limit (default: the model's)")
     workers: int = option(0, "DataLoader workers (dataloader_num_workers)")
     use_lora: bool = option(False, "LoRA (use_lora true) instead of a full finetune", flag="--lora")
+    bits: int = option(16, "decoder linears in 4 or 8 bit (xcft train --bits; QLoRA with --lora)", choices=[4, 8, 16])
     fix_vit: bool = option(True, "train the vision tower too (xcft train --fix_vit false)", flag="--no-fix-vit")
     bf16: bool = option(False, "bf16 mixed precision (frozen weights in bf16 with --preset)")
     activation_checkpointing: bool = option(False, "activation (gradient) checkpointing")

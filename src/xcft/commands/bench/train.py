@@ -42,7 +42,8 @@ from xcft.errors import XcftError
 from xcft.model.loading import unwrap_model
 from xcft.model.presets import build_model
 from xcft.train.args import parse_train_args
-from xcft.train.datasets import resolve_run_sizes
+from xcft.train.inputs import resolve_run_sizes
+from xcft.train.qlora import quantize_for_training
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
 from xcft.train.trainer import XcftTrainer
 
@@ -61,11 +62,21 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Random token samples in the batch contract (for shape-only runs such as the GPU check).
 
     Each sample: BOS, ``images`` image blocks, then random text up to ``length`` tokens; the last
-    40% of the text is supervised (an answer).
+    40% of the text is supervised (an answer). ``grid`` (2.5 models): every image is a global view
+    plus a ``rows x cols`` crop grid (``image_tokens`` must be that grid's slot count).
     """
 
     def __init__(
-        self, count: int, length: int, images: int, image_tokens: int, img_size: int, vocab: int, pad: int, seed: int = 0
+        self,
+        count: int,
+        length: int,
+        images: int,
+        image_tokens: int,
+        img_size: int,
+        vocab: int,
+        pad: int,
+        seed: int = 0,
+        grid: tuple[int, int] | None = None,
     ):
         need = 2 + images * image_tokens
         if length < need + 8:
@@ -75,6 +86,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.count, self.length, self.images = int(count), int(length), int(images)
         self.image_tokens, self.img_size, self.vocab, self.pad, self.seed = image_tokens, img_size, vocab, pad, seed
         self.pad_token_id = pad
+        self.grid = grid
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -101,12 +113,28 @@ class SyntheticDataset(torch.utils.data.Dataset):
         answer = int(self.length * 0.6)
         labels[answer:] = ids[answer:]
         labels[mask] = -100
-        return {
+        views = self.images * (1 + self.grid[0] * self.grid[1]) if self.grid else self.images
+        item = {
             "input_ids": ids,
             "labels": labels,
             "image_mask": mask,
-            "pixel_values": torch.randn(self.images, 3, self.img_size, self.img_size, generator=gen),
+            "pixel_values": torch.randn(views, 3, self.img_size, self.img_size, generator=gen),
         }
+        if self.grid:
+            item["image_grids"] = torch.tensor([list(self.grid)] * self.images, dtype=torch.long)
+        return item
+
+
+def largest_grid(hd_num: int, view_size: int) -> tuple[int, int]:
+    """The crop grid with the most crops (then slots) that a 2.5 image can get at ``hd_num`` (worst case for memory)."""
+    from xcft.model.image_processing_xcomposer2 import hd_crop_grid
+
+    grids = {
+        hd_crop_grid(view_size * cols, view_size * rows, hd_num, view_size=view_size)
+        for rows in range(1, hd_num + 1)
+        for cols in range(1, hd_num // rows + 1)
+    }
+    return max(grids, key=lambda g: (g[0] * g[1], g[0] + 1))
 
 
 def _segments(item: dict[str, Any]) -> list[int]:
@@ -157,21 +185,23 @@ def build_bench_data(opts: TrainBenchOptions, cfg: Any, tokenizer: Any, base_con
     rows_needed = steps * opts.batch_size
     img_size = int(base_config.img_size)
     max_length = int(opts.max_length or base_config.max_length or 4096)
+    sizes = resolve_run_sizes(cfg, base_config)
     if opts.synthetic:
         pad = int(base_config.pad_token_id if base_config.pad_token_id is not None else 2)
         per_row = max(1, max_length // opts.synthetic) if opts.packing else 1
+        grid = largest_grid(sizes.hd_num or 1, img_size) if base_config.hd else None
         ds: Any = SyntheticDataset(
             rows_needed * per_row,
             opts.synthetic,
             opts.synthetic_images,
-            int(base_config.image_tokens),
+            int(base_config.hd_image_tokens(*grid) if grid else base_config.image_tokens),
             img_size,
             int(base_config.vocab_size),
             pad,
             opts.seed,
+            grid=grid,
         )
     else:
-        sizes = resolve_run_sizes(cfg, base_config)
         img_size, max_length = sizes.img_size, sizes.max_length
         files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=sizes.hd_num)
         if opts.sources:
@@ -284,6 +314,10 @@ def _train_argv(opts: TrainBenchOptions, output_dir: str) -> list[str]:
         "--fix_vit",
         str(opts.fix_vit).lower(),
     ]
+    if opts.bits != 16:
+        argv += ["--bits", str(opts.bits)]
+    if opts.hd_num is not None:
+        argv += ["--hd_num", str(opts.hd_num)]
     if not torch.cuda.is_available():
         argv += ["--use_cpu", "true"]
     if opts.bf16:
@@ -331,6 +365,9 @@ def prepare_model(opts: TrainBenchOptions, cfg: Any) -> tuple[Any, Any]:
         model = build_model(
             opts.preset, seed=opts.seed, dtype=dtype, device="cuda" if cuda else "cpu", attn_implementation=attn or "sdpa"
         )
+        model = quantize_for_training(cfg, model)  # --bits 4/8: as xcft train does after loading
+        if cuda:
+            torch.cuda.empty_cache()  # the full-precision linears quantized away leave no reserved memory behind
         tokenizer = None
     else:
         model, tokenizer = load_base_model(cfg)
@@ -435,6 +472,9 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
         "group_by_length": opts.group_by_length,
         "supervised_head": not opts.full_head,
         "use_lora": bool(cfg.model.use_lora),
+        "bits": int(cfg.model.bits),
+        "hd_num": resolve_run_sizes(cfg, base_config).hd_num,
+        "image_grid": list(train_ds.grid) if getattr(train_ds, "grid", None) else None,
         "bf16": opts.bf16,
         "cpu_reuse_memory": reuse_memory,
         "activation_checkpointing": opts.activation_checkpointing,
@@ -452,6 +492,7 @@ def run_train_bench(opts: TrainBenchOptions, prepared: tuple[Any, Any] | None = 
     }
     if cuda:
         result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["peak_gpu_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
         peak = gpu_peak_flops(result["device"], half=opts.bf16)
         result["mfu"] = achieved / peak if peak else None
     else:

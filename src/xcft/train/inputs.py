@@ -1,4 +1,4 @@
-"""Training / evaluation data sets of an ``xcft train`` run (on top of :mod:`xcft.data`)."""
+"""Training / evaluation inputs of an ``xcft train`` run: datasets and collator (on top of :mod:`xcft.data`)."""
 
 from __future__ import annotations
 
