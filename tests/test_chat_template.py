@@ -13,7 +13,9 @@ import torch
 
 from xcft.data.encode import encode_conversation
 from xcft.data.schema import Conversation, Message
-from xcft.model.template_xcomposer2 import OFFICIAL_SYSTEM_PROMPT
+from xcft.model.configuration_xcomposer2 import XComposer2Config
+from xcft.model.loading import load_pretrained, save_pretrained
+from xcft.model.template_xcomposer2 import LAYOUT_OFFICIAL, LAYOUT_TRAINING, OFFICIAL_SYSTEM_PROMPT
 
 S, E = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"
 OFFICIAL_META = (
@@ -29,7 +31,8 @@ OFFICIAL_META = (
 
 @pytest.fixture(scope="module")
 def model(tok, tiny_model):
-    return tiny_model(vocab_size=int(tok.vocab_size), plora_dropout=0.05)
+    """A model in the official layout (as official checkpoints and their finetunes record it)."""
+    return tiny_model(vocab_size=int(tok.vocab_size), plora_dropout=0.05, prompt_layout=LAYOUT_OFFICIAL)
 
 
 def _official(tok, pieces: list[str], slots: int) -> list[int]:
@@ -95,6 +98,27 @@ def test_training_layout_has_one_bos(tok, model):
     ids, _ = model.build_chat_inputs(tok, "<ImageHere>What?", (), None, num_images=1, bos_per_piece=False)
     ids = ids[0].tolist()
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_config_without_a_layout_is_official():
+    assert XComposer2Config().prompt_layout == LAYOUT_OFFICIAL
+    with pytest.raises(ValueError, match="prompt_layout"):
+        XComposer2Config(prompt_layout="chatml")
+
+
+def test_a_new_model_records_and_defaults_to_the_training_layout(tok, model, tiny_model, tmp_path):
+    new = tiny_model(vocab_size=int(tok.vocab_size))
+    assert new.config.prompt_layout == LAYOUT_TRAINING
+    folder = save_pretrained(new, tok, tmp_path / "new")
+    loaded, _ = load_pretrained(folder, dtype=torch.float32, device="cpu")
+    assert loaded.config.prompt_layout == LAYOUT_TRAINING
+    trained_as = model.build_chat_inputs(tok, "<ImageHere>What?", (), None, num_images=1, bos_per_piece=False)[0]
+    # the recorded layout is the default: no system prompt, one <s>, as training encodes samples
+    assert torch.equal(loaded.build_chat_inputs(tok, "<ImageHere>What?", num_images=1)[0], trained_as)
+    # and it can be overridden both ways
+    official = model.build_chat_inputs(tok, "<ImageHere>What?", num_images=1)[0]
+    assert torch.equal(loaded.build_chat_inputs(tok, "<ImageHere>What?", num_images=1, prompt_layout="official")[0], official)
+    assert torch.equal(model.build_chat_inputs(tok, "<ImageHere>What?", num_images=1, prompt_layout="training")[0], trained_as)
 
 
 def test_chat_defaults_to_official_sampling(tok, model, monkeypatch):

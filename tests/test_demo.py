@@ -56,6 +56,27 @@ def test_artifacts_and_fresh_process_answer(quick) -> None:
 
 
 @pytest.mark.slow
+def test_merged_model_answers_xcft_chat_with_no_flags(quick, subprocess_env) -> None:
+    """The merged folder records the training layout, so plain `xcft chat` (official sampling) names the colour."""
+    import subprocess
+    import sys
+
+    merged = Path(quick.merged_dir)
+    assert json.loads((merged / "config.json").read_text())["prompt_layout"] == "training"
+    data = Path(quick.output_dir) / "data"
+    colours = [q for q in json.loads((data / "heldout.json").read_text()) if q["id"].startswith("heldout-colour")][:3]
+    right = 0
+    for q in colours:
+        argv = ["chat", "--model", str(merged), "--image", str(data / q["image"][0]), "--query", q["conversations"][0]["value"]]
+        proc = subprocess.run(
+            [sys.executable, "-m", "xcft.cli", *argv], capture_output=True, text=True, env=subprocess_env, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        right += proc.stdout.split()[:1] == [q["conversations"][1]["value"]]
+    assert right >= 2, right  # sampling, the default: a rare miss is allowed
+
+
+@pytest.mark.slow
 def test_blank_training_images_do_not_learn(tmp_path: Path) -> None:
     """Control: the same run with flat grey training images cannot learn colours (nothing leaks via text)."""
     r = run_demo(tmp_path / "blank", quick=True, blank_train_images=True, merge=False)

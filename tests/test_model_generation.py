@@ -35,7 +35,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_chat_prompt_format(loaded):
     model, tok = loaded
     ids, mask = model.build_chat_inputs(
-        tok, "What is <ImageHere> this?", history=[("Hi", "Hello!")], meta_instruction="Be brief.", num_images=1
+        tok,
+        "What is <ImageHere> this?",
+        history=[("Hi", "Hello!")],
+        meta_instruction="Be brief.",
+        num_images=1,
+        prompt_layout="official",
     )
     ids, mask = ids[0].tolist(), mask[0].tolist()
     slots = model.image_tokens

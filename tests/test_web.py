@@ -199,16 +199,26 @@ def web(tmp_path_factory) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def page(web) -> Iterator[Page]:
+def browser(web) -> Iterator[Any]:
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(30_000)
-        pg.goto(web["server"].url)
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            yield pg
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def _new_page(browser: Any, web: dict[str, Any]) -> Page:
+    """A new browser session on the page (a context of its own: its own Gradio session)."""
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(30_000)
+    pg.goto(web["server"].url)
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, web) -> Page:
+    return _new_page(browser, web)
 
 
 # --------------------------------------------------------------------------- page helpers
@@ -242,6 +252,31 @@ def _shot(page: Page, web: dict[str, Any], name: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as img:
             img.convert("RGB").quantize(colors=128).save(out, optimize=True)
+
+
+def _watch_progress(page: Page, elem_ids: list[str]) -> None:
+    """Start counting, per component, the moments a progress indicator is visible over it."""
+    page.evaluate(
+        """ids => {
+            window.xcftProgress = Object.fromEntries(ids.map(i => [i, 0]));
+            const look = () => { for (const i of ids) {
+                for (const w of document.querySelectorAll('#' + i + ' .wrap.center')) {
+                    if (!w.classList.contains('hide') && w.offsetParent !== null) { window.xcftProgress[i] += 1; }
+                } } };
+            if (window.xcftObserver) { window.xcftObserver.disconnect(); }
+            window.xcftObserver = new MutationObserver(look);
+            window.xcftObserver.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+        }""",
+        elem_ids,
+    )
+
+
+def _progress_seen(page: Page) -> dict[str, int]:
+    return page.evaluate("() => window.xcftProgress")
+
+
+def _train_log(page: Page) -> str:
+    return page.locator("#train-log .xcft-log pre").inner_text()
 
 
 def _check(page: Page, data: Path | str, model: Path | str, max_length: int = 0) -> None:
@@ -308,9 +343,7 @@ def _wait_run(page: Page, until, timeout: float = 240.0) -> list[tuple[str, int]
             seen.append((state, n))
         if until(state, n):
             return seen
-        assert state not in ("failed", "ended"), (
-            page.inner_text("#train-status") + "\n" + page.locator("#train-log textarea").input_value()[-3000:]
-        )
+        assert state not in ("failed", "ended"), page.inner_text("#train-status") + "\n" + _train_log(page)[-3000:]
         page.wait_for_timeout(300)
     raise AssertionError(f"run did not reach the expected state; seen {seen}\n{page.inner_text('#train-status')}")
 
@@ -375,6 +408,41 @@ def test_sample_view_matches_inspect(page, web, capsys):
     page.wait_for_selector('#sample-view .xcft-sample[data-index="1"]')
 
 
+def test_data_tab_as_a_new_user_meets_it(page, web):
+    """Progress over the status line only; indexes out of range said, not clamped; paths carried to Train."""
+    _tab(page, "Train")  # empty Train fields: the checked paths will be carried there
+    _fill(page, "train-data_path", "")
+    _fill(page, "train-model_name_or_path", "")
+    _watch_progress(page, ["data-status", "data-summary", "data-hist", "data-problems", "sample-view"])
+    _check(page, web["data_txt"], web["base"])
+    seen = _progress_seen(page)
+    assert seen["data-status"] > 0 and not any(seen[k] for k in seen if k != "data-status"), seen
+    # the histogram carries its own title; no panel label drawn over it
+    assert "hide" in (page.locator("#data-hist [data-testid=block-label]").get_attribute("class") or "")
+
+    _fill(page, "sample-id", "")
+    _fill(page, "sample-index", 99)
+    page.click("#sample-show")
+    page.wait_for_function("() => document.querySelector('#sample-nav').innerText.includes('from 0 to 5')")
+    assert page.locator("#sample-index input").input_value() == "99"  # not silently moved to the last one
+    _show_index(page, 5)
+    page.click("#sample-next")
+    page.wait_for_function("() => document.querySelector('#sample-nav').innerText.includes('last sample (index 5)')")
+    assert page.locator('#sample-view .xcft-sample[data-index="5"]').count() == 1
+    page.click("#sample-prev")
+    page.wait_for_selector('#sample-view .xcft-sample[data-index="4"]')
+    assert page.inner_text("#sample-nav").strip() == ""
+
+    _tab(page, "Train")
+    assert page.locator("#train-data_path textarea").input_value() == str(web["data_txt"])
+    assert page.locator("#train-model_name_or_path textarea").input_value() == str(web["base"])
+    # fields are named for people, with the option name the command and YAML use
+    assert "Model folder (model_name_or_path)" in page.inner_text("#train-model_name_or_path")
+    _fill(page, "train-data_path", "")
+    _fill(page, "train-model_name_or_path", "")
+    _tab(page, "Data")
+
+
 def test_sample_view_marks_truncation(page, web):
     _check(page, web["good"], web["base"], max_length=30)
     _show_index(page, 2)  # two images of 16 slots: the cut at 30 falls inside the second one
@@ -394,6 +462,9 @@ def test_official_examples(page, web, examples_dir, fixture_dir):
         "data/multi_turn_multi_images_example.json",
     ):
         assert rows[name][1] == "2"
+    # the table words the levels as the verdict counts them (notes)
+    notes = int(re.search(r"(\d+) note\(s\)", page.inner_text("#data-status")).group(1))
+    assert notes == sum(1 for r in _rows(page, "data-problems") if r[0] == "note")
     _show_index(page, 2)  # the first sample of the single-image file: one image, placed before its text
     assert page.locator("#sample-view .xcft-thumb img").count() == 1
     assert page.locator("#sample-view .xcft-seq mark.xcft-trained").count() >= 1
@@ -409,7 +480,11 @@ def test_bad_input_shows_the_cli_message(page, web, capsys, tmp_path):
     cli_line = capsys.readouterr().err.strip()
     assert cli_line.startswith("error: ")
     _check(page, web["data_txt"], missing_model)
-    assert page.inner_text("#data-status").strip() == cli_line
+    # the CLI's line, with its flags named as the page's fields
+    from xcft.commands.web.ui import DATA_FIELDS, in_page_terms
+
+    assert "--model" in cli_line and "--model" not in page.inner_text("#data-status")
+    assert page.inner_text("#data-status").strip() == in_page_terms(cli_line, DATA_FIELDS)
 
     _check(page, tmp_path / "nothing.txt", web["base"])
     assert "data path not found" in page.inner_text("#data-status")
@@ -453,9 +528,25 @@ def _start_run(page: Page, web: dict[str, Any], output: Path, max_steps: int, ex
 def finished_run(page, web) -> dict[str, Any]:
     """A short LoRA run started and watched through the page."""
     output = web["root"] / "runs-out" / "short"
+    _tab(page, "Train")
+    if not (web["root"] / "work" / "runs").exists():  # no run yet: nothing to stop or resume
+        assert page.locator("#train-stop").is_disabled() and page.locator("#train-resume").is_disabled()
     _start_run(page, web, output, max_steps=6)
     seen = _wait_run(page, lambda s, n: s == "finished")
     return {"output": output, "seen": seen}
+
+
+def _log_end_in_view(page: Page) -> bool:
+    """The log box shows its last line (the end of the text is at the bottom of the box)."""
+    return page.evaluate(
+        """() => { const box = document.querySelector('#train-log .xcft-log');
+                   const text = box.querySelector('pre');
+                   return Math.abs(text.getBoundingClientRect().bottom - box.getBoundingClientRect().bottom) < 3; }"""
+    )
+
+
+def _form_value(page: Page, name: str) -> str:
+    return page.locator(f"#train-{name} textarea, #train-{name} input").first.input_value()
 
 
 @pytest.mark.slow
@@ -466,20 +557,40 @@ def test_train_tab_runs_and_draws_the_loss_curve(page, web, finished_run):
     assert any(s == "running" and n < final_points for s, n in seen), seen  # points arrived while it ran
     assert (output / "adapter_config.json").is_file() and (output / "trainer_log.jsonl").is_file()
     assert page.locator("#train-loss img").count() == 1
-    assert "finished" in page.locator("#train-log textarea").input_value()
+    assert "finished" in _train_log(page) and "exited with status 0" in _train_log(page).strip().splitlines()[-1]
+    assert _log_end_in_view(page)
+    assert page.locator("#train-stop").is_disabled() and page.locator("#train-resume").is_disabled()
     _shot(page, web, "train")
 
 
 @pytest.mark.slow
-def test_stop_resume_and_server_restart(page, web):
+def test_stop_resume_and_server_restart(page, web, finished_run):
     output = web["root"] / "runs-out" / "long"
     _start_run(page, web, output, max_steps=100_000, extra={"save_steps": 1_000_000})
     _wait_run(page, lambda s, n: s == "running" and n >= 2)
 
-    page.reload()  # the page finds the running run again
+    # the status refreshes every second without a progress indicator over it
+    _watch_progress(page, ["train-status", "train-log", "train-loss", "train-action"])
+    page.wait_for_timeout(3000)
+    assert not any(_progress_seen(page).values()), _progress_seen(page)
+    assert page.locator("#train-resume").is_disabled() and not page.locator("#train-stop").is_disabled()
+
+    page.reload()  # the page finds the running run again, with the form it was started with
     _tab(page, "Train")
     _wait_run(page, lambda s, n: s == "running" and n >= 2)
     run_id = page.locator("#train-status .xcft-run").get_attribute("data-run")
+    page.wait_for_function("() => document.querySelector('#train-command').innerText.includes('--save_steps 1000000')")
+    assert _form_value(page, "output_dir") == str(output) and _form_value(page, "max_steps") == "100000"
+    assert _form_value(page, "model_name_or_path") == str(web["base"])
+    # another run selected: its own settings
+    page.locator("#train-run input").click()
+    page.get_by_role("option", name="short").click()
+    page.wait_for_function("() => document.querySelector('#train-command').innerText.includes('--max_steps 6')")
+    assert _form_value(page, "max_steps") == "6" and "save_steps" not in page.inner_text("#train-command")
+    page.wait_for_selector('#train-status .xcft-run[data-state="finished"]')
+    page.locator("#train-run input").click()
+    page.get_by_role("option", name=run_id).click()
+    page.wait_for_function("() => document.querySelector('#train-command').innerText.includes('--max_steps 100000')")
     train_pid = int((web["root"] / "work" / "runs" / run_id / "train.pid").read_text())
 
     web["server"].kill()  # the server dies; the training does not
@@ -505,7 +616,7 @@ def test_stop_resume_and_server_restart(page, web):
 
     page.click("#train-resume")
     _wait_run(page, lambda s, n: s == "running" and n > seen[-1][1])
-    assert f"resuming from {output / ckpt.group(1)}" in page.locator("#train-log textarea").input_value()
+    assert f"resuming from {output / ckpt.group(1)}" in _train_log(page)
     page.click("#train-stop")
     _wait_run(page, lambda s, n: s == "stopped")
     later = re.search(r"checkpoint written: checkpoint-(\d+)", page.inner_text("#train-status"))
@@ -515,30 +626,107 @@ def test_stop_resume_and_server_restart(page, web):
 # --------------------------------------------------------------------------- Chat and Export
 
 
+def _load_model(page: Page, folder: Path | str) -> None:
+    _tab(page, "Chat")
+    _fill(page, "chat-model", folder)
+    page.click("#chat-load")
+    page.wait_for_function(
+        "f => { const ok = document.querySelector('#chat-status .xcft-ok'); return ok && ok.innerText.includes(f); }",
+        arg=str(Path(folder).resolve()),
+        timeout=120_000,
+    )
+
+
+def _ask(page: Page, question: str, turn: int) -> str:
+    """Send a question; the answer of that turn once it is complete."""
+    _fill(page, "chat-query", question)
+    page.click("#chat-send")
+    page.wait_for_function(
+        "s => document.querySelector('#chat-status').innerText.includes(s)", arg=f"answered turn {turn} ", timeout=120_000
+    )
+    return page.locator("#chat-bot [data-testid=bot]").nth(turn - 1).inner_text().strip()
+
+
+def _greedy(page: Page, max_new_tokens: int) -> None:
+    page.locator("#chat-sampling input[type=checkbox]").uncheck()
+    _fill(page, "chat-max-new-tokens", max_new_tokens)
+
+
 @pytest.mark.slow
 def test_chat_with_the_trained_adapter(page, web, finished_run):
     _tab(page, "Chat")
-    _fill(page, "chat-model", finished_run["output"])
-    page.click("#chat-load")
-    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('loaded')", timeout=120_000)
+    # a question before Load: said so, and neither kept in the chat nor lost from the box
+    _fill(page, "chat-query", "Too early?")
+    page.click("#chat-send")
+    page.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('no model loaded')")
+    assert page.locator("#chat-bot [data-testid=user]").count() == 0
+    assert page.locator("#chat-query textarea").input_value() == "Too early?"
+
+    _load_model(page, finished_run["output"])
     assert "LoRA adapter" in page.inner_text("#chat-status") and str(web["base"]) in page.inner_text("#chat-status")
+    # the settings show the model's own prompt layout: a model xcft created knows only the training layout
+    assert page.locator("#chat-layout input").input_value() == "training"
+    assert page.locator("#chat-system textarea").input_value() == ""
     page.locator("#chat-images input[type=file]").set_input_files(str(web["image"]))
     page.wait_for_timeout(500)
-    page.locator("#chat-sampling input[type=checkbox]").uncheck()
-    _fill(page, "chat-max-new-tokens", 12)
-    for turn, question in enumerate(["What colour is the square?", "And the background?"]):
-        _fill(page, "chat-query", question)
-        page.click("#chat-send")
-        page.wait_for_function(
-            "s => document.querySelector('#chat-status').innerText.includes(s)", arg=f"answered turn {turn + 1} ", timeout=120_000
-        )
+    _greedy(page, 12)
+    for turn, question in enumerate(["What colour is the square?", "And the background?"], start=1):
+        _ask(page, question, turn)
         assert "error" not in page.inner_text("#chat-status")
     bot = page.locator("#chat-bot [data-testid=bot]")
     assert bot.count() == 2 and all(b.inner_text().strip() for b in bot.all())
+    users = [u.inner_text().strip() for u in page.locator("#chat-bot [data-testid=user]").all()]
+    assert [u for u in users if u] == ["What colour is the square?", "And the background?"]  # no early question glued on
     assert page.locator("#chat-bot img").count() >= 1  # the uploaded image is in the conversation
     _shot(page, web, "chat")
+    uploaded = "#chat-images .file-preview, #chat-images table tr"
+    assert page.locator(uploaded).count() > 0
     page.click("#chat-clear")
     page.wait_for_function("() => document.querySelectorAll('#chat-bot [data-testid=bot]').length === 0")
+    assert page.locator(uploaded).count() == 0  # the images went too
+
+
+@pytest.mark.slow
+def test_two_sessions_chat_with_their_own_models(browser, web):
+    """Two pages with two models answer each with its own, whatever the other loads; a new page has none."""
+    import torch
+
+    from xcft.model.loading import load_pretrained, save_pretrained
+    from xcft.model.presets import build_model
+
+    _, tok = load_pretrained(web["base"], dtype=torch.float32, device="cpu")
+    other = save_pretrained(
+        build_model("tiny", img_size=IMG_SIZE, vocab_size=1000, seed=1, max_length=MAX_LENGTH), tok, web["root"] / "base-2"
+    )
+    question = "What colour is the square?"
+    refs = []
+    for folder in (web["base"], other):
+        model, tok = load_pretrained(folder, dtype=torch.float32, device="cpu")
+        refs.append(model.chat(tok, question, images=[str(web["image"])], do_sample=False, max_new_tokens=10)[0])
+    assert refs[0] != refs[1]
+
+    pages = [_new_page(browser, web) for _ in range(3)]
+    try:
+        first, second, fresh = pages
+        for pg, folder in ((first, web["base"]), (second, other)):
+            _load_model(pg, folder)
+            pg.locator("#chat-images input[type=file]").set_input_files(str(web["image"]))
+            pg.wait_for_timeout(300)
+            _greedy(pg, 10)
+        assert _ask(first, question, 1) == refs[0]
+        assert _ask(second, question, 1) == refs[1]
+        first.click("#chat-clear")
+        first.wait_for_function("() => document.querySelectorAll('#chat-bot [data-testid=bot]').length === 0")
+        first.locator("#chat-images input[type=file]").set_input_files(str(web["image"]))
+        first.wait_for_timeout(300)
+        assert _ask(first, question, 1) == refs[0]  # after the other page loaded its model
+        _tab(fresh, "Chat")
+        _fill(fresh, "chat-query", question)
+        fresh.click("#chat-send")
+        fresh.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('no model loaded')")
+    finally:
+        for pg in pages:
+            pg.close()
 
 
 @pytest.mark.slow
@@ -556,6 +744,36 @@ def test_export_merges_and_shows_the_probe_difference(page, web, finished_run):
     assert 0 <= diff <= tol
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
     _shot(page, web, "export")
-    page.click("#export-merge")  # the same output again: the CLI's refusal, in the page
+    page.click("#export-merge")  # the same output again: the CLI's refusal, in the page's words
     page.wait_for_selector("#export-result .xcft-error", timeout=120_000)
+    assert "the output folder" in page.inner_text("#export-result") and "--output" not in page.inner_text("#export-result")
     assert "already holds an earlier xcft output" in page.inner_text("#export-result")
+    # a folder that does not exist: said at once, the last result gone
+    _fill(page, "export-adapter", web["root"] / "no-such-adapter")
+    page.click("#export-merge")
+    page.wait_for_function("() => document.querySelector('#export-result').innerText.includes('does not exist')", timeout=5_000)
+    assert "already holds" not in page.inner_text("#export-result")
+
+
+@pytest.mark.slow
+def test_demo_model_answers_in_the_chat_tab_with_its_defaults(browser, web):
+    """The demo's merged model, loaded with nothing changed in the settings, names the colour of a held-out shape."""
+    from xcft.commands.demo.run import run_demo
+
+    demo = run_demo(web["root"] / "demo", quick=True)
+    heldout = json.loads((Path(demo.output_dir) / "data" / "heldout.json").read_text())
+    colours = [q for q in heldout if q["id"].startswith("heldout-colour")][:3]
+    pg = _new_page(browser, web)
+    try:
+        _load_model(pg, demo.merged_dir)
+        right = 0
+        for q in colours:
+            pg.locator("#chat-images input[type=file]").set_input_files(str(Path(demo.output_dir) / "data" / q["image"][0]))
+            pg.wait_for_timeout(300)
+            answer = _ask(pg, q["conversations"][0]["value"], 1)
+            right += answer.split()[:1] == [q["conversations"][1]["value"]]
+            pg.click("#chat-clear")
+            pg.wait_for_function("() => document.querySelectorAll('#chat-bot [data-testid=bot]').length === 0")
+        assert right >= 2, right  # sampling (the default): a rare miss is allowed
+    finally:
+        pg.close()

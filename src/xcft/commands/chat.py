@@ -19,7 +19,7 @@ from xcft.data.images import open_checked_image
 from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import XcftError
 from xcft.model.loading import load_pretrained, resolve_device
-from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER
+from xcft.model.template_xcomposer2 import IMAGE_PLACEHOLDER, LAYOUT_TRAINING
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +83,14 @@ def load_chat_images(images: Sequence[str]) -> list[Any]:
 
 
 def generation_settings(
-    max_new_tokens: int, system: str | None, greedy: bool, training_layout: bool = False, hd_num: int | None = None
+    max_new_tokens: int, system: str | None, greedy: bool, layout: str | None = None, hd_num: int | None = None
 ) -> dict[str, Any]:
-    """Keyword arguments of ``model.chat``: the official prompt and sampling unless overridden."""
+    """Keyword arguments of ``model.chat``: the model's prompt layout and the official sampling unless overridden."""
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy}
     if hd_num is not None:
         kwargs["hd_num"] = int(hd_num)
-    if training_layout:
-        kwargs["bos_per_piece"] = False
+    if layout is not None:
+        kwargs["prompt_layout"] = layout
     if system is not None:
         kwargs["meta_instruction"] = system or None  # "" -> no system prompt
     return kwargs
@@ -113,6 +113,7 @@ def chat_command(
     system: str | None,
     device: str | None,
     greedy: bool = False,
+    layout: str | None = None,
     training_layout: bool = False,
     hd_num: int | None = None,
     bits: int = 16,
@@ -122,7 +123,7 @@ def chat_command(
     model, tokenizer = load_for_chat(model_dir, device, bits=bits)
     # chat's crop budget defaults to the official chat's own (model.chat); only a given one is checked
     resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
-    kwargs = generation_settings(max_new_tokens, system, greedy, training_layout, hd_num)
+    kwargs = generation_settings(max_new_tokens, system, greedy, LAYOUT_TRAINING if training_layout else layout, hd_num)
     if query is not None:
         response, _ = ask(model, tokenizer, query, images, **kwargs)
         print(response)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from xcft.commands.bench.options import TrainBenchOptions
 from xcft.data.cache_options import CacheOptions
 from xcft.data.sizes import SizeOptions
+from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 from xcft.options import option
 
 __all__ = [
@@ -113,11 +114,19 @@ class ChatOptions(QuantOption):
     images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
     query: str | None = option(None, "one question; without it an interactive session starts")
     max_new_tokens: int = option(256, "answer length limit in tokens")
-    system: str | None = option(None, "system prompt ('' for none; default: the official one)", aliases=["--meta-instruction"])
-    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
-    training_layout: bool = option(
-        False, "one <s> at the start, as training encodes samples (for models trained from scratch with xcft)"
+    system: str | None = option(
+        None,
+        "system prompt ('' for none; default: the prompt layout's, the official one for 2.0, else none)",
+        aliases=["--meta-instruction"],
     )
+    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
+    layout: str | None = option(
+        None,
+        "prompt layout (default: the one the model folder records; official checkpoints and their finetunes: "
+        "official; models xcft created from scratch: training, i.e. no system prompt and one <s> as training encodes)",
+        choices=PROMPT_LAYOUTS,
+    )
+    training_layout: bool = option(False, "the same as --layout training")
     # not SizeOptions.hd_num: chat's default is the official chat's own budget, not the training one
     hd_num: int | None = option(
         None, "2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)"

@@ -8,10 +8,12 @@ from xcft.data.check import CheckResult, Settings, length_stats
 from xcft.data.encode import slots_per_image
 from xcft.data.schema import Problem
 
-__all__ = ["LEVELS", "describe_images", "level_counts", "stats_text", "verdict"]
+__all__ = ["LEVELS", "LEVEL_WORDS", "describe_images", "level_counts", "stats_text", "verdict"]
 
 #: Problem levels, most severe first (``info`` problems are shown as notes).
 LEVELS = ("error", "warning", "info")
+#: What the reports call each level (the verdict counts notes; the CLI prints NOTE lines).
+LEVEL_WORDS = {"error": "error", "warning": "warning", "info": "note"}
 
 
 def describe_images(settings: Settings) -> str:

@@ -1,7 +1,7 @@
 """Configuration of InternLM-XComposer2 and 2.5 (InternLM2 decoder + Partial LoRA + CLIP vision tower).
 
-Self-contained: imports only the standard library, transformers and the image-processing file
-(for the 2.5 token count), because
+Self-contained: imports only the standard library, transformers, the image-processing file
+(for the 2.5 token count) and the chat template (prompt layouts), because
 ``save_pretrained`` copies this file into model folders loaded with ``trust_remote_code``.
 
 The official ``config.json`` has ``model_type: "internlm"`` and no vision section; this
@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from transformers import CLIPVisionConfig, PreTrainedConfig
 
 from .image_processing_xcomposer2 import hd_tokens_for_grid
+from .template_xcomposer2 import LAYOUT_OFFICIAL, PROMPT_LAYOUTS
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ class XComposer2Config(PreTrainedConfig):
     0 or absent: 490 for 2.0, 560 for 2.5),
     ``max_length`` (token limit used by the data path), ``plora_r``/``plora_alpha``/
     ``plora_dropout`` (Partial LoRA; the loader overwrites ``plora_r`` with the rank found in
-    the weights), ``vision_config`` (a CLIPVisionConfig) and ``projector_hidden_size``.
+    the weights), ``vision_config`` (a CLIPVisionConfig), ``projector_hidden_size`` and
+    ``prompt_layout`` (the chat prompt the model was trained for, ``model.chat``'s default:
+    "official" when absent, as in official folders; "training" in models xcft creates from scratch).
     """
 
     model_type = "xcomposer2"
@@ -115,10 +118,13 @@ class XComposer2Config(PreTrainedConfig):
     plora_dropout: float = 0.05
     projector_hidden_size: int | None = None
     vision_config: dict | PreTrainedConfig | None = None
+    prompt_layout: str = LAYOUT_OFFICIAL
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {list(FAMILIES)}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout {self.prompt_layout!r} is not one of {list(PROMPT_LAYOUTS)}")
         if not self.img_size:
             self.img_size = DEFAULT_IMG_SIZE[self.family]
         if self.num_key_value_heads is None:

@@ -45,6 +45,7 @@ from .template_xcomposer2 import (
     IMAGE_PLACEHOLDER,
     OFFICIAL_GENERATION,
     TURN_END,
+    bos_per_piece_default,
     chat_prompt,
     default_system_prompt,
     place_images,
@@ -1176,6 +1177,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         num_images: int = 0,
         bos_per_piece: bool | None = None,
         image_slots: Sequence[int] | None = None,
+        prompt_layout: str | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Prompt ids (image slots hold the pad id) and image mask, as the official chat of the family builds them.
 
@@ -1184,15 +1186,17 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         piece is tokenized with its own ``<s>``, so one also follows each image; otherwise (the 2.5
         default, and how training encodes samples) ``<s>`` comes once, before the first piece even
         when it is empty. The system prompt defaults to the family's (2.0: the official one; 2.5:
-        none). Images given without any placeholder: see :meth:`_chat_placement` (the official 2.0
+        none). ``prompt_layout`` (default: ``config.prompt_layout``) "training" changes both defaults
+        to training's layout: no system prompt, one ``<s>``. Images given without any placeholder: see :meth:`_chat_placement` (the official 2.0
         code puts them after the answer header, where the model never saw images in training).
         ``image_slots`` gives each image's slot count (2.5: from its crop grid; 2.0: fixed).
         """
         hd = bool(self.config.hd)
+        layout = prompt_layout or self.config.prompt_layout
         if meta_instruction is FAMILY_DEFAULT:
-            meta_instruction = default_system_prompt(hd)
+            meta_instruction = default_system_prompt(hd, layout)
         if bos_per_piece is None:
-            bos_per_piece = not hd
+            bos_per_piece = bos_per_piece_default(hd, layout)
         query, lead = self._chat_placement(query, history, num_images)
         prompt = chat_prompt(query, history, meta_instruction)
         pieces = (IMAGE_PLACEHOLDER + prompt if lead else prompt).split(IMAGE_PLACEHOLDER)
@@ -1267,14 +1271,16 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         bos_per_piece: bool | None = None,
         hd_num: int | None = None,
+        prompt_layout: str | None = None,
         **generate_kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
         """Answer ``query`` about ``images``; returns ``(response, history + [(query, response)])``.
 
-        The official prompt of the model's family and the official generation settings by default
-        (sampling with temperature 1.0, top_p 0.8, repetition penalty 1.005); ``do_sample=False``
-        decodes greedily (no penalty). ``bos_per_piece=False`` lays the prompt out as training
-        encodes it (one ``<s>``), for models trained from scratch on xcft's encoding (see
+        The prompt layout the model folder records (``config.prompt_layout``: the official prompt of
+        the family, or for models xcft created from scratch the layout training encodes) and the
+        official generation settings by default (sampling with temperature 1.0, top_p 0.8,
+        repetition penalty 1.005); ``do_sample=False`` decodes greedily (no penalty).
+        ``prompt_layout``, ``meta_instruction`` and ``bos_per_piece`` override the layout (see
         :meth:`build_chat_inputs`). 2.5 images go through the official inference HD transform
         (``hd_num`` 24 for one image, 6 for several, unless given).
         Generation stops at EOS or ``[UNUSED_TOKEN_145]``.
@@ -1295,7 +1301,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         else:
             pixel_values = self._images_to_pixels(images) if images else None
         prompt_ids, prompt_mask = self.build_chat_inputs(
-            tokenizer, query, history, meta_instruction, len(images), bos_per_piece=bos_per_piece, image_slots=image_slots
+            tokenizer,
+            query,
+            history,
+            meta_instruction,
+            len(images),
+            bos_per_piece=bos_per_piece,
+            image_slots=image_slots,
+            prompt_layout=prompt_layout,
         )
         device = self.model.tok_embeddings.weight.device
         input_ids, image_mask = prompt_ids.to(device), prompt_mask.to(device)

@@ -19,6 +19,7 @@ from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import CLIP_VIT_L_14_336, FAMILY_2_0, FAMILY_2_5, XComposer2Config
 from xcft.model.loading import resolve_dtype
 from xcft.model.modeling_xcomposer2 import XComposer2ForCausalLM
+from xcft.model.template_xcomposer2 import LAYOUT_TRAINING
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def preset_config(preset: str, img_size: int | None = None, vocab_size: int | No
         eos_token_id=2,
         pad_token_id=2,
         architectures=["XComposer2ForCausalLM"],
+        prompt_layout=LAYOUT_TRAINING,  # a new model learns only the layout xcft trains it on
     )
     if "rope_scaling" in spec:
         kwargs["rope_scaling"] = dict(spec["rope_scaling"])

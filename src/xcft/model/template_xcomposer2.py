@@ -45,9 +45,27 @@ class _FamilyDefault:
 FAMILY_DEFAULT = _FamilyDefault()
 
 
-def default_system_prompt(hd: bool) -> str | None:
-    """The official chat's system prompt: 2.0 uses :data:`OFFICIAL_SYSTEM_PROMPT`, 2.5 none (``use_meta=False``)."""
-    return None if hd else OFFICIAL_SYSTEM_PROMPT
+#: Prompt layouts a model folder records in ``config.json`` (``prompt_layout``), and that chat uses by default.
+#: "official": the official chat of the family (2.0: the official system prompt and a ``<s>`` before every
+#: text piece; 2.5: no system prompt, one ``<s>``) -- official checkpoints and their finetunes.
+#: "training": as xcft training encodes samples (no system prompt, one ``<s>``) -- models xcft created
+#: from scratch, which never saw the official prompt.
+LAYOUT_OFFICIAL = "official"
+LAYOUT_TRAINING = "training"
+PROMPT_LAYOUTS = (LAYOUT_OFFICIAL, LAYOUT_TRAINING)
+
+
+def default_system_prompt(hd: bool, layout: str = LAYOUT_OFFICIAL) -> str | None:
+    """The chat's default system prompt: the official one for 2.0 in the official layout, else none.
+
+    (The official 2.5 chat passes ``use_meta=False``.)
+    """
+    return OFFICIAL_SYSTEM_PROMPT if layout == LAYOUT_OFFICIAL and not hd else None
+
+
+def bos_per_piece_default(hd: bool, layout: str = LAYOUT_OFFICIAL) -> bool:
+    """Whether every text piece of the prompt gets its own ``<s>``: only in the official 2.0 layout."""
+    return layout == LAYOUT_OFFICIAL and not hd
 
 
 #: Sampling settings of the official chat (both families); ``do_sample=False`` gives greedy decoding.
@@ -111,11 +129,15 @@ __all__ = [
     "ANSWER_ROLE",
     "FAMILY_DEFAULT",
     "IMAGE_PLACEHOLDER",
+    "LAYOUT_OFFICIAL",
+    "LAYOUT_TRAINING",
     "OFFICIAL_GENERATION",
     "OFFICIAL_SYSTEM_PROMPT",
+    "PROMPT_LAYOUTS",
     "TURN_END",
     "TURN_START",
     "Segment",
+    "bos_per_piece_default",
     "chat_prompt",
     "chat_turns",
     "conversation_segments",

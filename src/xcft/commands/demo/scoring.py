@@ -1,8 +1,8 @@
 """Held-out answer accuracy by greedy chat, the way a user would query the model.
 
-Each question goes through ``model.chat`` laid out as the training data is encoded (one ``<s>``, no
-system prompt; the demo's model is trained from scratch on that layout), with greedy decoding, and the first word of the reply is compared with the
-one-word answer. Nothing about the expected answer reaches the model, so the number is only as
+Each question goes through ``model.chat`` with the model's own prompt layout (the demo's model is
+created from scratch, so its folder records the layout training encodes: one ``<s>``, no system
+prompt), with greedy decoding, and the first word of the reply is compared with the one-word answer. Nothing about the expected answer reaches the model, so the number is only as
 good as what the model learned; with ``blank_images`` every image is replaced by zero
 ``pixel_values`` (no visual information at all), which is the control that shows the answers
 come from the vision path.
@@ -95,10 +95,8 @@ def answer_accuracy(
                 tokenizer,
                 qa.question,
                 images=images,
-                meta_instruction=None,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                bos_per_piece=False,
             )
             replies.append((qa, reply))
             hits.setdefault(qa.kind, []).append(first_word(reply) == qa.answer.lower())

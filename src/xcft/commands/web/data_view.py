@@ -18,8 +18,19 @@ from typing import Any
 
 from PIL import Image
 
-from xcft.data.check import CheckResult, ProgressFn, Settings, encode_for, load_settings, run_check, sample_runs
-from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, slots_per_image
+from xcft.data import report as check_report
+from xcft.data.check import (
+    CheckResult,
+    ProgressFn,
+    Settings,
+    encode_for,
+    length_stats,
+    load_settings,
+    run_check,
+    sample_runs,
+)
+from xcft.data.encode import EncodedSample
+from xcft.data.report import LEVEL_WORDS, describe_images
 from xcft.data.schema import Conversation, Problem
 from xcft.errors import XcftError
 from xcft.model.image_processing_xcomposer2 import to_rgb
@@ -37,7 +48,8 @@ SUMMARY_HEADERS = [
     "truncated",
 ]
 PROBLEM_HEADERS = ["level", "file", "line", "sample", "id", "message", "fix", "overall index"]
-LEVELS = ("error", "warning", "info")
+#: The level filter's choices, as the table words them.
+LEVELS = tuple(LEVEL_WORDS[level] for level in check_report.LEVELS)
 #: Rows sent to the browser at most; the filter narrows the rest down.
 MAX_PROBLEM_ROWS = 500
 THUMB_SIDE = 160
@@ -126,6 +138,12 @@ def build_index(
 # --------------------------------------------------------------------------- summary and problems
 
 
+def _stats(lengths: list[int]) -> list[Any]:
+    """min, median, max of token counts as table cells ("-" when there are none)."""
+    st = length_stats(lengths)
+    return [("-" if st[k] is None else st[k]) for k in ("min", "median", "max")]
+
+
 def summary_rows(index: DataIndex) -> list[list[Any]]:
     """One row per file and a total row (the check-data table, split into columns)."""
     rows: list[list[Any]] = []
@@ -149,35 +167,12 @@ def summary_rows(index: DataIndex) -> list[list[Any]]:
     return rows
 
 
-def _stats(lengths: list[int]) -> list[Any]:
-    if not lengths:
-        return ["-", "-", "-"]
-    ordered = sorted(lengths)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return [ordered[0], int(median) if float(median).is_integer() else median, ordered[-1]]
-
-
 def verdict(index: DataIndex) -> str:
-    """The check-data closing line."""
-    r = index.result
-    counts = {lvl: sum(1 for p in r.problems if p.level == lvl) for lvl in LEVELS}
+    """The check-data closing line, after what was checked (the CLI's wording)."""
     s = index.settings
-    head = f"{index.total} samples in {len(r.files)} file(s); {describe_images(s)}, max_length {s.max_length}. "
     notes = "".join(f"note: {n}. " for n in s.notes)
-    if r.ok:
-        return notes + head + f"OK: training can start ({counts['warning']} warning(s), {counts['info']} note(s))"
-    if counts["error"]:
-        return (
-            notes + head + f"FAILED: {counts['error']} error(s), {counts['warning']} warning(s); fix the errors before training"
-        )
-    return notes + head + "FAILED: no sample would be drawn per epoch"
-
-
-def describe_images(s: Settings) -> str:
-    if s.hd_num is not None:
-        return f"XComposer-2.5, {s.img_size} px views, hd_num {s.hd_num} (slots per image from its crop grid)"
-    return f"img_size {s.img_size} ({slots_per_image(s.img_size)} slots per image)"
+    head = f"{index.total} samples in {len(index.result.files)} file(s); {describe_images(s)}, max_length {s.max_length}. "
+    return notes + head + check_report.verdict(index.result)
 
 
 def problem_rows(
@@ -188,7 +183,7 @@ def problem_rows(
     rows: list[list[Any]] = []
     matching = 0
     for p in index.result.problems:
-        if level not in ("", "all", None) and p.level != level:
+        if level not in ("", "all", None) and level not in (p.level, LEVEL_WORDS[p.level]):
             continue
         if needle and needle not in f"{p.file} {p.id} {p.message} {p.fix}".lower():
             continue
@@ -197,7 +192,7 @@ def problem_rows(
             overall = index.overall_index(p)
             rows.append(
                 [
-                    p.level,
+                    LEVEL_WORDS[p.level],
                     p.file,
                     "" if p.line is None else p.line,
                     "" if p.index is None else p.index,
@@ -278,21 +273,6 @@ def sample_view(index: DataIndex, overall: int) -> SampleView:
     return SampleView(overall, "".join(parts), enc)
 
 
-def trained_runs(enc: EncodedSample) -> list[tuple[int, int]]:
-    """(start, end) of each maximal run of trained tokens that does not cross an image."""
-    runs, i, ids = [], 0, enc.input_ids
-    while i < len(ids):
-        if ids[i] == IMAGE_SLOT or enc.labels[i] == IGNORE_INDEX:
-            i += 1
-            continue
-        j = i
-        while j < len(ids) and ids[j] != IMAGE_SLOT and enc.labels[j] != IGNORE_INDEX:
-            j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-
-
 def render_sequence_html(enc: EncodedSample, tokenizer: Any) -> str:
     """Runs of equal trained-ness decoded together; image slots as labelled blocks; the cut marked."""
     out: list[str] = []
@@ -334,7 +314,8 @@ def _problems_html(problems: list[Problem]) -> str:
     if not problems:
         return ""
     items = "".join(
-        f'<li class="xcft-problem xcft-{p.level}"><b>{p.level.upper()}</b> {html.escape(str(p))}</li>' for p in problems
+        f'<li class="xcft-problem xcft-{p.level}"><b>{LEVEL_WORDS[p.level].upper()}</b> {html.escape(str(p))}</li>'
+        for p in problems
     )
     return f'<ul class="xcft-problems">{items}</ul>'
 
@@ -377,32 +358,42 @@ def thumbnail_data_uri(path: str | os.PathLike[str], side: int = THUMB_SIDE) -> 
 
 
 def length_histogram(index: DataIndex) -> Any:
-    """A matplotlib Figure: token lengths per file (one panel each), max_length marked."""
+    """A matplotlib Figure: token lengths per file, one panel each on its own scale, max_length marked."""
     from matplotlib.figure import Figure  # lazy: only for the histogram, slow to import
 
     files = [f for f in index.result.files if f.lengths][:MAX_HISTOGRAMS]
     n = max(1, len(files))
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(4.2 * cols, 2.6 * rows), dpi=90)
+    fig = Figure(figsize=(4.4 * cols, 0.6 + 2.6 * rows), dpi=90)
     max_length = index.settings.max_length
+    left_out = len([f for f in index.result.files if f.lengths]) - len(files)
+    caption = "token lengths per file (image slots included; dashed: max_length)"
+    fig.suptitle(caption + (f"; first {len(files)} files shown ({left_out} more)" if left_out > 0 else ""), fontsize=10)
     if not files:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no usable sample", ha="center", va="center")
         ax.set_axis_off()
-    # one scale for every panel, from 0 to past max_length, so files compare at a glance
-    right = 1.03 * max([max_length] + [max(f.lengths) for f in files])
     for k, f in enumerate(files):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.hist(f.lengths, bins=40, range=(0, right), color="#4c78a8")
-        ax.set_xlim(0, right)
-        ax.axvline(max_length, color="#e45756", linestyle="--", linewidth=1)
-        title = f.display if len(f.display) <= 40 else "…" + f.display[-39:]
-        ax.set_title(f"{title} ({len(f.lengths)})", fontsize=9)
-        ax.set_xlabel("tokens (image slots included)", fontsize=8)
+        # each file on its own scale (short files keep their shape); max_length drawn when it is near
+        lo, hi = min(f.lengths), max(f.lengths)
+        width = max(1.0, (hi - lo + 1) / 40)  # at most 40 bars, never narrower than one token
+        edges = [lo - 0.5 + j * width for j in range(41) if lo - 0.5 + j * width < hi + 0.5] + [hi + 0.5]
+        ax.hist(f.lengths, bins=edges, color="#4c78a8")
+        pad = max(1.0, 0.08 * (hi - lo))
+        left, right = max(0.0, lo - pad), hi + pad
+        if max_length <= hi + 0.5 * (hi - lo) + 2 * pad:
+            right = max(right, max_length + pad)
+            ax.axvline(max_length, color="#e45756", linestyle="--", linewidth=1)
+        ax.set_xlim(left, right)
+        ax.set_title(f"{_wrap(f.display)} ({len(f.lengths)})", fontsize=8)
+        ax.set_xlabel("tokens", fontsize=8)
         ax.tick_params(labelsize=7)
-    left_out = len([f for f in index.result.files if f.lengths]) - len(files)
-    if left_out > 0:
-        fig.suptitle(f"first {len(files)} files shown ({left_out} more)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _wrap(name: str, width: int = 42) -> str:
+    """A file name over lines of at most ``width`` characters (whole, not cut)."""
+    return "\n".join(name[i : i + width] for i in range(0, len(name), width)) or name

@@ -21,6 +21,7 @@ from pathlib import Path
 RUN_RECORD = "run.json"
 LOG_NAME = "train.log"
 PID_NAME = "train.pid"
+RUNNER_PID_NAME = "runner.pid"
 EXIT_NAME = "exit_code"
 
 
@@ -35,15 +36,22 @@ def train_command_line(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "xcft.cli", "train", *argv]
 
 
+def command_line(record: dict) -> list[str]:
+    """The run's program (recorded by the server; older records: ``xcft train``) and its arguments."""
+    argv = list(record["argv"])
+    return [*record["command"], *argv] if record.get("command") else train_command_line(argv)
+
+
 def main(run_dir: str) -> int:
     root = Path(run_dir)
+    write_atomic(root / RUNNER_PID_NAME, str(os.getpid()))  # the server tells "still recording" from "killed"
     record = json.loads((root / RUN_RECORD).read_text(encoding="utf-8"))
     argv = list(record["argv"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(root / LOG_NAME, "ab", buffering=0) as log:
         log.write(f"\n$ xcft train {' '.join(argv)}\n".encode())
         proc = subprocess.Popen(
-            train_command_line(argv),
+            command_line(record),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

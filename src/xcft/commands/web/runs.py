@@ -1,8 +1,9 @@
 """Training runs started from the web UI: start, follow, stop, resume — all through files.
 
 A run lives in ``WORKDIR/runs/<id>/``: ``run.json`` (arguments, output folder, start time), the
-runner's ``train.log``, ``train.pid`` and, once it ended, ``exit_code``. Progress and losses come
-from the ``trainer_log.jsonl`` that ``xcft train`` appends in its output folder. Nothing is kept
+runner's ``train.log``, ``train.pid`` and, once it ended, ``exit_code``. Progress, losses and
+checkpoints come from the output folder, read through :mod:`xcft.run_files` (the same reader and
+the same "complete checkpoint" rule as ``xcft train``'s resume). Nothing is kept
 only in the server's memory, so a reloaded page, or a restarted server, finds every run again and
 shows it as running, finished, stopped or failed.
 """
@@ -20,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, write_atomic
+from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, RUNNER_PID_NAME, train_command_line, write_atomic
 from xcft.errors import XcftError
+from xcft.run_files import EXIT_SIGTERM, TrainerProgress, complete_checkpoints, earlier_results, follow_trainer_log
 
-TRAINER_LOG_NAME = "trainer_log.jsonl"  # written by xcft.train.trainer.JsonLogCallback
-EXIT_SIGTERM = 143
 LOG_TAIL_BYTES = 64 * 1024
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -49,25 +48,24 @@ class RunStatus:
     def active(self) -> bool:
         return self.state in ("starting", "running")
 
-
-@dataclass
-class _LogCache:
-    offset: int = 0
-    size_at: int = 0
-    step: int = 0
-    max_steps: int = 0
-    eta_s: float | None = None
-    loss: dict[int, float] = field(default_factory=dict)
-    eval_loss: dict[int, float] = field(default_factory=dict)
+    @property
+    def can_resume(self) -> bool:
+        """Stopped, failed or ended before finishing, with a complete checkpoint to continue from."""
+        return self.state in ("stopped", "failed", "ended") and bool(self.checkpoints)
 
 
 class RunManager:
-    """The runs under one work folder (one instance per server)."""
+    """The runs under one work folder (one instance per server).
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
+    ``command``: the program a run executes with its arguments (default: ``xcft train``); recorded
+    in each run, so a resume runs what the start ran.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], command: list[str] | None = None) -> None:
         self.root = Path(workdir) / "runs"
+        self.command = list(command) if command else train_command_line([])
         self._children: dict[str, subprocess.Popen] = {}  # runners this server started (reaped on poll)
-        self._logs: dict[str, _LogCache] = {}
+        self._progress: dict[str, TrainerProgress] = {}  # trainer_log.jsonl read so far, per run
 
     # ------------------------------------------------------------------ listing
 
@@ -86,8 +84,12 @@ class RunManager:
         except (OSError, ValueError) as exc:
             raise XcftError(f"run {run_id}: cannot read {path} ({exc})") from None
 
-    def record(self, run_id: str) -> dict[str, Any]:
-        return self._record(run_id)
+    def argv(self, run_id: str) -> list[str]:
+        """The arguments the run was started with (a resume's flag left out)."""
+        return _without_option(list(self._record(run_id)["argv"]), "resume_from_checkpoint")
+
+    def output_dir(self, run_id: str) -> str:
+        return str(self._record(run_id)["output_dir"])
 
     # ------------------------------------------------------------------ start / stop / resume
 
@@ -96,7 +98,7 @@ class RunManager:
         out = Path(output_dir).expanduser()
         if any(self.status(r).active and Path(self._record(r)["output_dir"]) == out.resolve() for r in self.run_ids()):
             raise XcftError(f"a run is already writing to {out}; stop it first or choose another output_dir")
-        if out.is_dir() and (any(out.glob("checkpoint-*")) or (out / "trainer_state.json").is_file()):
+        if earlier_results(out):
             raise XcftError(f"output_dir {out} already holds a run; choose another folder, or select that run and press Resume")
         self.root.mkdir(parents=True, exist_ok=True)
         run_id = self._new_id(out)
@@ -104,6 +106,7 @@ class RunManager:
         run_dir.mkdir()
         record = {
             "id": run_id,
+            "command": self.command,
             "argv": list(argv),
             "output_dir": str(out.resolve()),
             "cwd": os.getcwd(),
@@ -124,9 +127,9 @@ class RunManager:
 
     def _launch(self, run_id: str) -> None:
         run_dir = self.root / run_id
-        for name in (PID_NAME, EXIT_NAME):
+        for name in (PID_NAME, EXIT_NAME, RUNNER_PID_NAME):
             (run_dir / name).unlink(missing_ok=True)
-        self._logs.pop(run_id, None)
+        self._progress.pop(run_id, None)
         # A session of its own: the training survives the server and signals aimed at the server's group.
         with open(run_dir / "runner.err", "ab") as err:
             self._children[run_id] = subprocess.Popen(
@@ -157,6 +160,8 @@ class RunManager:
         st = self.status(run_id)
         if st.active:
             raise XcftError(f"run {run_id} is still running")
+        if st.state == "finished":
+            raise XcftError(f"run {run_id} has finished; start a new run to train further")
         if not st.checkpoints:
             raise XcftError(f"run {run_id} has no checkpoint in {st.output_dir} to resume from; start a new run instead")
         record = self._record(run_id)
@@ -173,37 +178,36 @@ class RunManager:
         except (OSError, ValueError):
             return None
 
-    def _alive(self, run_id: str, pid: int | None, output_dir: str) -> bool:
+    def _train_alive(self, pid: int | None, output_dir: str) -> bool:
         """The training process is alive and is this run's (its command line names the output folder)."""
-        if pid is None:
-            return False
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            try:
-                os.kill(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return False
+        return _process_alive(pid, "xcft", output_dir) or _process_alive(pid, "xcft", Path(output_dir).name)
+
+    def _runner_alive(self, run_id: str) -> bool:
+        """The runner of the run's latest start is alive (this server's child, or one an earlier server started)."""
+        child = self._children.get(run_id)
+        if child is not None and child.poll() is None:
             return True
-        return "xcft" in cmdline and (output_dir in cmdline or Path(output_dir).name in cmdline)
+        run_dir = self.root / run_id
+        return _process_alive(_read_int(run_dir / RUNNER_PID_NAME), "xcft.commands.web.runner", str(run_dir))
 
     def status(self, run_id: str) -> RunStatus:
         record = self._record(run_id)
         run_dir = self.root / run_id
         out = record["output_dir"]
-        child = self._children.get(run_id)
-        runner_alive = child is not None and child.poll() is None
         exit_code = _read_int(run_dir / EXIT_NAME)
         pid = self._train_pid(run_id)
         st = RunStatus(run_id, "", "", out)
-        self._read_trainer_log(run_id, Path(out), st)
-        st.checkpoints = _checkpoints(Path(out))
+        progress = self._progress[run_id] = follow_trainer_log(out, self._progress.get(run_id))
+        st.step, st.max_steps, st.eta_s = progress.step, progress.max_steps, progress.eta_s
+        st.loss, st.eval_loss = progress.points("loss"), progress.points("eval_loss")
+        st.checkpoints = [str(c) for c in complete_checkpoints(out)]
         last_ckpt = st.checkpoints[-1] if st.checkpoints else None
         if exit_code is None:
-            if self._alive(run_id, pid, out):
+            if self._train_alive(pid, out):
                 st.state, st.message = "running", f"running (process {pid})"
-            elif runner_alive and pid is None:
-                st.state, st.message = "starting", "starting xcft train ..."
+            elif self._runner_alive(run_id):  # before the training starts, or after it ended, until it is recorded
+                st.state = "starting" if pid is None else "running"
+                st.message = "starting xcft train ..." if pid is None else "ending: recording the exit status ..."
             else:
                 st.state, st.message = "ended", "ended without a recorded exit status (the runner was killed)"
         elif exit_code == 0:
@@ -219,42 +223,6 @@ class RunManager:
             st.state = "failed"
             st.message = f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}"
         return st
-
-    def _read_trainer_log(self, run_id: str, output_dir: Path, st: RunStatus) -> None:
-        """Follow ``trainer_log.jsonl`` incrementally (only the new lines are parsed)."""
-        cache = self._logs.setdefault(run_id, _LogCache())
-        path = output_dir / TRAINER_LOG_NAME
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = 0
-        if size < cache.offset:  # replaced: start over
-            cache = self._logs[run_id] = _LogCache()
-        if size > cache.offset:
-            with open(path, "rb") as f:
-                f.seek(cache.offset)
-                chunk = f.read(size - cache.offset)
-            end = chunk.rfind(b"\n") + 1  # only whole lines; a half-written one is read next time
-            cache.offset += end
-            for line in chunk[:end].splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                step = int(rec.get("step", 0))
-                if rec.get("event") == "begin":  # a resumed run: values after its start step are redone
-                    cache.loss = {s: v for s, v in cache.loss.items() if s <= step}
-                    cache.eval_loss = {s: v for s, v in cache.eval_loss.items() if s <= step}
-                cache.step = step
-                cache.max_steps = int(rec.get("max_steps") or cache.max_steps)
-                cache.eta_s = rec.get("eta_s", cache.eta_s if rec.get("event") != "begin" else None)
-                if isinstance(rec.get("loss"), (int, float)):
-                    cache.loss[step] = float(rec["loss"])
-                if isinstance(rec.get("eval_loss"), (int, float)):
-                    cache.eval_loss[step] = float(rec["eval_loss"])
-        st.step, st.max_steps, st.eta_s = cache.step, cache.max_steps, cache.eta_s
-        st.loss = sorted(cache.loss.items())
-        st.eval_loss = sorted(cache.eval_loss.items())
 
     def log_tail(self, run_id: str, max_lines: int = 200) -> str:
         """The end of the run's log, progress-bar redraws collapsed to their last state."""
@@ -283,23 +251,26 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def _process_alive(pid: int | None, *needles: str) -> bool:
+    """Process ``pid`` exists and its command line holds every needle (a recycled pid is someone else's)."""
+    if pid is None:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # no /proc (not Linux): the pid alone
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return bool(cmdline) and all(n in cmdline for n in needles)
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _checkpoints(output_dir: Path) -> list[str]:
-    """Complete checkpoints (final name and trainer state), oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for child in output_dir.iterdir():
-        m = _CHECKPOINT_RE.match(child.name)
-        if m and (child / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), str(child)))
-    return [p for _, p in sorted(found)]
 
 
 def _last_error(log: Path) -> str:

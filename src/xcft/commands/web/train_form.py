@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from xcft.errors import XcftError
+from xcft.options import parse_bool
 from xcft.train.args import XCFT_DEFAULTS, option_classes
 
 #: Shown first, in this order; every other field is folded by group.
@@ -42,6 +43,24 @@ COMMON_FIELDS = (
     "output_dir",
     "deepspeed",
 )
+#: What the common fields are called in the form (the option name follows in brackets).
+TITLES = {
+    "model_name_or_path": "Model folder",
+    "data_path": "Data (data.txt or .json)",
+    "use_lora": "LoRA",
+    "lora_r": "LoRA rank",
+    "img_size": "Image size (px)",
+    "max_length": "Max tokens per sample",
+    "learning_rate": "Learning rate",
+    "num_train_epochs": "Epochs",
+    "max_steps": "Max steps (-1: by epochs)",
+    "per_device_train_batch_size": "Batch size per device",
+    "gradient_accumulation_steps": "Gradient accumulation",
+    "packing": "Packing",
+    "bf16": "bf16",
+    "output_dir": "Output folder",
+    "deepspeed": "DeepSpeed config",
+}
 #: Fields the form leaves out: set per process by launchers, secrets, or objects no flag can express.
 HIDDEN_FIELDS = frozenset({"local_rank", "hub_token", "parallelism_config"})
 #: The form group of each option dataclass of ``xcft train`` (TrainingArguments: "training").
@@ -74,6 +93,11 @@ class FormField:
     @property
     def common(self) -> bool:
         return self.name in COMMON_FIELDS
+
+    @property
+    def label(self) -> str:
+        """What the form calls the field: its title and the option name, or the option name."""
+        return f"{TITLES[self.name]} ({self.name})" if self.name in TITLES else self.name
 
     def form_default(self) -> Any:
         """The default as the form component holds it."""
@@ -180,7 +204,7 @@ def _value(field: FormField, raw: Any) -> tuple[bool, Any]:
     if kind == "optional_bool":
         if text == "":
             return False, default
-        value = text.lower() == "true"
+        value = parse_bool(text)
         return default is None or value != bool(default), value
     if kind == "optional_number":
         if text == "":
@@ -227,6 +251,35 @@ def changed_values(fields: Sequence[FormField], raw_values: Sequence[Any]) -> di
         if differs:
             out[field.name] = value
     return out
+
+
+def values_from_argv(fields: Sequence[FormField], argv: Sequence[str]) -> list[Any]:
+    """The form values (one per field) of an ``xcft train`` command line that :func:`to_argv` wrote.
+
+    Options not on the command line keep their defaults; options the form does not have are left out.
+    """
+    given: dict[str, list[str]] = {}
+    name = None
+    for word in argv:
+        if word.startswith("--"):
+            name, _, inline = word[2:].partition("=")
+            given[name] = [inline] if inline else []
+        elif name is not None:
+            given[name].append(word)
+    return [_form_value(f, given[f.name]) if f.name in given else f.form_default() for f in fields]
+
+
+def _form_value(field: FormField, words: list[str]) -> Any:
+    """One option's words as the form component holds them."""
+    text = " ".join(words)
+    if field.kind == "bool":
+        return text == "" or parse_bool(text)  # a bare flag means true
+    if field.kind == "optional_bool":
+        return str(parse_bool(text)).lower()
+    if field.kind in ("int", "float"):
+        value = _parse_scalar(text)
+        return value if not isinstance(value, str) else field.form_default()
+    return text
 
 
 def to_argv(values: dict[str, Any]) -> list[str]:
