@@ -138,7 +138,8 @@ def read_pass(
     for k, src in enumerate(spec.sources):
         report("reading", k, len(spec.sources))
         ctx = TableContext(src.path, src.display, spec.search_dirs(src), tokenizer, image_spec, max_length, decode_images)
-        table = load_table(ctx, cache, workers=workers, progress=lambda done, total: report("encoding", done, total))
+        per_sample = (lambda done, total: report("encoding", done, total)) if progress is not None else None
+        table = load_table(ctx, cache, workers=workers, progress=per_sample)  # None: the cache shows its own
         problems.extend(table.problems)
         fs = FileSamples(src, table)
         fs.draw_count = draw_count(len(fs.usable_index), src.number, given_num)
