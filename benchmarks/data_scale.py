@@ -18,6 +18,8 @@ start:
 6. with ``--baseline``: ``train_no_cache``: ``xcft train --no_data_cache`` (every sample read at startup, nothing kept).
 
 One JSON line per size goes to ``--out`` (and stdout), with the machine's load average before and after.
+``cpu_s`` (user + system seconds of the whole process tree) says what a run costs whatever the load:
+on an otherwise idle machine a build takes about ``cpu_s / cores`` plus the start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import argparse
 import json
 import os
 import random
+import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -183,8 +187,10 @@ def tree_pss_kb(pid: int) -> int:
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path | None = None, step_log: Path | None = None) -> dict:
-    """Run ``cmd``; wall seconds, seconds to the first training step (from trainer_log.jsonl), peak tree PSS."""
+    """Run ``cmd``; wall seconds, CPU seconds of its process tree, seconds to the first training step
+    (from trainer_log.jsonl), peak tree PSS, and the cache's own build time when it built an entry."""
     t0 = time.time()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log or os.devnull, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak, first_step = 0, None
@@ -197,7 +203,17 @@ def run(cmd: list[str], env: dict[str, str], log: Path | None = None, step_log: 
                         first_step = rec["time"] - t0
                         break
             time.sleep(0.1)
-    result = {"rc": proc.returncode, "wall_s": round(time.time() - t0, 2), "peak_pss_mb": round(peak / 1024, 1)}
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    result = {
+        "rc": proc.returncode,
+        "wall_s": round(time.time() - t0, 2),
+        "cpu_s": round(cpu, 1),
+        "peak_pss_mb": round(peak / 1024, 1),
+    }
+    if log is not None:
+        built = re.search(r"read in ([0-9.]+) s, stored", log.read_text())
+        result["build_s"] = float(built.group(1)) if built else None
     if step_log is not None:
         result["first_step_s"] = None if first_step is None else round(first_step, 2)
     if proc.returncode != 0 and log is not None:

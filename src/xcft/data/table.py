@@ -454,6 +454,14 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
     problems: list[Problem] = []
     seen: dict[Path, tuple[str | None, str, Grid | None]] = {}
     tokenizer = _MemoTokenizer(ctx.tokenizer)
+    files: dict[Path, bool] = {}
+
+    def is_file(path: Path) -> bool:  # one stat per image path and chunk
+        hit = files.get(path)
+        if hit is None:
+            hit = files[path] = path.is_file()
+        return hit
+
     with open(ctx.path, "rb") as fh:
         base = int(starts[0])
         fh.seek(base)
@@ -463,7 +471,7 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         line = int(lines[t])
         record = json.loads(blob[int(starts[t]) - base : int(ends[t]) - base])
         conv, probs = normalize_sample(
-            record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None
+            record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None, is_file=is_file
         )
         problems.extend(probs)
         if conv is None:
