@@ -15,6 +15,7 @@ start:
 3. ``check_data_warm``: ``xcft check-data`` again (after train);
 4. ``train_cold``: ``xcft train`` with a second empty cache (the build inside training);
 5. ``check_data_after_train``: ``xcft check-data`` on the cache that 4 built (images decoded then);
+   (``--short``: runs 1-3 only);
 6. with ``--baseline``: ``train_no_cache``: ``xcft train --no_data_cache`` (every sample read at startup, nothing kept).
 
 One JSON line per size goes to ``--out`` (and stdout), with the machine's load average before and after.
@@ -221,7 +222,7 @@ def run(cmd: list[str], env: dict[str, str], log: Path | None = None, step_log: 
     return result
 
 
-def bench(samples: int, baseline: bool, keep: Path | None) -> dict:
+def bench(samples: int, baseline: bool, keep: Path | None, short: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"xcft-scale-{samples}-", dir=keep))
     xcft = [sys.executable, "-m", "xcft"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
@@ -263,8 +264,11 @@ def bench(samples: int, baseline: bool, keep: Path | None) -> dict:
     out["check_data_cold"] = check(work / "cache-a", "check_data_cold")
     out["train_warm"] = train(work / "cache-a", "train_warm")
     out["check_data_warm"] = check(work / "cache-a", "check_data_warm")
-    out["train_cold"] = train(work / "cache-b", "train_cold")
-    out["check_data_after_train"] = check(work / "cache-b", "check_data_after_train")
+    if short:
+        baseline = False
+    else:
+        out["train_cold"] = train(work / "cache-b", "train_cold")
+        out["check_data_after_train"] = check(work / "cache-b", "check_data_after_train")
     if baseline:
         out["train_no_cache"] = train(work / "cache-c", "train_no_cache", "--no_data_cache")
         if out["train_no_cache"].get("first_step_s") and out["train_warm"].get("first_step_s"):
@@ -281,11 +285,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, action="append", help="data set size (repeatable; default 100000)")
     ap.add_argument("--baseline", action="store_true", help="also time training without the cache")
+    ap.add_argument("--short", action="store_true", help="only runs 1-3 (cold check-data, warm train, check-data after it)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("data_scale.jsonl"))
     ap.add_argument("--workdir", type=Path, default=None, help="folder for the generated sets (default: the temp folder)")
     args = ap.parse_args()
     for n in args.samples or [100000]:
-        result = bench(n, args.baseline, args.workdir)
+        result = bench(n, args.baseline, args.workdir, args.short)
         line = json.dumps(result)
         print(line, flush=True)
         with open(args.out, "a", encoding="utf-8") as fh:

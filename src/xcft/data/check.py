@@ -99,11 +99,10 @@ class FileReport:
         usable = fs.usable_index
         img_off = np.asarray(t.img_off)
         per_sample_images = img_off[1:] - img_off[:-1]
-        usable_slots = (
-            np.concatenate([np.asarray(t.slots[img_off[k] : img_off[k + 1]]) for k in usable])
-            if len(usable) and len(t.slots)
-            else np.zeros(0, np.int32)
-        )
+        usable_mask = np.zeros(len(t), dtype=bool)
+        usable_mask[usable] = True
+        image_of_usable = np.repeat(usable_mask, per_sample_images)  # per image: its sample is usable
+        usable_slots = np.asarray(t.slots)[image_of_usable]
         return cls(
             fs.source.display,
             str(fs.source.path),
