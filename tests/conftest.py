@@ -372,8 +372,10 @@ def run_fresh_python(subprocess_env: dict[str, str], tmp_path_factory: pytest.Te
 def read_losses() -> Callable[[Path], dict[int, float]]:
     """``read_losses(output_dir)``: step -> logged training loss, from the trainer_state.json a run left."""
 
+    from xcft.run_files import TRAINER_STATE_NAME
+
     def read(output_dir: Path) -> dict[int, float]:
-        state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+        state = json.loads((Path(output_dir) / TRAINER_STATE_NAME).read_text())
         return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
     return read

@@ -354,3 +354,16 @@ def test_eval_loss_equals_the_official_loss(capsys, tmp_path: Path, fixture_2d5_
     assert rc == 0 and obj["num_samples"] == 1 and obj["max_length"] == 4000
     assert obj["samples"][0]["tokens"] == case["num_target_tokens"]
     assert obj["mean_loss"] == pytest.approx(case["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("value", "status", "drawn"), [("true", 0, 40), ("false", 1, 0), ("0", 1, 0)])
+def test_given_num_takes_true_or_false(capsys, tiny_data: Path, tiny_base: Path, value: str, status: int, drawn: int) -> None:
+    """--given-num true: the numbers (0.01, 0.02) are thousands of samples; false: ratios of each file (nothing drawn)."""
+    rc, out, _ = _run(capsys, "check-data", str(tiny_data), "--model", str(tiny_base), "--given-num", value, "--format", "json")
+    assert rc == status and json.loads(out)["total"]["drawn_per_epoch"] == drawn
+
+
+def test_given_num_refuses_other_words(capsys, tiny_data: Path, tiny_base: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["check-data", str(tiny_data), "--model", str(tiny_base), "--given-num", "maybe"])
+    assert "'maybe' is not true or false" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def model_dir(tiny_folder) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(model_dir: Path):
+def loaded(model_dir: Path):
     from xcft.model.loading import load_pretrained
 
     return load_pretrained(model_dir, dtype="float32", device="cpu")
@@ -101,7 +101,7 @@ def test_not_an_xcomposer_config_is_a_user_error(tmp_path):
 # ------------------------------------------------------------------ weights
 
 
-def test_sharded_bin_loads_like_safetensors(model_dir, tiny_model, tmp_path):
+def test_sharded_bin_loads_like_safetensors(model_dir, loaded, tmp_path):
     """A .bin checkpoint split over two shards with an index (read with weights_only=True)."""
     from safetensors.torch import load_file
 
@@ -119,7 +119,7 @@ def test_sharded_bin_loads_like_safetensors(model_dir, tiny_model, tmp_path):
         weight_map.update({k: fname for k in keys})
     (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model, tok = load_pretrained(out, dtype="float32", device="cpu")
-    assert torch.equal(logits_of(model), logits_of(tiny_model[0]))
+    assert torch.equal(logits_of(model), logits_of(loaded[0]))
     assert tok.vocab_size == 1000
 
 
@@ -203,11 +203,11 @@ def test_577_row_position_table_is_interpolated(model_dir, tmp_path):
 # ------------------------------------------------------------------ saving
 
 
-def test_save_then_fresh_process_loads_with_trust_remote_code(tiny_model, tmp_path):
+def test_save_then_fresh_process_loads_with_trust_remote_code(loaded, tmp_path):
     """save_pretrained -> a Python process without xcft loads the folder through the Auto classes."""
     from xcft.model.loading import SELF_CONTAINED_FILES, load_pretrained, save_pretrained
 
-    model, tok = tiny_model
+    model, tok = loaded
     out = save_pretrained(model, tok, tmp_path / "saved")
     files = set(os.listdir(out))
     assert set(SELF_CONTAINED_FILES) <= files and {"config.json", "model.safetensors", "tokenizer.model"} <= files
@@ -246,18 +246,18 @@ print("FRESH_OK", type(model).__name__)
     assert "FRESH_OK XComposer2ForCausalLM" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
-def test_save_refuses_non_empty_output(tiny_model, tmp_path):
+def test_save_refuses_non_empty_output(loaded, tmp_path):
     from xcft.errors import XcftError
     from xcft.model.loading import save_pretrained
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(XcftError, match="xcft did not write"):
-        save_pretrained(*tiny_model, tmp_path / "out")
+        save_pretrained(*loaded, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
 
 
-def test_convert_command(model_dir, tiny_model, tmp_path, capsys):
+def test_convert_command(model_dir, loaded, tmp_path, capsys):
     """An official-layout folder (config, bf16 weights, tokenizer; no code files) becomes self-contained."""
     from safetensors.torch import load_file, save_file
 
@@ -281,7 +281,7 @@ def test_convert_command(model_dir, tiny_model, tmp_path, capsys):
     assert stored["dtype"] == "bfloat16"  # the source weights' dtype is kept
     ref, _ = load_pretrained(src, dtype="float32", device="cpu")
     assert torch.equal(logits_of(model), logits_of(ref))
-    assert not torch.equal(logits_of(model), logits_of(tiny_model[0]))  # bf16 rounding really happened
+    assert not torch.equal(logits_of(model), logits_of(loaded[0]))  # bf16 rounding really happened
 
 
 def test_convert_official_checkpoint(fixture_dir, tmp_path, capsys):
@@ -298,14 +298,14 @@ def test_convert_official_checkpoint(fixture_dir, tmp_path, capsys):
     assert torch.equal(logits_of(model), logits_of(official))
 
 
-def test_auto_classes_are_registered(tiny_model, tmp_path):
+def test_auto_classes_are_registered(loaded, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import xcft.model.loading  # noqa: F401  (registers the Auto classes)
     from xcft.model.loading import save_pretrained
 
-    out = save_pretrained(*tiny_model, tmp_path / "auto")
+    out = save_pretrained(*loaded, tmp_path / "auto")
     assert type(AutoConfig.from_pretrained(out)).__name__ == "XComposer2Config"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__module__ == "xcft.model.modeling_xcomposer2"
-    assert torch.equal(logits_of(model.eval()), logits_of(tiny_model[0]))
+    assert torch.equal(logits_of(model.eval()), logits_of(loaded[0]))

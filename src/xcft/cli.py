@@ -57,6 +57,12 @@ SUBCOMMANDS = (
     Subcommand("inspect", "show how one sample is encoded", "xcft.commands.check_data:inspect_command", opts.InspectOptions),
     Subcommand("eval", "loss per sample and overall", "xcft.commands.eval:eval_command", opts.EvalOptions),
     Subcommand(
+        "reward",
+        "reward-model scores per conversation, or chosen vs rejected per pair",
+        "xcft.commands.reward:reward_command",
+        opts.RewardOptions,
+    ),
+    Subcommand(
         "init-model",
         "write a randomly initialised model folder",
         "xcft.commands.init_model:init_model_command",
@@ -70,9 +76,7 @@ SUBCOMMANDS = (
         opts.ConvertOptions,
     ),
     Subcommand("chat", "chat with a model about images", "xcft.commands.chat:chat_command", opts.ChatOptions),
-    Subcommand(
-        "demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.run:demo_command", opts.DemoOptions
-    ),
+    Subcommand("demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.main:demo_main", opts.DemoOptions),
     Subcommand(
         "web", "browser UI: data, training, chat, merge (needs xcft[web])", "xcft.commands.web:web_command", opts.WebOptions
     ),

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from xcft.data.cache_options import CacheOptions
-from xcft.data.check import CheckResult, encode_for, find_sample, load_settings, render_sample, run_check
+from xcft.data.check import CheckResult, encode_for, encode_pair_for, find_sample, load_settings, render_sample, run_check
 from xcft.data.encode import slots_per_image
+from xcft.data.pairs import PreferencePair, pair_skip_reason
 from xcft.data.report import describe_images, stats_text, verdict
 from xcft.data.schema import Problem
 from xcft.errors import XcftError
@@ -29,6 +30,12 @@ def _print_text(result: CheckResult, data: str, out: TextIO) -> None:
     for note in s.notes:
         print(f"note: {note}", file=out)
     print(f"data: {data}  ({describe_images(s)}; max_length {s.max_length})", file=out)
+    if result.is_preference:
+        print(
+            "preference pairs (for --stage dpo or rm): samples count pairs; tokens are a pair's two sequences together; "
+            "supervised = the scored tokens of both final answers",
+            file=out,
+        )
     if result.files:
         header: tuple[str, ...] = ("file", "samples", "drawn/epoch", "images", "tokens min/median/max", "supervised", "truncated")
         if hd:
@@ -106,6 +113,7 @@ def check_data_command(
             "slots_per_image": None if settings.hd_num is not None else slots_per_image(settings.img_size),
             "family": settings.family,
             "hd_num": settings.hd_num,
+            "preference": result.is_preference,
             "notes": settings.notes,
             "files": [f.to_dict() for f in result.files],
             "total": {k: v for k, v in result.total.to_dict().items() if k in TOTAL_KEYS},
@@ -139,11 +147,13 @@ def inspect_command(
         for p in errs:
             print(f"ERROR {p}", file=sys.stderr)
         return 1
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    if isinstance(conv, PreferencePair):
+        return _inspect_pair(conv, problems, where, settings, output_format, color)
     enc = encode_for(conv, settings)
     if output_format == "json":
         print(json.dumps({"input_ids": enc.input_ids, "labels": enc.labels, "image_mask": enc.image_mask}))
         return 0
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(f"{where}, id {conv.id!r}")
     print(
         f"{len(enc)} tokens ({enc.untruncated_length} before truncation), {enc.num_supervised} supervised, "
@@ -159,6 +169,35 @@ def inspect_command(
     print(render_sample(enc, settings.tokenizer, color))
     if enc.num_supervised == 0:
         print("--- this sample has no supervised token: training skips it")
+    return 0
+
+
+def _inspect_pair(
+    pair: PreferencePair, problems: list[Problem], where: str, settings: Any, output_format: str, color: bool
+) -> int:
+    """Both sides of a preference pair: the shared prompt, then each answer with its scored tokens marked."""
+    enc = encode_pair_for(pair, settings)
+    if output_format == "json":
+        sides = {"chosen": enc.chosen, "rejected": enc.rejected}
+        print(
+            json.dumps({k: {"input_ids": e.input_ids, "labels": e.labels, "image_mask": e.image_mask} for k, e in sides.items()})
+        )
+        return 0
+    print(f"{where}, id {pair.id!r}: preference pair")
+    for p in problems:
+        print(f"{p.level.upper()} {p}")
+    for path in pair.images[: enc.chosen.num_images]:
+        print(f"image: {path}")
+    why = pair_skip_reason(pair, enc, settings.max_length)
+    legend = "scored tokens in bold green" if color else "scored tokens between « »"
+    for side, e in (("chosen", enc.chosen), ("rejected", enc.rejected)):
+        print(
+            f"--- {side}: {len(e)} tokens ({e.untruncated_length} before truncation), {e.num_supervised} scored"
+            f"{', truncated' if e.truncated else ''} ({legend})"
+        )
+        print(render_sample(e, settings.tokenizer, color))
+    if why is not None:
+        print(f"--- {why}: training skips this pair")
     return 0
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "InitModelOptions",
     "InspectOptions",
     "MergeOptions",
+    "RewardOptions",
     "WebOptions",
 ]
 
@@ -76,6 +77,11 @@ class EvalOptions(FormatOption, QuantOption, CacheOptions, SizeOptions, DataOpti
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+@dataclass(kw_only=True)
+class RewardOptions(EvalOptions):
+    """The options of ``xcft eval``; the model folder is an ``xcft train --stage rm`` output."""
 
 
 @dataclass(kw_only=True)
@@ -147,6 +153,11 @@ class DemoOptions(FormatOption):
     )
     steps: int | None = option(None, "training steps (default: preset)")
     quick: bool = option(False, "fewer samples and steps (for tests)")
+    stage: str = option(
+        "sft",
+        "sft: LoRA finetune of a tiny base; dpo: a model that names a wrong colour, corrected by DPO on preference pairs",
+        choices=["sft", "dpo"],
+    )
 
 
 @dataclass(kw_only=True)

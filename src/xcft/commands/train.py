@@ -29,10 +29,10 @@ from xcft.run_files import (
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
 from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, RecordOutputsCallback, SigtermCallback, progress_callback
 from xcft.train.checkpoints import clear_staging, resolve_resume
-from xcft.train.inputs import build_datasets, needs_vision_alignment, source_names, vision_aligned
+from xcft.train.inputs import needs_vision_alignment, vision_aligned
 from xcft.train.plots import write_loss_plot
 from xcft.train.setup import apply_host_settings, load_base_model, prepare_model_for_training
-from xcft.train.trainer import XcftTrainer
+from xcft.train.stages import stage_setup
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def _input_folders(cfg: TrainConfig) -> tuple[list[tuple[str, Path]], list[tuple
     models = [("the base model folder of --model_name_or_path", Path(cfg.model.model_name_or_path))]
     if cfg.lora.lora_weight_path:
         models.append(("the adapter folder of --lora_weight_path", Path(cfg.lora.lora_weight_path)))
+    if cfg.preference.ref_model_name_or_path:
+        models.append(("the reference model folder of --ref_model_name_or_path", Path(cfg.preference.ref_model_name_or_path)))
     data: list[tuple[str, Path]] = []
     for flag, value in (("--data_path", cfg.data.data_path), ("--eval_data_path", cfg.data.eval_data_path)):
         if not value:
@@ -140,9 +142,10 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     model, tokenizer = load_base_model(cfg)
     model = prepare_model_for_training(cfg, model, base_path=cfg.model.model_name_or_path)
 
-    # ---- data
+    # ---- data (and what else the stage changes: a reward head, a reference)
     base_config = unwrap_model(model).config
-    train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, base_config)
+    parts = stage_setup(cfg, model, tokenizer)
+    train_ds, eval_ds, collator = parts.train_dataset, parts.eval_dataset, parts.collator
     if needs_vision_alignment(args, model):
         collator = vision_aligned(collator, base_config, train_ds.pad_token_id)
         logger.info("batches without images get one blank image so all ranks run the vision tower in step (ZeRO/FSDP)")
@@ -150,15 +153,15 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     # ---- trainer
     sigterm = SigtermCallback()
     callbacks = [EpochDrawCallback(train_ds), sigterm, JsonLogCallback()]
-    trainer = XcftTrainer(
-        model=model,
+    trainer = parts.trainer_class(
+        model=parts.model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks + ([RecordOutputsCallback(folder)] if folder is not None else []),
-        source_names={"train": source_names(train_ds), "eval": source_names(eval_ds)},
+        **parts.trainer_kwargs,
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

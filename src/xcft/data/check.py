@@ -23,8 +23,9 @@ import numpy as np
 from xcft.data.cache_options import CacheOptions
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.mixture import DataSpec, resolve_data
+from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
 from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
-from xcft.data.schema import Conversation, Problem, read_file
+from xcft.data.schema import Conversation, Problem
 from xcft.data.sizes import folder_sizes, resolve_sizes
 from xcft.data.table import SampleView
 from xcft.errors import XcftError
@@ -154,6 +155,13 @@ class CheckResult:
     # every sample, per file in data.txt order (None where a sample could not be normalised), read
     # from its record on access, so that a caller can show any sample without a new pass
     conversations: list[Sequence[Conversation | None]] = field(default_factory=list)
+    # preference data: every pair, per file (empty for SFT files), read on access; ``conversations``
+    # then holds each pair's chosen conversation
+    pairs: list[Sequence[PreferencePair | None]] = field(default_factory=list)
+
+    @property
+    def is_preference(self) -> bool:
+        return any(len(p) for p in self.pairs)
 
     @property
     def errors(self) -> list[Problem]:
@@ -206,7 +214,10 @@ def run_check(
     )
     files = [FileReport.from_samples(fs) for fs in found.files]
     conversations: list[Sequence[Conversation | None]] = [SampleView(fs.table, np.arange(len(fs.table))) for fs in found.files]
-    return CheckResult(found.spec, files, found.problems, settings, conversations)
+    pairs: list[Sequence[PreferencePair | None]] = [
+        SampleView(fs.table, np.arange(len(fs.table)), kind="pair") if fs.pairs else [] for fs in found.files
+    ]
+    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
 
 
 # --------------------------------------------------------------------------- one sample
@@ -214,14 +225,14 @@ def run_check(
 
 def find_sample(
     data: str, settings: Settings, index: int | None, sample_id: str | None
-) -> tuple[Conversation | None, list[Problem], str]:
+) -> tuple[Conversation | PreferencePair | None, list[Problem], str]:
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
         return None, errs, ""
     offset = 0
     for src in spec.sources:
-        convs, probs = read_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
+        convs, probs, _ = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
         if not convs:
             file_errs = [p for p in probs if p.level == "error" and p.index is None]
             if file_errs and index is not None and index >= offset:
@@ -295,6 +306,13 @@ def render_sample(enc: EncodedSample, tokenizer: Any, color: bool) -> str:
     return "".join(out)
 
 
+def encode_pair_for(pair: PreferencePair, settings: Settings) -> EncodedPair:
+    """Encode one preference pair as training would (each side scores only its final answer)."""
+    spec = settings.image_spec
+    grids = conversation_grids(pair.chosen, spec) if spec.hd else None
+    return encode_pair(pair, settings.tokenizer, spec, settings.max_length, grids)
+
+
 def encode_for(conv: Conversation, settings: Settings) -> EncodedSample:
     """Encode one sample as training would with these settings (2.5: grids from the image headers)."""
     spec = settings.image_spec
@@ -309,6 +327,7 @@ __all__ = [
     "Run",
     "Settings",
     "encode_for",
+    "encode_pair_for",
     "find_sample",
     "length_stats",
     "load_settings",

@@ -54,18 +54,24 @@ class FileData:
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
     grids: Sequence[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
+    # preference data: the rejected conversation of each pair (``conversations`` holds the chosen ones)
+    rejected: Sequence[Conversation] = field(default_factory=list)
 
     def subset(self, positions: Sequence[int], **changes: Any) -> FileData:
         """The samples at ``positions`` (their lengths and crop grids with them)."""
         idx = np.asarray(positions, dtype=np.int64)
-        convs, grids = self.conversations, self.grids
         return replace(
             self,
-            conversations=convs.take(idx) if isinstance(convs, SampleView) else [convs[i] for i in idx.tolist()],
+            conversations=_take(self.conversations, idx),
             lengths=np.asarray(self.lengths)[idx],
-            grids=(grids.take(idx) if isinstance(grids, SampleView) else [grids[i] for i in idx.tolist()]) if len(grids) else [],
+            grids=_take(self.grids, idx) if len(self.grids) else [],
+            rejected=_take(self.rejected, idx) if len(self.rejected) else [],
             **changes,
         )
+
+
+def _take(seq: Sequence[Any], idx: np.ndarray) -> Sequence[Any]:
+    return seq.take(idx) if isinstance(seq, SampleView) else [seq[i] for i in idx.tolist()]
 
 
 def read_data(
@@ -85,6 +91,11 @@ def read_data(
     supervised token, which is skipped) are logged. ``cache``: the preprocessing cache's options.
     """
     found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num, cache=cache)
+    if found.is_preference:
+        raise DataError(
+            f"{data} holds preference pairs (conversations_a/conversations_b or chosen/rejected), not conversations. "
+            "Fix: train on them with --stage dpo or --stage rm"
+        )
     raise_first(found.problems)
     for problem in found.problems:
         if problem.level == "warning":  # skipped samples, a number that draws nothing
@@ -333,8 +344,9 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
         input_ids[b, :n] = f["input_ids"]
         labels[b, :n] = f["labels"]
         image_mask[b, :n] = f["image_mask"]
-        if groups is not None:
-            groups[b, :n] = f[LOSS_GROUPS]
+        if groups is not None:  # an item's source at each of its positions (also at tokens appended to it later)
+            g = f[LOSS_GROUPS]
+            groups[b, :n] = g if g.shape[0] == n else g[:1].expand(n)
         if packed:
             pos = f.get("position_ids")
             layout[b, :n] = pos if pos is not None else torch.arange(n)

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from xcft.data.schema import IMAGE_PLACEHOLDER, Conversation, Message
 from xcft.model.image_processing_xcomposer2 import hd_crop_grid, hd_tokens_for_grid
-from xcft.model.template_xcomposer2 import TURN_END, TURN_START, conversation_segments
+from xcft.model.template_xcomposer2 import TURN_END, TURN_START, conversation_segments, turn_segments
 
 IGNORE_INDEX = -100
 IMAGE_SLOT = -1
@@ -129,13 +129,18 @@ class EncodedSample:
         return len(self.input_ids)
 
 
-def _chunks(conv: Conversation) -> list[tuple[str, bool, int]]:
+def _chunks(conv: Conversation, last_answer_only: bool = False) -> list[tuple[str, bool, int]]:
     """The conversation text as ``(text, trained, kind)`` chunks (kind 1 = a role header), from the chat template.
 
     Concatenating the chunk texts gives exactly the official conversation string (minus the final
-    ``\\n</s>``, which becomes the EOS id).
+    ``\\n</s>``, which becomes the EOS id). ``last_answer_only``: only the last turn's segments keep
+    their trained flag (a preference pair scores its final answer, not the shared earlier turns).
     """
-    segments = conversation_segments([(m.role, m.text) for m in conv.messages])
+    turns = [(m.role, m.text) for m in conv.messages]
+    segments = conversation_segments(turns)
+    if last_answer_only:
+        n_last = len(turn_segments(*turns[-1], last=True))
+        segments = [replace(s, trained=False) for s in segments[:-n_last]] + segments[-n_last:]
     return [(seg.text, seg.trained, int(seg.header)) for seg in segments]
 
 
@@ -241,7 +246,12 @@ class _Layout:
 
 
 def _layout(
-    conv: Conversation, tokenizer: TokenizerLike, img_size: int | ImageSpec, max_length: int, grids: Sequence[Grid] | None
+    conv: Conversation,
+    tokenizer: TokenizerLike,
+    img_size: int | ImageSpec,
+    max_length: int,
+    grids: Sequence[Grid] | None,
+    last_answer_only: bool,
 ) -> _Layout:
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -249,7 +259,7 @@ def _layout(
     image_first = spec.hd and conv.image_prepended
     if image_first:
         conv = _without_prepended_placeholder(conv)
-    pieces = _split_at_images(_chunks(conv))
+    pieces = _split_at_images(_chunks(conv, last_answer_only))
     if image_first:
         pieces.insert(0, [])  # only <s> before the image
     n_images = len(pieces) - 1
@@ -300,13 +310,16 @@ def encode_conversation(
     img_size: int | ImageSpec,
     max_length: int,
     grids: Sequence[Grid] | None = None,
+    *,
+    last_answer_only: bool = False,
 ) -> EncodedSample:
     """Encode one conversation (see the module docstring for the template and truncation rules).
 
     ``img_size`` is a 2.0 view size or an :class:`ImageSpec`; a 2.5 spec needs ``grids``, the
     crop grid of each of the conversation's images in order (:meth:`ImageSpec.grid` of its size).
+    ``last_answer_only``: train only the final turn (an answer of a preference pair).
     """
-    lay = _layout(conv, tokenizer, img_size, max_length, grids)
+    lay = _layout(conv, tokenizer, img_size, max_length, grids, last_answer_only)
     ids, trained = lay.ids[: lay.cut], lay.trained[: lay.cut]
     labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
     mask = [i == IMAGE_SLOT for i in ids]
@@ -344,7 +357,7 @@ def encoded_size(
 
     Same ids, same truncation; ``supervised`` counts the trained ids kept (image slots are never trained).
     """
-    lay = _layout(conv, tokenizer, img_size, max_length, grids)
+    lay = _layout(conv, tokenizer, img_size, max_length, grids, False)
     return EncodedSize(lay.cut, lay.total, sum(lay.trained[: lay.cut]), lay.total > max_length)
 
 

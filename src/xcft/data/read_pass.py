@@ -76,6 +76,11 @@ class FileSamples:
     def usable(self) -> list[SampleRecord]:
         return [self.table.record(int(k)) for k in self.usable_index]
 
+    @property
+    def pairs(self) -> bool:
+        """A preference data file (its first record is a pair)."""
+        return self.table.pairs
+
 
 @dataclass
 class DataPass:
@@ -88,6 +93,11 @@ class DataPass:
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def is_preference(self) -> bool:
+        """The data holds preference pairs (every file, or a problem says it mixes them)."""
+        return any(fs.pairs for fs in self.files)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -145,6 +155,19 @@ def read_pass(
         fs.draw_count = draw_count(len(fs.usable_index), src.number, given_num)
         problems.extend(_file_problems(fs, max_length))
         files.append(fs)
+    kinds = [fs.pairs for fs in files if len(fs.table)]
+    if any(kinds) and not all(kinds):
+        pairs_at = next(fs for fs in files if len(fs.table) and fs.pairs).source.display
+        sft_at = next(fs for fs in files if len(fs.table) and not fs.pairs).source.display
+        problems.append(
+            Problem(
+                str(data),
+                None,
+                None,
+                f"mixes preference pairs ({pairs_at}) and SFT conversations ({sft_at})",
+                "give SFT data to --stage sft and pairs to --stage dpo or rm, in separate data.txt files",
+            )
+        )
     return DataPass(spec, files, problems)
 
 
@@ -154,12 +177,17 @@ def _file_problems(fs: FileSamples, max_length: int) -> list[Problem]:
     n_encoded = int(np.count_nonzero(fs.table.encoded))
     n_usable = len(fs.usable_index)
     if n_encoded and not n_usable:
+        what = (
+            f"no pair of this file can be trained (equal answers, or an answer cut away by max_length={max_length})"
+            if fs.pairs
+            else f"no sample of this file keeps a supervised token within max_length={max_length}"
+        )
         out.append(
             Problem(
                 src.display,
                 None,
                 None,
-                f"no sample of this file keeps a supervised token within max_length={max_length} (all {n_encoded} skipped)",
+                f"{what} (all {n_encoded} skipped)",
                 "raise --max-length (images take their slots in full), or shorten the samples",
                 line=src.line,
             )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -263,7 +263,8 @@ def _move_user_defined_last(model_bytes: bytes) -> bytes:
     pieces = list(proto.pieces)
     user = [p for p in pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
     order = {p.piece: i for i, p in enumerate(user)}
-    user.sort(key=lambda p: USER_DEFINED.index(p.piece) if p.piece in USER_DEFINED else order[p.piece])
+    # other user-defined pieces first (the real model's [UNUSED_TOKEN_130] comes before 145/146), the turn tokens last
+    user.sort(key=lambda p: (1, USER_DEFINED.index(p.piece)) if p.piece in USER_DEFINED else (0, order[p.piece]))
     rest = [p for p in pieces if p.type != pb.ModelProto.SentencePiece.USER_DEFINED]
     copies = [pb.ModelProto.SentencePiece() for _ in rest + user]
     for dst, src in zip(copies, rest + user):
@@ -273,14 +274,21 @@ def _move_user_defined_last(model_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = 1000) -> Path:
+def build_tokenizer(
+    out_dir: str | Path,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 1000,
+    *,
+    extra_pieces: Sequence[str] = (),
+) -> Path:
     """Train an InternLM2-convention SentencePiece model and write ``out_dir/tokenizer.model``.
 
     ``corpus`` is any iterable of text lines (default: :func:`default_corpus`). Training is
     single-threaded with no input sampling or shuffling, so the same corpus always gives the
-    same file. Returns the path of the written model.
+    same file. ``extra_pieces``: more single-piece special tokens (e.g. the reward model's
+    ``[UNUSED_TOKEN_130]``), placed before the turn tokens. Returns the path of the written model.
     """
-    min_vocab = 3 + 256 + len(USER_DEFINED) + 1
+    min_vocab = 3 + 256 + len(USER_DEFINED) + len(extra_pieces) + 1
     if vocab_size < min_vocab:
         raise XcftError(
             f"tokenizer vocab_size {vocab_size} is too small: the byte-fallback pieces and special tokens alone "
@@ -308,7 +316,7 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None, vo
             bos_id=1,
             eos_id=2,
             pad_id=-1,
-            user_defined_symbols=list(USER_DEFINED),
+            user_defined_symbols=[*extra_pieces, *USER_DEFINED],
             hard_vocab_limit=False,
             num_threads=1,
             input_sentence_size=0,

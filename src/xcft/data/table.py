@@ -32,6 +32,7 @@ from PIL import Image
 
 from xcft.data.encode import Grid, ImageSpec, TokenizerLike, encoded_size
 from xcft.data.images import IMAGE_FIX, decode_with_size
+from xcft.data.pairs import PreferencePair, encode_pair, is_pair_record, normalize_pair, not_a_pair, pair_skip_reason
 from xcft.data.schema import Conversation, Problem, jsonl_problem, normalize_sample, read_records
 from xcft.errors import DataError
 
@@ -77,6 +78,7 @@ class SampleRecord:
     truncated: bool = False
     grids: list[Grid] | None = None  # 2.5: each image's crop grid
     image_tokens: list[int] = field(default_factory=list)  # slots of each of its images (usable samples)
+    pair: PreferencePair | None = None  # preference data: the pair (length and supervised count both sides)
 
     @property
     def usable(self) -> bool:
@@ -211,8 +213,37 @@ class SampleTable:
         fh.seek(start)
         return json.loads(fh.read(end - start))
 
+    @property
+    def pairs(self) -> bool:
+        """A preference data file (its first record is a pair): samples are pairs."""
+        return bool(self.columns["pairs"][0])
+
+    def pair(self, k: int) -> PreferencePair | None:
+        """Pair ``k`` of a preference file normalised again from its record (None where it could not be)."""
+        if not self.columns["has_conversation"][k]:
+            return None
+        line = int(self.columns["line"][k])
+        pair, _ = normalize_pair(
+            self.raw_record(k),
+            file=self.display,
+            index=int(k),
+            search_dirs=self.search_dirs,
+            line=line if line >= 0 else None,
+            check_images_exist=False,
+        )
+        if pair is None:  # the record normalised at build time; only a changed file gets here
+            raise DataError(f"{self.display}: pair {k} no longer reads as it did. Fix: restart so the data is read again")
+        pair.chosen.images = pair.rejected.images = self.image_paths(k)
+        return pair
+
     def conversation(self, k: int) -> Conversation | None:
-        """Sample ``k`` normalised again from its record (None where it could not be), its images as resolved at build."""
+        """Sample ``k`` normalised again from its record (None where it could not be), its images as resolved at build.
+
+        A preference file's sample is its pair's chosen conversation.
+        """
+        if self.pairs:
+            pair = self.pair(k)
+            return pair.chosen if pair is not None else None
         if not self.columns["has_conversation"][k]:
             return None
         line = int(self.columns["line"][k])
@@ -232,7 +263,9 @@ class SampleTable:
     def record(self, k: int) -> SampleRecord:
         """Sample ``k`` as a :class:`SampleRecord` (reads its JSON record)."""
         cols = self.columns
-        rec = SampleRecord(int(k), self.conversation(k), **{n: SCALARS[n](cols[n][k]).item() for n in SCALARS})
+        pair = self.pair(k) if self.pairs else None
+        conv = pair.chosen if pair is not None else None if self.pairs else self.conversation(k)
+        rec = SampleRecord(int(k), conv, pair=pair, **{n: SCALARS[n](cols[n][k]).item() for n in SCALARS})
         if rec.encoded and self.columns["hd"][0]:
             rec.grids = self.grids(k)
         if rec.usable:
@@ -244,25 +277,36 @@ class SampleTable:
 
 
 class SampleView(Sequence[Any]):
-    """A sequence over some samples of a table, read on access: their conversations (or crop grids with ``grids``)."""
+    """A sequence over some samples of a table, read on access.
 
-    def __init__(self, table: SampleTable, index: np.ndarray, *, grids: bool = False) -> None:
+    ``kind``: what an element is: ``"conversation"`` (a pair's chosen one), ``"grids"`` (its crop
+    grids), ``"pair"`` or ``"rejected"`` (a pair's rejected conversation).
+    """
+
+    def __init__(self, table: SampleTable, index: np.ndarray, *, grids: bool = False, kind: str = "conversation") -> None:
         self.table = table
         self.rows = np.asarray(index, dtype=np.int64)  # sample numbers in the table
-        self._grids = grids
+        self.kind = "grids" if grids else kind
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, j: Any) -> Any:
         if isinstance(j, slice):
-            return SampleView(self.table, self.rows[j], grids=self._grids)
+            return SampleView(self.table, self.rows[j], kind=self.kind)
         k = int(self.rows[j])
-        return self.table.grids(k) if self._grids else self.table.conversation(k)
+        if self.kind == "grids":
+            return self.table.grids(k)
+        if self.kind == "pair":
+            return self.table.pair(k)
+        if self.kind == "rejected":
+            pair = self.table.pair(k)
+            return pair.rejected if pair is not None else None
+        return self.table.conversation(k)
 
     def take(self, positions: Sequence[int] | np.ndarray) -> SampleView:
         """The samples at ``positions`` of this view."""
-        return SampleView(self.table, self.rows[np.asarray(positions, dtype=np.int64)], grids=self._grids)
+        return SampleView(self.table, self.rows[np.asarray(positions, dtype=np.int64)], kind=self.kind)
 
 
 # --------------------------------------------------------------------------- finding the records
@@ -386,6 +430,7 @@ class TableContext:
     spec: ImageSpec
     max_length: int
     decode_images: bool
+    pairs: bool = False  # a preference data file (set by build_table from its first record)
 
 
 class _MemoTokenizer:
@@ -470,9 +515,19 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         k = first + t
         line = int(lines[t])
         record = json.loads(blob[int(starts[t]) - base : int(ends[t]) - base])
-        conv, probs = normalize_sample(
-            record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None, is_file=is_file
-        )
+        pair: PreferencePair | None = None
+        if ctx.pairs:
+            if not is_pair_record(record):
+                problems.append(not_a_pair(ctx.display, k, record, line if line >= 0 else None))
+                continue
+            pair, probs = normalize_pair(
+                record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None
+            )
+            conv = pair.chosen if pair is not None else None
+        else:
+            conv, probs = normalize_sample(
+                record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None, is_file=is_file
+            )
         problems.extend(probs)
         if conv is None:
             continue
@@ -487,7 +542,15 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         conv_grids = [g for _, _, g in checks] if ctx.spec.hd and usable_images else None
         sample_slots = [0] * len(conv.images)
         sample_grids: list[Grid] = [(0, 0)] * len(conv.images)
-        if usable_images:
+        if usable_images and pair is not None:
+            _encode_pair_into(ctx, tokenizer, pair, conv_grids, scalars, t, problems)  # type: ignore[arg-type]
+            if conv_grids is not None:
+                sample_grids = list(conv_grids)  # type: ignore[arg-type]
+            if scalars["supervised"][t]:
+                sample_slots = (
+                    [ctx.spec.slots(g) for g in conv_grids] if conv_grids is not None else [ctx.spec.slots()] * len(conv.images)
+                )
+        elif usable_images:
             enc = encoded_size(conv, tokenizer, ctx.spec, ctx.max_length, conv_grids)  # type: ignore[arg-type]
             sup = enc.supervised
             for name, value in (
@@ -517,6 +580,39 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         np.asarray(slots, dtype=np.int32),
         problems,
     )
+
+
+def _encode_pair_into(
+    ctx: TableContext,
+    tokenizer: Any,
+    pair: PreferencePair,
+    grids: list[Grid] | None,
+    scalars: dict[str, np.ndarray],
+    t: int,
+    problems: list[Problem],
+) -> None:
+    """A pair's columns: both sequences' length and scored tokens; supervised 0 when training skips it."""
+    enc = encode_pair(pair, tokenizer, ctx.spec, ctx.max_length, grids)
+    scalars["encoded"][t] = True
+    scalars["length"][t] = len(enc)
+    scalars["truncated"][t] = enc.truncated
+    scalars["untruncated_length"][t] = enc.chosen.untruncated_length + enc.rejected.untruncated_length
+    scalars["supervised"][t] = enc.num_supervised
+    why = pair_skip_reason(pair, enc, ctx.max_length)
+    if why is None:
+        return
+    scalars["supervised"][t] = 0
+    if not enc.scorable:  # equal answers were reported when the pair was read
+        problems.append(
+            Problem(
+                ctx.display,
+                pair.index,
+                pair.id,
+                f"{why}; the pair is skipped in training",
+                "shorten the prompt or its images, or raise --max-length",
+                level="warning",
+            )
+        )
 
 
 def _no_supervised(ctx: TableContext, conv: Conversation, untruncated: int) -> Problem:
@@ -567,6 +663,10 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
     spans, problems = find_records(ctx.path, ctx.display)
     if spans is None:
         spans = _Spans(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
+    else:  # the file's kind follows its first record, as the official loader decides
+        with open(ctx.path, "rb") as fh:
+            fh.seek(int(spans.start[0]))
+            ctx = dataclasses.replace(ctx, pairs=is_pair_record(json.loads(fh.read(int(spans.end[0] - spans.start[0])))))
     n = len(spans.start)
     scalars: dict[str, list[np.ndarray]] = {name: [] for name in SCALARS}
     has_conv: list[np.ndarray] = []
@@ -607,6 +707,7 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
         "path_blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
         "path_off": path_off,
         "hd": np.array([ctx.spec.hd]),
+        "pairs": np.array([ctx.pairs]),
     }
     return SampleTable(
         ctx.path, ctx.display, ctx.search_dirs, columns, problems, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns

@@ -873,8 +873,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         image_mask: torch.Tensor | None,
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Put the projected features of ``pixel_values`` (batch row order) at the ``image_mask`` slots."""
+        """Put the projected features of ``pixel_values`` (batch row order) at the ``image_mask`` slots.
+
+        ``image_index`` [M]: for each image occurrence of the batch in row order, the index of its
+        image in ``pixel_values`` (``image_grids``); an image used by several rows (the two answers
+        of a preference pair) is then encoded once. Default: every image once, in order.
+        """
         if image_mask is None:
             raise ValueError("pixel_values given without image_mask: the model cannot tell where the images go")
         hd = self.config.hd
@@ -885,8 +891,13 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         # From here on ``image_grids is not None`` exactly when ``hd``.
         if image_grids is not None:
             self._checked_grids(pixel_values, image_grids)
-        num_images = int(image_grids.shape[0]) if image_grids is not None else int(pixel_values.shape[0])
-        per_image = self.image_token_counts(image_grids, num_images)
+        num_encoded = int(image_grids.shape[0]) if image_grids is not None else int(pixel_values.shape[0])
+        encoded_sizes = self.image_token_counts(image_grids, num_encoded)
+        occurrences = list(range(num_encoded)) if image_index is None else [int(i) for i in image_index.tolist()]
+        if any(not 0 <= i < num_encoded for i in occurrences):
+            raise ValueError(f"image_index {occurrences} points outside the {num_encoded} images of pixel_values")
+        per_image = [encoded_sizes[i] for i in occurrences]
+        num_images = len(occurrences)
         slots = int(image_mask.sum())
         if slots != sum(per_image):
             what = (
@@ -915,6 +926,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         else:
             features = self.get_image_features(pixel_values)
         features = features.to(inputs_embeds.dtype)
+        if image_index is not None:
+            pieces = features.reshape(-1, features.shape[-1]).split(encoded_sizes)
+            features = torch.cat([pieces[i] for i in occurrences])
         mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features.reshape(-1))
 
@@ -949,6 +963,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         image_mask: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
@@ -959,7 +974,8 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
     ) -> XComposer2CausalLMOutput:
         """Loss = token cross-entropy of ``logits[:, :-1]`` vs ``labels[:, 1:]`` (see :func:`causal_lm_loss`).
 
-        Images: see :meth:`splice_image_features` (2.5 models also take ``image_grids``).
+        Images: see :meth:`splice_image_features` (2.5 models also take ``image_grids``; ``image_index``
+        reuses an encoded image in several rows).
         ``cache`` is transformers 5's name for ``past_key_values``; either works. With
         ``supervised_logits_only`` in training (the trainer's choice), logits are computed only
         at supervised positions (the returned ``logits`` is then None). ``loss_groups`` ([B, L], the
@@ -982,6 +998,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             image_counts,
             use_cache,
             image_grids=image_grids,
+            image_index=image_index,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1023,6 +1040,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         image_counts: torch.Tensor | None,
         use_cache: bool | None,
         image_grids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Embed, splice the images in, run the decoder: the final-norm hidden states."""
@@ -1037,7 +1055,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.model.tok_embeddings(input_ids)
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                inputs_embeds = self.splice_image_features(inputs_embeds, pixel_values, image_mask, image_counts, image_grids)
+                inputs_embeds = self.splice_image_features(
+                    inputs_embeds, pixel_values, image_mask, image_counts, image_grids, image_index
+                )
             elif image_mask is not None and bool(image_mask.any()):
                 raise ValueError(
                     "image_mask marks image slots but no pixel_values were given; pass the images, or pass "
@@ -1054,6 +1074,34 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             image_mask=image_mask,
             **kwargs,
         )
+
+    def last_hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, L, hidden] of a batch, images spliced in (what a score head reads)."""
+        hidden = self._decode(
+            input_ids,
+            attention_mask,
+            position_ids,
+            None,
+            None,
+            pixel_values,
+            image_mask,
+            image_counts,
+            False,
+            image_grids=image_grids,
+            image_index=image_index,
+        ).last_hidden_state
+        assert hidden is not None, "the decoder always returns its hidden states"
+        return hidden
 
     @torch.no_grad()
     def sample_losses(
@@ -1083,6 +1131,7 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             image_counts,
             False,
             image_grids=image_grids,
+            image_index=kwargs.get("image_index"),
         ).last_hidden_state
         assert hidden is not None, "the decoder always returns its hidden states"
         shift_labels = labels[:, 1:].to(hidden.device)

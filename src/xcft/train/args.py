@@ -177,6 +177,53 @@ class LoraArguments:
 
 
 @dataclass
+class PreferenceArguments:
+    """What is trained (--stage) and, for preference stages, how (TRL's option names)."""
+
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": "sft: supervised finetuning on conversations; dpo: direct preference optimisation on "
+            "preference pairs (conversations_a/conversations_b or chosen/rejected records); rm: a reward model "
+            "(score head on the reward token) on the same pairs.",
+            "choices": ["sft", "dpo", "rm"],
+        },
+    )
+    beta: float = field(default=0.1, metadata={"help": "dpo: strength of the pull to the reference (TRL's beta)."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": "dpo loss: sigmoid (the DPO paper), ipo or hinge.", "choices": ["sigmoid", "ipo", "hinge"]},
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "dpo sigmoid loss: assumed share of wrongly labelled pairs (0 to < 0.5)."}
+    )
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "dpo: add rpo_alpha times the chosen answers' negative log-likelihood (RPO)."}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "dpo: reference model folder of the same family (default: the starting model itself; with "
+            "--use_lora the base with the adapter disabled, no second copy)."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "dpo: switch off every dropout (LoRA, Partial LoRA) in the policy, as TRL does by default, so "
+            "policy and reference agree before the first step and the log-prob ratios carry no dropout noise."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "dpo: score every pair with the reference once before training, so no reference model stays "
+            "in memory (useful for full finetunes)."
+        },
+    )
+
+
+@dataclass
 class OutputArguments:
     """What a run may do to its --output_dir, and how it reports progress (the rest of the output options are TrainingArguments')."""
 
@@ -229,6 +276,7 @@ class TrainConfig:
     lora: LoraArguments
     training: Any  # transformers.TrainingArguments
     output: OutputArguments = field(default_factory=OutputArguments)
+    preference: PreferenceArguments = field(default_factory=PreferenceArguments)
     explicit: set[str] = field(default_factory=set)  # keys the user set (YAML or flags)
     logging_dir: str | None = None
     config_file: str | None = None
@@ -236,7 +284,7 @@ class TrainConfig:
 
 def option_classes() -> tuple[type, ...]:
     """The dataclasses whose fields are the options of `xcft train` (the web form is built from them too)."""
-    return (ModelArguments, DataArguments, LoraArguments, OutputArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, LoraArguments, PreferenceArguments, OutputArguments, TrainingArguments)
 
 
 def _make_parser():
@@ -521,14 +569,14 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
             )
         return groups, explicit
 
-    (model_args, data_args, lora_args, output_args, training_args), explicit = parse({})
+    (model_args, data_args, lora_args, pref_args, output_args, training_args), explicit = parse({})
     conditional: dict[str, Any] = {}
     if (data_args.eval_data_path or data_args.eval_split > 0) and "eval_strategy" not in explicit:
         conditional["eval_strategy"] = "epoch"
     if not model_args.fix_vit and "ddp_find_unused_parameters" not in explicit:
         conditional["ddp_find_unused_parameters"] = True  # the vision tower is unused in text-only batches
     if conditional:
-        (model_args, data_args, lora_args, output_args, training_args), explicit = parse(conditional)
+        (model_args, data_args, lora_args, pref_args, output_args, training_args), explicit = parse(conditional)
 
     if not model_args.model_name_or_path:
         raise XcftError("--model_name_or_path is required (a model folder), on the command line or in the YAML file")
@@ -569,6 +617,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
                 "thing (the view size): pass one"
             )
         data_args.img_size = data_args.resolution
+    check_preference(pref_args, data_args)
     check_quantization_options(model_args, training_args)
     logging_dir = legacy.get("logging_dir")
     return TrainConfig(
@@ -577,10 +626,31 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
         lora=lora_args,
         training=training_args,
         output=output_args,
+        preference=pref_args,
         explicit=explicit,
         logging_dir=str(logging_dir) if logging_dir not in (None, True) else None,
         config_file=config_file,
     )
+
+
+def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
+    """Reject preference options that cannot work together (one error line each)."""
+    if pref.beta <= 0:
+        raise XcftError(f"--beta must be positive, got {pref.beta}")
+    if not 0.0 <= pref.label_smoothing < 0.5:
+        raise XcftError(f"--label_smoothing must be in [0, 0.5), got {pref.label_smoothing}")
+    if pref.label_smoothing and pref.loss_type != "sigmoid":
+        raise XcftError(f"--label_smoothing applies to --loss_type sigmoid, not {pref.loss_type}")
+    if pref.rpo_alpha is not None and pref.rpo_alpha < 0:
+        raise XcftError(f"--rpo_alpha must be at least 0, got {pref.rpo_alpha}")
+    if pref.stage != "dpo":
+        used = [name for name in ("ref_model_name_or_path", "rpo_alpha") if getattr(pref, name)]
+        if pref.precompute_ref_log_probs:
+            used.append("precompute_ref_log_probs")
+        if used:
+            raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
+    if pref.stage == "rm" and data.packing:
+        raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
 
 
 def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:
@@ -628,7 +698,7 @@ def _plain(value: Any) -> Any:
 def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """Every option of the run with its final value, keyed as in a YAML config (re-loadable)."""
     out: dict[str, Any] = {}
-    for group in (cfg.model, cfg.data, cfg.lora, cfg.output):
+    for group in (cfg.model, cfg.data, cfg.lora, cfg.preference, cfg.output):
         out.update({f.name: _plain(getattr(group, f.name)) for f in dataclasses.fields(group) if f.init})
     training = cfg.training.to_dict()
     for f in dataclasses.fields(cfg.training):

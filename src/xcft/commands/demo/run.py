@@ -392,7 +392,7 @@ def _run_demo(
 
 
 def demo_command(*, output: str, steps: int | None, quick: bool, output_format: str = "text", family: str = "2.0") -> int:
-    """Entry point of ``xcft demo``: run the demo, print the table (or one JSON object)."""
+    """The SFT demo of ``xcft demo``: run it, print the table (or one JSON object)."""
     quiet = output_format == "json"
     # In JSON mode stdout carries the one JSON object only: everything the stages print (and
     # logging handlers that libraries bind to sys.stdout when first imported) goes to stderr.
