@@ -37,13 +37,17 @@ declare -A RUNS=(
   [data-exact]="data --img-size 490"
   [data-exact-2workers]="data --img-size 490 --workers 2"
   [data-photo]="data --img-size 490 --photo 4000x3000"
+  [predict-text-b8]="predict $TXT --samples 16 --batch-size 8 --max-new-tokens 32"
+  [predict-text-b8-64]="predict $TXT --samples 16 --batch-size 8 --max-new-tokens 64"
 )
-ORDER="${XCFT_CPU_CHECK_RUNS:-image-b1 text-b1 text-b8 image-b2 mix-packed image-b1-no-reuse image-b1-full-head text-b8-lora image-b1-lora data-exact data-exact-2workers data-photo}"
+ORDER="${XCFT_CPU_CHECK_RUNS:-image-b1 text-b1 text-b8 image-b2 mix-packed image-b1-no-reuse image-b1-full-head text-b8-lora image-b1-lora data-exact data-exact-2workers data-photo predict-text-b8 predict-text-b8-64}"
 for name in $ORDER; do
   spec="${RUNS[$name]:?unknown run $name}"
   read -r kind args <<<"$spec"
   if [ "$kind" = train ]; then
     cmd=("$XCFT" bench train --model "$MODEL" --data "$D" $args --warmup 1 --format json)
+  elif [ "$kind" = predict ]; then
+    cmd=("$XCFT" bench predict --model "$MODEL" --data "$D" $args --format json)
   else
     cmd=("$XCFT" bench data --data "$D" $args --format json)
   fi

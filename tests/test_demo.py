@@ -1,7 +1,7 @@
 """End-to-end demo (quick variant): it learns, through the vision path, with the real train/merge/chat code.
 
 One quick demo run (module fixture) is shared by the assertions; the control run trains on blank
-images and must not learn colours. The numbers are measured by greedy chat on held-out images.
+images and must not learn colours. The numbers are measured by `xcft predict` + `xcft score` on held-out images.
 Every test that runs the demo is marked slow (minutes on 2 cores).
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from xcft.cli import main
 from xcft.commands.demo.run import QUICK, run_demo
 from xcft.commands.demo.scoring import chance_levels
 
@@ -34,7 +35,7 @@ def test_quick_demo_learns(quick) -> None:
 
 @pytest.mark.slow
 def test_vision_path_is_what_learned(quick) -> None:
-    # the same trained model, every image replaced by zero pixels: colour answers fall to chance
+    # the same trained model, every image replaced by a flat CLIP-mean one: colour answers fall to chance
     chance = chance_levels()["colour"]
     assert quick.per_kind_after["colour"] >= chance + 0.5
     assert quick.accuracy_blank_images <= chance + 0.15
@@ -56,6 +57,23 @@ def test_artifacts_and_fresh_process_answer(quick) -> None:
 
 
 @pytest.mark.slow
+def test_predict_and_score_on_the_merged_model_reproduce_the_demo_accuracy(quick, tmp_path, capsys) -> None:
+    preds = tmp_path / "merged.jsonl"
+    assert main(["predict", quick.heldout_txt, "--model", quick.merged_dir, "--output", str(preds), "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(preds), "--metrics", "first_word", "--format", "json"]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    per_kind = {Path(k).stem.removeprefix("heldout_"): v for k, v in scores.items() if k != "overall"}
+    assert {k: v["first_word"] for k, v in per_kind.items()} == pytest.approx(quick.per_kind_after)
+    head = [per_kind[k] for k in ("colour", "shape")]
+    assert sum(v["first_word_hits"] for v in head) / sum(v["n"] for v in head) == pytest.approx(quick.accuracy_after)
+    # the demo's own prediction files compare as xcft score compares them
+    assert main(["score", quick.predictions_before, quick.predictions_after, "--metrics", "first_word", "--format", "json"]) == 0
+    comparison = json.loads(capsys.readouterr().out)
+    assert len(comparison["fixed"]) > len(comparison["broken"])
+
+
+@pytest.mark.slow
 def test_merged_model_answers_xcft_chat_with_no_flags(quick, subprocess_env) -> None:
     """The merged folder records the training layout, so plain `xcft chat` (official sampling) names the colour."""
     import subprocess
@@ -64,7 +82,7 @@ def test_merged_model_answers_xcft_chat_with_no_flags(quick, subprocess_env) -> 
     merged = Path(quick.merged_dir)
     assert json.loads((merged / "config.json").read_text())["prompt_layout"] == "training"
     data = Path(quick.output_dir) / "data"
-    colours = [q for q in json.loads((data / "heldout.json").read_text()) if q["id"].startswith("heldout-colour")][:3]
+    colours = json.loads((data / "heldout_colour.json").read_text())[:3]
     right = 0
     for q in colours:
         argv = ["chat", "--model", str(merged), "--image", str(data / q["image"][0]), "--query", q["conversations"][0]["value"]]

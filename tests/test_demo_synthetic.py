@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xcft.commands.demo.scoring import chance_levels, first_word
+from xcft.commands.demo.scoring import chance_levels
 from xcft.commands.demo.synthetic import COLOURS, QUESTIONS, SHAPES, draw_shape, generate_dataset, read_heldout
+from xcft.train.answer_metrics import first_word
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,11 @@ def test_heldout_is_balanced_fresh_and_readable(demo_data) -> None:
     assert len(set(shape)) == len(SHAPES)
     train_images = {p for s in json.loads((demo_data.root / "shapes.json").read_text()) for p in s["image"]}
     assert not {Path(p).name for q in qas for p in q.images} & {Path(p).name for p in train_images}
-    assert read_heldout(demo_data.heldout_json) == qas
+    assert sorted(read_heldout(demo_data.heldout_txt), key=lambda q: q.id) == sorted(qas, key=lambda q: q.id)
+    blank = read_heldout(demo_data.heldout_blank)
+    assert [q.answer for q in blank] == colour and all(
+        np.asarray(Image.open(p)).reshape(-1, 3).std(axis=0).max() == 0 for q in blank for p in q.images
+    )
     assert {q.kind for q in qas} == {"colour", "shape", "compare", "text"}
 
 

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from xcft.commands.train import train_command
@@ -81,8 +82,8 @@ def test_dpo_zero3_full_precomputed_reference_two_processes(tiny_base, pairs, tm
     assert (out / "model.safetensors").is_file()
 
 
-def test_rm_zero2_two_processes_equal_one_process(tmp_path, subprocess_env, torchrun, train_argv, tmp_path_factory):
-    """A reward model under ZeRO-2: same losses as one process; the head is saved beside the model."""
+def _rm_both(tmp_path, subprocess_env, torchrun, train_argv, config: str) -> tuple[Path, Path]:
+    """A tiny reward model trained 2 steps under torchrun with ``config`` and in one process (same global batch)."""
     from xcft.data.spm_builder import build_tokenizer
     from xcft.model.loading import save_pretrained
     from xcft.model.presets import build_model
@@ -100,9 +101,7 @@ def test_rm_zero2_two_processes_equal_one_process(tmp_path, subprocess_env, torc
     data.write_text(json.dumps(records), encoding="utf-8")
     run = ["--stage", "rm", "--seed", "11", "--max_steps", "2", "--learning_rate", "1e-3", "--save_strategy", "no"]
     out, ref = tmp_path / "dist", tmp_path / "single"
-    argv = train_argv(
-        base, data, out, *run, "--per_device_train_batch_size", "1", "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")
-    )
+    argv = train_argv(base, data, out, *run, "--per_device_train_batch_size", "1", "--deepspeed", str(ROOT / "configs" / config))
     r = subprocess.run(
         [*torchrun(), "train", *argv], env=subprocess_env, capture_output=True, text=True, timeout=900, cwd=str(ROOT)
     )
@@ -112,4 +111,24 @@ def test_rm_zero2_two_processes_equal_one_process(tmp_path, subprocess_env, torc
     assert sorted(got) == sorted(expected) == [1, 2]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+    return out, ref
+
+
+def test_rm_zero2_two_processes_equal_one_process(tmp_path, subprocess_env, torchrun, train_argv):
+    """A reward model under ZeRO-2: same losses as one process; the head is saved beside the model."""
+    out, _ = _rm_both(tmp_path, subprocess_env, torchrun, train_argv, "ds_zero2.json")
     assert (out / "reward_head.safetensors").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_rm_zero3_saves_the_gathered_head_and_model(tmp_path, subprocess_env, torchrun, train_argv):
+    """Under ZeRO-3 each rank holds a shard of the head: the saved head and model are the whole, trained tensors."""
+    from safetensors.torch import load_file
+
+    out, ref = _rm_both(tmp_path, subprocess_env, torchrun, train_argv, "ds_zero3.json")
+    head, head_ref = load_file(str(out / "reward_head.safetensors")), load_file(str(ref / "reward_head.safetensors"))
+    assert head["v_head.weight"].shape == head_ref["v_head.weight"].shape == (1, 64)
+    torch.testing.assert_close(head["v_head.weight"], head_ref["v_head.weight"], rtol=1e-4, atol=1e-6)
+    model, model_ref = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert model.keys() == model_ref.keys()
+    for key in model_ref:
+        torch.testing.assert_close(model[key], model_ref[key], rtol=1e-4, atol=1e-5, msg=key)

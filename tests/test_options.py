@@ -89,6 +89,28 @@ def test_size_options_are_declared_once_for_every_command_and_train():
     assert issubclass(DataArguments, SizeOptions)  # xcft train's --img_size / --max_length / --hd_num
 
 
+def test_bits_and_given_num_have_one_help_text_in_every_command_and_train():
+    """--bits (eval, chat, bench, train) and --given_num (check-data, train) read their help from one place."""
+    from xcft.data.mixture import GIVEN_NUM_HELP
+    from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
+    from xcft.train.args import ModelArguments
+
+    parser = build_parser()
+    seen: dict[str, set[str]] = {"bits": set(), "given_num": set()}
+    for command in SUBCOMMANDS:
+        if command.options is None:
+            continue
+        for action in _subparser(parser, *([command.group] if command.group else []), command.name)._actions:
+            if action.dest in seen:
+                seen[action.dest].add(action.help)
+                if action.dest == "bits":
+                    assert list(action.choices) == list(SUPPORTED_BITS)
+    assert seen == {"bits": {BITS_HELP}, "given_num": {GIVEN_NUM_HELP}}
+    train_fields = {f.name: f for f in (*dataclasses.fields(ModelArguments), *dataclasses.fields(DataArguments))}
+    assert train_fields["bits"].metadata["help"].startswith(BITS_HELP)  # plus the alias train accepts
+    assert train_fields["given_num"].metadata["help"] == GIVEN_NUM_HELP
+
+
 @pytest.mark.parametrize(
     ("argv", "verbose", "rest"),
     [

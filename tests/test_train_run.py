@@ -17,7 +17,14 @@ from xcft.cli import main
 from xcft.commands.train import train_command
 from xcft.errors import XcftError
 from xcft.output_dir import own_entries
-from xcft.run_files import EXIT_SIGTERM, MERGE_CHECK_NAME, STAGING_DIR_NAME, find_last_checkpoint, read_merge_check
+from xcft.run_files import (
+    EXIT_SIGTERM,
+    MERGE_CHECK_NAME,
+    STAGING_DIR_NAME,
+    TRAINER_LOG_NAME,
+    find_last_checkpoint,
+    read_merge_check,
+)
 from xcft.train.args import parse_train_args
 from xcft.train.setup import SEPARATOR_NAMES
 
@@ -371,6 +378,43 @@ def test_eval_split_and_eval_data_give_eval_loss(tmp_path, train, small_fixed_da
     assert rc == 0
     state = json.loads((out2 / "trainer_state.json").read_text())
     assert any("eval_loss" in h for h in state["log_history"])  # eval_strategy defaults to epoch with eval data
+
+
+def test_eval_metrics_are_logged_beside_the_eval_loss(tmp_path, train, small_fixed_data, capsys):
+    out = tmp_path / "em"
+    common = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--use_lora", "--lora_r", "4"]
+    rc = train(
+        out,
+        *common,
+        "--eval_data_path",
+        str(small_fixed_data),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--eval_metrics",
+        "exact,first_word,rouge_l",
+        "--eval_generate_samples",
+        "3",
+        "--eval_max_new_tokens",
+        "4",
+        "--report_to",
+        "tensorboard",
+        "--logging_dir",
+        str(tmp_path / "tb"),
+    )
+    assert rc == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    [entry] = [h for h in state["log_history"] if "eval_loss" in h]
+    assert {"eval_exact", "eval_first_word", "eval_rouge_l"} <= entry.keys()
+    assert 0 <= entry["eval_exact"] <= 1 and 0 <= entry["eval_rouge_l"] <= 1
+    logged = [json.loads(x) for x in (out / TRAINER_LOG_NAME).read_text().splitlines()]
+    assert any("eval_exact" in row.get("values", row) for row in logged)
+    assert any((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    with pytest.raises(XcftError, match="--eval_metrics needs an eval set"):
+        train(tmp_path / "em2", *common, "--eval_metrics", "exact")
+    with pytest.raises(XcftError, match="unknown metric 'accuracy'"):
+        train(tmp_path / "em3", *common, "--eval_split", "0.25", "--eval_metrics", "accuracy")
 
 
 def test_epoch_redraw_differs_and_is_seeded(tiny_base, tiny_data):

@@ -408,6 +408,7 @@ def test_sample_view_matches_inspect(page, web, capsys):
     page.wait_for_selector('#sample-view .xcft-sample[data-index="1"]')
 
 
+@pytest.mark.slow
 def test_data_tab_as_a_new_user_meets_it(page, web):
     """Progress over the status line only; indexes out of range said, not clamped; paths carried to Train."""
     _tab(page, "Train")  # empty Train fields: the checked paths will be carried there
@@ -724,6 +725,13 @@ def test_two_sessions_chat_with_their_own_models(browser, web):
         _fill(fresh, "chat-query", question)
         fresh.click("#chat-send")
         fresh.wait_for_function("() => document.querySelector('#chat-status').innerText.includes('no model loaded')")
+        # a model that answers nothing (its output head is zero: every step picks <unk>, which decodes to "")
+        silent, _ = load_pretrained(web["base"], dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            silent.output.weight.zero_()
+        _load_model(fresh, save_pretrained(silent, tok, web["root"] / "silent"))
+        _greedy(fresh, 4)
+        assert "empty answer" in _ask(fresh, question, 1)
     finally:
         for pg in pages:
             pg.close()

@@ -76,6 +76,18 @@ SUBCOMMANDS = (
         opts.ConvertOptions,
     ),
     Subcommand("chat", "chat with a model about images", "xcft.commands.chat:chat_command", opts.ChatOptions),
+    Subcommand(
+        "predict",
+        "answer every sample of a data set in batches (JSON Lines)",
+        "xcft.commands.predict:predict_command",
+        opts.PredictOptions,
+    ),
+    Subcommand(
+        "score",
+        "answer metrics of a prediction file, or compare two",
+        "xcft.commands.score:score_command",
+        opts.ScoreOptions,
+    ),
     Subcommand("demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.main:demo_main", opts.DemoOptions),
     Subcommand(
         "web", "browser UI: data, training, chat, merge (needs xcft[web])", "xcft.commands.web:web_command", opts.WebOptions
@@ -94,9 +106,16 @@ SUBCOMMANDS = (
         opts.BenchDataOptions,
         group="bench",
     ),
+    Subcommand(
+        "predict",
+        "time batched generation against one prompt at a time",
+        "xcft.commands.bench:bench_predict_command",
+        opts.BenchPredictOptions,
+        group="bench",
+    ),
 )
 #: Subcommand groups and their help (``xcft bench WHAT``).
-GROUPS = {"bench": "benchmarks: training steps or data loading"}
+GROUPS = {"bench": "benchmarks: training steps, data loading or batched generation"}
 #: Subcommands that parse their own argument list, by name.
 OWN_ARGV = {c.name: c for c in SUBCOMMANDS if c.options is None and c.group is None}
 

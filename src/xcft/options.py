@@ -112,6 +112,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.Argument
         else:
             default = dataclasses.MISSING
         if cli.get("positional"):
+            if default is not dataclasses.MISSING:  # a positional with a default may be left out
+                kwargs.update(nargs="?", default=default)
             parser.add_argument(f.name, type=kind, **kwargs)
             continue
         flag = cli.get("flag") or "--" + f.name.replace("_", "-")

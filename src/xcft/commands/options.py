@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 from xcft.commands.bench.options import TrainBenchOptions
 from xcft.data.cache_options import CacheOptions
+from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
+from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 from xcft.options import option
 
 __all__ = [
     "BenchDataOptions",
+    "BenchPredictOptions",
     "BenchTrainCliOptions",
     "ChatOptions",
     "CheckDataOptions",
@@ -28,7 +31,10 @@ __all__ = [
     "InitModelOptions",
     "InspectOptions",
     "MergeOptions",
+    "PredictOptions",
+    "PromptOptions",
     "RewardOptions",
+    "ScoreOptions",
     "WebOptions",
 ]
 
@@ -42,12 +48,7 @@ class FormatOption:
 
 @dataclass(kw_only=True)
 class QuantOption:
-    bits: int = option(
-        16,
-        "store the decoder linears in 4 bit (NF4, double quantization) or 8 bit (LLM.int8) with bitsandbytes, as "
-        "QLoRA training does; a LoRA adapter then stays a separate branch. Needs xcft[qlora]. Default 16: not quantized",
-        choices=[4, 8, 16],
-    )
+    bits: int = option(16, BITS_HELP, choices=list(SUPPORTED_BITS))
 
 
 @dataclass(kw_only=True)
@@ -60,9 +61,7 @@ class DataOptions:
 
 @dataclass(kw_only=True)
 class CheckDataOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
-    given_num: bool = option(
-        True, "data.txt numbers are thousands of samples (true, default) or ratios (false)", value=True, metavar="true|false"
-    )
+    given_num: bool = option(True, GIVEN_NUM_HELP, value=True, metavar="true|false")
     workers: int | None = option(None, "image decoding threads (default: CPU count)")
 
 
@@ -115,17 +114,15 @@ class ConvertOptions:
 
 
 @dataclass(kw_only=True)
-class ChatOptions(QuantOption):
-    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
-    images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
-    query: str | None = option(None, "one question; without it an interactive session starts")
+class PromptOptions(QuantOption):
+    """How a question is put to the model and answered: shared by chat and predict."""
+
     max_new_tokens: int = option(256, "answer length limit in tokens")
     system: str | None = option(
         None,
         "system prompt ('' for none; default: the prompt layout's, the official one for 2.0, else none)",
         aliases=["--meta-instruction"],
     )
-    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
     layout: str | None = option(
         None,
         "prompt layout (default: the one the model folder records; official checkpoints and their finetunes: "
@@ -138,6 +135,44 @@ class ChatOptions(QuantOption):
         None, "2.5 models: crops per image (default: the official chat's 24 for one image, 6 each for several)"
     )
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+@dataclass(kw_only=True)
+class ChatOptions(PromptOptions):
+    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
+    images: Sequence[str] = option((), "image file (repeat for several)", flag="--image")
+    query: str | None = option(None, "one question; without it an interactive session starts")
+    greedy: bool = option(False, "greedy decoding (default: the official sampling settings)")
+
+
+METRICS_HELP = (
+    "comma-separated answer metrics: exact, contains, first_word, choice (multiple-choice letter), bleu, rouge_l "
+    "(default: all; the first of exact/contains/first_word/choice decides which samples failed)"
+)
+
+
+@dataclass(kw_only=True)
+class PredictOptions(PromptOptions):
+    data: str = option(help=DATA_HELP + " in the training format; the last user turn of each sample is asked", positional=True)
+    model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
+    output: str = option(
+        help="prediction file (JSON Lines); an existing one is continued: samples it holds are skipped", metavar="PREDS.JSONL"
+    )
+    batch_size: int = option(8, "prompts generated together (left padding, KV cache)")
+    sample: bool = option(False, "sample with the official settings (temperature 1, top_p 0.8; default: greedy)")
+    seed: int = option(0, "random seed (with --sample)")
+    limit: int | None = option(None, "predict only the first N samples")
+    metrics: str | None = option(None, "score the predictions when done (as xcft score --metrics)")
+
+
+@dataclass(kw_only=True)
+class ScoreOptions(FormatOption):
+    predictions: str = option(help="prediction file of xcft predict", positional=True)
+    other: str | None = option(
+        None, "a second prediction file of the same data: deltas per source and the samples fixed or broken", positional=True
+    )
+    metrics: str | None = option(None, METRICS_HELP)
+    show: int = option(10, "failed (or changed) samples listed in the text output")
 
 
 @dataclass(kw_only=True)
@@ -171,6 +206,17 @@ class WebOptions:
 @dataclass(kw_only=True)
 class BenchTrainCliOptions(FormatOption, TrainBenchOptions):
     """``xcft bench train``: the benchmark's options and the output format."""
+
+
+@dataclass(kw_only=True)
+class BenchPredictOptions(FormatOption):
+    model_dir: str = option(help="model folder (e.g. xcft init-model M --preset small)", flag="--model")
+    data: str = option(help=DATA_HELP + "; its samples are the prompts")
+    sources: Sequence[str] = option((), "keep only data.txt files whose path contains this (repeatable)", flag="--source")
+    samples: int = option(16, "prompts timed (the data's samples repeated)")
+    batch_size: int = option(8, "batch size compared with batch 1")
+    max_new_tokens: int = option(32, "tokens generated per answer (forced, so both runs generate the same)")
+    device: str | None = option(None, "cpu, cuda ... (default: cuda when available; bfloat16 there)")
 
 
 @dataclass(kw_only=True)

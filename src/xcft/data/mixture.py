@@ -21,6 +21,12 @@ import numpy as np
 
 from xcft.data.schema import Problem, raise_first
 
+#: The help of ``--given_num`` (``check-data``, ``train`` ...): what the numbers of data.txt mean.
+GIVEN_NUM_HELP = (
+    "data.txt numbers are sample counts in thousands drawn per epoch (true, the default and what the official "
+    "scripts pass) or ratios of each file's size (false)"
+)
+
 JSON_SUFFIXES = (".json", ".jsonl")
 
 
@@ -196,4 +202,4 @@ def epoch_draw(counts: Sequence[int], sizes: Sequence[int], seed: int, epoch: in
     return draw[rng.permutation(len(draw))]
 
 
-__all__ = ["DataSpec", "Source", "draw_count", "epoch_draw", "load_spec", "parse_data_txt", "resolve_data"]
+__all__ = ["GIVEN_NUM_HELP", "DataSpec", "Source", "draw_count", "epoch_draw", "load_spec", "parse_data_txt", "resolve_data"]

@@ -342,10 +342,12 @@ def normalize_sample(
     search_dirs: Sequence[Path],
     line: int | None = None,
     check_images_exist: bool = True,
+    require_answer: bool = True,
     is_file: Callable[[Path], bool] | None = None,
 ) -> tuple[Conversation | None, list[Problem]]:
     """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems.
 
+    ``require_answer`` False accepts a conversation without an assistant turn (a question to answer).
     ``is_file``: how an image path is tested (default ``Path.is_file``; a reader of many samples
     passes one that remembers its answers).
     """
@@ -357,7 +359,7 @@ def normalize_sample(
         )
         return None, err.problems
     _sample_id(record, index, err)
-    messages = _messages(record, err)
+    messages = _messages(record, err, require_answer)
     image_list = _image_list(record, err) if messages is not None else None
     if messages is None or image_list is None:
         return None, err.problems
@@ -379,7 +381,7 @@ def _sample_id(record: dict, index: int, err: _Reporter) -> None:
         err(f"id must be a string or an integer, got {_a_json_type(raw_id)}", 'use e.g. "id": "sample-1" or "id": 1')
 
 
-def _messages(record: dict, err: _Reporter) -> list[Message] | None:
+def _messages(record: dict, err: _Reporter, require_answer: bool = True) -> list[Message] | None:
     """The turns as messages with normalised roles, alternating user/assistant; None after an error."""
     convs = record.get("conversations")
     if convs is None:
@@ -403,7 +405,7 @@ def _messages(record: dict, err: _Reporter) -> list[Message] | None:
     messages = [m for m in turns if m is not None]
     if len(messages) != len(turns):
         return None
-    return messages if _alternates(messages, err) else None
+    return messages if _alternates(messages, err, require_answer) else None
 
 
 def _message(t: int, turn: Any, err: _Reporter) -> Message | None:
@@ -445,8 +447,8 @@ def _message(t: int, turn: Any, err: _Reporter) -> Message | None:
     return Message(role, value.strip())
 
 
-def _alternates(messages: list[Message], err: _Reporter) -> bool:
-    """[system] user assistant user assistant ..., with at least one answer."""
+def _alternates(messages: list[Message], err: _Reporter, require_answer: bool = True) -> bool:
+    """[system] user assistant user assistant ..., with at least one answer (unless not ``require_answer``)."""
     body = messages[1:] if messages and messages[0].role == "system" else messages
     for k, msg in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
@@ -457,7 +459,7 @@ def _alternates(messages: list[Message], err: _Reporter) -> bool:
                 "reorder or merge consecutive turns of the same speaker",
             )
             return False
-    if not any(m.role == "assistant" for m in body):
+    if require_answer and not any(m.role == "assistant" for m in body):
         err("the conversation has no assistant answer, so nothing would be trained", "add an assistant turn after the user turn")
         return False
     return True
@@ -543,6 +545,7 @@ def read_file(
     search_dirs: Sequence[Path] | None = None,
     display: str | None = None,
     check_images_exist: bool = True,
+    require_answer: bool = True,
 ) -> tuple[list[Conversation | None], list[Problem]]:
     """Read and normalise every sample of one file.
 
@@ -557,7 +560,13 @@ def read_file(
     out: list[Conversation | None] = []
     for index, (line, record) in enumerate(records):
         conv, probs = normalize_sample(
-            record, file=name, index=index, search_dirs=dirs, line=line, check_images_exist=check_images_exist
+            record,
+            file=name,
+            index=index,
+            search_dirs=dirs,
+            line=line,
+            check_images_exist=check_images_exist,
+            require_answer=require_answer,
         )
         out.append(conv)
         problems.extend(probs)

@@ -1217,6 +1217,22 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             return query, True
         return place_images(query, history, num_images, numbered=self.config.hd), False
 
+    def chat_text(
+        self,
+        query: str,
+        history: Sequence[tuple[str, str]] = (),
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
+        num_images: int = 0,
+        prompt_layout: str | None = None,
+    ) -> str:
+        """The prompt text :meth:`build_chat_inputs` tokenizes, ``<ImageHere>`` where the images go."""
+        layout = prompt_layout or self.config.prompt_layout
+        if meta_instruction is FAMILY_DEFAULT:
+            meta_instruction = default_system_prompt(bool(self.config.hd), layout)
+        query, lead = self._chat_placement(query, history, num_images)
+        prompt = chat_prompt(query, history, meta_instruction)
+        return IMAGE_PLACEHOLDER + prompt if lead else prompt
+
     def build_chat_inputs(
         self,
         tokenizer: Any,
@@ -1241,14 +1257,9 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         ``image_slots`` gives each image's slot count (2.5: from its crop grid; 2.0: fixed).
         """
         hd = bool(self.config.hd)
-        layout = prompt_layout or self.config.prompt_layout
-        if meta_instruction is FAMILY_DEFAULT:
-            meta_instruction = default_system_prompt(hd, layout)
         if bos_per_piece is None:
-            bos_per_piece = bos_per_piece_default(hd, layout)
-        query, lead = self._chat_placement(query, history, num_images)
-        prompt = chat_prompt(query, history, meta_instruction)
-        pieces = (IMAGE_PLACEHOLDER + prompt if lead else prompt).split(IMAGE_PLACEHOLDER)
+            bos_per_piece = bos_per_piece_default(hd, prompt_layout or self.config.prompt_layout)
+        pieces = self.chat_text(query, history, meta_instruction, num_images, prompt_layout).split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != num_images:
             raise ValueError(
                 f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders (history included) but {num_images} "
@@ -1307,6 +1318,94 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         pixel_values = torch.cat(views) if views else torch.zeros(0, 3, size, size)
         return pixel_values, torch.tensor(grids, dtype=torch.long).reshape(-1, 2)
 
+    def chat_inputs(
+        self,
+        tokenizer: Any,
+        query: str,
+        images: Sequence[Any] | Any | None = None,
+        history: Sequence[tuple[str, str]] | None = None,
+        meta_instruction: str | Any | None = FAMILY_DEFAULT,
+        bos_per_piece: bool | None = None,
+        hd_num: int | None = None,
+        prompt_layout: str | None = None,
+    ) -> ChatInputs:
+        """One chat turn as model inputs: the prompt of :meth:`build_chat_inputs` and the images' pixels.
+
+        What :meth:`chat` answers; :meth:`answer_batch` answers several at once. The query comes back
+        with any placeholders :meth:`_chat_placement` added, so the history keeps the images where they were.
+        """
+        history = [cast("tuple[str, str]", tuple(turn)) for turn in (history or [])]
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        images = list(images or [])
+        query, _ = self._chat_placement(query, history, len(images))
+        image_grids = image_slots = None
+        pixel_values: torch.Tensor | None
+        if self.config.hd and images:
+            pixel_values, image_grids = self.hd_chat_images(images, hd_num)
+            image_slots = self.image_token_counts(image_grids, len(images))
+        else:
+            pixel_values = self._images_to_pixels(images) if images else None
+        prompt_ids, prompt_mask = self.build_chat_inputs(
+            tokenizer,
+            query,
+            history,
+            meta_instruction,
+            len(images),
+            bos_per_piece=bos_per_piece,
+            image_slots=image_slots,
+            prompt_layout=prompt_layout,
+        )
+        text = self.chat_text(query, history, meta_instruction, len(images), prompt_layout)
+        return ChatInputs(prompt_ids[0], prompt_mask[0], pixel_values, image_grids, query, len(images), text)
+
+    @torch.no_grad()
+    def answer_batch(
+        self,
+        tokenizer: Any,
+        prompts: Sequence[ChatInputs],
+        max_new_tokens: int = 1024,
+        do_sample: bool = True,
+        use_cache: bool = True,
+        **generate_kwargs: Any,
+    ) -> list[tuple[str, list[int]]]:
+        """``(answer, its new tokens without the stop tokens)`` per prompt, generated together in one left-padded batch.
+
+        Left padding keeps every prompt's last token at the end of its row, where generation
+        continues; the attention mask hides the padding and the positions count only real tokens
+        (``generate`` derives them from the mask), so each row sees what it would see alone.
+        Sampling settings as :meth:`chat`. Stops at EOS or ``[UNUSED_TOKEN_145]``.
+        """
+        if do_sample:
+            generate_kwargs = {**{k: v for k, v in OFFICIAL_GENERATION.items() if k != "do_sample"}, **generate_kwargs}
+        device = self.model.tok_embeddings.weight.device
+        pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else tokenizer.pad_token_id
+        batch = collate_chat_inputs(prompts, int(pad_id if pad_id is not None else 0))
+        if batch["image_grids"] is not None:
+            generate_kwargs["image_grids"] = batch["image_grids"].to(device)
+        if batch["pixel_values"] is not None:
+            generate_kwargs["image_counts"] = batch["image_counts"].to(device)
+        eos_ids = [tokenizer.eos_token_id, tokenizer.turn_end_id]
+        input_ids = batch["input_ids"].to(device)
+        out = self.generate(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None,
+            image_mask=batch["image_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            use_cache=use_cache,
+            eos_token_id=eos_ids,
+            pad_token_id=tokenizer.eos_token_id,
+            **generate_kwargs,
+        )
+        answers = []
+        for row in out[:, input_ids.shape[1] :].tolist():
+            new_tokens = [t for t in row if t not in eos_ids]
+            response = tokenizer.decode(new_tokens, skip_special_tokens=True).split(TURN_END)[0].strip()
+            answers.append((response, new_tokens))
+        return answers
+
     @torch.no_grad()
     def chat(
         self,
@@ -1334,53 +1433,50 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         (``hd_num`` 24 for one image, 6 for several, unless given).
         Generation stops at EOS or ``[UNUSED_TOKEN_145]``.
         """
-        if do_sample:
-            generate_kwargs = {**{k: v for k, v in OFFICIAL_GENERATION.items() if k != "do_sample"}, **generate_kwargs}
         history = [cast("tuple[str, str]", tuple(turn)) for turn in (history or [])]
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        images = list(images or [])
-        # Placed here so that the history keeps the placeholders: later turns see the images where they were.
-        query, _ = self._chat_placement(query, history, len(images))
-        image_grids = image_slots = None
-        pixel_values: torch.Tensor | None
-        if self.config.hd and images:
-            pixel_values, image_grids = self.hd_chat_images(images, hd_num)
-            image_slots = self.image_token_counts(image_grids, len(images))
-        else:
-            pixel_values = self._images_to_pixels(images) if images else None
-        prompt_ids, prompt_mask = self.build_chat_inputs(
-            tokenizer,
-            query,
-            history,
-            meta_instruction,
-            len(images),
-            bos_per_piece=bos_per_piece,
-            image_slots=image_slots,
-            prompt_layout=prompt_layout,
+        prompt = self.chat_inputs(tokenizer, query, images, history, meta_instruction, bos_per_piece, hd_num, prompt_layout)
+        [(response, _)] = self.answer_batch(
+            tokenizer, [prompt], max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache, **generate_kwargs
         )
-        device = self.model.tok_embeddings.weight.device
-        input_ids, image_mask = prompt_ids.to(device), prompt_mask.to(device)
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(device)
-        if image_grids is not None:
-            generate_kwargs["image_grids"] = image_grids.to(device)
-        eos_ids = [tokenizer.eos_token_id, tokenizer.turn_end_id]
-        out = self.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixel_values,
-            image_mask=image_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            use_cache=use_cache,
-            eos_token_id=eos_ids,
-            pad_token_id=tokenizer.eos_token_id,
-            **generate_kwargs,
-        )
-        new_tokens = [t for t in out[0, input_ids.shape[1] :].tolist() if t not in eos_ids]
-        response = tokenizer.decode(new_tokens, skip_special_tokens=True).split(TURN_END)[0].strip()
-        return response, [*history, (query, response)]
+        return response, [*history, (prompt.query, response)]
+
+
+@dataclasses.dataclass
+class ChatInputs:
+    """One chat prompt as model inputs (see :meth:`XComposer2ForCausalLM.chat_inputs`)."""
+
+    input_ids: torch.Tensor  # [L]; the pad id at image slots
+    image_mask: torch.Tensor  # [L] bool
+    pixel_values: torch.Tensor | None  # [images or views, 3, S, S]
+    image_grids: torch.Tensor | None  # 2.5: [images, 2]
+    query: str  # with the placeholders chat placed
+    num_images: int
+    text: str = ""  # the whole prompt text, placeholders where the images go
+
+
+def collate_chat_inputs(prompts: Sequence[ChatInputs], pad_id: int) -> dict[str, Any]:
+    """Left-padded rows (pad id, attention 0, no image slot) and the images of all rows in row order."""
+    if not prompts:
+        raise ValueError("no prompt to collate")
+    width = max(int(p.input_ids.shape[0]) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    image_mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        n = int(p.input_ids.shape[0])
+        ids[row, width - n :] = p.input_ids
+        attention[row, width - n :] = 1
+        image_mask[row, width - n :] = p.image_mask
+    pixels = [p.pixel_values for p in prompts if p.pixel_values is not None and p.pixel_values.shape[0]]
+    grids = [p.image_grids for p in prompts if p.image_grids is not None and p.image_grids.shape[0]]
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "image_mask": image_mask,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_grids": torch.cat(grids) if grids else None,
+        "image_counts": torch.tensor([p.num_images for p in prompts], dtype=torch.long),
+    }
 
 
 def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: torch.device | str) -> None:
@@ -1395,11 +1491,13 @@ def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: tor
 
 
 __all__ = [
+    "ChatInputs",
     "PLoRALinear",
     "XComposer2CausalLMOutput",
     "XComposer2ForCausalLM",
     "XComposer2Model",
     "XComposer2PreTrainedModel",
     "causal_lm_loss",
+    "collate_chat_inputs",
     "materialize_non_persistent_buffers",
 ]

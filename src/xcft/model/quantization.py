@@ -33,13 +33,11 @@ import torch
 from torch import nn
 
 from xcft.errors import XcftError
+from xcft.model.bits import QUANT_TYPES, SUPPORTED_BITS
 from xcft.model.modeling_xcomposer2 import PLoRALinear
 
 logger = logging.getLogger(__name__)
 
-#: Storage widths of ``--bits``: 16 means "not quantized" (the weights stay in the model dtype).
-SUPPORTED_BITS = (4, 8, 16)
-QUANT_TYPES = ("nf4", "fp4")
 #: Block size of bitsandbytes 4-bit quantization (one absmax scale per block).
 BLOCKSIZE_4BIT = 64
 #: Second-level block size of double quantization (the float32 scales quantized to 8 bit).
@@ -83,13 +81,16 @@ def quantize_model(
     quant_type: str = "nf4",
     double_quant: bool = True,
     device: torch.device | str = "cpu",
+    trainable: bool = False,
 ) -> ModelT:
     """Store the decoder linears of ``model`` in ``bits`` bit on ``device``, then move the rest of the model there.
 
     ``compute_dtype`` is the dtype the 4-bit weights are dequantized to in the matmul (the dtype
     of the model's other weights: bfloat16 for bf16 training, else the load dtype). The source
     weights are quantized one linear at a time, so at most one extra full-precision linear is
-    alive. ``bits`` 16 returns the model unchanged. Returns ``model`` (changed in place).
+    alive. ``trainable``: gradients will flow through the quantized linears (QLoRA training; see
+    :class:`~xcft.model.quantized_linear.PLoRALinear4bit`). ``bits`` 16 returns the model unchanged.
+    Returns ``model`` (changed in place).
     """
     if bits == 16:
         return model
@@ -111,7 +112,12 @@ def quantize_model(
         new: nn.Module
         if bits == 4:
             new = PLoRALinear4bit(
-                source, compute_dtype=compute_dtype, quant_type=quant_type, double_quant=double_quant, device=device
+                source,
+                compute_dtype=compute_dtype,
+                quant_type=quant_type,
+                double_quant=double_quant,
+                device=device,
+                trainable=trainable,
             )
         else:
             new = PLoRALinear8bit(source, device=device)

@@ -46,6 +46,13 @@ class PLoRALinear4bit(PLoRALinear, bnb.nn.Linear4bit):
 
     Built from an unquantized ``source``: the weight is quantized on ``device`` (where it then
     lives); the Partial-LoRA branch and the bias are the source's own tensors.
+
+    ``trainable``: gradients must flow through this layer (QLoRA training). bitsandbytes repacks a
+    4-bit weight for its AVX512-BF16 CPU inference kernel the first time the layer runs in eval mode
+    without gradients (a reference or evaluation pass), and from then on multiplies with that
+    kernel (``gemv_4bit``) even in training; it has no backward, so autograd warns "an autograd
+    kernel was not registered" and the gradient through the frozen weight to the layer's input is
+    dropped (every LoRA gradient below it is wrong). Training layers therefore never repack.
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class PLoRALinear4bit(PLoRALinear, bnb.nn.Linear4bit):
         quant_type: str = "nf4",
         double_quant: bool = True,
         device: torch.device | str = "cpu",
+        trainable: bool = False,
     ) -> None:
         # The bitsandbytes constructor on the meta device: no full-size weight is allocated or initialised.
         bnb.nn.Linear4bit.__init__(
@@ -69,10 +77,10 @@ class PLoRALinear4bit(PLoRALinear, bnb.nn.Linear4bit):
             device="meta",
         )
         _take_partial_lora(self, source)
-        if source.out_features % CPU_PACK_BLOCK or source.in_features % CPU_PACK_COLUMNS:
+        if trainable or source.out_features % CPU_PACK_BLOCK or source.in_features % CPU_PACK_COLUMNS:
             # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU inference kernel in blocks of 32
-            # output rows and 64 input columns and fails on other shapes (tiny test models); those layers
-            # keep the portable path.
+            # output rows and 64 input columns and fails on other shapes (tiny test models); those layers,
+            # and layers that train (see the class docstring), keep the portable path.
             self.support_avx512bf16_for_cpu = False
         weight = bnb.nn.Params4bit(
             source.weight.data, requires_grad=False, compress_statistics=double_quant, quant_type=quant_type, module=self

@@ -24,8 +24,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
 from xcft.data.cache_options import CacheOptions
+from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
 from xcft.errors import XcftError
+from xcft.model.bits import BITS_HELP, QUANT_TYPES, SUPPORTED_BITS
 from xcft.run_files import RESOLVED_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -70,16 +72,11 @@ class ModelArguments:
     )
     bits: int = field(
         default=16,
-        metadata={
-            "help": "Store the frozen decoder linears in 4 or 8 bit (bitsandbytes; QLoRA with --use_lora true) "
-            "or keep them in --model_dtype (16). Needs the qlora extra: pip install 'xcft[qlora]'. "
-            "Alias: --quantization_bit.",
-            "choices": [4, 8, 16],
-        },
+        metadata={"help": f"{BITS_HELP}. Alias: --quantization_bit.", "choices": list(SUPPORTED_BITS)},
     )
     quant_type: str = field(
         default="nf4",
-        metadata={"help": "4-bit data type of --bits 4: nf4 (QLoRA's normal float) or fp4.", "choices": ["nf4", "fp4"]},
+        metadata={"help": "4-bit data type of --bits 4: nf4 (QLoRA's normal float) or fp4.", "choices": list(QUANT_TYPES)},
     )
     double_quant: bool = field(
         default=True,
@@ -109,10 +106,7 @@ class DataArguments(CacheOptions, SizeOptions):
     )
     given_num: bool = field(
         default=True,
-        metadata={
-            "help": "data.txt numbers are sample counts in thousands drawn per epoch (true, what the official "
-            "scripts pass) or ratios of each file's size (false)."
-        },
+        metadata={"help": GIVEN_NUM_HELP},
     )
     resolution: int | None = field(
         default=None,
@@ -139,6 +133,18 @@ class DataArguments(CacheOptions, SizeOptions):
             "Used when eval_data_path is not given."
         },
     )
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={
+            "help": "Answer metrics at each evaluation (comma-separated, as xcft score --metrics: exact, contains, "
+            "first_word, choice, bleu, rouge_l): the eval samples' last user turns are answered greedily as xcft "
+            "predict answers them and scored; logged beside eval_loss as eval_<metric>."
+        },
+    )
+    eval_generate_samples: int = field(
+        default=64, metadata={"help": "With eval_metrics: the first N eval samples are answered (generation is slow)."}
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "With eval_metrics: answer length limit in tokens."})
     # -- speed: packing and length grouping (see README "Speed and memory")
     packing: bool = field(
         default=False,
@@ -651,6 +657,10 @@ def check_preference(pref: PreferenceArguments, data: DataArguments) -> None:
             raise XcftError(f"--{used[0]} applies to --stage dpo; this run is --stage {pref.stage}")
     if pref.stage == "rm" and data.packing:
         raise XcftError("--packing is not available with --stage rm (the score is read per row); drop it")
+    if pref.stage != "sft" and data.eval_metrics:
+        raise XcftError(
+            f"--eval_metrics scores generated answers of --stage sft; --stage {pref.stage} logs its own pair metrics: drop it"
+        )
 
 
 def check_quantization_options(model_args: ModelArguments, training_args: Any) -> None:

@@ -60,6 +60,7 @@ def quantize_for_training(cfg: TrainConfig, model: Any) -> Any:
         quant_type=cfg.model.quant_type,
         double_quant=cfg.model.double_quant,
         device=cfg.training.device,
+        trainable=True,
     )
 
 

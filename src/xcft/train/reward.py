@@ -37,6 +37,10 @@ REWARD_HEAD_NAME = "reward_head.safetensors"
 REWARD_HEAD_CONFIG_NAME = "reward_head.json"
 HEAD_WEIGHT_KEY = "v_head.weight"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # what peft's save_pretrained writes
+#: Names in :class:`RewardModel`'s state dict: the language model's prefix and the head's weight
+#: (the head file keeps the module's name).
+LM_PREFIX = "lm."
+HEAD_PARAMETER = HEAD_WEIGHT_KEY
 
 
 def reward_token_id(tokenizer: Any) -> int:
@@ -62,6 +66,11 @@ class RewardModel(nn.Module):
             with torch.no_grad():
                 head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(hidden_size + 1))
         self.v_head: nn.Linear = head
+
+    @property
+    def config(self) -> Any:
+        """The language model's config: what the Trainer and DeepSpeed read (ZeRO-3 sizes its buckets from hidden_size)."""
+        return self.lm.config
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """The Trainer's switch, passed to the language model."""
@@ -109,11 +118,11 @@ def pair_reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[st
     }
 
 
-def save_reward_head(head: nn.Linear, folder: str | os.PathLike, token_id: int) -> None:
-    """``reward_head.safetensors`` + ``reward_head.json`` in ``folder``."""
+def save_reward_head(head: nn.Linear | torch.Tensor, folder: str | os.PathLike, token_id: int) -> None:
+    """``reward_head.safetensors`` + ``reward_head.json`` in ``folder`` (from the head or its weight [1, hidden])."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    weight = head.weight.detach().float().cpu().contiguous()
+    weight = (head.weight if isinstance(head, nn.Linear) else head).detach().float().cpu().contiguous()
     save_file({HEAD_WEIGHT_KEY: weight}, str(out / REWARD_HEAD_NAME))
     meta = {
         "weight_key": HEAD_WEIGHT_KEY,
@@ -175,16 +184,28 @@ class RewardTrainer(PairTrainer):
             reward_model.v_head.weight.copy_(head.weight)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The LM and the head from ``state_dict`` when the Trainer gives one (under ZeRO-3 it is the only
+        place the sharded weights are whole: the Trainer gathers them on every rank, then calls this on
+        the saving one), else from the model itself."""
         target = Path(output_dir or str(self.args.output_dir))
         target.mkdir(parents=True, exist_ok=True)
         reward_model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = reward_model.state_dict()
+        head = state_dict.get(HEAD_PARAMETER)
+        if head is None:
+            raise XcftError(
+                "the Trainer gave no gathered weights to save (DeepSpeed ZeRO-3 without "
+                '"stage3_gather_16bit_weights_on_model_save": true); set it in the DeepSpeed config, as configs/ds_zero3.json does'
+            )
         lm = reward_model.lm
-        lm.save_pretrained(str(target), safe_serialization=True)
+        lm_state = {k[len(LM_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(LM_PREFIX)}
+        lm.save_pretrained(str(target), state_dict=lm_state, safe_serialization=True)
         if not hasattr(lm, "peft_config"):
             write_model_code(target)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(str(target))
-        save_reward_head(reward_model.v_head, target, self.token_id)
+        save_reward_head(head, target, self.token_id)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from typing import Any
 from xcft.model.loading import unwrap_model
 from xcft.train.dpo import PreferenceTrainer, build_preference_datasets, prepare_reference
 from xcft.train.inputs import build_datasets, source_names
+from xcft.train.predict import answer_eval
 from xcft.train.reward import RewardModel, RewardTrainer, load_reward_head, reward_token_id
 from xcft.train.trainer import XcftTrainer
 
@@ -51,7 +52,8 @@ def stage_setup(cfg: Any, model: Any, tokenizer: Any) -> StageParts:
         return StageParts(reward_model, train_ds, eval_ds, collator, RewardTrainer, {"token_id": token})
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, config)
     sources = {"train": source_names(train_ds), "eval": source_names(eval_ds)}  # per-file losses of a mixture
-    return StageParts(model, train_ds, eval_ds, collator, XcftTrainer, {"source_names": sources})
+    kwargs = {"answer_eval": answer_eval(cfg, eval_ds, tokenizer), "source_names": sources}
+    return StageParts(model, train_ds, eval_ds, collator, trainer_kwargs=kwargs)
 
 
 __all__ = ["StageParts", "stage_setup"]

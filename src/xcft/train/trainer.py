@@ -27,6 +27,7 @@ from xcft.model.loading import write_model_code
 from xcft.output_dir import OutputFolder, is_own_checkpoint, save_errors, write_marker
 from xcft.run_files import SOURCE_LOSS_PREFIX, STAGING_DIR_NAME, TRAINER_STATE_NAME, checkpoint_name
 from xcft.train.checkpoints import clear_staging, remaining_checkpoint, remove_staged, rotate_own_checkpoints
+from xcft.train.predict import AnswerEval
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,33 @@ class XcftTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, supervised_head: bool = True, source_names: dict[str, list[str]] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        supervised_head: bool = True,
+        answer_eval: AnswerEval | None = None,
+        source_names: dict[str, list[str]] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._xcft_staging = False
         self.supervised_head = supervised_head
+        self.answer_eval = answer_eval
         self.source_names = source_names or {}
         # per split: summed token cross-entropy and target count of each source since the last log
         self._source_sums: dict[str, torch.Tensor] = {}
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """The eval loss, ``<prefix>_loss/<file>`` per data file of a mixture, and with ``answer_eval`` the answer metrics (one log entry)."""
+        self._source_sums.pop("eval", None)
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        metrics = output.metrics if output.metrics is not None else {}
+        for name, value in self.source_losses("eval").items():
+            metrics[f"{prefix}_{SOURCE_LOSS_PREFIX}{name}"] = value
+        if self.answer_eval is not None and output.metrics is not None:
+            scores = self.answer_eval.run(self.accelerator.unwrap_model(self.model))
+            output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
+        return output
 
     def compute_loss(
         self,
@@ -98,16 +118,6 @@ class XcftTrainer(Trainer):
         if "loss" in logs:
             logs = {**logs, **{f"{SOURCE_LOSS_PREFIX}{name}": round(v, 4) for name, v in self.source_losses("train").items()}}
         super().log(logs, *args, **kwargs)
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        """Evaluation metrics get ``<prefix>_loss/<file>`` per data file of the eval set."""
-        self._source_sums.pop("eval", None)
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        metrics = output.metrics if output.metrics is not None else {}
-        for name, value in self.source_losses("eval").items():
-            metrics[f"{prefix}_{SOURCE_LOSS_PREFIX}{name}"] = value
-        return output
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as Trainer does; a full model folder also gets our model code (self-contained folder)."""

@@ -1,7 +1,8 @@
 """``xcft bench``: training-step and data-loading benchmarks (figures only; never pass/fail).
 
 ``xcft bench train`` times real optimizer steps through the ``xcft train`` code path
-(:mod:`xcft.commands.bench.train`); ``xcft bench data`` times image preprocessing (:mod:`xcft.commands.bench.data`).
+(:mod:`xcft.commands.bench.train`); ``xcft bench data`` times image preprocessing (:mod:`xcft.commands.bench.data`); ``xcft bench predict``
+times batched generation against one prompt at a time (:mod:`xcft.commands.bench.predict`).
 Every report carries a machine calibration figure (:mod:`xcft.commands.bench.calibrate`) so that numbers
 taken on different machines, or under different load, can be compared.
 """
@@ -64,4 +65,14 @@ def bench_data_command(
     return 0
 
 
-__all__ = ["bench_data_command", "bench_train_command"]
+def bench_predict_command(*, output_format: str = "text", **options: Any) -> int:
+    """``xcft bench predict``: batched generation against one prompt at a time; prints text or one JSON object."""
+    from xcft.commands.bench.predict import format_predict_result, run_predict_bench
+
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_predict_bench(**options)
+    print(json.dumps(result) if output_format == "json" else format_predict_result(result))
+    return 0
+
+
+__all__ = ["bench_data_command", "bench_predict_command", "bench_train_command"]

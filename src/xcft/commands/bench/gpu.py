@@ -30,6 +30,7 @@ import transformers
 
 from xcft.commands.bench.options import TrainBenchOptions
 from xcft.commands.bench.train import _train_argv, prepare_model, run_train_bench
+from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
 from xcft.train.args import parse_train_args
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-bf16", action="store_true", help="float32 (CPU test runs)")
     p.add_argument("--calibration-seconds", type=float, default=0.3, help="per CPU calibration repeat")
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
-    p.add_argument("--bits", type=int, choices=[4, 8, 16], default=16, help="4/8: QLoRA (decoder linears quantized)")
+    p.add_argument("--bits", type=int, choices=list(SUPPORTED_BITS), default=16, help=BITS_HELP)
     p.add_argument("--hd-num", type=int, default=None, help="2.5 presets: crop budget (default 18)")
     p.add_argument("--jsonl", default=None, help="append one JSON line per configuration (memory, step time, MFU)")
     args = p.parse_args(argv)

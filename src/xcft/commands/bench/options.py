@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
 from xcft.options import option
 
 
@@ -35,7 +36,7 @@ class TrainBenchOptions:
     max_length: int | None = option(None, "token limit (default: the model's)")
     workers: int = option(0, "DataLoader workers (dataloader_num_workers)")
     use_lora: bool = option(False, "LoRA (use_lora true) instead of a full finetune", flag="--lora")
-    bits: int = option(16, "decoder linears in 4 or 8 bit (xcft train --bits; QLoRA with --lora)", choices=[4, 8, 16])
+    bits: int = option(16, BITS_HELP, choices=list(SUPPORTED_BITS))
     fix_vit: bool = option(True, "train the vision tower too (xcft train --fix_vit false)", flag="--no-fix-vit")
     bf16: bool = option(False, "bf16 mixed precision (frozen weights in bf16 with --preset)")
     activation_checkpointing: bool = option(False, "activation (gradient) checkpointing")

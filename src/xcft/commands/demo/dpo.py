@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from xcft.commands.demo.run import QUICK, RESULT_NAME, _redirect, train_flags
-from xcft.commands.demo.scoring import answer_accuracy, first_word
-from xcft.commands.demo.synthetic import COLOURS, QA, QUESTIONS, generate_dataset
+from xcft.commands.demo.scoring import heldout_accuracy
+from xcft.commands.demo.synthetic import COLOURS, HELDOUT_PREFIX, QA, QUESTIONS, generate_dataset
 from xcft.commands.eval import evaluate_pairs
 from xcft.commands.merge import merge_command
 from xcft.commands.train import train_command
@@ -38,6 +38,7 @@ from xcft.model.presets import build_model
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
 from xcft.output_dir import FolderLock, OutputFolder
 from xcft.run_files import TRAINER_LOG_NAME
+from xcft.train.answer_metrics import first_word
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,11 @@ def _write_pairs(path: Path, samples: list[tuple[str, str]]) -> Path:
     return path
 
 
-def _greedy(model: Any, tokenizer: Any, questions: list[QA]) -> tuple[float, float, list[str]]:
-    """(right-colour share, wrong-colour share, first words) of greedy chat answers."""
-    acc = answer_accuracy(model, tokenizer, questions, kinds=["colour"])
+def _greedy(model: Any, tokenizer: Any, data: Path, predictions: Path, questions: list[QA]) -> tuple[float, float, list[str]]:
+    """(right-colour share, wrong-colour share, first words) of greedy answers (``xcft predict`` of ``data``)."""
+    if predictions.exists():
+        predictions.unlink()  # a fresh measurement, not the continuation of an earlier one
+    acc = heldout_accuracy(model, tokenizer, data, predictions, questions)
     words = [first_word(reply) for _, reply in acc.replies]
     wrong = [w == PLAUSIBLE_WRONG[qa.answer] for (qa, _), w in zip(acc.replies, words)]
     return acc.overall, sum(wrong) / max(len(wrong), 1), words
@@ -222,6 +225,7 @@ def _run(
     pairs_train = _write_pairs(parts["data"] / "pairs.json", right)
     heldout_qas = [qa for qa in data.heldout if qa.kind == "colour"]
     root = parts["data"]
+    colour_file = root / f"{HELDOUT_PREFIX}colour.json"
     pairs_heldout = _write_pairs(
         parts["data"] / "pairs_heldout.json", [(str(Path(qa.images[0]).relative_to(root)), qa.answer) for qa in heldout_qas]
     )
@@ -247,7 +251,9 @@ def _run(
     # 3. before
     model, tokenizer = load_pretrained(parts["sft"], dtype=torch.float32, device="cpu")
     margins_before = pair_margins(model, tokenizer, pairs_heldout)
-    right_before, wrong_before, words_before = _greedy(model, tokenizer, heldout_qas)
+    right_before, wrong_before, words_before = _greedy(
+        model, tokenizer, colour_file, root / "predictions_before.jsonl", heldout_qas
+    )
     del model
 
     # 4. DPO
@@ -263,7 +269,7 @@ def _run(
     # 5. after (the adapter folder, base + LoRA)
     model, tokenizer = load_pretrained(parts["dpo"], dtype=torch.float32, device="cpu")
     margins_after = pair_margins(model, tokenizer, pairs_heldout)
-    right_after, wrong_after, words_after = _greedy(model, tokenizer, heldout_qas)
+    right_after, wrong_after, words_after = _greedy(model, tokenizer, colour_file, root / "predictions_after.jsonl", heldout_qas)
     del model
 
     answers = [

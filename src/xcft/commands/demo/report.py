@@ -37,6 +37,10 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"{result['reload_answer']!r} (expected {q['answer']!r})"
         )
     lines.append("")
+    if result.get("predictions_after"):
+        lines.append(
+            f"{'same figures':{w}}   xcft score {result['predictions_before']} {result['predictions_after']} --metrics first_word"
+        )
     for key, label in (
         ("output_dir", "output"),
         ("data_txt", "data"),

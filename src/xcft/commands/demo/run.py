@@ -4,7 +4,7 @@ Every stage uses the code path a user's run uses: the data is written in the off
 with a ``data.txt``; the base model is an ordinary saved folder; training is ``xcft train`` (its
 library entry point, with the official flags); the adapter is evaluated by loading the adapter
 folder; merging is ``xcft merge``; the merged folder is queried by ``xcft chat`` in a new process.
-Accuracies are measured by greedy chat on held-out images (see :mod:`xcft.commands.demo.scoring`).
+Accuracies are measured by `xcft predict` + `xcft score` on held-out images (see :mod:`xcft.commands.demo.scoring`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from xcft.commands.demo.report import format_table, to_json
-from xcft.commands.demo.scoring import HEADLINE_KINDS, answer_accuracy, chance_levels
+from xcft.commands.demo.scoring import HEADLINE_KINDS, METRIC, chance_levels, heldout_accuracy
 from xcft.commands.demo.synthetic import DemoData, generate_dataset
 from xcft.commands.merge import merge_model
 from xcft.commands.train import train_command
@@ -130,6 +130,9 @@ class DemoResult:
     reload_question: dict[str, str] | None
     reload_answer: str | None
     reload_adapter_answer: str | None  # what the adapter model said to the same question in this process
+    heldout_txt: str  # the held-out questions, one file per kind (xcft predict / xcft score input)
+    predictions_before: str  # xcft predict output of the base model on them
+    predictions_after: str  # ... and of the finetuned model
     settings: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,18 +317,21 @@ def _run_demo(
     if n_steps < 1:
         raise XcftError(f"--steps {n_steps}: give at least 1 training step")
     parts = {name: out / name for name in ("data", "tokenizer", "base", "lora", "merged")}
+    predictions = {name: out / f"predictions_{name}.jsonl" for name in ("before", "after", "blank")}
     # Everything the demo writes is declared xcft's before it is written; a rerun replaces only that.
-    folder.declare([*parts, RESULT_NAME, LOSS_PLOT_NAME])
+    folder.declare([*parts, *(p.name for p in predictions.values()), RESULT_NAME, LOSS_PLOT_NAME])
     for path in parts.values():
         if path.exists():
             shutil.rmtree(path)
+    for path in predictions.values():
+        path.unlink(missing_ok=True)
 
     # 1-2. data, tokenizer and the tiny base model
     data = _data_and_base(parts, preset, seed=seed, blank_train_images=blank_train_images)
 
     # 3. accuracy before (the saved base folder, loaded like a user's)
     base_model, tokenizer = load_pretrained(parts["base"], dtype=torch.float32, device="cpu")
-    before = answer_accuracy(base_model, tokenizer, data.heldout)
+    before = heldout_accuracy(base_model, tokenizer, data.heldout_txt, predictions["before"], data.heldout)
     logger.info("accuracy before training: %.3f %s", before.overall, before.per_kind)
     del base_model
 
@@ -342,8 +348,8 @@ def _run_demo(
 
     # 5. accuracy after (the adapter folder: base + LoRA + trained projector), and the blank-image control
     tuned, tokenizer = load_pretrained(parts["lora"], dtype=torch.float32, device="cpu")
-    after = answer_accuracy(tuned, tokenizer, data.heldout)
-    blank = answer_accuracy(tuned, tokenizer, data.heldout, kinds=["colour"], blank_images=True)
+    after = heldout_accuracy(tuned, tokenizer, data.heldout_txt, predictions["after"], data.heldout)
+    blank = heldout_accuracy(tuned, tokenizer, data.heldout_blank, predictions["blank"], data.heldout)
     logger.info("accuracy after training: %.3f %s; colour with blank images %.3f", after.overall, after.per_kind, blank.overall)
     del tuned
 
@@ -363,7 +369,7 @@ def _run_demo(
         per_kind_after=after.per_kind,
         per_kind_count=after.counts,
         chance={k: v for k, v in chance.items() if k in after.counts},
-        accuracy_blank_images=blank.overall,
+        accuracy_blank_images=blank.per_kind.get("colour"),
         loss_first=losses[0][1] if losses else float("nan"),
         loss_last=losses[-1][1] if losses else float("nan"),
         losses=losses,
@@ -379,11 +385,15 @@ def _run_demo(
         reload_question=reload_q,
         reload_answer=reload_answer,
         reload_adapter_answer=adapter_answer,
+        heldout_txt=str(data.heldout_txt),
+        predictions_before=before.predictions,
+        predictions_after=after.predictions,
         settings={
             **asdict(replace(preset, steps=n_steps)),
             "quick": quick,
             "blank_train_images": blank_train_images,
             "headline_kinds": list(HEADLINE_KINDS),
+            "metric": METRIC,
             "torch_threads": torch.get_num_threads(),
         },
     )

@@ -1,38 +1,36 @@
-"""Held-out answer accuracy by greedy chat, the way a user would query the model.
+"""Held-out answer accuracy through ``xcft predict`` and ``xcft score``, the way a user would measure it.
 
-Each question goes through ``model.chat`` with the model's own prompt layout (the demo's model is
-created from scratch, so its folder records the layout training encodes: one ``<s>``, no system
-prompt), with greedy decoding, and the first word of the reply is compared with the one-word answer. Nothing about the expected answer reaches the model, so the number is only as
-good as what the model learned; with ``blank_images`` every image is replaced by zero
-``pixel_values`` (no visual information at all), which is the control that shows the answers
-come from the vision path.
+The held-out questions (one data file per kind, see :func:`~xcft.commands.demo.synthetic.generate_dataset`)
+are answered by :func:`xcft.train.predict.predict_samples` (greedy, the model's own prompt layout: the
+demo's model is created from scratch, so its folder records the layout training encodes) into a
+prediction file, which :func:`xcft.train.answer_metrics.score_predictions` scores with the
+``first_word`` metric: the first word of the reply against the one-word answer. Nothing about the
+expected answer reaches the model, so the number is only as good as what the model learned. The
+blank-image control asks the colour questions about images that carry no information.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-
-from xcft.commands.demo.synthetic import COLOURS, QA, SHAPES
+from xcft.commands.demo.synthetic import COLOURS, QA, SHAPES, heldout_kind
+from xcft.train.answer_metrics import score_predictions
+from xcft.train.predict import ChatSettings, predict_samples, read_predictions, read_prompt_samples
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEADLINE_KINDS", "Accuracy", "answer_accuracy", "chance_levels", "first_word"]
+__all__ = ["HEADLINE_KINDS", "METRIC", "Accuracy", "chance_levels", "heldout_accuracy"]
 
 #: The question kinds the headline accuracy averages over (the demo's >= 90 % target).
 HEADLINE_KINDS = ("colour", "shape")
-
-
-def first_word(text: str) -> str:
-    """Lower-cased first word of a reply, without surrounding punctuation (``"Red."`` -> ``"red"``)."""
-    m = re.search(r"[\w']+", text.lower())
-    return m.group(0) if m else ""
+#: The answer metric of the demo's accuracy (``xcft score --metrics first_word``).
+METRIC = "first_word"
+#: Answers are one word; a few tokens are enough to read the first word.
+MAX_NEW_TOKENS = 4
 
 
 def chance_levels() -> dict[str, float]:
@@ -48,62 +46,40 @@ class Accuracy:
     per_kind: dict[str, float]
     counts: dict[str, int]
     replies: list[tuple[QA, str]] = field(default_factory=list)
+    predictions: str = ""  # the prediction file
 
 
-#: The CLIP normalisation mean in 8-bit RGB: a flat image of it normalises to (almost) zero.
-CLIP_MEAN_RGB = (123, 117, 104)
-
-
-def _blank(size: int, config: Any) -> Any:
-    if getattr(config, "hd", False):
-        return Image.new("RGB", (size, size), CLIP_MEAN_RGB)
-    return torch.zeros(3, size, size)
-
-
-@torch.no_grad()
-def answer_accuracy(
-    model: Any,
-    tokenizer: Any,
-    questions: Sequence[QA],
-    *,
-    kinds: Iterable[str] | None = None,
-    blank_images: bool = False,
-    max_new_tokens: int = 4,
+def heldout_accuracy(
+    model: Any, tokenizer: Any, data: str | Path, predictions: str | Path, questions: Sequence[QA], *, batch_size: int = 8
 ) -> Accuracy:
-    """Ask every question (optionally only ``kinds``) by greedy chat and score the first word.
-
-    ``model`` is an :class:`XComposer2ForCausalLM` or a peft model wrapping one (anything with
-    ``chat``). ``blank_images`` replaces each image by one without information: all-zero pixels
-    (2.0), or a flat image of the CLIP mean colour, which normalises to about zero (2.5, whose chat
-    takes image files or PIL images for its crop grid).
-    """
-    keep = set(kinds) if kinds is not None else None
-    chat = getattr(model, "chat", None)
-    if chat is None:  # peft wrapper: chat lives on the wrapped model
-        chat = model.get_base_model().chat
+    """Predict ``data`` (held-out data.txt or file) into ``predictions`` and score it per kind."""
+    samples, problems = read_prompt_samples(data)
+    if any(p.level == "error" for p in problems):
+        raise RuntimeError(f"the demo's held-out data has errors: {problems[0]}")
     was_training = getattr(model, "training", False)
     model.eval()
-    size = int(model.config.img_size)
-    hits: dict[str, list[bool]] = {}
-    replies: list[tuple[QA, str]] = []
     try:
-        for qa in questions:
-            if keep is not None and qa.kind not in keep:
-                continue
-            images: list[Any] = [_blank(size, model.config) for _ in qa.images] if blank_images else list(qa.images)
-            reply, _ = chat(
-                tokenizer,
-                qa.question,
-                images=images,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-            replies.append((qa, reply))
-            hits.setdefault(qa.kind, []).append(first_word(reply) == qa.answer.lower())
+        _, failures = predict_samples(
+            model, tokenizer, samples, predictions, settings=ChatSettings(max_new_tokens=MAX_NEW_TOKENS), batch_size=batch_size
+        )
     finally:
         model.train(was_training)
-    per_kind = {k: sum(v) / len(v) for k, v in hits.items()}
-    head = [h for k in HEADLINE_KINDS for h in hits.get(k, [])]
-    overall = sum(head) / len(head) if head else float("nan")
+    if failures:
+        raise RuntimeError(f"held-out samples could not be predicted: {failures[0]}")
+    rows = read_predictions(predictions)
+    scores = score_predictions(rows, [METRIC])
+    hits: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for source, group in scores.groups.items():
+        if source == "overall":
+            continue
+        kind = heldout_kind(source)
+        hits[kind] = hits.get(kind, 0) + int(group[f"{METRIC}_hits"])
+        counts[kind] = counts.get(kind, 0) + int(group["n"])
+    per_kind = {k: hits[k] / counts[k] for k in counts}
+    head = sum(counts.get(k, 0) for k in HEADLINE_KINDS)
+    overall = sum(hits.get(k, 0) for k in HEADLINE_KINDS) / head if head else float("nan")
+    by_id = {q.id: q for q in questions}
+    replies = [(by_id[str(r["id"])], str(r["prediction"])) for r in rows if str(r["id"]) in by_id]
     logger.debug("accuracy %.3f %s", overall, per_kind)
-    return Accuracy(overall, per_kind, {k: len(v) for k, v in hits.items()}, replies)
+    return Accuracy(overall, per_kind, counts, replies, str(predictions))

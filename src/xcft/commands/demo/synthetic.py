@@ -32,6 +32,7 @@ __all__ = [
     "DemoData",
     "draw_shape",
     "generate_dataset",
+    "heldout_kind",
     "read_heldout",
 ]
 
@@ -57,6 +58,11 @@ QUESTIONS: dict[str, str] = {
     "compare": "Are the two shapes the same colour?",
 }
 
+#: The CLIP normalisation mean in 8-bit RGB: a flat image of it normalises to (almost) zero.
+CLIP_MEAN_RGB = (123, 117, 104)
+#: Held-out files are ``heldout_<kind>.json`` beside the training files.
+HELDOUT_PREFIX = "heldout_"
+
 _WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "left": "right", "day": "night", "yes": "no", "open": "closed"}
 
@@ -80,7 +86,8 @@ class DemoData:
     data_txt: Path
     train_files: dict[str, Path]
     train_counts: dict[str, int]
-    heldout_json: Path
+    heldout_txt: Path  # a data.txt of one held-out file per question kind
+    heldout_blank: Path  # the colour questions with images that carry no information (the control)
     heldout: list[QA] = field(default_factory=list)
 
 
@@ -158,7 +165,7 @@ class _Writer:
     def image(self, prefix: str, colour: str, shape: str, rng: random.Random) -> str:
         img = draw_shape(colour, shape, rng, self.img_size)
         if self.blank:  # control experiment: the files exist, but carry no information
-            img = Image.new("RGB", img.size, (123, 117, 104))
+            img = Image.new("RGB", img.size, CLIP_MEAN_RGB)
         rel = f"images/{prefix}_{self.n:05d}.jpg"
         self.n += 1
         img.save(self.root / rel, quality=90)
@@ -272,27 +279,53 @@ def generate_dataset(
         add("compare", imgs, "Image1: <ImageHere>; Image2: <ImageHere>. " + QUESTIONS["compare"], ans)
     for _ in range(max(1, n_heldout // 4) if n_text else 0):
         add("text", [], *_text_qa(hrng))
-    heldout_json = root / "heldout.json"
-    heldout_json.write_text(json.dumps(heldout_samples, indent=1))
+    # one file per question kind, so that scores per data file are scores per kind
+    heldout_lines = []
+    for kind in dict.fromkeys(q.kind for q in qas):
+        rows = [sample for sample, q in zip(heldout_samples, qas) if q.kind == kind]
+        (root / f"{HELDOUT_PREFIX}{kind}.json").write_text(json.dumps(rows, indent=1))
+        heldout_lines.append(f"{HELDOUT_PREFIX}{kind}.json {len(rows) / 1000:g}")
+    heldout_txt = root / "heldout.txt"
+    heldout_txt.write_text("\n".join(heldout_lines) + "\n")
+    heldout_blank = _blank_copy(root, [s for s, q in zip(heldout_samples, qas) if q.kind == "colour"], held.img_size)
     logger.info(
         "demo data: %s (%s), %d held-out questions in %s",
         data_txt,
         ", ".join(f"{k} {v}" for k, v in counts.items()),
         len(qas),
-        heldout_json,
+        heldout_txt,
     )
-    return DemoData(root, data_txt, train_files, counts, heldout_json, qas)
+    return DemoData(root, data_txt, train_files, counts, heldout_txt, heldout_blank, qas)
+
+
+def _blank_copy(root: Path, samples: list[dict], size: int) -> Path:
+    """The samples with every image replaced by a flat image of the CLIP mean colour (no visual information)."""
+    blank = "images/blank.png"
+    Image.new("RGB", (size, size), CLIP_MEAN_RGB).save(root / blank)
+    rows = [{**s, "id": f"blank-{s['id']}", "image": [blank for _ in s.get("image", [])]} for s in samples]
+    path = root / f"{HELDOUT_PREFIX}blank_colour.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path
+
+
+def heldout_kind(source: str) -> str:
+    """The question kind of a held-out file (``heldout_colour.json`` -> ``colour``, the blank copy too)."""
+    return Path(source).stem.rsplit("_", 1)[-1]
 
 
 def read_heldout(path: str | Path) -> list[QA]:
-    """Read a held-out file written by :func:`generate_dataset` back into questions (single-turn samples)."""
+    """Read held-out questions written by :func:`generate_dataset` back (``heldout.txt`` or one of its files)."""
     path = Path(path)
+    if path.suffix == ".txt":
+        names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return [qa for name in names for qa in read_heldout(path.parent / name)]
     out = []
     for s in json.loads(path.read_text()):
         conv = s["conversations"]
-        sid = str(s["id"])
-        kind = sid.split("-")[1] if sid.startswith("heldout-") else "other"
         imgs = s.get("image", [])
         imgs = [imgs] if isinstance(imgs, str) else imgs
-        out.append(QA(sid, kind, tuple(str(path.parent / p) for p in imgs), conv[0]["value"], conv[1]["value"]))
+        qa = QA(
+            str(s["id"]), heldout_kind(path.name), tuple(str(path.parent / p) for p in imgs), conv[0]["value"], conv[1]["value"]
+        )
+        out.append(qa)
     return out

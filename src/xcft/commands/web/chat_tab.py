@@ -32,12 +32,15 @@ class Choice:
     layout: str
 
 
-def load(cache: ModelCache, path: str) -> tuple[str, Choice | None, Any, Any]:
-    """Load ``path`` for one session: (status, its choice, layout value, system prompt value)."""
+def load(cache: ModelCache, path: str) -> tuple[str, Any, Any, Any]:
+    """Load ``path`` for one session: (status, its choice, layout value, system prompt value).
+
+    A folder that cannot be loaded leaves the session with the model it had.
+    """
     try:
         loaded = cache.get(path)
     except Exception as exc:
-        return ui.error(exc, ui.CHAT_FIELDS), None, gr.skip(), gr.skip()
+        return ui.error(exc, ui.CHAT_FIELDS), gr.skip(), gr.skip(), gr.skip()
     choice = Choice(loaded.folder, bool(loaded.model.config.hd), loaded.layout)
     return ui.status(f"loaded {loaded.description}", "ok", model=loaded.folder), choice, loaded.layout, loaded.default_system()
 

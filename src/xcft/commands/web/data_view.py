@@ -380,7 +380,7 @@ def length_histogram(index: DataIndex) -> Any:
         lo, hi = min(f.lengths), max(f.lengths)
         width = max(1.0, (hi - lo + 1) / 40)  # at most 40 bars, never narrower than one token
         edges = [lo - 0.5 + j * width for j in range(41) if lo - 0.5 + j * width < hi + 0.5] + [hi + 0.5]
-        ax.hist(f.lengths, bins=edges, color="#4c78a8")
+        ax.hist(f.lengths, bins=edges, color="#4c78a8", edgecolor="white", linewidth=0.6)
         pad = max(1.0, 0.08 * (hi - lo))
         left, right = max(0.0, lo - pad), hi + pad
         if max_length <= hi + 0.5 * (hi - lo) + 2 * pad:

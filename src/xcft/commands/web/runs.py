@@ -228,12 +228,8 @@ class RunManager:
 
     def log_tail(self, run_id: str, max_lines: int = 200) -> str:
         """The end of the run's log, progress-bar redraws collapsed to their last state."""
-        path = self.root / run_id / LOG_NAME
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-                data = f.read().decode("utf-8", errors="replace")
-        except OSError:
+        data = _read_tail(self.root / run_id / LOG_NAME)
+        if data is None:
             return ""
         data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
         lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
@@ -268,6 +264,16 @@ def _process_alive(pid: int | None, *needles: str) -> bool:
     return bool(cmdline) and all(n in cmdline for n in needles)
 
 
+def _read_tail(path: Path) -> str | None:
+    """The last :data:`LOG_TAIL_BYTES` of a log as text, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -277,11 +283,8 @@ def _read_int(path: Path) -> int | None:
 
 def _last_error(log: Path) -> str:
     """The CLI's one-line error ("error: ...") from the log, else its last non-empty line."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
+    text = _read_tail(log)
+    if text is None:
         return "no log"
     lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
     for ln in reversed(lines):
