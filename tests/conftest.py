@@ -41,6 +41,15 @@ TINY_VOCAB = 1000
 CPU_TRAIN_FLAGS = ("--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none", "--seed", "3")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every test (and the processes it starts) keeps the preprocessing cache in a temporary folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("data-cache")
+        mp.setenv("XCFT_DATA_CACHE", str(path))
+        yield path
+
+
 # ---------------------------------------------------------------------- ../shared (parity only)
 
 

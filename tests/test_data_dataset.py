@@ -35,7 +35,7 @@ def test_getitem_honours_index_and_set_epoch(tok, tiny_data: Path) -> None:
     draw0 = ds.draw.copy()
     for i in (0, 17, 39):
         conv, enc = ds.encode(i)
-        assert conv is ds.files[int(draw0[i, 0])].conversations[int(draw0[i, 1])]
+        assert conv == ds.files[int(draw0[i, 0])].conversations[int(draw0[i, 1])]
         assert ds[i]["input_ids"].shape[0] == len(enc) == ds.lengths[i]
     ds.set_epoch(1)
     assert len(ds) == 40 and not np.array_equal(ds.draw, draw0)
@@ -336,8 +336,8 @@ def test_grids_come_from_headers_without_decoding(cases_hd, fixture_2d5_dir, mon
     case = cases_hd["p07"]
     files = read_data(_write_case(tmp_path, fixture_2d5_dir, case), tok, 560, 16384, given_num=False, hd_num=18)
     assert decoded == []
-    assert files[0].grids == [[tuple(im["crop_grid_hw"]) for im in case["rows"][0]["images"]]]
-    assert files[0].lengths == [case["rows"][0]["valid_len"]]
+    assert list(files[0].grids) == [[tuple(im["crop_grid_hw"]) for im in case["rows"][0]["images"]]]
+    assert files[0].lengths.tolist() == [case["rows"][0]["valid_len"]]
 
 
 @pytest.mark.parametrize(("hd", "grid"), [(6, (2, 3)), (18, (3, 4)), (1, (1, 1))])
@@ -346,9 +346,9 @@ def test_hd_num_changes_grids_and_lengths(cases_hd, model_and_tokenizer, fixture
     case = cases_hd["p08"]  # 1500x1000: 2x3 at hd 6, 3x4 at hd 18, 1x1 at hd 1
     path = _write_case(tmp_path, fixture_2d5_dir, case)
     files = read_data(path, tok, 560, 16384, given_num=False, hd_num=hd)
-    assert files[0].grids == [[grid]]
+    assert list(files[0].grids) == [[grid]]
     text_len = case["rows"][0]["valid_len"] - case["rows"][0]["images"][0]["tokens"]
-    assert files[0].lengths == [text_len + ImageSpec(560, hd).slots(grid)]
+    assert files[0].lengths.tolist() == [text_len + ImageSpec(560, hd).slots(grid)]
 
 
 def _mixed_items(cases_hd, fixture_2d5_dir, tok, tmp_path) -> list[dict]:

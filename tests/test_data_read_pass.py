@@ -30,7 +30,7 @@ def test_check_data_and_training_count_the_same_samples(tiny_data: Path, tiny_ba
     assert [f.display for f in training] == [r.display for r in result.files]
     for report, fd in zip(result.files, training):
         assert (report.usable, report.drawn_per_epoch, report.skipped) == (len(fd.conversations), fd.draw_count, fd.skipped)
-        assert report.lengths == fd.lengths
+        assert report.lengths == fd.lengths.tolist()
 
 
 def _sample(i: int, image: str | None, answer: str = "yes") -> dict:

@@ -57,7 +57,8 @@ with open(out / TRAINER_LOG_NAME, "a") as log:
     log.write(trainer_log_record("begin", start, max_steps, None, time.time()))
     for step in range(start + 1, max_steps + 1):
         time.sleep(step_s)
-        log.write(trainer_log_record("log", step, max_steps, None, time.time(), {"loss": 10.0 / step}))
+        per_file = {"loss/a.json": 8.0 / step, "loss/b.json": 12.0 / step} if "two_files" in args else {}
+        log.write(trainer_log_record("log", step, max_steps, None, time.time(), {"loss": 10.0 / step, **per_file}))
         log.flush()
         if int(args.get("fail_at", 0)) == step:
             print("error: the data went away (restore it and press Resume)", flush=True)
@@ -189,3 +190,16 @@ def test_run_view_says_which_buttons_apply(manager, tmp_path):
     view = train_view.run_view(runs, run_id)
     assert (view.can_stop, view.can_resume) == (False, True)
     assert 'class="xcft-log"' in view.log and "stopped by SIGTERM" in view.log
+
+
+def test_a_mixture_shows_a_curve_per_file(manager, tmp_path):
+    runs = manager()
+    out = tmp_path / "out" / "mix"
+    run_id = runs.start(["--output_dir", str(out), "--max_steps", "3", "--two_files", "1"], str(out))
+    st = _wait(runs, run_id, lambda s: s.state == "finished")
+    assert st.sources == {"loss/a.json": [(k, 8.0 / k) for k in (1, 2, 3)], "loss/b.json": [(k, 12.0 / k) for k in (1, 2, 3)]}
+    assert 'class="xcft-source-curves" data-n="2"' in train_view.status_html(st)
+    labels = [line.get_label() for line in train_view.loss_figure(st).axes[0].get_lines()]
+    assert labels == ["train loss", "train: a.json", "train: b.json"]
+    view = train_view.run_view(runs, run_id)
+    assert view.plot_key[3] == 6  # the plot is redrawn when a per-file point arrives

@@ -25,6 +25,8 @@ from xcft.output_dir import CHECKPOINT_PREFIX, CHECKPOINT_RE, OWN_PREFIX, own_ch
 TRAINER_LOG_NAME = "trainer_log.jsonl"
 #: Hugging Face's trainer state: inside every checkpoint (it makes one complete) and in a finished output.
 TRAINER_STATE_NAME = "trainer_state.json"
+#: A data mixture's per-file losses in the training logs: ``loss/<file>`` and ``eval_loss/<file>``.
+SOURCE_LOSS_PREFIX = "loss/"
 #: The training loss curve of a finished (or stopped) run.
 LOSS_PLOT_NAME = "loss.png"
 #: The run's options after flags and YAML were merged (what ``xcft train <that file>`` repeats).
@@ -45,6 +47,7 @@ __all__ = [
     "LOSS_PLOT_NAME",
     "MERGE_CHECK_NAME",
     "RESOLVED_CONFIG_NAME",
+    "SOURCE_LOSS_PREFIX",
     "STAGING_DIR_NAME",
     "TRAINER_LOG_NAME",
     "TRAINER_STATE_NAME",
@@ -56,6 +59,7 @@ __all__ = [
     "find_last_checkpoint",
     "follow_trainer_log",
     "is_complete_checkpoint",
+    "is_source_loss",
     "read_merge_check",
     "resume_requested",
     "trainer_log_record",
@@ -122,6 +126,8 @@ class TrainerProgress:
     eta_s: float | None = None
     loss: dict[int, float] = field(default_factory=dict)
     eval_loss: dict[int, float] = field(default_factory=dict)
+    # a mixture's per-file curves: "loss/<file>" and "eval_loss/<file>" -> {step: value}
+    sources: dict[str, dict[int, float]] = field(default_factory=dict)
     offset: int = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -131,6 +137,7 @@ class TrainerProgress:
         if begin:
             self.loss = {s: v for s, v in self.loss.items() if s <= step}
             self.eval_loss = {s: v for s, v in self.eval_loss.items() if s <= step}
+            self.sources = {k: {s: v for s, v in c.items() if s <= step} for k, c in self.sources.items()}
         self.step = step
         self.max_steps = int(record.get("max_steps") or self.max_steps)
         self.eta_s = record.get("eta_s", None if begin else self.eta_s)
@@ -138,10 +145,20 @@ class TrainerProgress:
             value = record.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[step] = float(value)
+        for key, value in record.items():
+            if is_source_loss(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.sources.setdefault(key, {})[step] = float(value)
 
     def points(self, key: str = "loss") -> list[tuple[int, float]]:
-        """``(step, value)`` pairs of ``loss`` or ``eval_loss``, by step."""
-        return sorted((self.loss if key == "loss" else self.eval_loss).items())
+        """``(step, value)`` pairs of ``loss``, ``eval_loss`` or a per-file key (``loss/<file>``), by step."""
+        if key in ("loss", "eval_loss"):
+            return sorted((self.loss if key == "loss" else self.eval_loss).items())
+        return sorted(self.sources.get(key, {}).items())
+
+
+def is_source_loss(key: str) -> bool:
+    """A per-file loss key of the training logs (``loss/<file>``, ``eval_loss/<file>``)."""
+    return key.startswith(SOURCE_LOSS_PREFIX) or key.startswith("eval_" + SOURCE_LOSS_PREFIX)
 
 
 def follow_trainer_log(folder: str | os.PathLike, progress: TrainerProgress | None = None) -> TrainerProgress:

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.check import CheckResult, encode_for, encode_pair_for, find_sample, load_settings, render_sample, run_check
 from xcft.data.encode import slots_per_image
 from xcft.data.pairs import PreferencePair, pair_skip_reason
@@ -95,10 +96,14 @@ def check_data_command(
     output_format: str = "text",
     workers: int | None = None,
     hd_num: int | None = None,
+    data_cache_dir: str | None = None,
+    no_data_cache: bool = False,
+    preprocessing_num_workers: int | None = None,
 ) -> int:
     """Validate a data.txt or JSON file against a model's tokenizer and sizes; 0 when training can start."""
     settings = load_settings(model_dir, img_size, max_length, hd_num)
-    result = run_check(data, settings, given_num=given_num, workers=workers)
+    cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
+    result = run_check(data, settings, given_num=given_num, workers=workers, cache=cache)
     if output_format == "json":
         obj = {
             "ok": result.ok,

@@ -5,7 +5,8 @@ data order (data.txt numbers and epoch draws do not apply). A sample's loss is t
 cross-entropy over its supervised tokens, exactly the official per-sample loss; ``logp`` is the
 summed log-probability of those (answer) tokens and ``tokens`` their number; ``mean_loss``
 is the mean over all supervised tokens of the data set (the training objective) and
-``mean_sample_loss`` the plain mean of the sample losses. Samples left with no supervised
+``mean_sample_loss`` the plain mean of the sample losses; ``files`` gives each data file's mean
+over its supervised tokens (a mixture's per-source loss, as training logs it). Samples left with no supervised
 token after truncation are reported by the data reader and not evaluated.
 
 Preference pairs (``conversations_a``/``conversations_b`` or ``chosen``/``rejected`` records): each
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.pairs import is_pair_data
 from xcft.data.preference import PairCollator, PreferenceDataset, read_pair_data
@@ -46,6 +48,7 @@ def evaluate(
     progress: bool = True,
     hd_num: int | None = None,
     img_size: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> dict[str, Any]:
     """Per-sample and overall loss of ``model`` on ``data`` (see the module docstring).
 
@@ -56,7 +59,7 @@ def evaluate(
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
     sizes = resolve_sizes(model_sizes(model.config), img_size, max_length, hd_num)
     max_length = sizes.max_length
-    files = read_data(data, tokenizer, sizes.img_size, max_length, hd_num=sizes.hd_num)
+    files = read_data(data, tokenizer, sizes.img_size, max_length, hd_num=sizes.hd_num, cache=cache)
     if not any(f.conversations for f in files):
         raise DataError(f"{data}: no sample with a supervised token within max_length={max_length}; nothing to evaluate")
     dataset = XComposerDataset(files, tokenizer, sizes.img_size, max_length, hd_num=sizes.hd_num, every_sample=True)
@@ -67,6 +70,7 @@ def evaluate(
     model.eval()
     samples: list[dict[str, Any]] = []
     total_nll, total_tokens = 0.0, 0
+    per_file: dict[str, list[float]] = {}  # file -> [summed cross-entropy, supervised tokens]
     try:
         start = 0  # the loader keeps the dataset's order: batch k holds the next len(batch) samples
         for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
@@ -89,10 +93,14 @@ def evaluate(
                 )
                 total_nll += s
                 total_tokens += int(n)
+                acc = per_file.setdefault(conv.file, [0.0, 0])
+                acc[0] += s
+                acc[1] += int(n)
     finally:
         model.train(was_training)
     return {
         "samples": samples,
+        "files": [{"file": f, "loss": s / n, "tokens": int(n)} for f, (s, n) in per_file.items() if n],
         "mean_loss": total_nll / total_tokens,
         "mean_sample_loss": float(np.mean([s["loss"] for s in samples])),
         "num_samples": len(samples),
@@ -113,6 +121,7 @@ def evaluate_pairs(
     hd_num: int | None = None,
     img_size: int | None = None,
     progress: bool = True,
+    cache: CacheOptions | None = None,
 ) -> dict[str, Any]:
     """Preference pairs: each answer's summed log-prob and token count (final answer only, as DPO scores them).
 
@@ -121,7 +130,7 @@ def evaluate_pairs(
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
     sizes = resolve_sizes(model_sizes(model.config), img_size, max_length, hd_num)
-    files = read_pair_data(data, tokenizer, sizes.img_size, sizes.max_length, given_num=False, hd_num=sizes.hd_num)
+    files = read_pair_data(data, tokenizer, sizes.img_size, sizes.max_length, given_num=False, hd_num=sizes.hd_num, cache=cache)
     ds = PreferenceDataset(files, tokenizer, sizes.img_size, sizes.max_length, hd_num=sizes.hd_num, every_sample=True)
     collate = PairCollator(ds.pad_token_id)
     device = next(model.parameters()).device
@@ -175,11 +184,21 @@ def eval_command(
     hd_num: int | None = None,
     img_size: int | None = None,
     bits: int = 16,
+    data_cache_dir: str | None = None,
+    no_data_cache: bool = False,
+    preprocessing_num_workers: int | None = None,
 ) -> int:
-    """``xcft eval DATA --model DIR``: print per-sample losses and the overall mean (``bits`` 4/8: quantized decoder)."""
+    """``xcft eval DATA --model DIR``: per-sample losses, each data file's and the overall mean (``bits`` 4/8: quantized decoder)."""
     model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=device, bits=bits)
-    run = evaluate_pairs if is_pair_data(data) else evaluate
-    result = run(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size)
+    cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
+    if is_pair_data(data):
+        result = evaluate_pairs(
+            model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size, cache=cache
+        )
+    else:
+        result = evaluate(
+            model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size, cache=cache
+        )
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
         return 0
@@ -190,6 +209,9 @@ def eval_command(
     print(f"{'index':>5}  {'id':<{width}}  {'tokens':>6}  {'loss':>9}  file:sample")
     for s in result["samples"]:
         print(f"{s['index']:>5}  {s['id']!s:<{width}}  {s['tokens']:>6}  {s['loss']:9.6f}  {s['file']}:{s['file_index']}")
+    if len(result["files"]) > 1:
+        for f in result["files"]:
+            print(f"file {f['file']}: loss {f['loss']:.6f} over {f['tokens']} supervised tokens")
     print(
         f"mean loss {result['mean_loss']:.6f} over {result['num_tokens']} supervised tokens "
         f"({result['num_samples']} samples, mean of sample losses {result['mean_sample_loss']:.6f}"

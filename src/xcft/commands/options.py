@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xcft.commands.bench.options import TrainBenchOptions
+from xcft.data.cache_options import CacheOptions
 from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
 from xcft.model.bits import BITS_HELP, SUPPORTED_BITS
@@ -59,7 +60,7 @@ class DataOptions:
 
 
 @dataclass(kw_only=True)
-class CheckDataOptions(FormatOption, SizeOptions, DataOptions):
+class CheckDataOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
     given_num: bool = option(True, GIVEN_NUM_HELP, value=True, metavar="true|false")
     workers: int | None = option(None, "image decoding threads (default: CPU count)")
 
@@ -71,7 +72,7 @@ class InspectOptions(FormatOption, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class EvalOptions(FormatOption, QuantOption, SizeOptions, DataOptions):
+class EvalOptions(FormatOption, QuantOption, CacheOptions, SizeOptions, DataOptions):
     batch_size: int = option(4, "samples per forward pass")
     dtype: str = option("float32", "weights dtype", choices=["float32", "bfloat16", "float16"])
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.dataset import DataCollator, XComposerDataset, read_data
 from xcft.data.pairs import is_pair_data
 from xcft.data.preference import PairCollator, PreferenceDataset, append_token, read_pair_data
@@ -50,8 +51,9 @@ def score(
     batch_size: int = 4,
     hd_num: int | None = None,
     img_size: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> dict[str, Any]:
-    """Rewards of every conversation (or pair) of ``data``; see the module docstring."""
+    """Rewards of every conversation (or pair) of ``data``; see the module docstring (``cache``: the preprocessing cache's options)."""
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
     sizes = resolve_sizes(model_sizes(model.lm.config), img_size, max_length, hd_num)
@@ -64,7 +66,7 @@ def score(
         return [float(r) for r in model(**batch).tolist()]
 
     if is_pair_data(data):
-        files = read_pair_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num)
+        files = read_pair_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num, cache=cache)
         pair_ds = PreferenceDataset(
             files, tokenizer, sizes.img_size, limit, hd_num=sizes.hd_num, end_token=token, every_sample=True
         )
@@ -80,7 +82,7 @@ def score(
         correct = sum(p["chosen"] > p["rejected"] for p in pairs)
         return {"pairs": pairs, "accuracy": correct / len(pairs), "num_pairs": len(pairs)}
 
-    files_sft = read_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num)
+    files_sft = read_data(data, tokenizer, sizes.img_size, limit, given_num=False, hd_num=sizes.hd_num, cache=cache)
     ds = XComposerDataset(files_sft, tokenizer, sizes.img_size, limit, hd_num=sizes.hd_num, every_sample=True)
     collate_sft = DataCollator(ds.pad_token_id)
     samples: list[dict[str, Any]] = []
@@ -111,10 +113,16 @@ def reward_command(
     hd_num: int | None = None,
     img_size: int | None = None,
     bits: int = 16,
+    data_cache_dir: str | None = None,
+    no_data_cache: bool = False,
+    preprocessing_num_workers: int | None = None,
 ) -> int:
     """``xcft reward DATA --model DIR``: print each reward (pairs: chosen, rejected, margin) and the accuracy."""
     model, tokenizer = load_reward_model(model_dir, dtype=dtype, device=device, bits=bits)
-    result = score(model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size)
+    cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
+    result = score(
+        model, tokenizer, data, max_length=max_length, batch_size=batch_size, hd_num=hd_num, img_size=img_size, cache=cache
+    )
     if output_format == "json":
         print(json.dumps(result, indent=1, ensure_ascii=False))
         return 0

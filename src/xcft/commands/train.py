@@ -27,7 +27,7 @@ from xcft.run_files import (
     resume_requested,
 )
 from xcft.train.args import TrainConfig, parse_train_args, print_help, write_resolved_config
-from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, LossProgressCallback, RecordOutputsCallback, SigtermCallback
+from xcft.train.callbacks import EpochDrawCallback, JsonLogCallback, RecordOutputsCallback, SigtermCallback, progress_callback
 from xcft.train.checkpoints import clear_staging, resolve_resume
 from xcft.train.inputs import needs_vision_alignment, vision_aligned
 from xcft.train.memory_plan import ALLOCATOR_CONF, check_memory_plan, default_allocator_settings
@@ -169,7 +169,7 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LossProgressCallback)
+        trainer.add_callback(progress_callback(cfg.output.progress_interval))
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.should_save:
         _write_resolved_config(cfg, folder)

@@ -13,16 +13,21 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from xcft.data.cache_options import CacheOptions
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.mixture import DataSpec, resolve_data
 from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
 from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
 from xcft.data.schema import Conversation, Problem
 from xcft.data.sizes import folder_sizes, resolve_sizes
+from xcft.data.table import SampleView
 from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
@@ -89,23 +94,30 @@ class FileReport:
 
     @classmethod
     def from_samples(cls, fs: FileSamples) -> FileReport:
-        """The counts of one file of the read pass."""
-        encoded = [r for r in fs.records if r.encoded]
-        usable = fs.usable
+        """The counts of one file of the read pass (from its columns; no record is read)."""
+        t = fs.table
+        encoded = np.flatnonzero(t.encoded)
+        usable = fs.usable_index
+        img_off = np.asarray(t.img_off)
+        per_sample_images = img_off[1:] - img_off[:-1]
+        usable_mask = np.zeros(len(t), dtype=bool)
+        usable_mask[usable] = True
+        image_of_usable = np.repeat(usable_mask, per_sample_images)  # per image: its sample is usable
+        usable_slots = np.asarray(t.slots)[image_of_usable]
         return cls(
             fs.source.display,
             str(fs.source.path),
             fs.source.number,
-            samples=len(fs.records),
+            samples=len(t),
             valid=len(encoded),
             usable=len(usable),
             drawn_per_epoch=fs.draw_count,
-            images=sum(len(r.conversation.images) for r in encoded if r.conversation is not None),
-            lengths=[r.length for r in usable],
-            supervised=sum(r.supervised for r in usable),
-            truncated=sum(1 for r in encoded if r.truncated),
+            images=int(per_sample_images[encoded].sum()),
+            lengths=np.asarray(t.length)[usable].tolist(),
+            supervised=int(np.asarray(t.supervised, dtype=np.int64)[usable].sum()),
+            truncated=int(np.count_nonzero(np.asarray(t.truncated)[encoded])),
             skipped=fs.skipped,
-            image_tokens=[n for r in usable for n in r.image_tokens],
+            image_tokens=usable_slots.tolist(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,16 +152,16 @@ class CheckResult:
     files: list[FileReport]
     problems: list[Problem]
     settings: Settings
-    # every sample read, per file in data.txt order (None where a sample could not be normalised),
-    # kept so that a caller can show any sample without reading the files again
-    conversations: list[list[Conversation | None]] = field(default_factory=list)
-    # preference data: every pair read, per file (empty lists for SFT files); ``conversations``
+    # every sample, per file in data.txt order (None where a sample could not be normalised), read
+    # from its record on access, so that a caller can show any sample without a new pass
+    conversations: list[Sequence[Conversation | None]] = field(default_factory=list)
+    # preference data: every pair, per file (empty for SFT files), read on access; ``conversations``
     # then holds each pair's chosen conversation
-    pairs: list[list[PreferencePair | None]] = field(default_factory=list)
+    pairs: list[Sequence[PreferencePair | None]] = field(default_factory=list)
 
     @property
     def is_preference(self) -> bool:
-        return any(self.pairs)
+        return any(len(p) for p in self.pairs)
 
     @property
     def errors(self) -> list[Problem]:
@@ -183,6 +195,7 @@ def run_check(
     given_num: bool = True,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    cache: CacheOptions | None = None,
 ) -> CheckResult:
     """The read pass (:func:`~xcft.data.read_pass.read_pass`) with every image decoded; a report per file.
 
@@ -197,10 +210,13 @@ def run_check(
         decode_images=True,
         workers=workers,
         progress=progress,
+        cache=cache,
     )
     files = [FileReport.from_samples(fs) for fs in found.files]
-    conversations = [[r.conversation for r in fs.records] for fs in found.files]
-    pairs = [[r.pair for r in fs.records] if fs.pairs else [] for fs in found.files]
+    conversations: list[Sequence[Conversation | None]] = [SampleView(fs.table, np.arange(len(fs.table))) for fs in found.files]
+    pairs: list[Sequence[PreferencePair | None]] = [
+        SampleView(fs.table, np.arange(len(fs.table)), kind="pair") if fs.pairs else [] for fs in found.files
+    ]
     return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
 
 

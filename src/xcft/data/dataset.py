@@ -6,13 +6,17 @@ validated and encoded once at build time (only their lengths are kept; ``__getit
 which costs about a millisecond). For a 2.5 model (``hd_num`` set) each image's crop grid is read
 from its file header at build time (no decoding) and kept, so the lengths are exact without
 decoding; ``__getitem__`` then decodes the views and checks the grid.
+
+Memory does not grow with the data: what is kept per sample is a few numpy columns mapped from
+the preprocessing cache (:mod:`xcft.data.cache`), shared by DataLoader workers; ``__getitem__``
+reads the sample's JSON record from its file.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +24,54 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.mixture import epoch_draw
 from xcft.data.read_pass import read_pass
 from xcft.data.schema import Conversation, raise_first
+from xcft.data.table import SampleView
 from xcft.errors import DataError
 from xcft.model.image_processing_xcomposer2 import load_hd_views, load_image
 
 logger = logging.getLogger(__name__)
 
+#: item and batch key of the per-position source file index (a model forward argument; -1: none)
+LOSS_GROUPS = "loss_groups"
+
 
 @dataclass
 class FileData:
-    """The usable samples of one data file, and how many an epoch draws from it."""
+    """The usable samples of one data file, and how many an epoch draws from it.
+
+    ``conversations`` and ``grids`` are sequences read on access (:class:`~xcft.data.table.SampleView`
+    over the file's table, or plain lists); ``lengths`` an array.
+    """
 
     display: str
     path: Path
-    conversations: list[Conversation]  # trainable samples only, in file order
-    lengths: list[int]  # encoded length (after truncation) of each of them
+    conversations: Sequence[Conversation]  # trainable samples only, in file order
+    lengths: np.ndarray  # encoded length (after truncation) of each of them
     draw_count: int
     skipped: int  # samples left with no supervised token after truncation
-    grids: list[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
+    grids: Sequence[list[Grid]] = field(default_factory=list)  # 2.5: each sample's image crop grids (empty for 2.0)
     # preference data: the rejected conversation of each pair (``conversations`` holds the chosen ones)
-    rejected: list[Conversation] = field(default_factory=list)
+    rejected: Sequence[Conversation] = field(default_factory=list)
+
+    def subset(self, positions: Sequence[int], **changes: Any) -> FileData:
+        """The samples at ``positions`` (their lengths and crop grids with them)."""
+        idx = np.asarray(positions, dtype=np.int64)
+        return replace(
+            self,
+            conversations=_take(self.conversations, idx),
+            lengths=np.asarray(self.lengths)[idx],
+            grids=_take(self.grids, idx) if len(self.grids) else [],
+            rejected=_take(self.rejected, idx) if len(self.rejected) else [],
+            **changes,
+        )
+
+
+def _take(seq: Sequence[Any], idx: np.ndarray) -> Sequence[Any]:
+    return seq.take(idx) if isinstance(seq, SampleView) else [seq[i] for i in idx.tolist()]
 
 
 def read_data(
@@ -53,14 +82,15 @@ def read_data(
     given_num: bool = True,
     *,
     hd_num: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> list[FileData]:
     """The training samples of a data.txt or a JSON file (:func:`~xcft.data.read_pass.read_pass`); DataError on bad data.
 
     ``hd_num`` set: a 2.5 model's data (crop grids read from the image headers at that budget).
     Stops at the first error (``xcft check-data`` lists them all); warnings (a sample left with no
-    supervised token, which is skipped) are logged.
+    supervised token, which is skipped) are logged. ``cache``: the preprocessing cache's options.
     """
-    found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num)
+    found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num, cache=cache)
     if found.is_preference:
         raise DataError(
             f"{data} holds preference pairs (conversations_a/conversations_b or chosen/rejected), not conversations. "
@@ -76,16 +106,16 @@ def read_data(
             logger.warning(
                 "%s: %d sample(s) skipped (no supervised token within max_length=%d)", fs.source.display, fs.skipped, max_length
             )
-        usable = fs.usable
+        usable = fs.usable_index
         files.append(
             FileData(
                 fs.source.display,
                 fs.source.path,
-                [r.conversation for r in usable if r.conversation is not None],
-                [r.length for r in usable],
+                SampleView(fs.table, usable),
+                np.asarray(fs.table.length[usable]),
                 fs.draw_count,
                 fs.skipped,
-                [r.grids for r in usable if r.grids is not None],
+                SampleView(fs.table, usable, grids=True) if hd_num is not None else [],
             )
         )
     return files
@@ -96,7 +126,8 @@ class XComposerDataset(Dataset):
 
     ``every_sample``: no draw; every sample once, in file order (evaluation).
 
-    ``__getitem__(i)`` returns ``input_ids``, ``labels``, ``image_mask`` ([L]) and ``pixel_values``
+    ``__getitem__(i)`` returns ``input_ids``, ``labels``, ``image_mask``, ``loss_groups`` (the
+    sample's file index at every position, for per-source losses) ([L]) and ``pixel_values``
     ([n, 3, S, S], n may be 0) for the i-th drawn sample; with ``hd_num`` (2.5) ``pixel_values``
     holds every view of the sample's images ([V, 3, S, S]) and ``image_grids`` ([n, 2]) their crop grids.
     """
@@ -144,8 +175,10 @@ class XComposerDataset(Dataset):
             return
         self.epoch = epoch
         if self.every_sample:
-            order = [(f, j) for f, fd in enumerate(self.files) for j in range(len(fd.conversations))]
-            self.draw = np.array(order, dtype=np.int64).reshape(-1, 2)
+            parts = [
+                np.stack([np.full(len(fd.lengths), f), np.arange(len(fd.lengths))], axis=1) for f, fd in enumerate(self.files)
+            ]
+            self.draw = np.concatenate(parts).astype(np.int64).reshape(-1, 2) if parts else np.zeros((0, 2), np.int64)
             return
         self.draw = epoch_draw([f.draw_count for f in self.files], [len(f.conversations) for f in self.files], self.seed, epoch)
 
@@ -155,7 +188,24 @@ class XComposerDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Encoded length of each drawn item (for length grouping and packing)."""
-        return [self.files[f].lengths[j] for f, j in self.draw.tolist()]
+        return self.draw_lengths.tolist()
+
+    @property
+    def draw_lengths(self) -> np.ndarray:
+        """:attr:`lengths` as an array."""
+        out = np.zeros(len(self.draw), dtype=np.int64)
+        for f, fd in enumerate(self.files):
+            rows = self.draw[:, 0] == f
+            out[rows] = np.asarray(fd.lengths)[self.draw[rows, 1]]
+        return out
+
+    def source(self, i: int) -> int:
+        """The file (its index in the data.txt order) the i-th drawn sample comes from."""
+        return int(self.draw[i, 0])
+
+    @property
+    def source_names(self) -> list[str]:
+        return [f.display for f in self.files]
 
     @property
     def num_skipped(self) -> int:
@@ -179,7 +229,9 @@ class XComposerDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} drawn samples")
         conv, enc = self.encode(i)
-        return make_item(conv, enc, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg, hd_num=self.hd_num)
+        item = make_item(conv, enc, self.pad_token_id, self.img_size, fast_jpeg=self.fast_jpeg, hd_num=self.hd_num)
+        item[LOSS_GROUPS] = torch.full_like(item["input_ids"], self.source(i))
+        return item
 
 
 def make_item(
@@ -246,13 +298,14 @@ def build_dataset(
     epoch: int = 0,
     fast_jpeg: bool = False,
     hd_num: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> XComposerDataset:
     """Read a data.txt (or one JSON/JSONL file) and return the dataset for ``epoch``.
 
     ``hd_num``: the crop budget of a 2.5 model (None for 2.0). Raises
     :class:`~xcft.errors.DataError` on the first bad sample (``xcft check-data`` lists them all).
     """
-    files = read_data(data_path, tokenizer, img_size, max_length, given_num, hd_num=hd_num)
+    files = read_data(data_path, tokenizer, img_size, max_length, given_num, hd_num=hd_num, cache=cache)
     ds = XComposerDataset(files, tokenizer, img_size, max_length, seed=seed, epoch=epoch, fast_jpeg=fast_jpeg, hd_num=hd_num)
     logger.info(
         "data: %d file(s), %d usable samples, %d drawn per epoch, %d skipped",
@@ -286,10 +339,14 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
     grids: list[torch.Tensor] = []
     counts: list[int] = []
     hd = any("image_grids" in f for f in features)
+    groups = torch.full((bsz, width), -1, dtype=torch.long) if all(LOSS_GROUPS in f for f in features) else None
     for b, (f, n) in enumerate(zip(features, lengths)):
         input_ids[b, :n] = f["input_ids"]
         labels[b, :n] = f["labels"]
         image_mask[b, :n] = f["image_mask"]
+        if groups is not None:  # an item's source at each of its positions (also at tokens appended to it later)
+            g = f[LOSS_GROUPS]
+            groups[b, :n] = g if g.shape[0] == n else g[:1].expand(n)
         if packed:
             pos = f.get("position_ids")
             layout[b, :n] = pos if pos is not None else torch.arange(n)
@@ -319,6 +376,8 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, *, packed: 
     }
     if hd:
         batch["image_grids"] = torch.cat(grids, dim=0) if grids else None
+    if groups is not None:
+        batch[LOSS_GROUPS] = groups
     return batch
 
 
@@ -333,6 +392,7 @@ class DataCollator:
 
 
 __all__ = [
+    "LOSS_GROUPS",
     "DataCollator",
     "FileData",
     "XComposerDataset",

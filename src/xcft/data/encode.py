@@ -232,21 +232,27 @@ def _assign_chunks(
     return out
 
 
-def encode_conversation(
+@dataclass
+class _Layout:
+    """A sample's ids and trained flags before labels are made, and where truncation cuts them."""
+
+    ids: list[int]
+    trained: list[bool]
+    spans: list[tuple[int, int]]  # (start, slots) per image
+    image_grids: list[Grid]
+    total: int
+    cut: int
+    kept_spans: list[tuple[int, int]]
+
+
+def _layout(
     conv: Conversation,
     tokenizer: TokenizerLike,
     img_size: int | ImageSpec,
     max_length: int,
-    grids: Sequence[Grid] | None = None,
-    *,
-    last_answer_only: bool = False,
-) -> EncodedSample:
-    """Encode one conversation (see the module docstring for the template and truncation rules).
-
-    ``img_size`` is a 2.0 view size or an :class:`ImageSpec`; a 2.5 spec needs ``grids``, the
-    crop grid of each of the conversation's images in order (:meth:`ImageSpec.grid` of its size).
-    ``last_answer_only``: train only the final turn (an answer of a preference pair).
-    """
+    grids: Sequence[Grid] | None,
+    last_answer_only: bool,
+) -> _Layout:
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     spec = img_size if isinstance(img_size, ImageSpec) else ImageSpec(int(img_size))
@@ -284,10 +290,9 @@ def encode_conversation(
     ids.append(tokenizer.eos_token_id)
     trained.append(ends_with_answer)
 
-    total = len(ids)
-    truncated = total > max_length
+    total = cut = len(ids)
     kept_spans = spans
-    if truncated:
+    if total > max_length:
         cut = max_length
         kept_spans = []
         for start, length in spans:
@@ -296,21 +301,64 @@ def encode_conversation(
             else:
                 cut = min(cut, start)  # never split an image: end before it
                 break
-        ids = ids[:cut]
-        trained = trained[:cut]
+    return _Layout(ids, trained, spans, image_grids, total, cut, kept_spans)
+
+
+def encode_conversation(
+    conv: Conversation,
+    tokenizer: TokenizerLike,
+    img_size: int | ImageSpec,
+    max_length: int,
+    grids: Sequence[Grid] | None = None,
+    *,
+    last_answer_only: bool = False,
+) -> EncodedSample:
+    """Encode one conversation (see the module docstring for the template and truncation rules).
+
+    ``img_size`` is a 2.0 view size or an :class:`ImageSpec`; a 2.5 spec needs ``grids``, the
+    crop grid of each of the conversation's images in order (:meth:`ImageSpec.grid` of its size).
+    ``last_answer_only``: train only the final turn (an answer of a preference pair).
+    """
+    lay = _layout(conv, tokenizer, img_size, max_length, grids, last_answer_only)
+    ids, trained = lay.ids[: lay.cut], lay.trained[: lay.cut]
     labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
     mask = [i == IMAGE_SLOT for i in ids]
     return EncodedSample(
         input_ids=ids,
         labels=labels,
         image_mask=mask,
-        image_spans=kept_spans,
-        num_images=len(kept_spans),
-        truncated=truncated,
-        untruncated_length=total,
-        dropped_images=n_images - len(kept_spans),
-        image_grids=image_grids[: len(kept_spans)],
+        image_spans=lay.kept_spans,
+        num_images=len(lay.kept_spans),
+        truncated=lay.total > max_length,
+        untruncated_length=lay.total,
+        dropped_images=len(lay.spans) - len(lay.kept_spans),
+        image_grids=lay.image_grids[: len(lay.kept_spans)],
     )
+
+
+@dataclass(frozen=True)
+class EncodedSize:
+    """What the read pass keeps of an encoding: its counts (:func:`encoded_size`)."""
+
+    length: int
+    untruncated_length: int
+    supervised: int
+    truncated: bool
+
+
+def encoded_size(
+    conv: Conversation,
+    tokenizer: TokenizerLike,
+    img_size: int | ImageSpec,
+    max_length: int,
+    grids: Sequence[Grid] | None = None,
+) -> EncodedSize:
+    """The counts of :func:`encode_conversation`'s result, without making its label and mask lists.
+
+    Same ids, same truncation; ``supervised`` counts the trained ids kept (image slots are never trained).
+    """
+    lay = _layout(conv, tokenizer, img_size, max_length, grids, False)
+    return EncodedSize(lay.cut, lay.total, sum(lay.trained[: lay.cut]), lay.total > max_length)
 
 
 def _without_prepended_placeholder(conv: Conversation) -> Conversation:
@@ -324,4 +372,14 @@ def _without_prepended_placeholder(conv: Conversation) -> Conversation:
     return replace(conv, messages=messages)
 
 
-__all__ = ["IGNORE_INDEX", "IMAGE_SLOT", "EncodedSample", "Grid", "ImageSpec", "encode_conversation", "slots_per_image"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_SLOT",
+    "EncodedSample",
+    "EncodedSize",
+    "Grid",
+    "ImageSpec",
+    "encode_conversation",
+    "encoded_size",
+    "slots_per_image",
+]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from xcft.data.dataset import DataCollator, pad_batch
+from xcft.data.dataset import LOSS_GROUPS, DataCollator, pad_batch
 from xcft.data.encode import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def concat_items(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "image_mask": torch.cat([it["image_mask"] for it in items]),
         "position_ids": torch.cat([_positions(it) for it in items]),
     }
+    if all(LOSS_GROUPS in it for it in items):
+        out[LOSS_GROUPS] = torch.cat([it[LOSS_GROUPS] for it in items])
     if pixel_values is not None:
         out["pixel_values"] = pixel_values
     if any("image_grids" in it for it in items):  # 2.5: every image's crop grid, in the order of the views

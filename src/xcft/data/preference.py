@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.dataset import FileData, XComposerDataset, make_item, pad_batch
 from xcft.data.encode import IGNORE_INDEX, ImageSpec, TokenizerLike
 from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, not_a_pair
 from xcft.data.read_pass import read_pass
 from xcft.data.schema import raise_first
+from xcft.data.table import SampleView
 from xcft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -33,17 +35,18 @@ def read_pair_data(
     given_num: bool = True,
     *,
     hd_num: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> list[FileData]:
     """The training pairs of a data.txt or a JSON file (the read pass); DataError on bad data or SFT data.
 
     Returns :class:`FileData` whose ``conversations`` are the chosen and ``rejected`` the rejected
     conversations; ``lengths`` are the pair's two sequence lengths added (what one pair costs).
     """
-    found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num)
+    found = read_pass(data, tokenizer, ImageSpec(int(img_size), hd_num), max_length, given_num, cache=cache)
     for fs in found.files:
-        if not fs.pairs and fs.records:
-            first = fs.records[0]
-            record = {"id": first.conversation.id} if first.conversation is not None else None
+        if not fs.pairs and len(fs.table):
+            first = fs.table.conversation(0)
+            record = {"id": first.id} if first is not None else None
             raise DataError(str(not_a_pair(fs.source.display, 0, record)) + " (a preference stage needs pairs in every file)")
     raise_first(found.problems)
     for problem in found.problems:
@@ -51,17 +54,17 @@ def read_pair_data(
             logger.warning("%s", problem)
     files: list[FileData] = []
     for fs in found.files:
-        pairs = [r.pair for r in fs.usable if r.pair is not None]
+        usable = fs.usable_index  # pairs are read from their records on access (SampleView)
         files.append(
             FileData(
                 fs.source.display,
                 fs.source.path,
-                [p.chosen for p in pairs],
-                [r.length for r in fs.usable],
+                SampleView(fs.table, usable),
+                np.asarray(fs.table.length[usable]),
                 fs.draw_count,
                 fs.skipped,
-                [r.grids for r in fs.usable if r.grids is not None],
-                [p.rejected for p in pairs],
+                SampleView(fs.table, usable, grids=True) if hd_num is not None else [],
+                SampleView(fs.table, usable, kind="rejected"),
             )
         )
     return files

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -221,23 +221,25 @@ def _read_jsonl(text: str, name: str) -> tuple[list[tuple[int | None, Any]], lis
         try:
             records.append((lineno, json.loads(line)))
         except (RecursionError, ValueError) as exc:
-            if not isinstance(exc, json.JSONDecodeError):
-                msg, _ = _parse_failure(exc, line)
-                problems.append(Problem(name, None, None, msg, "fix or remove that value", line=lineno))
-                continue
-            problems.append(
-                Problem(
-                    name,
-                    None,
-                    None,
-                    f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
-                    "each line of a JSON Lines file must be one complete JSON object",
-                    line=lineno,
-                )
-            )
+            problems.append(jsonl_problem(exc, line, lineno, name))
     if not records and not problems:
         problems.append(Problem(name, None, None, "file is empty", "put one JSON object per line in it"))
     return records, problems
+
+
+def jsonl_problem(exc: BaseException, line: str, lineno: int, name: str) -> Problem:
+    """The problem of a JSON Lines line that does not parse (``exc`` from ``json.loads(line)``)."""
+    if not isinstance(exc, json.JSONDecodeError):
+        msg, _ = _parse_failure(exc, line)
+        return Problem(name, None, None, msg, "fix or remove that value", line=lineno)
+    return Problem(
+        name,
+        None,
+        None,
+        f"invalid JSON at line {lineno} column {exc.colno}: {exc.msg}",
+        "each line of a JSON Lines file must be one complete JSON object",
+        line=lineno,
+    )
 
 
 def _json_type(value: Any) -> str:
@@ -341,10 +343,13 @@ def normalize_sample(
     line: int | None = None,
     check_images_exist: bool = True,
     require_answer: bool = True,
+    is_file: Callable[[Path], bool] | None = None,
 ) -> tuple[Conversation | None, list[Problem]]:
     """Validate one raw sample; return the :class:`Conversation` (None when it has errors) and its problems.
 
     ``require_answer`` False accepts a conversation without an assistant turn (a question to answer).
+    ``is_file``: how an image path is tested (default ``Path.is_file``; a reader of many samples
+    passes one that remembers its answers).
     """
     err = _Reporter(file, index, line)
     if not isinstance(record, dict):
@@ -361,7 +366,7 @@ def normalize_sample(
     prepended = _place_images(messages, image_list, err)
     if prepended is None:
         return None, err.problems
-    images = _find_images(image_list, search_dirs, check_images_exist, err)
+    images = _find_images(image_list, search_dirs, check_images_exist, err, is_file or Path.is_file)
     if errors(err.problems):
         return None, err.problems
     assert err.sid is not None, "_sample_id sets it"
@@ -511,12 +516,14 @@ def _place_images(messages: list[Message], image_list: list[str], err: _Reporter
     return None
 
 
-def _find_images(image_list: list[str], search_dirs: Sequence[Path], check_exist: bool, err: _Reporter) -> list[Path]:
+def _find_images(
+    image_list: list[str], search_dirs: Sequence[Path], check_exist: bool, err: _Reporter, is_file: Callable[[Path], bool]
+) -> list[Path]:
     """Each image path resolved against the search folders (a missing or odd file is an error)."""
     images: list[Path] = []
     for img in image_list:
         cands = image_candidates(img.strip(), search_dirs)
-        found = next((c for c in cands if c.is_file()), None) if check_exist else cands[0]
+        found = next((c for c in cands if is_file(c)), None) if check_exist else cands[0]
         if found is None:
             odd = next((c for c in cands if os.path.lexists(c)), None)
             if odd is not None:  # a folder or a FIFO named like an image: never opened
@@ -582,6 +589,7 @@ __all__ = [
     "Problem",
     "errors",
     "image_candidates",
+    "jsonl_problem",
     "load_conversations",
     "normalize_sample",
     "raise_first",

@@ -626,6 +626,21 @@ def causal_lm_loss(
     return _reduce_ce(shift_logits, shift_labels, num_items_in_batch)
 
 
+def _logit_group_losses(logits: torch.Tensor, labels: torch.Tensor, loss_groups: torch.Tensor) -> torch.Tensor:
+    """``[G, 2]``: per group of ``loss_groups`` (at the target positions) the summed cross-entropy and target count."""
+    with torch.no_grad():
+        flat = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+        targets = labels[:, 1:].reshape(-1).to(flat.device)
+        token_ce = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")
+        groups = loss_groups[:, 1:].reshape(-1).to(flat.device)
+        keep = (targets != IGNORE_INDEX) & (groups >= 0)
+        groups, token_ce = groups[keep], token_ce[keep]
+        table = torch.zeros(int(groups.max()) + 1 if groups.numel() else 0, 2, device=flat.device)
+        table[:, 0].index_add_(0, groups, token_ce)
+        table[:, 1].index_add_(0, groups, torch.ones_like(token_ce))
+        return table
+
+
 def _ce_denominator(targets: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor | int:
     """What the summed token cross-entropy is divided by: the Trainer's count, else this batch's targets."""
     if num_items_in_batch is None:
@@ -722,6 +737,13 @@ class OutputHead(nn.Linear):
         if self.bias is not None:
             raise ValueError("the fused training head has no bias; the XComposer2 output layer never has one")
         return _LinearCrossEntropy.apply(hidden, self.weight, targets, self.chunk_rows)
+
+
+@dataclasses.dataclass
+class XComposer2CausalLMOutput(CausalLMOutputWithPast):
+    """The causal-LM output, and ``group_losses`` [G, 2] when the forward was given ``loss_groups``."""
+
+    group_losses: torch.Tensor | None = None
 
 
 class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
@@ -955,15 +977,18 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         cache: Cache | None = None,
         supervised_logits_only: bool = False,
+        loss_groups: torch.LongTensor | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> XComposer2CausalLMOutput:
         """Loss = token cross-entropy of ``logits[:, :-1]`` vs ``labels[:, 1:]`` (see :func:`causal_lm_loss`).
 
         Images: see :meth:`splice_image_features` (2.5 models also take ``image_grids``; ``image_index``
         reuses an encoded image in several rows).
         ``cache`` is transformers 5's name for ``past_key_values``; either works. With
         ``supervised_logits_only`` in training (the trainer's choice), logits are computed only
-        at supervised positions (the returned ``logits`` is then None).
+        at supervised positions (the returned ``logits`` is then None). ``loss_groups`` ([B, L], the
+        group of each position, -1 none; e.g. the data file a sample came from): the output's
+        ``group_losses`` holds each group's summed cross-entropy and target count (the loss is unchanged).
         """
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
@@ -989,8 +1014,12 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
 
         loss = None
         logits = None
+        group_losses = None
         if labels is not None and self.training and supervised_logits_only:
-            loss = self.supervised_loss(hidden_states, labels, num_items_in_batch)
+            if loss_groups is None:
+                loss = self.supervised_loss(hidden_states, labels, num_items_in_batch)
+            else:
+                loss, group_losses = self.grouped_supervised_loss(hidden_states, labels, loss_groups, num_items_in_batch)
         else:
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.output(hidden_states[:, slice_indices, :])
@@ -998,7 +1027,14 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
                 if logits.shape[1] != labels.shape[1]:
                     raise ValueError("labels need logits at every position: do not combine labels with logits_to_keep")
                 loss = causal_lm_loss(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_LM_OUTPUT_CACHE: getattr(outputs, _BASE_OUTPUT_CACHE)})
+                if loss_groups is not None:
+                    group_losses = _logit_group_losses(logits, labels, loss_groups)
+        return XComposer2CausalLMOutput(
+            loss=loss,
+            logits=logits,
+            group_losses=group_losses,
+            **{_LM_OUTPUT_CACHE: getattr(outputs, _BASE_OUTPUT_CACHE)},
+        )
 
     def _decode(
         self,
@@ -1129,6 +1165,38 @@ class XComposer2ForCausalLM(XComposer2PreTrainedModel, GenerationMixin):
             return self.output(selected, targets) / _ce_denominator(targets, num_items_in_batch)
         logits = self.output(selected).float()
         return _reduce_ce(logits, targets, num_items_in_batch)
+
+    def grouped_supervised_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        loss_groups: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`supervised_loss`, and ``[G, 2]`` (summed cross-entropy, targets) per group of ``loss_groups``.
+
+        The head runs once per group over that group's targets; the loss is the groups' sum over the
+        same denominator (equal to the ungrouped loss up to float summation order).
+        """
+        shift_labels = labels[:, 1:].to(hidden_states.device)
+        keep = shift_labels != IGNORE_INDEX
+        selected = hidden_states[:, :-1][keep]
+        targets = shift_labels[keep]
+        groups = loss_groups[:, 1:].to(hidden_states.device)[keep].clamp(min=-1)
+        ids = [int(g) for g in torch.unique(groups).tolist()]
+        table = torch.zeros(max(ids, default=-1) + 1, 2, device=hidden_states.device, dtype=torch.float32)
+        total: torch.Tensor = hidden_states.new_zeros((), dtype=torch.float32)
+        for g in ids:
+            rows = groups == g
+            if isinstance(self.output, OutputHead):
+                part = self.output(selected[rows], targets[rows])
+            else:
+                part = F.cross_entropy(self.output(selected[rows]).float(), targets[rows], reduction="sum")
+            total = total + part
+            if g >= 0:
+                table[g, 0] = part.detach().float()
+                table[g, 1] = rows.sum()
+        return total / _ce_denominator(targets, num_items_in_batch), table
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
@@ -1433,6 +1501,7 @@ def materialize_non_persistent_buffers(model: XComposer2ForCausalLM, device: tor
 __all__ = [
     "ChatInputs",
     "PLoRALinear",
+    "XComposer2CausalLMOutput",
     "XComposer2ForCausalLM",
     "XComposer2Model",
     "XComposer2PreTrainedModel",

@@ -23,6 +23,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import DataClassType, string_to_bool
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.mixture import GIVEN_NUM_HELP
 from xcft.data.sizes import SizeOptions
 from xcft.errors import XcftError
@@ -96,7 +97,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(SizeOptions):
+class DataArguments(CacheOptions, SizeOptions):
     """Training and evaluation data and how samples are encoded (--img_size, --max_length, --hd_num: :class:`SizeOptions`)."""
 
     data_path: str | None = field(
@@ -230,7 +231,7 @@ class PreferenceArguments:
 
 @dataclass
 class OutputArguments:
-    """What a run may do to its --output_dir (the rest of the output options are TrainingArguments')."""
+    """What a run may do to its --output_dir, and how it reports progress (the rest of the output options are TrainingArguments')."""
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -238,6 +239,13 @@ class OutputArguments:
             "help": "Start over in an --output_dir that holds checkpoints or the result of an earlier xcft run: "
             "removes only what xcft wrote there (never your files). Without it such a folder is refused unless "
             "--resume_from_checkpoint is given."
+        },
+    )
+    progress_interval: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds between progress lines when the output is not a terminal (a batch job, a pipe, the web "
+            "log): one line with step, loss, speed and time left instead of a redrawn progress bar."
         },
     )
 

@@ -2,7 +2,8 @@
 
 * :class:`EpochDrawCallback` — the per-epoch data.txt draw.
 * :class:`SigtermCallback` — SIGTERM: save a checkpoint after the step, then stop (every rank).
-* :class:`LossProgressCallback` — the progress bar with the latest loss.
+* :class:`LossProgressCallback` — the progress bar with the latest loss (on a terminal);
+  :class:`LineProgressCallback` — a progress line every N seconds (logs that are files).
 * :class:`JsonLogCallback` — ``trainer_log.jsonl`` (:mod:`xcft.run_files`), for other processes.
 * :class:`RecordOutputsCallback` — keeps the output folder's manifest current.
 """
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,19 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from xcft.output_dir import OutputFolder
-from xcft.run_files import TRAINER_LOG_NAME, trainer_log_record
+from xcft.run_files import SOURCE_LOSS_PREFIX, TRAINER_LOG_NAME, trainer_log_record
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EpochDrawCallback", "JsonLogCallback", "LossProgressCallback", "RecordOutputsCallback", "SigtermCallback"]
+__all__ = [
+    "EpochDrawCallback",
+    "JsonLogCallback",
+    "LineProgressCallback",
+    "LossProgressCallback",
+    "RecordOutputsCallback",
+    "SigtermCallback",
+    "progress_callback",
+]
 
 
 class EpochDrawCallback(TrainerCallback):
@@ -92,12 +102,87 @@ class SigtermCallback(TrainerCallback):
         return control
 
 
+def _source_losses(logs: dict[str, Any]) -> str:
+    """A mixture's per-file losses of a log, as ``file loss`` pairs (empty for one file)."""
+    return ", ".join(f"{k[len(SOURCE_LOSS_PREFIX) :]} {v:.4f}" for k, v in logs.items() if k.startswith(SOURCE_LOSS_PREFIX))
+
+
+def _eval_source_losses(logs: dict[str, Any]) -> str:
+    key = "eval_" + SOURCE_LOSS_PREFIX
+    return ", ".join(f"{k[len(key) :]} {v:.4f}" for k, v in logs.items() if k.startswith(key))
+
+
+def progress_callback(interval_s: float) -> TrainerCallback | type[TrainerCallback]:
+    """A redrawn progress bar on a terminal; one progress line every ``interval_s`` seconds otherwise."""
+    if sys.stderr.isatty():
+        return LossProgressCallback
+    return LineProgressCallback(interval_s)
+
+
+class LineProgressCallback(TrainerCallback):
+    """Progress as log lines for logs that are files: a line every ``interval_s`` seconds (and at every eval and the end).
+
+    A line: ``step 120/1000 (12%) | loss 1.2345 | lr 1.00e-05 | 0.84 s/step | 12m20s left``, the
+    per-file losses of a mixture after it. Carriage-return bars would write a line per redraw.
+    """
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        self.interval_s = float(interval_s)
+        self._start = 0.0
+        self._first_step = 0
+        self._last_line = 0.0
+        self._latest: dict[str, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = self._last_line = time.monotonic()
+        self._first_step = int(state.global_step)
+
+    def _line(self, state) -> str:
+        step, total = int(state.global_step), int(state.max_steps or 0)
+        parts = [f"step {step}/{total}" + (f" ({100 * step // total}%)" if total else "")]
+        if "loss" in self._latest:
+            parts.append(f"loss {self._latest['loss']:.4f}")
+        if "learning_rate" in self._latest:
+            parts.append(f"lr {self._latest['learning_rate']:.2e}")
+        done = step - self._first_step
+        if done > 0:
+            per_step = (time.monotonic() - self._start) / done
+            parts.append(f"{per_step:.2f} s/step")
+            if total > step:
+                left = int(per_step * (total - step))
+                parts.append(f"{left // 60}m{left % 60:02d}s left")
+        sources = _source_losses(self._latest)
+        return " | ".join(parts) + (f" | per file: {sources}" if sources else "")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and time.monotonic() - self._last_line >= self.interval_s:
+            self._last_line = time.monotonic()
+            logger.info("%s", self._line(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self._latest = dict(logs)
+        if "eval_loss" in logs:
+            sources = _eval_source_losses(logs)
+            logger.info(
+                "step %d: eval_loss %.4f%s", state.global_step, logs["eval_loss"], f" (per file: {sources})" if sources else ""
+            )
+        if "train_runtime" in logs:
+            logger.info("%s", self._line(state))
+            logger.info("done: %.1f s, mean train loss %.4f", logs.get("train_runtime", 0), logs.get("train_loss", float("nan")))
+
+
 class LossProgressCallback(ProgressCallback):
     """The standard progress bar (steps, rate, ETA) with the latest loss and learning rate on it."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
+        sources = _source_losses(logs)
+        if sources:
+            self.training_bar.write(f"step {state.global_step}: loss per file: {sources}")
         post = {}
         if "loss" in logs:
             post["loss"] = f"{logs['loss']:.4f}"
@@ -105,7 +190,11 @@ class LossProgressCallback(ProgressCallback):
             post["lr"] = f"{logs['learning_rate']:.2e}"
         if "eval_loss" in logs:
             post["eval_loss"] = f"{logs['eval_loss']:.4f}"
-            self.training_bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+            eval_sources = _eval_source_losses(logs)
+            self.training_bar.write(
+                f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}"
+                + (f" (per file: {eval_sources})" if eval_sources else "")
+            )
         if post:
             self.training_bar.set_postfix(post, refresh=True)
         if "train_runtime" in logs:

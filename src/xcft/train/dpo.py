@@ -274,10 +274,12 @@ def build_preference_datasets(
     if end_token is not None:
         max_length -= 1
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
-    files = read_pair_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+    files = read_pair_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num, cache=cfg.data)
     eval_ds = None
     if cfg.data.eval_data_path:
-        eval_files = read_pair_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+        eval_files = read_pair_data(
+            cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num, cache=cfg.data
+        )
         eval_ds = PreferenceDataset(eval_files, tokenizer, img_size, max_length, seed=seed, hd_num=hd_num, end_token=end_token)
     elif cfg.data.eval_split > 0:
         files, held = split_holdout(files, cfg.data.eval_split, seed)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from xcft.data.dataset import DataCollator, XComposerDataset, read_data
+from xcft.data.dataset import LOSS_GROUPS, DataCollator, XComposerDataset, read_data
 from xcft.data.mixture import draw_count, load_spec
 from xcft.data.packing import PackedDataset, PackingCollator
 from xcft.data.sizes import Sizes, model_sizes, resolve_sizes
@@ -57,14 +57,7 @@ def split_holdout(files: list[Any], fraction: float, seed: int) -> tuple[list[An
 
 def _subset(fd: Any, indices: list[int], **changes: Any) -> Any:
     """The samples ``indices`` of a :class:`~xcft.data.dataset.FileData`, with their lengths and crop grids."""
-    return dataclasses.replace(
-        fd,
-        conversations=[fd.conversations[i] for i in indices],
-        lengths=[fd.lengths[i] for i in indices],
-        grids=[fd.grids[i] for i in indices] if fd.grids else [],
-        rejected=[fd.rejected[i] for i in indices] if fd.rejected else [],
-        **changes,
-    )
+    return fd.subset(indices, **changes)
 
 
 def _redo_counts(files: list[Any], data_path: str, given_num: bool) -> list[Any]:
@@ -90,10 +83,12 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any, files: Any = Non
     if files is not None and files[1] == (img_size, max_length, hd_num):
         files = files[0]
     else:
-        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+        files = read_data(cfg.data.data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num, cache=cfg.data)
     eval_ds = None
     if cfg.data.eval_data_path:
-        eval_files = read_data(cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num)
+        eval_files = read_data(
+            cfg.data.eval_data_path, tokenizer, img_size, max_length, cfg.data.given_num, hd_num=hd_num, cache=cfg.data
+        )
         eval_ds = XComposerDataset(eval_files, tokenizer, img_size, max_length, seed=seed, epoch=0, hd_num=hd_num)
         if cfg.data.eval_split > 0:
             logger.info("--eval_data_path given: --eval_split %s is not used", cfg.data.eval_split)
@@ -122,6 +117,14 @@ def build_datasets(cfg: Any, tokenizer: Any, model_config: Any, files: Any = Non
         train_ds = PackedDataset(train_ds, max_length)
         collator = PackingCollator(pad_token_id=train_ds.pad_token_id)  # also batches the unpacked eval set
     return train_ds, eval_ds, collator
+
+
+def source_names(dataset: Any) -> list[str]:
+    """The data files of a training or eval dataset (packed or not), in the order of its ``loss_groups`` ids."""
+    if dataset is None:
+        return []
+    base = getattr(dataset, "base", dataset)
+    return list(getattr(base, "source_names", []))
 
 
 @dataclass
@@ -168,6 +171,8 @@ class VisionAlignedCollator:
             new_mask = widen(mask, 0)
             new_mask[row, width:] = 1
             batch["attention_mask"] = new_mask
+        if batch.get(LOSS_GROUPS) is not None:
+            batch[LOSS_GROUPS] = widen(batch[LOSS_GROUPS], -1)
         new_image_mask = widen(image_mask, False)
         new_image_mask[row, width:] = True
         batch["image_mask"] = new_image_mask

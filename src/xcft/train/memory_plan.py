@@ -919,7 +919,13 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
     sizes = resolve_run_sizes(cfg, config)
     img_size, max_length, hd_num = sizes.img_size, sizes.max_length, sizes.hd_num
     files = read_data(
-        cfg.data.data_path, load_tokenizer(cfg.model.model_name_or_path), img_size, max_length, cfg.data.given_num, hd_num=hd_num
+        cfg.data.data_path,
+        load_tokenizer(cfg.model.model_name_or_path),
+        img_size,
+        max_length,
+        cfg.data.given_num,
+        hd_num=hd_num,
+        cache=cfg.data,
     )
     lengths, slots, views = [], [], []
     for fd in files:

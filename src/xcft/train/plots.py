@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from xcft.output_dir import OWN_PREFIX
+from xcft.run_files import SOURCE_LOSS_PREFIX, is_source_loss
 
-__all__ = ["loss_figure", "loss_points", "save_figure", "write_loss_plot"]
+__all__ = ["loss_figure", "loss_points", "save_figure", "source_points", "write_loss_plot"]
 
 Points = Sequence[tuple[float, float]]
 #: Below this many points each one gets a marker (a short run stays readable).
@@ -24,10 +25,28 @@ def loss_points(log_history: Iterable[dict[str, Any]]) -> tuple[list[tuple[float
     return train, evals
 
 
+def source_points(log_history: Iterable[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """A mixture's per-file curves of a ``log_history``: ``loss/<file>`` and ``eval_loss/<file>`` -> ``(step, loss)``."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for h in log_history:
+        for key, value in h.items():
+            if is_source_loss(key) and "step" in h:
+                out.setdefault(key, []).append((h["step"], value))
+    return out
+
+
 def loss_figure(
-    train: Points, evals: Points = (), *, title: str = "", log_scale: bool = False, size: tuple[float, float] = (7, 3.6)
+    train: Points,
+    evals: Points = (),
+    *,
+    sources: Mapping[str, Points] | None = None,
+    title: str = "",
+    log_scale: bool = False,
+    size: tuple[float, float] = (7, 3.6),
 ) -> Any:
     """A matplotlib Figure of the training (and eval) loss by optimizer step; a note when nothing was logged.
+
+    ``sources``: a mixture's per-file curves (:func:`source_points`), drawn thinner (eval ones dashed).
 
     Built without pyplot (no global figure state), so a server may draw from any thread.
     """
@@ -40,6 +59,18 @@ def loss_figure(
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1.2, marker=marker)
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
+    for key, points in sorted((sources or {}).items()):
+        is_eval = not key.startswith(SOURCE_LOSS_PREFIX)
+        name = key.split("/", 1)[1]
+        style = "--" if is_eval else "-"
+        ax.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            style,
+            linewidth=0.8,
+            alpha=0.8,
+            label=f"{'eval' if is_eval else 'train'}: {name}",
+        )
     if train or evals:
         ax.legend(fontsize=8)
         if log_scale:
@@ -66,7 +97,8 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
 
 def write_loss_plot(log_history: Iterable[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path | None:
     """The loss curve of a Trainer's ``log_history`` as a PNG; None (nothing written) when no loss was logged."""
-    train, evals = loss_points(log_history)
+    history = list(log_history)
+    train, evals = loss_points(history)
     if not train and not evals:
         return None
-    return save_figure(loss_figure(train, evals, title=title), path)
+    return save_figure(loss_figure(train, evals, sources=source_points(history), title=title), path)

@@ -11,7 +11,7 @@ from typing import Any
 
 from xcft.model.loading import unwrap_model
 from xcft.train.dpo import PreferenceTrainer, build_preference_datasets, prepare_reference
-from xcft.train.inputs import build_datasets
+from xcft.train.inputs import build_datasets, source_names
 from xcft.train.predict import answer_eval
 from xcft.train.reward import RewardModel, RewardTrainer, load_reward_head, reward_token_id
 from xcft.train.trainer import XcftTrainer
@@ -54,7 +54,9 @@ def stage_setup(cfg: Any, model: Any, tokenizer: Any, files: Any = None) -> Stag
         reward_model = RewardModel(model, config.hidden_size, head, seed=cfg.training.seed)
         return StageParts(reward_model, train_ds, eval_ds, collator, RewardTrainer, {"token_id": token})
     train_ds, eval_ds, collator = build_datasets(cfg, tokenizer, config, files=files)
-    return StageParts(model, train_ds, eval_ds, collator, trainer_kwargs={"answer_eval": answer_eval(cfg, eval_ds, tokenizer)})
+    sources = {"train": source_names(train_ds), "eval": source_names(eval_ds)}  # per-file losses of a mixture
+    kwargs = {"answer_eval": answer_eval(cfg, eval_ds, tokenizer), "source_names": sources}
+    return StageParts(model, train_ds, eval_ds, collator, trainer_kwargs=kwargs)
 
 
 __all__ = ["StageParts", "stage_setup"]

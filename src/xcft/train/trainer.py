@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from xcft.data.dataset import LOSS_GROUPS
 from xcft.data.packing import LengthGroupedSampler
 from xcft.errors import OutputFolderError
 from xcft.model.loading import write_model_code
 from xcft.output_dir import OutputFolder, is_own_checkpoint, save_errors, write_marker
-from xcft.run_files import STAGING_DIR_NAME, TRAINER_STATE_NAME, checkpoint_name
+from xcft.run_files import SOURCE_LOSS_PREFIX, STAGING_DIR_NAME, TRAINER_STATE_NAME, checkpoint_name
 from xcft.train.checkpoints import clear_staging, remaining_checkpoint, remove_staged, rotate_own_checkpoints
 from xcft.train.predict import AnswerEval
 
@@ -41,25 +42,82 @@ class XcftTrainer(Trainer):
     forward argument, so nothing about training ends up in the model's config.
     """
 
-    def __init__(self, *args: Any, supervised_head: bool = True, answer_eval: AnswerEval | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        supervised_head: bool = True,
+        answer_eval: AnswerEval | None = None,
+        source_names: dict[str, list[str]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._xcft_staging = False
         self.supervised_head = supervised_head
         self.answer_eval = answer_eval
+        self.source_names = source_names or {}
+        # per split: summed token cross-entropy and target count of each source since the last log
+        self._source_sums: dict[str, torch.Tensor] = {}
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        """The eval loss, and with ``answer_eval`` the answer metrics beside it (one log entry)."""
+        """The eval loss, ``<prefix>_loss/<file>`` per data file of a mixture, and with ``answer_eval`` the answer metrics (one log entry)."""
+        self._source_sums.pop("eval", None)
         output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        metrics = output.metrics if output.metrics is not None else {}
+        for name, value in self.source_losses("eval").items():
+            metrics[f"{prefix}_{SOURCE_LOSS_PREFIX}{name}"] = value
         if self.answer_eval is not None and output.metrics is not None:
-            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
             scores = self.answer_eval.run(self.accelerator.unwrap_model(self.model))
             output.metrics.update({f"{prefix}_{k}": v for k, v in scores.items()})
         return output
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The loss; with a mixture of two or more files, each file's token losses are added up for :meth:`log`."""
+        split = "train" if model.training else "eval"
+        if len(self.source_names.get(split, [])) < 2:  # one source: its loss is the loss
+            inputs = {k: v for k, v in inputs.items() if k != LOSS_GROUPS}
         if self.supervised_head and model.training:
             inputs = {**inputs, "supervised_logits_only": True}
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        if LOSS_GROUPS not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        table = outputs.get("group_losses") if hasattr(outputs, "get") else None
+        if table is not None:
+            self._add_source_losses(split, table)
+        return (loss, outputs) if return_outputs else loss
+
+    def _add_source_losses(self, split: str, table: torch.Tensor) -> None:
+        n = len(self.source_names[split])
+        sums = self._source_sums.get(split)
+        if sums is None:
+            sums = self._source_sums[split] = torch.zeros(n, 2, dtype=torch.float64, device=table.device)
+        k = min(n, table.shape[0])
+        sums[:k] += table[:k].detach().to(sums)
+
+    def source_losses(self, split: str) -> dict[str, float]:
+        """Mean token loss of each source since the last call (summed over ranks; every rank must call it)."""
+        names = self.source_names.get(split, [])
+        if len(names) < 2:
+            return {}
+        sums = self._source_sums.pop(split, None)
+        if sums is None:
+            sums = torch.zeros(len(names), 2, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = sums.to(self.args.device)
+            torch.distributed.all_reduce(sums)
+        return {name: float(s / c) for name, (s, c) in zip(names, sums.tolist()) if c > 0}
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs get ``loss/<file>`` per data file of a mixture (mean token loss since the last log)."""
+        if "loss" in logs:
+            logs = {**logs, **{f"{SOURCE_LOSS_PREFIX}{name}": round(v, 4) for name, v in self.source_losses("train").items()}}
+        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as Trainer does; a full model folder also gets our model code (self-contained folder)."""

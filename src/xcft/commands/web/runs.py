@@ -42,6 +42,7 @@ class RunStatus:
     eta_s: float | None = None
     loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    sources: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # a mixture's per-file curves
     checkpoints: list[str] = field(default_factory=list)
 
     @property
@@ -200,6 +201,7 @@ class RunManager:
         progress = self._progress[run_id] = follow_trainer_log(out, self._progress.get(run_id))
         st.step, st.max_steps, st.eta_s = progress.step, progress.max_steps, progress.eta_s
         st.loss, st.eval_loss = progress.points("loss"), progress.points("eval_loss")
+        st.sources = {key: progress.points(key) for key in sorted(progress.sources)}
         st.checkpoints = [str(c) for c in complete_checkpoints(out)]
         last_ckpt = st.checkpoints[-1] if st.checkpoints else None
         if exit_code is None:

@@ -32,6 +32,8 @@ def status_html(st: RunStatus | None) -> str:
         if st.eval_loss
         else ""
     )
+    if st.sources:
+        ev += f' · <span class="xcft-source-curves" data-n="{len(st.sources)}">{len(st.sources)} per-file curve(s)</span>'
     kind = {"failed": " xcft-error", "ended": " xcft-error", "finished": " xcft-ok"}.get(st.state, "")
     checkpoints = f" · checkpoints: {', '.join(html.escape(Path(c).name) for c in st.checkpoints)}" if st.checkpoints else ""
     return (
@@ -53,7 +55,7 @@ def duration(seconds: float | None) -> str:
 
 def loss_figure(st: RunStatus | None) -> Any:
     """The run's loss curve (the drawing of ``xcft train``'s loss.png)."""
-    return plots.loss_figure(st.loss if st else [], st.eval_loss if st else [], size=(7, 3.2))
+    return plots.loss_figure(st.loss if st else [], st.eval_loss if st else [], sources=st.sources if st else None, size=(7, 3.2))
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def run_view(runs: RunManager, run_id: str | None) -> RunView:
         st = runs.status(run_id)
     except Exception as exc:
         return RunView(ui.error(exc), ui.log_html(""), False, False, (run_id, "error"))
-    key = (run_id, len(st.loss), len(st.eval_loss), st.state)
+    key = (run_id, len(st.loss), len(st.eval_loss), sum(len(v) for v in st.sources.values()), st.state)
     return RunView(status_html(st), ui.log_html(runs.log_tail(run_id)), st.active, st.can_resume, key, st)
 
 
