@@ -936,6 +936,7 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
                 vw = sum(1 + r * c for r, c in grids)
             else:
                 s, vw = len(conv.images) * shape.image_tokens(), len(conv.images)
+            n = int(n)  # the data table keeps numpy integers
             lengths.append(n)
             slots.append(min(s, n))
             views.append(vw)
