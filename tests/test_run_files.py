@@ -111,3 +111,26 @@ def test_merge_check_round_trip_and_unreadable_files(tmp_path):
     assert not MergeCheck(float("nan"), 1e-4, 3, 1, 3, "a", "b").ok
     (tmp_path / "merge_check.json").write_text("{broken")
     assert read_merge_check(tmp_path) is None and read_merge_check(tmp_path / "nope") is None
+
+
+def test_pair_metrics_are_followed_and_drawn_below_the_loss(tmp_path):
+    from xcft.commands.web.runs import RunStatus
+    from xcft.commands.web.train_view import loss_figure
+    from xcft.train.plots import metric_points
+
+    records = [
+        {"loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0, "logps/chosen": -9.0},
+        {"loss": 0.50, "rewards/accuracies": 1.0, "rewards/margins": 0.4},
+        {"eval_loss": 0.45, "eval_rewards/accuracies": 1.0},
+    ]
+    _append(tmp_path, "".join(trainer_log_record("log", s, 3, None, 0.0, r) for s, r in enumerate(records, 1)))
+    progress = follow_trainer_log(tmp_path)
+    assert sorted(progress.metrics) == ["eval_rewards/accuracies", "rewards/accuracies", "rewards/margins"]
+    assert progress.points("rewards/accuracies") == [(1, 0.5), (2, 1.0)]
+    assert progress.points("eval_rewards/accuracies") == [(3, 1.0)]
+    history = [dict(r, step=s) for s, r in enumerate(records, 1)]
+    assert metric_points(history)["rewards/margins"] == [(1, 0.0), (2, 0.4)]
+    status = RunStatus(run_id="r", state="finished", message="", output_dir=str(tmp_path))
+    assert len(loss_figure(status).axes) == 1
+    status.metrics = {k: progress.points(k) for k in progress.metrics}
+    assert len(loss_figure(status).axes) == 2

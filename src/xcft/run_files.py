@@ -27,6 +27,8 @@ TRAINER_LOG_NAME = "trainer_log.jsonl"
 TRAINER_STATE_NAME = "trainer_state.json"
 #: A data mixture's per-file losses in the training logs: ``loss/<file>`` and ``eval_loss/<file>``.
 SOURCE_LOSS_PREFIX = "loss/"
+#: The pair metrics of the preference stages drawn beside the loss (TRL's names; ``--stage rm`` logs ``accuracy``).
+PAIR_CURVE_KEYS = ("rewards/accuracies", "rewards/margins", "accuracy")
 #: The training loss curve of a finished (or stopped) run.
 LOSS_PLOT_NAME = "loss.png"
 #: The run's options after flags and YAML were merged (what ``xcft train <that file>`` repeats).
@@ -46,6 +48,7 @@ __all__ = [
     "EXIT_SIGTERM",
     "LOSS_PLOT_NAME",
     "MERGE_CHECK_NAME",
+    "PAIR_CURVE_KEYS",
     "RESOLVED_CONFIG_NAME",
     "SOURCE_LOSS_PREFIX",
     "STAGING_DIR_NAME",
@@ -59,6 +62,7 @@ __all__ = [
     "find_last_checkpoint",
     "follow_trainer_log",
     "is_complete_checkpoint",
+    "is_pair_metric",
     "is_source_loss",
     "read_merge_check",
     "resume_requested",
@@ -128,6 +132,8 @@ class TrainerProgress:
     eval_loss: dict[int, float] = field(default_factory=dict)
     # a mixture's per-file curves: "loss/<file>" and "eval_loss/<file>" -> {step: value}
     sources: dict[str, dict[int, float]] = field(default_factory=dict)
+    # the preference stages' pair metrics (PAIR_CURVE_KEYS, and their eval_ values) -> {step: value}
+    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
     offset: int = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -138,6 +144,7 @@ class TrainerProgress:
             self.loss = {s: v for s, v in self.loss.items() if s <= step}
             self.eval_loss = {s: v for s, v in self.eval_loss.items() if s <= step}
             self.sources = {k: {s: v for s, v in c.items() if s <= step} for k, c in self.sources.items()}
+            self.metrics = {k: {s: v for s, v in c.items() if s <= step} for k, c in self.metrics.items()}
         self.step = step
         self.max_steps = int(record.get("max_steps") or self.max_steps)
         self.eta_s = record.get("eta_s", None if begin else self.eta_s)
@@ -146,14 +153,23 @@ class TrainerProgress:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values[step] = float(value)
         for key, value in record.items():
-            if is_source_loss(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if is_source_loss(key):
                 self.sources.setdefault(key, {})[step] = float(value)
+            elif is_pair_metric(key):
+                self.metrics.setdefault(key, {})[step] = float(value)
 
     def points(self, key: str = "loss") -> list[tuple[int, float]]:
-        """``(step, value)`` pairs of ``loss``, ``eval_loss`` or a per-file key (``loss/<file>``), by step."""
+        """``(step, value)`` pairs of ``loss``, ``eval_loss``, a per-file key (``loss/<file>``) or a pair metric, by step."""
         if key in ("loss", "eval_loss"):
             return sorted((self.loss if key == "loss" else self.eval_loss).items())
-        return sorted(self.sources.get(key, {}).items())
+        return sorted((self.metrics if is_pair_metric(key) else self.sources).get(key, {}).items())
+
+
+def is_pair_metric(key: str) -> bool:
+    """A preference stage's pair metric that the curves show (``rewards/accuracies``, ``eval_rewards/margins``, ...)."""
+    return key.removeprefix("eval_") in PAIR_CURVE_KEYS
 
 
 def is_source_loss(key: str) -> bool:

@@ -43,6 +43,7 @@ class RunStatus:
     loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     sources: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # a mixture's per-file curves
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # preference stages' pair metrics
     checkpoints: list[str] = field(default_factory=list)
 
     @property
@@ -202,6 +203,7 @@ class RunManager:
         st.step, st.max_steps, st.eta_s = progress.step, progress.max_steps, progress.eta_s
         st.loss, st.eval_loss = progress.points("loss"), progress.points("eval_loss")
         st.sources = {key: progress.points(key) for key in sorted(progress.sources)}
+        st.metrics = {key: progress.points(key) for key in sorted(progress.metrics)}
         st.checkpoints = [str(c) for c in complete_checkpoints(out)]
         last_ckpt = st.checkpoints[-1] if st.checkpoints else None
         if exit_code is None:

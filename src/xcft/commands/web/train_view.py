@@ -55,7 +55,9 @@ def duration(seconds: float | None) -> str:
 
 def loss_figure(st: RunStatus | None) -> Any:
     """The run's loss curve (the drawing of ``xcft train``'s loss.png)."""
-    return plots.loss_figure(st.loss if st else [], st.eval_loss if st else [], sources=st.sources if st else None, size=(7, 3.2))
+    if st is None:
+        return plots.loss_figure([], [], size=(7, 3.2))
+    return plots.loss_figure(st.loss, st.eval_loss, sources=st.sources, metrics=st.metrics, size=(7, 3.2))
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def run_view(runs: RunManager, run_id: str | None) -> RunView:
         st = runs.status(run_id)
     except Exception as exc:
         return RunView(ui.error(exc), ui.log_html(""), False, False, (run_id, "error"))
-    key = (run_id, len(st.loss), len(st.eval_loss), sum(len(v) for v in st.sources.values()), st.state)
+    curves = sum(len(v) for v in st.sources.values()) + sum(len(v) for v in st.metrics.values())
+    key = (run_id, len(st.loss), len(st.eval_loss), curves, st.state)
     return RunView(status_html(st), ui.log_html(runs.log_tail(run_id)), st.active, st.can_resume, key, st)
 
 
