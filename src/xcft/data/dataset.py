@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from xcft.data.cache_options import CacheOptions
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, TokenizerLike, encode_conversation
 from xcft.data.mixture import epoch_draw
-from xcft.data.read_pass import read_pass
+from xcft.data.read_pass import FileSamples, read_pass
 from xcft.data.schema import Conversation, raise_first
 from xcft.data.table import SampleView
 from xcft.errors import DataError
@@ -106,19 +106,23 @@ def read_data(
             logger.warning(
                 "%s: %d sample(s) skipped (no supervised token within max_length=%d)", fs.source.display, fs.skipped, max_length
             )
-        usable = fs.usable_index
-        files.append(
-            FileData(
-                fs.source.display,
-                fs.source.path,
-                SampleView(fs.table, usable),
-                np.asarray(fs.table.length[usable]),
-                fs.draw_count,
-                fs.skipped,
-                SampleView(fs.table, usable, grids=True) if hd_num is not None else [],
-            )
-        )
+        files.append(file_data(fs, hd_num))
     return files
+
+
+def file_data(fs: FileSamples, hd_num: int | None, *, pairs: bool = False) -> FileData:
+    """The usable samples of one file of the read pass, read from their records on access (``pairs``: with the rejected sides)."""
+    usable = fs.usable_index
+    return FileData(
+        fs.source.display,
+        fs.source.path,
+        SampleView(fs.table, usable),
+        np.asarray(fs.table.length[usable]),
+        fs.draw_count,
+        fs.skipped,
+        SampleView(fs.table, usable, grids=True) if hd_num is not None else [],
+        SampleView(fs.table, usable, kind="rejected") if pairs else [],
+    )
 
 
 class XComposerDataset(Dataset):
@@ -397,6 +401,7 @@ __all__ = [
     "FileData",
     "XComposerDataset",
     "build_dataset",
+    "file_data",
     "make_item",
     "pad_batch",
     "read_data",

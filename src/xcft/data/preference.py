@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from xcft.data.cache_options import CacheOptions
-from xcft.data.dataset import FileData, XComposerDataset, make_item, pad_batch
+from xcft.data.dataset import FileData, XComposerDataset, file_data, make_item, pad_batch
 from xcft.data.encode import IGNORE_INDEX, ImageSpec, TokenizerLike
 from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, not_a_pair
 from xcft.data.read_pass import read_pass
 from xcft.data.schema import raise_first
-from xcft.data.table import SampleView
 from xcft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -52,22 +51,7 @@ def read_pair_data(
     for problem in found.problems:
         if problem.level == "warning":  # skipped pairs, a number that draws nothing
             logger.warning("%s", problem)
-    files: list[FileData] = []
-    for fs in found.files:
-        usable = fs.usable_index  # pairs are read from their records on access (SampleView)
-        files.append(
-            FileData(
-                fs.source.display,
-                fs.source.path,
-                SampleView(fs.table, usable),
-                np.asarray(fs.table.length[usable]),
-                fs.draw_count,
-                fs.skipped,
-                SampleView(fs.table, usable, grids=True) if hd_num is not None else [],
-                SampleView(fs.table, usable, kind="rejected"),
-            )
-        )
-    return files
+    return [file_data(fs, hd_num, pairs=True) for fs in found.files]
 
 
 class PreferenceDataset(XComposerDataset):
