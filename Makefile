@@ -36,7 +36,7 @@ web: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# everything but the multi-process, demo and long training tests (under 2 minutes on 2 cores)
+# everything but the multi-process, demo, fresh-process and long training tests (about 2.5 minutes on 2 cores)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -76,6 +76,7 @@ def test_dpo_metrics_reach_tensorboard_and_trainer_log(dpo_run: Path) -> None:
     assert any(abs(steps[s]["rewards/margins"]) > 1e-4 for s in (2, 3)), "the adapter moved"
 
 
+@pytest.mark.slow
 def test_dpo_adapter_loads_with_autopeft_without_xcft_and_equals_merge(dpo_run: Path, tmp_path: Path, run_fresh_python) -> None:
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(dpo_run), "--output", str(merged)]) == 0

@@ -33,6 +33,7 @@ def _faults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting (Linux only)")
+@pytest.mark.slow
 def test_keep_freed_memory_avoids_page_faulting_each_step_again():
     default, reuse = _faults("default"), _faults("reuse")
     pages_per_step = 2 * 400 * 92544 * 4 // 4096

@@ -74,6 +74,7 @@ def _layer(module: str) -> int:
 MODULES = _modules()
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     proc = subprocess.run(

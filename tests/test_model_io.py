@@ -203,6 +203,7 @@ def test_577_row_position_table_is_interpolated(model_dir, tmp_path):
 # ------------------------------------------------------------------ saving
 
 
+@pytest.mark.slow
 def test_save_then_fresh_process_loads_with_trust_remote_code(loaded, tmp_path):
     """save_pretrained -> a Python process without xcft loads the folder through the Auto classes."""
     from xcft.model.loading import SELF_CONTAINED_FILES, load_pretrained, save_pretrained

@@ -251,6 +251,7 @@ def test_qlora_run_saves_a_plain_adapter(qlora_run, tiny_base, read_losses):
     assert "bits: 4" in resolved and "quant_type: nf4" in resolved
 
 
+@pytest.mark.slow
 def test_qlora_adapter_on_full_precision_base_fresh_process_and_merge(qlora_run, tmp_path, capsys, run_fresh_python):
     from xcft.commands.merge import merge_command
 
@@ -344,6 +345,7 @@ def test_resume_with_bits_4_continues_the_run(qlora_run, train, tmp_path, read_l
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
 
 
+@pytest.mark.slow
 def test_qlora_learns_like_lora(train, tmp_path, tiny_data, read_losses):
     """LoRA only (frozen head and embeddings) takes the random tiny model from 6.94 to a plateau of 5.68 in
     40 steps; measured: the 4-bit run's last losses are within 0.003 of the unquantized run's."""

@@ -101,6 +101,7 @@ def test_reward_command_scores_pairs_and_conversations(trained_rm: Path, officia
     assert "accuracy 1.0000 (6 pairs" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_reward_head_loads_without_xcft(trained_rm: Path, official_pairs: Path, run_fresh_python) -> None:
     """transformers (trust_remote_code) + safetensors alone give the reward xcft reports."""
     from xcft.commands.reward import load_reward_model, score

@@ -148,6 +148,7 @@ def test_chat_interactive_keeps_history_and_streams(picture, tiny_base, monkeypa
     assert "assistant> " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_chat_cli_on_lora_adapter(tmp_path, tiny_base, tiny_data, subprocess_env, train_argv):
     """`xcft chat --model ADAPTER --query` in a real process (the CLI wiring, adapter loading)."""
     from xcft.commands.train import train_command

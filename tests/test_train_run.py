@@ -149,6 +149,7 @@ def test_full_run_outputs_and_freezing(full_run, tiny_base, read_losses):
     assert set(read_losses(full_run)) == {1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_full_output_loads_without_xcft(full_run, run_fresh_python):
     r = run_fresh_python(f"""
 import sys, torch
@@ -192,6 +193,7 @@ def test_lora_run_freezes_base_and_saves_adapter(lora_run, tiny_base):
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA weights were trained"
 
 
+@pytest.mark.slow
 def test_lora_loads_with_autopeft_and_xcft_and_merges(lora_run, capsys, tmp_path, run_fresh_python, tiny_base):
     import xcft
     from xcft.commands.merge import merge_command, probe_batch, probe_logits
