@@ -220,10 +220,17 @@ class SampleTable:
 
     def pair(self, k: int) -> PreferencePair | None:
         """Pair ``k`` of a preference file normalised again from its record (None where it could not be)."""
+        pair = self._normalized(k, normalize_pair, "pair")
+        if pair is not None:
+            pair.chosen.images = pair.rejected.images = self.image_paths(k)
+        return pair
+
+    def _normalized(self, k: int, normalize: Any, what: str) -> Any:
+        """Record ``k`` normalised again by ``normalize`` (None where it was not a usable record at build time)."""
         if not self.columns["has_conversation"][k]:
             return None
         line = int(self.columns["line"][k])
-        pair, _ = normalize_pair(
+        result, _ = normalize(
             self.raw_record(k),
             file=self.display,
             index=int(k),
@@ -231,10 +238,9 @@ class SampleTable:
             line=line if line >= 0 else None,
             check_images_exist=False,
         )
-        if pair is None:  # the record normalised at build time; only a changed file gets here
-            raise DataError(f"{self.display}: pair {k} no longer reads as it did. Fix: restart so the data is read again")
-        pair.chosen.images = pair.rejected.images = self.image_paths(k)
-        return pair
+        if result is None:  # the record normalised at build time; only a changed file gets here
+            raise DataError(f"{self.display}: {what} {k} no longer reads as it did. Fix: restart so the data is read again")
+        return result
 
     def conversation(self, k: int) -> Conversation | None:
         """Sample ``k`` normalised again from its record (None where it could not be), its images as resolved at build.
@@ -244,20 +250,9 @@ class SampleTable:
         if self.pairs:
             pair = self.pair(k)
             return pair.chosen if pair is not None else None
-        if not self.columns["has_conversation"][k]:
-            return None
-        line = int(self.columns["line"][k])
-        conv, _ = normalize_sample(
-            self.raw_record(k),
-            file=self.display,
-            index=int(k),
-            search_dirs=self.search_dirs,
-            line=line if line >= 0 else None,
-            check_images_exist=False,
-        )
-        if conv is None:  # the record normalised at build time; only a changed file gets here
-            raise DataError(f"{self.display}: sample {k} no longer reads as it did. Fix: restart so the data is read again")
-        conv.images = self.image_paths(k)
+        conv = self._normalized(k, normalize_sample, "sample")
+        if conv is not None:
+            conv.images = self.image_paths(k)
         return conv
 
     def record(self, k: int) -> SampleRecord:
