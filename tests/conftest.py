@@ -368,6 +368,45 @@ def run_fresh_python(subprocess_env: dict[str, str], tmp_path_factory: pytest.Te
     return run
 
 
+_AUTOPEFT_VS_MERGED = """
+import json, sys, torch
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+adapter, merged = sys.argv[1], sys.argv[2]
+a = AutoPeftModelForCausalLM.from_pretrained(adapter, device_map="auto", trust_remote_code=True).eval()
+m = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True).eval()
+b = AutoModelForCausalLM.from_pretrained(a.peft_config["default"].base_model_name_or_path, trust_remote_code=True).eval()
+ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+with torch.no_grad():
+    la, lm, lb = a(input_ids=ids).logits, m(input_ids=ids).logits, b(input_ids=ids).logits
+print("RESULT", json.dumps({
+    "to_merged": (la - lm).abs().max().item(),
+    "to_base": (la - lb).abs().max().item(),
+    "quantized": any("bitsandbytes" in type(mod).__module__ for mod in a.modules()),
+    "xcft_imported": any(k == "xcft" or k.startswith("xcft.") for k in sys.modules),
+}))
+"""
+
+
+@pytest.fixture(scope="session")
+def autopeft_vs_merged(subprocess_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """``autopeft_vs_merged(adapter, merged)``: the seed's AutoPeftModelForCausalLM snippet in a fresh process
+    without xcft, against the merged folder and the base: max |logit| differences and what was imported."""
+    import json
+    import subprocess
+
+    cwd = tmp_path_factory.mktemp("autopeft")
+
+    def check(adapter: Path, merged: Path) -> dict:
+        env = dict(subprocess_env, PYTHONPATH="", HF_MODULES_CACHE=str(cwd / "hf_modules"))
+        args = [sys.executable, "-c", _AUTOPEFT_VS_MERGED, str(adapter), str(merged)]
+        r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.split("RESULT", 1)[1])
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def read_losses() -> Callable[[Path], dict[int, float]]:
     """``read_losses(output_dir)``: step -> logged training loss, from the trainer_state.json a run left."""

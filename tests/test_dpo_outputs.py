@@ -77,27 +77,13 @@ def test_dpo_metrics_reach_tensorboard_and_trainer_log(dpo_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dpo_adapter_loads_with_autopeft_without_xcft_and_equals_merge(dpo_run: Path, tmp_path: Path, run_fresh_python) -> None:
+def test_dpo_adapter_loads_with_autopeft_without_xcft_and_equals_merge(dpo_run: Path, tmp_path: Path, autopeft_vs_merged) -> None:
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", str(dpo_run), "--output", str(merged)]) == 0
-    r = run_fresh_python(f"""
-import sys, torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM
-a = AutoPeftModelForCausalLM.from_pretrained({str(dpo_run)!r}, device_map="auto", trust_remote_code=True).eval()
-m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
-b = AutoModelForCausalLM.from_pretrained(a.peft_config["default"].base_model_name_or_path, trust_remote_code=True).eval()
-ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
-with torch.no_grad():
-    la, lm, lb = a(input_ids=ids).logits, m(input_ids=ids).logits, b(input_ids=ids).logits
-print("DIFF", (la - lm).abs().max().item(), (la - lb).abs().max().item(),
-      any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
-""")
-    assert r.returncode == 0, r.stderr[-3000:]
-    to_merged, to_base, imported = r.stdout.split("DIFF", 1)[1].split()
-    assert float(to_merged) < 1e-4, "AutoPeft on the DPO adapter differs from xcft merge"
-    assert float(to_base) > 1e-4, "the adapter changed nothing: the comparison would prove nothing"
-    assert imported == "False"
+    res = autopeft_vs_merged(dpo_run, merged)
+    assert res["to_merged"] < 1e-4, "AutoPeft on the DPO adapter differs from xcft merge"
+    assert res["to_base"] > 1e-4, "the adapter changed nothing: the comparison would prove nothing"
+    assert not res["xcft_imported"]
 
 
 @pytest.mark.slow

@@ -252,27 +252,14 @@ def test_qlora_run_saves_a_plain_adapter(qlora_run, tiny_base, read_losses):
 
 
 @pytest.mark.slow
-def test_qlora_adapter_on_full_precision_base_fresh_process_and_merge(qlora_run, tmp_path, capsys, run_fresh_python):
+def test_qlora_adapter_on_full_precision_base_fresh_process_and_merge(qlora_run, tmp_path, capsys, autopeft_vs_merged):
     from xcft.commands.merge import merge_command
 
     merged = tmp_path / "merged"
     assert merge_command(adapter=str(qlora_run), output=str(merged)) == 0
     assert "max abs logit diff merged vs adapter" in capsys.readouterr().out
-    r = run_fresh_python(f"""
-import sys, torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM
-a = AutoPeftModelForCausalLM.from_pretrained({str(qlora_run)!r}, device_map="auto", trust_remote_code=True).eval()
-m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
-ids = torch.tensor([[1, 20, 30, 40, 50]])
-with torch.no_grad():
-    d = (a(input_ids=ids).logits - m(input_ids=ids).logits).abs().max().item()
-quantized = any("bitsandbytes" in type(mod).__module__ for mod in a.modules())
-print("DIFF", d, quantized, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
-""")
-    assert r.returncode == 0, r.stderr[-3000:]
-    diff, quantized, imported = r.stdout.split("DIFF", 1)[1].split()
-    assert float(diff) < 1e-4 and quantized == "False" and imported == "False"
+    res = autopeft_vs_merged(qlora_run, merged)
+    assert res["to_merged"] < 1e-4 and not res["quantized"] and not res["xcft_imported"]
 
 
 def test_chat_and_eval_in_4_bit_and_full_precision(qlora_run, tiny_data, capsys):
@@ -407,7 +394,9 @@ def _fixed_data(tmp_path: Path, tiny_data: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_qlora_2_5_trains_merges_and_loads_without_xcft(tmp_path, capsys, run_fresh_python, train_argv, noise_image, tiny25_base):
+def test_qlora_2_5_trains_merges_and_loads_without_xcft(
+    tmp_path, capsys, autopeft_vs_merged, train_argv, noise_image, tiny25_base
+):
     from xcft.commands.merge import merge_command
 
     base = tiny25_base
@@ -448,20 +437,8 @@ def test_qlora_2_5_trains_merges_and_loads_without_xcft(tmp_path, capsys, run_fr
     merged = tmp_path / "merged"
     assert merge_command(adapter=str(out), output=str(merged)) == 0
     assert "max abs logit diff merged vs adapter" in capsys.readouterr().out
-    r = run_fresh_python(f"""
-import sys, torch
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM
-a = AutoPeftModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
-m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
-ids = torch.tensor([[1, 20, 30, 40, 50]])
-with torch.no_grad():
-    d = (a(input_ids=ids).logits - m(input_ids=ids).logits).abs().max().item()
-print("DIFF", d, any(k == 'xcft' or k.startswith('xcft.') for k in sys.modules))
-""")
-    assert r.returncode == 0, r.stderr[-3000:]
-    diff, imported = r.stdout.split("DIFF", 1)[1].split()
-    assert float(diff) < 1e-4 and imported == "False"
+    res = autopeft_vs_merged(out, merged)
+    assert res["to_merged"] < 1e-4 and not res["xcft_imported"]
 
 
 # --------------------------------------------------------------------------- distributed
