@@ -1,4 +1,8 @@
-"""Training runs started from the web UI: start, follow, stop, resume — all through files.
+"""Runs started from the web UI as child processes — training runs: start, follow, stop, resume — all through files.
+
+:class:`ChildRuns` is what every kind of run shares (its folder, record, runner, pid files, exit
+status and log); :class:`RunManager` is the training runs, and the Eval tab's prediction runs are
+another kind (:mod:`xcft.commands.web.evals`).
 
 A run lives in ``WORKDIR/runs/<id>/``: ``run.json`` (arguments, output folder, start time), the
 runner's ``train.log``, ``train.pid`` and, once it ended, ``exit_code``. Progress, losses and
@@ -21,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xcft.commands.web.runner import EXIT_NAME, LOG_NAME, PID_NAME, RUN_RECORD, RUNNER_PID_NAME, train_command_line, write_atomic
+from xcft.commands.web.runner import (
+    EXIT_NAME,
+    LOG_NAME,
+    PID_NAME,
+    RUN_RECORD,
+    RUNNER_PID_NAME,
+    train_command_line,
+    write_atomic,
+)
 from xcft.errors import XcftError
 from xcft.run_files import EXIT_SIGTERM, TrainerProgress, complete_checkpoints, earlier_results, follow_trainer_log
 
@@ -56,23 +68,32 @@ class RunStatus:
         return self.state in ("stopped", "failed", "ended") and bool(self.checkpoints)
 
 
-class RunManager:
-    """The runs under one work folder (one instance per server).
+@dataclass(frozen=True)
+class ProcessState:
+    """How a run's child process stands, read from its files: state, a message, its pid and exit status."""
 
-    ``command``: the program a run executes with its arguments (default: ``xcft train``); recorded
-    in each run, so a resume runs what the start ran.
+    state: str  # starting, running, ending, ended, finished, stopped, failed
+    message: str
+    pid: int | None
+    exit_code: int | None
+
+
+class ChildRuns:
+    """Runs of child processes under one folder (``WORKDIR/runs``, ``WORKDIR/evals`` ...), all through files.
+
+    A run is a folder holding ``run.json`` (its record: the command, an ``output_dir`` the running
+    process names on its command line, the start time), the runner's log, pid files and exit status
+    (see :mod:`xcft.commands.web.runner`). Subclasses say what a run is and what its state means.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], command: list[str] | None = None) -> None:
-        self.root = Path(workdir) / "runs"
-        self.command = list(command) if command else train_command_line([])
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
         self._children: dict[str, subprocess.Popen] = {}  # runners this server started (reaped on poll)
-        self._progress: dict[str, TrainerProgress] = {}  # trainer_log.jsonl read so far, per run
 
     # ------------------------------------------------------------------ listing
 
     def run_ids(self) -> list[str]:
-        """Every run recorded under the work folder, newest first."""
+        """Every run recorded under the folder, newest first."""
         if not self.root.is_dir():
             return []
         runs = [p for p in self.root.iterdir() if (p / RUN_RECORD).is_file()]
@@ -86,53 +107,39 @@ class RunManager:
         except (OSError, ValueError) as exc:
             raise XcftError(f"run {run_id}: cannot read {path} ({exc})") from None
 
-    def argv(self, run_id: str) -> list[str]:
-        """The arguments the run was started with (a resume's flag left out)."""
-        return _without_option(list(self._record(run_id)["argv"]), "resume_from_checkpoint")
+    def record(self, run_id: str) -> dict[str, Any]:
+        """The run's record (``run.json``) as it was written."""
+        return self._record(run_id)
 
     def output_dir(self, run_id: str) -> str:
         return str(self._record(run_id)["output_dir"])
 
-    # ------------------------------------------------------------------ start / stop / resume
+    def _write_record(self, run_id: str, record: dict[str, Any]) -> None:
+        write_atomic(self.root / run_id / RUN_RECORD, json.dumps(record, indent=1))
 
-    def start(self, argv: list[str], output_dir: str) -> str:
-        """Start ``xcft train argv`` (argv names ``output_dir``); returns the run id."""
-        out = Path(output_dir).expanduser()
-        if any(self.status(r).active and Path(self._record(r)["output_dir"]) == out.resolve() for r in self.run_ids()):
-            raise XcftError(f"a run is already writing to {out}; stop it first or choose another output_dir")
-        if earlier_results(out):
-            raise XcftError(f"output_dir {out} already holds a run; choose another folder, or select that run and press Resume")
-        self.root.mkdir(parents=True, exist_ok=True)
-        run_id = self._new_id(out)
-        run_dir = self.root / run_id
-        run_dir.mkdir()
-        record = {
-            "id": run_id,
-            "command": self.command,
-            "argv": list(argv),
-            "output_dir": str(out.resolve()),
-            "cwd": os.getcwd(),
-            "started": time.time(),
-            "resumes": 0,
-        }
-        write_atomic(run_dir / RUN_RECORD, json.dumps(record, indent=1))
-        self._launch(run_id)
-        return run_id
+    # ------------------------------------------------------------------ start / stop
 
-    def _new_id(self, out: Path) -> str:
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", out.name or "run").strip("-.") or "run"
+    def _new_id(self, name: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "run").strip("-.") or "run"
         run_id, n = base, 1
         while (self.root / run_id).exists():
             n += 1
             run_id = f"{base}-{n}"
         return run_id
 
+    def _create(self, name: str, record: dict[str, Any]) -> str:
+        """A new run folder named after ``name`` holding ``record`` (with its id and start time); not launched."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        run_id = self._new_id(name)
+        (self.root / run_id).mkdir()
+        self._write_record(run_id, {"id": run_id, "cwd": os.getcwd(), "started": time.time(), **record})
+        return run_id
+
     def _launch(self, run_id: str) -> None:
         run_dir = self.root / run_id
         for name in (PID_NAME, EXIT_NAME, RUNNER_PID_NAME):
             (run_dir / name).unlink(missing_ok=True)
-        self._progress.pop(run_id, None)
-        # A session of its own: the training survives the server and signals aimed at the server's group.
+        # A session of its own: the work survives the server and signals aimed at the server's group.
         with open(run_dir / "runner.err", "ab") as err:
             self._children[run_id] = subprocess.Popen(
                 [sys.executable, "-m", "xcft.commands.web.runner", str(run_dir)],
@@ -143,18 +150,103 @@ class RunManager:
                 close_fds=True,
             )
 
-    def stop(self, run_id: str) -> str:
-        """SIGTERM to the training process: it finishes the step, writes a checkpoint and exits."""
-        st = self.status(run_id)
-        if not st.active:
-            raise XcftError(f"run {run_id} is not running ({st.state})")
-        pid = self._train_pid(run_id)
-        if pid is None:
+    def _signal(self, run_id: str) -> int:
+        """SIGTERM to the run's running process; its pid. Refused (XcftError) when there is none to stop."""
+        ps = self.process_state(run_id)
+        if ps.state not in ("starting", "running", "ending"):
+            raise XcftError(f"run {run_id} is not running ({ps.state})")
+        if ps.pid is None:
             raise XcftError(f"run {run_id} is still starting; press Stop again in a moment")
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(ps.pid, signal.SIGTERM)
         except ProcessLookupError:
-            raise XcftError(f"run {run_id}: the training process {pid} has already ended") from None
+            raise XcftError(f"run {run_id}: its process {ps.pid} has already ended") from None
+        return ps.pid
+
+    # ------------------------------------------------------------------ state
+
+    def _child_pid(self, run_id: str) -> int | None:
+        return _read_int(self.root / run_id / PID_NAME)
+
+    def _child_alive(self, pid: int | None, output_dir: str) -> bool:
+        """The run's process is alive and is this run's (its command line names the output folder)."""
+        return _process_alive(pid, "xcft", output_dir) or _process_alive(pid, "xcft", Path(output_dir).name)
+
+    def _runner_alive(self, run_id: str) -> bool:
+        """The runner of the run's latest start is alive (this server's child, or one an earlier server started)."""
+        child = self._children.get(run_id)
+        if child is not None and child.poll() is None:
+            return True
+        run_dir = self.root / run_id
+        return _process_alive(_read_int(run_dir / RUNNER_PID_NAME), "xcft.commands.web.runner", str(run_dir))
+
+    def process_state(self, run_id: str) -> ProcessState:
+        """Running, starting, ending (done, its exit status not recorded yet), ended (runner killed), or how it exited."""
+        record = self._record(run_id)
+        run_dir = self.root / run_id
+        exit_code = _read_int(run_dir / EXIT_NAME)
+        pid = self._child_pid(run_id)
+        if exit_code is None:
+            if self._child_alive(pid, record["output_dir"]):
+                return ProcessState("running", f"running (process {pid})", pid, None)
+            if self._runner_alive(run_id):  # before the process starts, or after it ended, until it is recorded
+                if pid is None:
+                    return ProcessState("starting", "starting ...", None, None)
+                return ProcessState("ending", "ending: recording the exit status ...", pid, None)
+            return ProcessState("ended", "ended without a recorded exit status (the runner was killed)", pid, None)
+        if exit_code == 0:
+            return ProcessState("finished", "finished", pid, 0)
+        if exit_code == EXIT_SIGTERM:
+            return ProcessState("stopped", "stopped", pid, exit_code)
+        return ProcessState("failed", f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}", pid, exit_code)
+
+    def log_tail(self, run_id: str, max_lines: int = 200) -> str:
+        """The end of the run's log, progress-bar redraws collapsed to their last state."""
+        data = _read_tail(self.root / run_id / LOG_NAME)
+        if data is None:
+            return ""
+        data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
+        lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
+        return "\n".join(lines[-max_lines:])
+
+
+class RunManager(ChildRuns):
+    """The training runs under one work folder (one instance per server).
+
+    ``command``: the program a run executes with its arguments (default: ``xcft train``); recorded
+    in each run, so a resume runs what the start ran.
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], command: list[str] | None = None) -> None:
+        super().__init__(Path(workdir) / "runs")
+        self.command = list(command) if command else train_command_line([])
+        self._progress: dict[str, TrainerProgress] = {}  # trainer_log.jsonl read so far, per run
+
+    def argv(self, run_id: str) -> list[str]:
+        """The arguments the run was started with (a resume's flag left out)."""
+        return _without_option(list(self._record(run_id)["argv"]), "resume_from_checkpoint")
+
+    # ------------------------------------------------------------------ start / stop / resume
+
+    def start(self, argv: list[str], output_dir: str) -> str:
+        """Start ``xcft train argv`` (argv names ``output_dir``); returns the run id."""
+        out = Path(output_dir).expanduser()
+        if any(self.status(r).active and Path(self._record(r)["output_dir"]) == out.resolve() for r in self.run_ids()):
+            raise XcftError(f"a run is already writing to {out}; stop it first or choose another output_dir")
+        if earlier_results(out):
+            raise XcftError(f"output_dir {out} already holds a run; choose another folder, or select that run and press Resume")
+        record = {"command": self.command, "argv": list(argv), "output_dir": str(out.resolve()), "resumes": 0}
+        run_id = self._create(out.name or "run", record)
+        self._launch(run_id)
+        return run_id
+
+    def _launch(self, run_id: str) -> None:
+        self._progress.pop(run_id, None)
+        super()._launch(run_id)
+
+    def stop(self, run_id: str) -> str:
+        """SIGTERM to the training process: it finishes the step, writes a checkpoint and exits."""
+        pid = self._signal(run_id)
         return f"SIGTERM sent to process {pid}: it saves a checkpoint after the current step, then stops"
 
     def resume(self, run_id: str) -> None:
@@ -169,36 +261,15 @@ class RunManager:
         record = self._record(run_id)
         argv = [*_without_option(record["argv"], "resume_from_checkpoint"), "--resume_from_checkpoint", "true"]
         record.update(argv=argv, resumes=int(record.get("resumes", 0)) + 1, resumed=time.time())
-        write_atomic(self.root / run_id / RUN_RECORD, json.dumps(record, indent=1))
+        self._write_record(run_id, record)
         self._launch(run_id)
 
     # ------------------------------------------------------------------ state
 
-    def _train_pid(self, run_id: str) -> int | None:
-        try:
-            return int((self.root / run_id / PID_NAME).read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _train_alive(self, pid: int | None, output_dir: str) -> bool:
-        """The training process is alive and is this run's (its command line names the output folder)."""
-        return _process_alive(pid, "xcft", output_dir) or _process_alive(pid, "xcft", Path(output_dir).name)
-
-    def _runner_alive(self, run_id: str) -> bool:
-        """The runner of the run's latest start is alive (this server's child, or one an earlier server started)."""
-        child = self._children.get(run_id)
-        if child is not None and child.poll() is None:
-            return True
-        run_dir = self.root / run_id
-        return _process_alive(_read_int(run_dir / RUNNER_PID_NAME), "xcft.commands.web.runner", str(run_dir))
-
     def status(self, run_id: str) -> RunStatus:
-        record = self._record(run_id)
-        run_dir = self.root / run_id
-        out = record["output_dir"]
-        exit_code = _read_int(run_dir / EXIT_NAME)
-        pid = self._train_pid(run_id)
-        st = RunStatus(run_id, "", "", out)
+        out = self._record(run_id)["output_dir"]
+        ps = self.process_state(run_id)
+        st = RunStatus(run_id, ps.state, ps.message, out)
         progress = self._progress[run_id] = follow_trainer_log(out, self._progress.get(run_id))
         st.step, st.max_steps, st.eta_s = progress.step, progress.max_steps, progress.eta_s
         st.loss, st.eval_loss = progress.points("loss"), progress.points("eval_loss")
@@ -206,36 +277,19 @@ class RunManager:
         st.metrics = {key: progress.points(key) for key in sorted(progress.metrics)}
         st.checkpoints = [str(c) for c in complete_checkpoints(out)]
         last_ckpt = st.checkpoints[-1] if st.checkpoints else None
-        if exit_code is None:
-            if self._train_alive(pid, out):
-                st.state, st.message = "running", f"running (process {pid})"
-            elif self._runner_alive(run_id):  # before the training starts, or after it ended, until it is recorded
-                st.state = "starting" if pid is None else "running"
-                st.message = "starting xcft train ..." if pid is None else "ending: recording the exit status ..."
-            else:
-                st.state, st.message = "ended", "ended without a recorded exit status (the runner was killed)"
-        elif exit_code == 0:
-            st.state, st.message = "finished", f"finished: output in {out}"
-        elif exit_code == EXIT_SIGTERM:
-            st.state = "stopped"
+        if ps.state == "starting":
+            st.message = "starting xcft train ..."
+        elif ps.state == "ending":
+            st.state = "running"
+        elif ps.state == "finished":
+            st.message = f"finished: output in {out}"
+        elif ps.state == "stopped":
             st.message = (
                 f"stopped at step {st.step}; checkpoint written: {Path(last_ckpt).name}. Resume continues from it"
                 if last_ckpt
                 else f"stopped at step {st.step} (no checkpoint was written)"
             )
-        else:
-            st.state = "failed"
-            st.message = f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}"
         return st
-
-    def log_tail(self, run_id: str, max_lines: int = 200) -> str:
-        """The end of the run's log, progress-bar redraws collapsed to their last state."""
-        data = _read_tail(self.root / run_id / LOG_NAME)
-        if data is None:
-            return ""
-        data = _ANSI_RE.sub("", data)  # cursor moves of progress bars
-        lines = [ln.rsplit("\r", 1)[-1] if "\r" in ln.rstrip("\r") else ln.rstrip("\r") for ln in data.split("\n")]
-        return "\n".join(lines[-max_lines:])
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:
