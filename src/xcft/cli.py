@@ -93,7 +93,7 @@ SUBCOMMANDS = (
     ),
     Subcommand("demo", "end-to-end demo on synthetic data (CPU, minutes)", "xcft.commands.demo.main:demo_main", opts.DemoOptions),
     Subcommand(
-        "web", "browser UI: data, training, chat, merge (needs xcft[web])", "xcft.commands.web:web_command", opts.WebOptions
+        "web", "browser UI: data, training, eval, chat, merge (needs xcft[web])", "xcft.commands.web:web_command", opts.WebOptions
     ),
     Subcommand(
         "train",

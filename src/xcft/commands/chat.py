@@ -64,13 +64,18 @@ def make_streamer(tokenizer: Any, *, iterator: bool = False, timeout: float | No
     return AnswerStream(tokenizer, timeout=timeout) if iterator else AnswerPrinter(tokenizer)
 
 
+def check_model_folder(model_dir: str) -> None:
+    """The error a model argument that is no folder gets, before anything is loaded."""
+    if not Path(model_dir).is_dir():
+        raise XcftError(f"model folder {model_dir} does not exist")
+
+
 def load_for_chat(model_dir: str, device: str | None, bits: int = 16) -> tuple[Any, Any]:
     """(model, tokenizer) on ``device`` (default: cuda in bfloat16 when available, else cpu in float32).
 
     ``bits`` 4/8: decoder linears quantized with bitsandbytes (see :func:`xcft.model.loading.load_pretrained`).
     """
-    if not Path(model_dir).is_dir():
-        raise XcftError(f"model folder {model_dir} does not exist")
+    check_model_folder(model_dir)
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev, bits=bits)

@@ -199,8 +199,8 @@ class DemoOptions(FormatOption):
 class WebOptions:
     host: str = option("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
     port: int = option(7860, "port to listen on")
-    workdir: str = option("xcft-web", "folder for the runs started from the page (default ./xcft-web)")
-    device: str | None = option(None, "device for the Chat tab (default: cuda when available)")
+    workdir: str = option("xcft-web", "folder for the training and eval runs started from the page (default ./xcft-web)")
+    device: str | None = option(None, "device for the Chat and Eval tabs (default: cuda when available)")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ from typing import Any
 from xcft.train.answer_metrics import VERDICT_METRICS, Comparison, Scores, compare_predictions, parse_metrics, score_predictions
 from xcft.train.predict import read_predictions
 
-__all__ = ["comparison_text", "score_command", "score_files", "scores_text"]
+__all__ = ["comparison_rows", "comparison_text", "score_command", "score_files", "scores_rows", "scores_text"]
 
 
 def _cell(metric: str, value: Any) -> str:
@@ -40,11 +40,25 @@ def _clip(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def scores_rows(scores: Scores) -> list[list[str]]:
+    """One row per source, then ``overall``: the source, its sample count, each metric's cell."""
+    return [[g, str(v["n"]), *(_cell(m, v.get(m)) for m in scores.metrics)] for g, v in scores.groups.items()]
+
+
+def comparison_rows(comparison: Comparison) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """Per source, then ``overall``: (source, sample count, each metric's (first, second, delta) cells)."""
+    rows = []
+    for group, after in comparison.after.groups.items():
+        before = comparison.before.groups.get(group, {})
+        deltas = comparison.deltas[group]
+        cells = [(_cell(m, before.get(m)), _cell(m, after.get(m)), _delta(m, deltas.get(m))) for m in comparison.after.metrics]
+        rows.append((group, str(after["n"]), cells))
+    return rows
+
+
 def scores_text(scores: Scores, show: int = 10) -> str:
     """The metrics table (verdict metrics in %, BLEU-4 and ROUGE-L x100), then the failed samples."""
-    header = ["source", "n", *scores.metrics]
-    rows = [[g, str(v["n"]), *(_cell(m, v.get(m)) for m in scores.metrics)] for g, v in scores.groups.items()]
-    lines = _table(header, rows)
+    lines = _table(["source", "n", *scores.metrics], scores_rows(scores))
     if scores.unscored:
         lines.append(f"({scores.unscored} prediction(s) without a reference not scored)")
     failed = scores.failed
@@ -59,17 +73,8 @@ def scores_text(scores: Scores, show: int = 10) -> str:
 
 def comparison_text(comparison: Comparison, show: int = 10) -> str:
     """Per source: each metric before -> after (delta), then the samples fixed and broken."""
-    metrics = comparison.after.metrics
-    header = ["source", "n", *metrics]
-    rows = []
-    for group, after in comparison.after.groups.items():
-        before = comparison.before.groups.get(group, {})
-        cells = [
-            f"{_cell(m, before.get(m))} -> {_cell(m, after.get(m))} ({_delta(m, comparison.deltas[group].get(m))})"
-            for m in metrics
-        ]
-        rows.append([group, str(after["n"]), *cells])
-    lines = _table(header, rows)
+    rows = [[group, n, *(f"{b} -> {a} ({d})" for b, a, d in cells)] for group, n, cells in comparison_rows(comparison)]
+    lines = _table(["source", "n", *comparison.after.metrics], rows)
     if comparison.only_before or comparison.only_after:
         lines.append(
             f"(compared on the samples both files hold; {comparison.only_before} only in the first, "

@@ -1,5 +1,6 @@
 """``xcft web``: a browser UI over the library — Data (check-data and the sample view), Train (the
-``xcft train`` form, runs as subprocesses), Chat and Export (``xcft merge``).
+``xcft train`` form, runs as subprocesses), Eval (``xcft predict`` of one or two models as a
+subprocess, ``xcft score``'s table and the answers side by side), Chat and Export (``xcft merge``).
 
 Needs the optional ``web`` extra (Gradio): ``pip install 'xcft[web]'``.
 """
@@ -14,7 +15,7 @@ from xcft.errors import XcftError
 
 
 def web_command(*, host: str = "127.0.0.1", port: int = 7860, workdir: str = "xcft-web", device: str | None = None) -> int:
-    """Serve the UI until interrupted; training runs started from it keep running after it stops."""
+    """Serve the UI until interrupted; training and eval runs started from it keep running after it stops."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio polls itself at start; not news to the user
     try:

@@ -1,9 +1,10 @@
-"""The page of ``xcft web``: four tabs (Data, Train, Chat, Export) wired to the library.
+"""The page of ``xcft web``: five tabs (Data, Train, Eval, Chat, Export) wired to the library.
 
-Each tab is one module (:mod:`.data_tab`, :mod:`.train_tab`, :mod:`.chat_tab`, :mod:`.export_tab`)
-that lays itself out and wires its handlers; the work is done by gradio-free modules
-(:mod:`.data_view`, :mod:`.train_view`, :mod:`.train_form`, :mod:`.runs`, :mod:`.chat`,
-:mod:`.export`). Every handler turns a user error into the CLI's one-line message, in the page's
+Each tab is one module (:mod:`.data_tab`, :mod:`.train_tab`, :mod:`.eval_tab`, :mod:`.chat_tab`,
+:mod:`.export_tab`) that lays itself out and wires its handlers; the work is done by gradio-free
+modules (:mod:`.data_view`, :mod:`.train_view`, :mod:`.train_form`, :mod:`.runs`, :mod:`.evals`,
+:mod:`.eval_view`, :mod:`.chat`, :mod:`.export`). Training runs and eval runs are child processes
+that outlive the server (:class:`~.runs.ChildRuns`). Every handler turns a user error into the CLI's one-line message, in the page's
 words; no input can stop the server.
 """
 
@@ -18,9 +19,11 @@ import gradio as gr
 
 import xcft.commands.web.chat_tab as chat_tab
 import xcft.commands.web.data_tab as data_tab
+import xcft.commands.web.eval_tab as eval_tab
 import xcft.commands.web.export_tab as export_tab
 import xcft.commands.web.train_tab as train_tab
 from xcft.commands.web.chat import ModelCache
+from xcft.commands.web.evals import EvalRuns
 from xcft.commands.web.runs import RunManager
 from xcft.commands.web.ui import CSS
 from xcft.errors import XcftError
@@ -42,6 +45,7 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     runs = RunManager(workdir)
+    evals = EvalRuns(workdir, device)
     models = ModelCache(device)
     with gr.Blocks(title="xcft", analytics_enabled=False) as page:
         gr.Markdown(f"## xcft — finetune InternLM-XComposer2 &nbsp; <small>work folder: `{workdir}`</small>")
@@ -50,6 +54,8 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
                 data = data_tab.build()
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(runs, workdir, page)
+            with gr.Tab("Eval", id="eval", elem_id="tab-eval"):
+                eval_tab.build(evals, page)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_tab.build(models)
             with gr.Tab("Export", id="export", elem_id="tab-export"):

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,11 +322,16 @@ def _problems_html(problems: list[Problem]) -> str:
 
 
 def _thumbnails_html(conv: Conversation, enc: EncodedSample) -> str:
-    if not conv.images:
+    return thumbnails_html(conv.images, kept=enc.num_images)
+
+
+def thumbnails_html(paths: Sequence[str | os.PathLike[str]], kept: int | None = None) -> str:
+    """The images as thumbnails with their file names; those after the first ``kept`` marked as dropped."""
+    if not paths:
         return '<div class="xcft-thumbs xcft-noimage">text only (no image)</div>'
     figs = []
-    for n, path in enumerate(conv.images, start=1):
-        dropped = n > enc.num_images
+    for n, path in enumerate(paths, start=1):
+        dropped = kept is not None and n > kept
         caption = f"{n}: {os.path.basename(str(path))}" + (" (dropped by truncation)" if dropped else "")
         src, why = thumbnail_data_uri(path)
         body = (

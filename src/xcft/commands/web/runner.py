@@ -3,7 +3,8 @@
 The web server starts this small process in a session of its own, so the work outlives the
 server (a Ctrl-C in the server's terminal or killing the server does not reach it). The runner
 starts the run's command (``xcft train`` with the run's arguments, or the record's ``steps``: whole
-command lines run one after the other, stopping at the first that fails), its output appended to
+command lines run one after the other, stopping at the first that fails, or, with ``keep_going``,
+at the first killed by a signal), its output appended to
 ``RUN_DIR/train.log``, writes the running process's id to ``RUN_DIR/train.pid`` (Stop signals that
 process), waits, and writes the exit status to ``RUN_DIR/exit_code``. Signals to the runner itself
 are ignored, so the exit status is always recorded.
@@ -78,7 +79,7 @@ def main(run_dir: str) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
-    code = 0
+    final = 0  # the last failing command's status
     with open(root / LOG_NAME, "ab", buffering=0) as log:
         for cmd in command_lines(record):
             shown = shown_command(cmd) if record.get("steps") else f"xcft train {shlex.join(record['argv'])}"
@@ -98,9 +99,10 @@ def main(run_dir: str) -> int:
                 code = 128 - code
             name = "process" if record.get("steps") else "training process"
             log.write(f"[xcft web] {name} exited with status {code} at {time.strftime('%H:%M:%S')}\n".encode())
-            if code != 0:
+            final = code or final
+            if code >= 128 or (code and not record.get("keep_going")):  # stopped, or a failure that ends the run
                 break
-    write_atomic(root / EXIT_NAME, str(code))
+    write_atomic(root / EXIT_NAME, str(final))
     return 0
 
 

@@ -48,6 +48,14 @@ CSS = """
             border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .xcft-log pre { margin: 0; padding: 6px 8px; font-family: ui-monospace, monospace; font-size: 12px;
                 white-space: pre-wrap; overflow-wrap: anywhere; }
+.xcft-eval-sample { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 8px; margin: 8px 0; }
+.xcft-answer { margin: 3px 0; padding: 2px 6px; border-radius: 4px; white-space: pre-wrap; }
+.xcft-right { background: #e7f6ec; }
+.xcft-wrong { background: #fde8e8; }
+.xcft-change { border-radius: 4px; padding: 0 6px; font-size: 12px; }
+.xcft-change.xcft-fixed { background: #bbf7d0; color: #14532d; }
+.xcft-change.xcft-broken { background: #fecaca; color: #9b1c1c; }
+.xcft-question, .xcft-reference { white-space: pre-wrap; margin: 3px 0; }
 #export-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 """
 
@@ -64,6 +72,14 @@ EXPORT_FIELDS = {
     "--adapter": "the adapter folder",
     "--output": "the output folder",
     "--base": "the base model field",
+}
+#: Flags of ``xcft predict`` that the Eval tab's fields stand for.
+EVAL_FIELDS = {
+    "--model": "the model folder",
+    "--batch-size": "batch size",
+    "--max-new-tokens": "max new tokens",
+    "--limit": "limit",
+    "--metrics": "metrics",
 }
 #: Flags of ``xcft chat`` that the Chat tab's fields stand for.
 CHAT_FIELDS = {"--model": "the model folder", "--image": "an image", "--hd-num": "hd_num", "--base": "a base model"}

@@ -1,0 +1,210 @@
+"""The Eval tab's runs and views without a browser: start, progress, stop and continue, two models one after
+the other, the scores table against ``xcft score``, the sample filters, and bad input.
+
+The runs execute a small stand-in for ``xcft predict`` that keeps its file contract (reads the data
+with :func:`~xcft.train.predict.read_prompt_samples`, skips what its output holds, appends one
+:class:`~xcft.train.predict.Prediction` line per sample, exits 1 after naming a bad sample); its
+answers come from an ``answers.json`` in the "model" folder. The browser test runs the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from xcft.commands.score import comparison_rows, score_files, scores_rows
+from xcft.commands.web import eval_view
+from xcft.commands.web.evals import EvalRuns, EvalSettings, EvalStatus, prediction_name
+from xcft.errors import XcftError
+from xcft.train.predict import PREDICTION_KEYS
+
+FAKE_PREDICT = '''
+"""Stand-in for xcft predict: DATA --model M --output O [--limit N]; answers from M/answers.json."""
+import json, sys, time
+from dataclasses import asdict
+from pathlib import Path
+from xcft.train.predict import Prediction, read_predictions, read_prompt_samples
+
+argv = sys.argv[1:]
+data, args = argv[0], dict(zip(argv[1::2], argv[2::2]))
+model, out = Path(args["--model"]), Path(args["--output"])
+answers = json.loads((model / "answers.json").read_text())
+delay = float((model / "delay").read_text()) if (model / "delay").exists() else 0.0
+samples, problems = read_prompt_samples(data)
+if "--limit" in args:
+    samples = samples[: int(args["--limit"])]
+done = {(r["source"], r["id"]) for r in read_predictions(out, repair=True)}
+with open(out, "a") as f:
+    for s in samples:
+        if (s.source, s.id) in done:
+            continue
+        time.sleep(delay)
+        line = Prediction(s.id, s.source, s.index, s.query, s.query, s.reference, answers.get(s.id, ""), 3, delay)
+        f.write(json.dumps(asdict(line)) + "\\n")
+        f.flush()
+errors = [p for p in problems if p.level == "error"]
+for p in errors:
+    print(f"error: {p} (skipped)", flush=True)
+sys.exit(1 if errors else 0)
+'''
+
+
+def _sample(sid: str, question: str, answer: str | None, image: str | None = None) -> dict:
+    turns = [{"from": "user", "value": ("<ImageHere>" if image else "") + question}]
+    if answer is not None:
+        turns.append({"from": "assistant", "value": answer})
+    return {"id": sid, **({"image": image} if image else {}), "conversations": turns}
+
+
+@pytest.fixture
+def eval_data(tmp_path: Path) -> dict[str, Path]:
+    """A data.txt of two files (one sample with an image, one without a reference, one broken) and two "models"."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(root / "red.png")
+    a = [
+        _sample("red", "What colour?", "red", "red.png"),
+        _sample("cat", "Which animal?\nA. cat\nB. dog", "A"),
+        _sample("sky", "Sky colour?", "blue"),
+    ]
+    b = [_sample("hi", "Say hi.", "hello"), _sample("open", "Anything?", None), {"id": "bad", "conversations": []}]
+    (root / "a.json").write_text(json.dumps(a))
+    (root / "b.json").write_text(json.dumps(b))
+    (root / "data.txt").write_text("a.json 0.003\nb.json 0.003\n")
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for folder, answers in (
+        (base, {"red": "Red.", "cat": "B", "sky": "grey", "hi": "hello", "open": "yes"}),
+        (tuned, {"red": "blue", "cat": "(A) cat", "sky": "Blue", "hi": "hello", "open": "no"}),
+    ):
+        folder.mkdir()
+        (folder / "answers.json").write_text(json.dumps(answers))
+    return {"data": root / "data.txt", "base": base, "tuned": tuned, "image": root / "red.png"}
+
+
+@pytest.fixture
+def evals(tmp_path: Path) -> Callable[[], EvalRuns]:
+    """``evals()``: EvalRuns on one work folder running the stand-in (a new one = a new server)."""
+    script = tmp_path / "fake_xcft_predict.py"
+    script.write_text(FAKE_PREDICT)
+    return lambda: EvalRuns(tmp_path / "work", command=[sys.executable, str(script)])
+
+
+def _wait(runs: EvalRuns, run_id: str, until: Callable[[EvalStatus], bool], timeout: float = 60) -> EvalStatus:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = runs.status(run_id)
+        if until(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"eval {run_id} stayed {st.state}: {st.message}\n{runs.log_tail(run_id)}")
+
+
+def test_two_models_run_in_turn_and_score_as_xcft_score(evals, eval_data, tmp_path):
+    runs = evals()
+    settings = EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), str(eval_data["tuned"])), metrics="exact,bleu")
+    run_id, problems = runs.start(settings)
+    assert [p.id for p in problems if p.level == "error"] == ["bad"]
+    st = _wait(runs, run_id, lambda s: not s.active)
+    # each model's predict names the broken sample and exits 1; both answered every other sample
+    assert (st.state, st.done, st.total, st.skipped) == ("finished", [5, 5], 5, 1), (st.message, runs.log_tail(run_id))
+    assert "could not be predicted" in st.message and not st.can_continue
+    log = runs.log_tail(run_id)
+    assert log.count("$ ") == 2 and "--output " + str(tmp_path / "work" / "evals" / run_id / prediction_name(1)) in log
+    files = [str(p) for p in runs.prediction_files(run_id)]
+    lines = [json.loads(x) for x in Path(files[0]).read_text().splitlines()]
+    assert all(tuple(line) == PREDICTION_KEYS for line in lines)
+
+    expected = score_files(files[0], files[1], "exact,bleu")
+    result = runs.results(run_id)
+    assert result.to_dict() == expected.to_dict()
+    header, rows = eval_view.metrics_table(result)
+    assert header == ["source", "n", "exact 1", "exact 2", "exact Δ", "bleu 1", "bleu 2", "bleu Δ"]
+    assert rows == [[g, n, *(c for cell in cells for c in cell)] for g, n, cells in comparison_rows(expected)]
+    assert [r[0] for r in rows] == ["a.json", "b.json", "overall"] and rows[-1][2:5] == ["50.0%", "50.0%", "+0.0"]
+    changes = eval_view.changes_html(result)
+    assert 'class="xcft-fixed" data-n="1"' in changes and 'class="xcft-broken-n" data-n="1"' in changes
+    assert "1 sample(s) without a reference" in changes
+
+    # a new server finds the run and the same scores
+    again = evals()
+    assert again.run_ids() == [run_id] and again.results(run_id).to_dict() == expected.to_dict()
+
+    rows_ = eval_view.sample_rows(again.predictions(run_id), result)
+    assert [r.id for r in rows_] == ["red", "cat", "sky", "hi", "open"]
+    wrong = {r.id for r in eval_view.filter_rows(rows_, "wrong")}
+    assert wrong == {"red", "cat"}  # exact: "blue" for red, "(A) cat" for A; "Blue" is right, "no" not scored
+    changed = {r.id: r.change for r in eval_view.filter_rows(rows_, "changed")}
+    assert changed == {"red": "broken", "sky": "fixed"}
+    assert {s["id"] for s in result.fixed} | {s["id"] for s in result.broken} == set(changed)
+    assert len(eval_view.filter_rows(rows_, "all")) == 5
+
+    view = eval_view.results_view(again, run_id, "changed")
+    assert view.header == header and view.rows == rows
+    assert view.samples.count('class="xcft-eval-sample"') == 2 and 'data-change="broken"' in view.samples
+    red = view.samples[view.samples.index('data-id="red"') :]
+    assert red.count("<img") == 1 and "red.png" in red and "reference</b>: red" in red
+    assert 'data-model="1" data-passed="true"' in red and 'data-model="2" data-passed="false"' in red
+
+
+def test_one_model_scores_and_wrong_filter(evals, eval_data):
+    runs = evals()
+    run_id, _ = runs.start(EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), ""), limit=3))
+    st = _wait(runs, run_id, lambda s: not s.active)
+    assert (st.state, st.done, st.total) == ("finished", [3], 3), st.message
+    expected = score_files(str(runs.prediction_files(run_id)[0]))
+    header, rows = eval_view.metrics_table(runs.results(run_id))
+    assert header == ["source", "n", *expected.metrics] and rows == scores_rows(expected)
+    rows_ = eval_view.sample_rows(runs.predictions(run_id), runs.results(run_id))
+    assert {r.id for r in eval_view.filter_rows(rows_, "wrong")} == {s["id"] for s in expected.failed} == {"cat", "sky"}
+    assert eval_view.filter_rows(rows_, "changed") == []
+
+
+def test_stop_and_continue_without_repeating_a_sample(evals, eval_data):
+    runs = evals()
+    (eval_data["base"] / "delay").write_text("0.3")
+    run_id, _ = runs.start(EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), str(eval_data["tuned"]))))
+    st = _wait(runs, run_id, lambda s: s.state == "running" and s.done[0] >= 1)
+    assert "model 1 of 2 answering" in st.message and 'data-state="running"' in eval_view.status_html(st)
+    assert "SIGTERM sent" in runs.stop(run_id)
+    st = _wait(runs, run_id, lambda s: s.state == "stopped")
+    assert st.can_continue and st.done[0] < 5 and st.done[1] == 0  # the second model never started
+    assert runs.results(run_id) is None
+    (eval_data["base"] / "delay").unlink()
+    runs.continue_run(run_id)
+    st = _wait(runs, run_id, lambda s: not s.active and s.state != "stopped")
+    assert st.done == [5, 5], st.message
+    ids = [json.loads(x)["id"] for x in runs.prediction_files(run_id)[0].read_text().splitlines()]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 5
+    with pytest.raises(XcftError, match="has finished"):
+        runs.continue_run(run_id)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": ("",)}, "no model"),
+        ({"models": ("/no/such/model",)}, "model folder /no/such/model does not exist"),
+        ({"data": ""}, "no data file"),
+        ({"data": "/no/such/data.txt"}, "data path not found"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"metrics": "exact,acc"}, "unknown metric 'acc'"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(evals, eval_data, change, message):
+    runs = evals()
+    fields = {"data": str(eval_data["data"]), "models": (str(eval_data["base"]),), **change}
+    with pytest.raises(XcftError, match=message):
+        runs.start(EvalSettings(**fields))
+    assert runs.run_ids() == []
+
+
+def test_status_before_any_run():
+    assert 'data-state="none"' in eval_view.status_html(None)
+    assert eval_view.metrics_table(None) == (["source", "n"], [])
