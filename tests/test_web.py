@@ -193,7 +193,7 @@ def web(tmp_path_factory) -> Iterator[dict[str, Any]]:
         yield env
     finally:
         server.kill()
-        for run_pid in (root / "work" / "runs").glob("*/train.pid"):  # nothing a test started keeps running
+        for run_pid in (root / "work").glob("*/*/train.pid"):  # nothing a test started keeps running (runs, evals)
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(run_pid.read_text()), signal.SIGKILL)
 
@@ -325,27 +325,31 @@ def _trained_texts(data: Path, model: Path, index: int, capsys) -> tuple[list[st
     return runs, enc
 
 
-def _run_state(page: Page) -> tuple[str, int]:
-    box = page.locator("#train-status .xcft-run")
+def _run_state(page: Page, tab: str = "train", count: str = ".xcft-loss-points") -> tuple[str, int]:
+    """A run's state in the tab's status box, and its count (train: loss points; eval: answers written)."""
+    box = page.locator(f"#{tab}-status .xcft-run")
     if not box.count():
         return "", 0
-    points = page.locator("#train-status .xcft-loss-points")
+    points = page.locator(f"#{tab}-status {count}")
     return box.first.get_attribute("data-state") or "", int(points.first.get_attribute("data-n") or 0) if points.count() else 0
 
 
-def _wait_run(page: Page, until, timeout: float = 240.0) -> list[tuple[str, int]]:
-    """Poll the page's run status until ``until(state, points)``; returns what was seen."""
+def _wait_run(
+    page: Page, until, timeout: float = 240.0, tab: str = "train", count: str = ".xcft-loss-points"
+) -> list[tuple[str, int]]:
+    """Poll the tab's run status until ``until(state, count)``; returns what was seen."""
     seen: list[tuple[str, int]] = []
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state, n = _run_state(page)
+        state, n = _run_state(page, tab, count)
         if not seen or seen[-1] != (state, n):
             seen.append((state, n))
         if until(state, n):
             return seen
-        assert state not in ("failed", "ended"), page.inner_text("#train-status") + "\n" + _train_log(page)[-3000:]
+        log = page.locator(f"#{tab}-log .xcft-log pre").inner_text()
+        assert state not in ("failed", "ended"), page.inner_text(f"#{tab}-status") + "\n" + log[-3000:]
         page.wait_for_timeout(300)
-    raise AssertionError(f"run did not reach the expected state; seen {seen}\n{page.inner_text('#train-status')}")
+    raise AssertionError(f"run did not reach the expected state; seen {seen}\n{page.inner_text(f'#{tab}-status')}")
 
 
 # --------------------------------------------------------------------------- Data tab
@@ -622,6 +626,115 @@ def test_stop_resume_and_server_restart(page, web, finished_run):
     _wait_run(page, lambda s, n: s == "stopped")
     later = re.search(r"checkpoint written: checkpoint-(\d+)", page.inner_text("#train-status"))
     assert later and int(later.group(1)) > stopped_step
+
+
+# --------------------------------------------------------------------------- Eval tab
+
+
+def _eval_ids(page: Page) -> list[tuple[str, str]]:
+    """The samples the Eval tab shows: (id, fixed/broken/"")."""
+    return [
+        (s.get_attribute("data-id") or "", s.get_attribute("data-change") or "")
+        for s in page.locator("#eval-samples .xcft-eval-sample").all()
+    ]
+
+
+def _eval_filter(page: Page, which: str, n: int) -> list[tuple[str, str]]:
+    page.locator("#eval-filter").get_by_text(which, exact=True).click()
+    page.wait_for_function(
+        "n => { const e = document.querySelector('#eval-samples .xcft-eval-page'); return e && +e.dataset.n === n; }", arg=n
+    )
+    return _eval_ids(page)
+
+
+@pytest.mark.slow
+def test_eval_tab_compares_two_models_as_xcft_score_does(page, web, tmp_path):
+    """Two tiny models answer a small set; the page's table, counts and filters are xcft score's on the same files."""
+    import torch
+
+    from xcft.commands.predict import predict_command
+    from xcft.commands.score import comparison_rows, score_files
+    from xcft.model.loading import load_pretrained, save_pretrained
+    from xcft.model.presets import build_model
+    from xcft.train.answer_metrics import compare_predictions, normalize_answer
+    from xcft.train.predict import read_predictions
+
+    _, tok = load_pretrained(web["base"], dtype=torch.float32, device="cpu")
+    other = save_pretrained(
+        build_model("tiny", img_size=IMG_SIZE, vocab_size=1000, seed=1, max_length=MAX_LENGTH), tok, web["root"] / "eval-2"
+    )
+    samples = json.loads(web["good"].read_text())  # one image, text only over two turns, two images
+    samples.append(
+        {"id": "more", "conversations": [{"from": "user", "value": "Name a shape."}, {"from": "assistant", "value": "?"}]}
+    )
+    data = web["good"].parent / "eval.json"
+    data.write_text(json.dumps(samples), encoding="utf-8")
+    settings = {"max_new_tokens": 6, "batch_size": 2}
+    # what each model answers (the page's run must give the same): references that one model gets right
+    answers = []
+    for k, model in enumerate((web["base"], other)):
+        out = tmp_path / f"pre-{k}.jsonl"
+        predict_command(data=str(data), model_dir=str(model), output=str(out), device="cpu", **settings)
+        answers.append({r["id"]: r["prediction"] for r in read_predictions(out)})
+    differ = [s["id"] for s in samples if normalize_answer(answers[0][s["id"]]) != normalize_answer(answers[1][s["id"]])]
+    assert len(differ) >= 2, answers
+    references = {differ[0]: answers[0][differ[0]], differ[1]: answers[1][differ[1]]}  # broken, then fixed
+    for s in samples:
+        s["conversations"][-1]["value"] = references.get(s["id"], "no model says this")
+    data.write_text(json.dumps(samples), encoding="utf-8")
+
+    _tab(page, "Eval")
+    for elem, value in (
+        ("eval-data", data),
+        ("eval-model-1", web["base"]),
+        ("eval-model-2", other),
+        ("eval-max-new-tokens", settings["max_new_tokens"]),
+        ("eval-batch-size", settings["batch_size"]),
+        ("eval-metrics", "exact,contains,rouge_l"),
+    ):
+        _fill(page, elem, value)
+    page.click("#eval-run")
+    page.wait_for_function("() => document.querySelector('#eval-action').innerText.includes('started eval')")
+    seen = _wait_run(page, lambda s, n: s == "finished", tab="eval", count=".xcft-run")
+    assert seen[-1] == ("finished", 2 * len(samples)), seen
+    run_id = page.locator("#eval-status .xcft-run").get_attribute("data-run")
+
+    page.reload()  # the page finds the finished run again, and its form
+    _tab(page, "Eval")
+    page.wait_for_selector(f'#eval-status .xcft-run[data-state="finished"][data-run="{run_id}"]')
+    assert page.locator("#eval-model-2 textarea").input_value() == str(other.resolve())
+    assert [m.get_attribute("data-done") for m in page.locator("#eval-status .xcft-eval-model").all()] == ["4", "4"]
+
+    files = [web["root"] / "work" / "evals" / run_id / f"model-{k}.jsonl" for k in (1, 2)]
+    for k, f in enumerate(files):  # the page's run answered as xcft predict did
+        assert {r["id"]: r["prediction"] for r in read_predictions(f)} == answers[k]
+    expected = score_files(str(files[0]), str(files[1]), "exact,contains,rouge_l")
+    page.wait_for_function("() => document.querySelectorAll('#eval-table .virtual-row').length === 2")
+    assert _rows(page, "eval-table") == [
+        [g, n, *(c for cell in cells for c in cell)] for g, n, cells in comparison_rows(expected)
+    ]
+    assert (
+        expected.to_dict()
+        == compare_predictions(*(read_predictions(f) for f in files), ["exact", "contains", "rouge_l"]).to_dict()
+    )
+    assert page.locator("#eval-changes .xcft-fixed").get_attribute("data-n") == str(len(expected.fixed)) == "1"
+    assert page.locator("#eval-changes .xcft-broken-n").get_attribute("data-n") == str(len(expected.broken)) == "1"
+
+    assert [i for i, _ in _eval_ids(page)] == [s["id"] for s in samples]  # all, in the data's order
+    two = page.locator('#eval-samples .xcft-eval-sample[data-id="two"]')
+    assert two.locator(".xcft-thumb img").count() == 2 and two.locator(".xcft-answer").count() == 2
+    wrong = [s["id"] for s in expected.after.samples if s["passed"] is False]
+    assert [i for i, _ in _eval_filter(page, "wrong", len(wrong))] == wrong
+    changed = _eval_filter(page, "changed", 2)
+    assert sorted(changed) == sorted([(differ[0], "broken"), (differ[1], "fixed")])
+    _shot(page, web, "eval")
+
+    # bad input: the CLI's one line, in the page's words; the server goes on
+    _fill(page, "eval-model-1", web["root"] / "no-such-model")
+    page.click("#eval-run")
+    page.wait_for_function("() => document.querySelector('#eval-action').innerText.includes('does not exist')")
+    assert "Traceback" not in page.inner_text("#eval-action") and "--model" not in page.inner_text("#eval-action")
+    _eval_filter(page, "all", len(samples))
 
 
 # --------------------------------------------------------------------------- Chat and Export

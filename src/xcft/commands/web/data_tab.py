@@ -86,20 +86,14 @@ def check(
     rows, matching = data_view.problem_rows(index, level, text)
     return DataCheck(
         status,
-        summary=_frame(data_view.summary_rows(index), data_view.SUMMARY_HEADERS),
+        summary=ui.table_frame(data_view.summary_rows(index), data_view.SUMMARY_HEADERS),
         histogram=data_view.length_histogram(index),
-        problems=_frame(rows, data_view.PROBLEM_HEADERS),
+        problems=ui.table_frame(rows, data_view.PROBLEM_HEADERS),
         count=_problem_count(len(rows), matching),
         index=index,
         sample=_view_html(index, 0) if index.total else "",
         sample_index=0 if index.total else None,
     )
-
-
-def _frame(rows: list[list[Any]], headers: list[str]) -> Any:
-    import pandas as pd  # lazy: gradio tables only, slow to import
-
-    return pd.DataFrame(rows, columns=headers)
 
 
 def _problem_count(shown: int, matching: int) -> str:
@@ -114,7 +108,7 @@ def filter_problems(index: data_view.DataIndex | None, level: str, text: str) ->
     if index is None:
         return None, ""
     rows, matching = data_view.problem_rows(index, level, text)
-    return _frame(rows, data_view.PROBLEM_HEADERS), _problem_count(len(rows), matching)
+    return ui.table_frame(rows, data_view.PROBLEM_HEADERS), _problem_count(len(rows), matching)
 
 
 def _view_html(index: data_view.DataIndex, overall: int) -> str:

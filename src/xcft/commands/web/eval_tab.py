@@ -23,8 +23,9 @@ REFRESH_S = 1.0
 MODEL_LAYOUT = "the model's own"
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None or value == "" else int(value)
+def _limit(value: Any) -> int | None:
+    """The limit field: empty or 0 (what an emptied number field sends) is every sample."""
+    return None if value is None or value == "" or int(value) == 0 else int(value)
 
 
 def run(runs: EvalRuns, data: str, model_1: str, model_2: str, max_new: Any, batch: Any, metrics: str, layout: str, limit: Any):
@@ -37,7 +38,7 @@ def run(runs: EvalRuns, data: str, model_1: str, model_2: str, max_new: Any, bat
             int(batch),
             metrics or "",
             None if layout in (None, "", MODEL_LAYOUT) else layout,
-            _optional_int(limit),
+            _limit(limit),
         )
         run_id, problems = runs.start(settings)
     except Exception as exc:
@@ -110,7 +111,7 @@ def build(runs: EvalRuns, page: gr.Blocks) -> None:
             info=predict_option("layout").metadata["help"],
             elem_id="eval-layout",
         )
-        e_limit = _number("limit", "limit (empty: every sample)", "eval-limit")
+        e_limit = _number("limit", "limit (empty or 0: every sample)", "eval-limit")
     form = [e_data, e_model_1, e_model_2, e_max, e_batch, e_metrics, e_layout, e_limit]
     with gr.Row():
         e_run = gr.Button("Run", variant="primary", elem_id="eval-run")
@@ -141,8 +142,8 @@ def build(runs: EvalRuns, page: gr.Blocks) -> None:
     result_outputs = [e_table, e_changes, e_samples]
 
     def results(run_id, which, page_no):
-        r = eval_view.results_view(runs, run_id, which or "all", _optional_int(page_no) or 1)
-        return gr.update(value=r.rows, headers=r.header), r.changes, r.samples
+        r = eval_view.results_view(runs, run_id, which or "all", int(page_no or 1))
+        return ui.table_frame(r.rows, r.header), r.changes, r.samples
 
     def refresh(run_id, last_key, which, page_no):
         view = eval_view.eval_view(runs, run_id)

@@ -45,7 +45,7 @@ def status_html(st: EvalStatus | None) -> str:
     skipped = f" ({st.skipped} sample(s) of the data left out: see the log)" if st.skipped else ""
     return (
         f'<div class="xcft-run xcft-status{kind}" data-state="{st.state}" data-run="{html.escape(st.run_id)}" '
-        f'data-done="{sum(st.done)}" data-total="{st.total * len(st.done)}">'
+        f'data-n="{sum(st.done)}" data-total="{st.total * len(st.done)}">'
         f'<div><b class="xcft-run-state">{st.state}</b> — <span class="xcft-run-message">{html.escape(st.message)}</span></div>'
         f"{''.join(models)}<div>data: <code>{html.escape(st.settings.data)}</code>, {st.total} sample(s){skipped}</div></div>"
     )

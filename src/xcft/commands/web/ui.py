@@ -1,6 +1,6 @@
 """What every tab of ``xcft web`` shows the same way: status lines, error messages, the page's CSS.
 
-Plain strings only (no Gradio), so the tabs' views and their tests share one rendering. Errors are
+Plain strings (and table values) only, no Gradio, so the tabs' views and their tests share one rendering. Errors are
 the CLI's one-line messages with the CLI's flag names replaced by the names of the page's fields.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from xcft.errors import XcftError
 
@@ -111,6 +112,13 @@ def status(text: str, kind: str = "", **data: object) -> str:
 def error(exc: BaseException, fields: Mapping[str, str] | None = None) -> str:
     """The status line of an error."""
     return status(message(exc, fields), "error")
+
+
+def table_frame(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> Any:
+    """Rows under their headers as a table component's value (a pandas DataFrame)."""
+    import pandas as pd  # lazy: tables only, slow to import
+
+    return pd.DataFrame(list(rows), columns=list(headers))
 
 
 def log_html(text: str) -> str:
