@@ -18,7 +18,7 @@ from xcft.commands.score import score_command
 from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import DataError, XcftError
 from xcft.model.template_xcomposer2 import LAYOUT_TRAINING
-from xcft.train.predict import ChatSettings, predict_samples, read_prompt_samples
+from xcft.train.predict import NOT_PREDICTED, ChatSettings, predict_samples, read_prompt_samples
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def predict_command(
     errors = [p for p in problems if p.level == "error"]
     logger.info("%d sample(s) predicted into %s", written, output)
     if failures or errors:
-        print(f"{len(failures) + len(errors)} sample(s) not predicted (named above)", file=sys.stderr)
+        print(f"{len(failures) + len(errors)} {NOT_PREDICTED}", file=sys.stderr)
     if metrics is not None:
         score_command(predictions=output, metrics=metrics)
     return 1 if failures or errors else 0

@@ -31,6 +31,7 @@ from xcft.errors import DataError, XcftError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "NOT_PREDICTED",
     "PREDICTION_KEYS",
     "AnswerEval",
     "ChatSettings",
@@ -44,6 +45,8 @@ __all__ = [
     "read_prompt_samples",
 ]
 
+#: The end of ``xcft predict``'s last line when it answered every sample it could and named the others (exit status 1).
+NOT_PREDICTED = "sample(s) not predicted (named above)"
 #: The keys of every prediction line (``xcft score`` reads ``id``, ``source``, ``reference`` and ``prediction``).
 PREDICTION_KEYS = ("id", "source", "index", "question", "prompt", "reference", "prediction", "new_tokens", "seconds")
 

@@ -26,7 +26,7 @@ from xcft.data.schema import Problem
 from xcft.errors import DataError, XcftError
 from xcft.model.template_xcomposer2 import LAYOUT_TRAINING, PROMPT_LAYOUTS
 from xcft.train.answer_metrics import Comparison, Scores, parse_metrics
-from xcft.train.predict import PromptSample, read_prompt_samples
+from xcft.train.predict import NOT_PREDICTED, PromptSample, read_prompt_samples
 
 __all__ = ["EVALS_DIR", "MAX_MODELS", "EvalRuns", "EvalSettings", "EvalStatus", "predict_option", "prediction_name"]
 
@@ -208,10 +208,10 @@ class EvalRuns(ChildRuns):
             st.message = "finished: every model answered every sample"
         elif ps.state == "stopped":
             st.message = f"stopped at model {current + 1} of {n}, {done[current]} / {total}; Continue goes on from there"
-        elif ps.state == "failed" and all(p.is_file() for p in self.prediction_files(run_id)) and all(done):
-            # xcft predict names the samples it could not predict and exits 1; the others are answered
+        elif ps.state == "failed" and ps.exit_code == 1 and self.last_output_line(run_id).endswith(NOT_PREDICTED) and all(done):
+            # xcft predict answered every sample it could, named the others and exited 1
             st.state = "finished"
-            st.message = f"finished; some samples could not be predicted (see the log): {ps.message.split(': ', 1)[-1]}"
+            st.message = "finished; some samples could not be predicted (named in the log)"
         return st
 
     def continue_run(self, run_id: str) -> None:
@@ -221,6 +221,9 @@ class EvalRuns(ChildRuns):
             raise XcftError(f"eval {run_id} is still running")
         if not st.can_continue:
             raise XcftError(f"eval {run_id} has finished; press Run for a new one")
+        record = self._record(run_id)
+        record["first_step"] = next(k for k, d in enumerate(st.done) if d < st.total)  # the models before are done
+        self._write_record(run_id, record)
         self._launch(run_id)
 
     def stop(self, run_id: str) -> str:

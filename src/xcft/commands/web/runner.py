@@ -52,8 +52,8 @@ def command_line(record: dict) -> list[str]:
 
 def command_lines(record: dict) -> list[list[str]]:
     """Every command the run executes, in order."""
-    if record.get("steps"):
-        return [list(step) for step in record["steps"]]
+    if record.get("steps"):  # from ``first_step`` on: a continued run skips the commands that are done
+        return [list(step) for step in record["steps"][int(record.get("first_step", 0)) :]]
     return [command_line(record)]
 
 

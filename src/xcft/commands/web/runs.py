@@ -200,6 +200,11 @@ class ChildRuns:
             return ProcessState("stopped", "stopped", pid, exit_code)
         return ProcessState("failed", f"failed (exit {exit_code}): {_last_error(run_dir / LOG_NAME)}", pid, exit_code)
 
+    def last_output_line(self, run_id: str) -> str:
+        """The last line the run's commands wrote ("" when none)."""
+        lines = _output_lines(self.root / run_id / LOG_NAME)
+        return lines[-1] if lines else ""
+
     def log_tail(self, run_id: str, max_lines: int = 200) -> str:
         """The end of the run's log, progress-bar redraws collapsed to their last state."""
         data = _read_tail(self.root / run_id / LOG_NAME)
@@ -337,12 +342,19 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _last_error(log: Path) -> str:
-    """The CLI's one-line error ("error: ...") from the log, else its last non-empty line."""
+def _output_lines(log: Path) -> list[str] | None:
+    """The non-empty lines the commands wrote at the end of the log (the runner's own left out); None: no log."""
     text = _read_tail(log)
     if text is None:
+        return None
+    return [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
+
+
+def _last_error(log: Path) -> str:
+    """The CLI's one-line error ("error: ...") from the log, else its last non-empty line."""
+    lines = _output_lines(log)
+    if lines is None:
         return "no log"
-    lines = [ln.strip() for ln in text.replace("\r", "\n").split("\n") if ln.strip() and not ln.startswith("[xcft web]")]
     for ln in reversed(lines):
         if ln.startswith("error:"):
             return ln[len("error:") :].strip()
