@@ -415,9 +415,12 @@ def test_sample_view_matches_inspect(page, web, capsys):
 @pytest.mark.slow
 def test_data_tab_as_a_new_user_meets_it(page, web):
     """Progress over the status line only; indexes out of range said, not clamped; paths carried to Train."""
-    _tab(page, "Train")  # empty Train fields: the checked paths will be carried there
+    _tab(page, "Train")  # empty Train and Eval fields: the checked paths will be carried there
     _fill(page, "train-data_path", "")
     _fill(page, "train-model_name_or_path", "")
+    _tab(page, "Eval")
+    _fill(page, "eval-data", "")
+    _fill(page, "eval-model-1", "")
     _watch_progress(page, ["data-status", "data-summary", "data-hist", "data-problems", "sample-view"])
     _check(page, web["data_txt"], web["base"])
     seen = _progress_seen(page)
@@ -445,6 +448,9 @@ def test_data_tab_as_a_new_user_meets_it(page, web):
     assert "Model folder (model_name_or_path)" in page.inner_text("#train-model_name_or_path")
     _fill(page, "train-data_path", "")
     _fill(page, "train-model_name_or_path", "")
+    _tab(page, "Eval")
+    assert page.locator("#eval-data textarea").input_value() == str(web["data_txt"])
+    assert page.locator("#eval-model-1 textarea").input_value() == str(web["base"])
     _tab(page, "Data")
 
 

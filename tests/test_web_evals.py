@@ -211,3 +211,23 @@ def test_bad_input_is_refused_before_anything_starts(evals, eval_data, change, m
 def test_status_before_any_run():
     assert 'data-state="none"' in eval_view.status_html(None)
     assert eval_view.metrics_table(None) == (["source", "n"], [])
+
+
+def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, eval_data):
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'xcft[web]')")
+    from xcft.commands.web import eval_tab
+
+    runs = evals()
+    data, base, tuned = str(eval_data["data"]), str(eval_data["base"]), str(eval_data["tuned"])
+    message, run_id = eval_tab.run(runs, data, base, "", 8, 0, "", eval_tab.MODEL_LAYOUT, None)
+    assert run_id is None and "xcft-error" in message and "batch size must be at least 1" in message and "--" not in message
+    message, run_id = eval_tab.run(runs, data, str(eval_data["base"] / "nope"), "", 8, 2, "", "official", 0)
+    assert run_id is None and "model folder" in message and "does not exist" in message
+    assert runs.run_ids() == []
+    message, run_id = eval_tab.run(runs, data, base, tuned, 8, 2, "exact", "training", 0)
+    assert run_id and "started eval" in message and "1 sample(s) left out" in message and "bad" in message
+    assert eval_tab.form_of_run(runs, run_id) == [data, base, tuned, 8, 2, "exact", "training", None]
+    assert runs.record(run_id)["steps"][0][-4:] == ["--batch-size", "2", "--layout", "training"]
+    _wait(runs, run_id, lambda s: not s.active)
+    assert "not running" in eval_tab.stop(runs, run_id) and "has finished" in eval_tab.continue_run(runs, run_id)
+    assert "no eval selected" in eval_tab.stop(runs, None)

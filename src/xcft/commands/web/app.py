@@ -31,13 +31,13 @@ from xcft.errors import XcftError
 logger = logging.getLogger(__name__)
 
 
-def _carry(data: str, model: str, train_data: str, train_model: str) -> tuple[Any, Any]:
-    """The checked data set and model, into the Train form's fields that are still empty."""
+def _carry(data: str, model: str, old_data: str, old_model: str) -> tuple[Any, Any]:
+    """The checked data set and model, into another tab's fields that are still empty."""
 
     def fill(new: str, old: str) -> Any:
         return gr.update(value=new.strip()) if (new or "").strip() and not (old or "").strip() else gr.skip()
 
-    return fill(data, train_data), fill(model, train_model)
+    return fill(data, old_data), fill(model, old_model)
 
 
 def build_app(workdir: str | Path, device: str | None = None) -> Any:
@@ -55,13 +55,14 @@ def build_app(workdir: str | Path, device: str | None = None) -> Any:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(runs, workdir, page)
             with gr.Tab("Eval", id="eval", elem_id="tab-eval"):
-                eval_tab.build(evals, page)
+                evals_tab = eval_tab.build(evals, page)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat_tab.build(models)
             with gr.Tab("Export", id="export", elem_id="tab-export"):
                 export_tab.build()
-        to_train = [train.fields["data_path"], train.fields["model_name_or_path"]]
-        data.checked.then(_carry, [data.data, data.model, *to_train], to_train, show_progress="hidden")
+        # the checked data set and model go into the Train form and the Eval tab where those are still empty
+        for to in ([train.fields["data_path"], train.fields["model_name_or_path"]], [evals_tab.data, evals_tab.model]):
+            data.checked.then(_carry, [data.data, data.model, *to], to, show_progress="hidden")
     return page
 
 

@@ -8,6 +8,7 @@ Reloading the page selects the newest run and puts the form back to what it was 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -86,7 +87,15 @@ def _number(name: str, label: str, elem: str, **kw: Any) -> Any:
     )
 
 
-def build(runs: EvalRuns, page: gr.Blocks) -> None:
+@dataclass
+class EvalTab:
+    """The Eval tab's components other tabs fill."""
+
+    data: Any
+    model: Any  # model 1
+
+
+def build(runs: EvalRuns, page: gr.Blocks) -> EvalTab:
     """Lay out the Eval tab and wire it (inside a ``gr.Tab``)."""
     gr.Markdown(
         "Answer every sample of a data set with one model, or with two to compare them (e.g. the base model and "
@@ -181,3 +190,4 @@ def build(runs: EvalRuns, page: gr.Blocks) -> None:
         return gr.update(choices=ids, value=ids[0] if ids else None)
 
     page.load(on_page_load, None, [e_sel], **quiet)
+    return EvalTab(e_data, e_model_1)

@@ -24,7 +24,7 @@ from xcft.commands.web.runner import xcft_command_line
 from xcft.commands.web.runs import ChildRuns
 from xcft.data.schema import Problem
 from xcft.errors import DataError, XcftError
-from xcft.model.template_xcomposer2 import LAYOUT_TRAINING, PROMPT_LAYOUTS
+from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 from xcft.train.answer_metrics import Comparison, Scores, parse_metrics
 from xcft.train.predict import NOT_PREDICTED, PromptSample, read_prompt_samples
 
@@ -96,9 +96,7 @@ class EvalSettings:
         """``xcft predict``'s arguments for one model."""
         argv = [self.data, "--model", model, "--output", str(output)]
         argv += ["--max-new-tokens", str(self.max_new_tokens), "--batch-size", str(self.batch_size)]
-        if self.layout == LAYOUT_TRAINING:
-            argv.append("--training-layout")
-        elif self.layout:
+        if self.layout:
             argv += ["--layout", self.layout]
         if self.limit is not None:
             argv += ["--limit", str(self.limit)]
