@@ -325,7 +325,7 @@ def _thumbnails_html(conv: Conversation, enc: EncodedSample) -> str:
     return thumbnails_html(conv.images, kept=enc.num_images)
 
 
-def thumbnails_html(paths: Sequence[str | os.PathLike[str]], kept: int | None = None) -> str:
+def thumbnails_html(paths: Sequence[str | os.PathLike[str]], kept: int | None = None, side: int = THUMB_SIDE) -> str:
     """The images as thumbnails with their file names; those after the first ``kept`` marked as dropped."""
     if not paths:
         return '<div class="xcft-thumbs xcft-noimage">text only (no image)</div>'
@@ -333,7 +333,7 @@ def thumbnails_html(paths: Sequence[str | os.PathLike[str]], kept: int | None = 
     for n, path in enumerate(paths, start=1):
         dropped = kept is not None and n > kept
         caption = f"{n}: {os.path.basename(str(path))}" + (" (dropped by truncation)" if dropped else "")
-        src, why = thumbnail_data_uri(path)
+        src, why = thumbnail_data_uri(path, side)
         body = (
             f'<img src="{src}" alt="image {n}">'
             if src

@@ -23,6 +23,7 @@ from xcft.train.predict import PromptSample
 #: Which samples the sample view shows: every one, those the (last) model answered wrong, those whose verdict changed.
 FILTERS = ("all", "wrong", "changed")
 PAGE_SIZE = 20
+EVAL_THUMB_SIDE = 96
 
 
 def model_label(k: int, path: str) -> str:
@@ -163,16 +164,19 @@ def sample_html(row: EvalRow, models: Sequence[str], sample: PromptSample | None
     where = f"{row.source}: sample {index} (id {row.id})"
     change = f' <span class="xcft-change xcft-{row.change}">{row.change}</span>' if row.change else ""
     images = (
-        thumbnails_html(sample.images) if sample is not None else '<div class="xcft-thumbs">(sample not in the data now)</div>'
+        thumbnails_html(sample.images, side=EVAL_THUMB_SIDE)
+        if sample is not None
+        else '<div class="xcft-thumbs">(sample not in the data now)</div>'
     )
     history = f'<div class="xcft-history">after {len(sample.history)} earlier turn(s)</div>' if sample and sample.history else ""
     reference = "(none: not scored)" if row.reference is None else row.reference
     answers = "".join(_answer_html(k, m, a, p) for k, (m, a, p) in enumerate(zip(models, row.answers, row.passed)))
     return (
         f'<div class="xcft-eval-sample" data-id="{html.escape(row.id)}" data-source="{html.escape(row.source)}" '
-        f'data-change="{row.change or ""}"><div class="xcft-where">{html.escape(where)}{change}</div>{images}{history}'
+        f'data-change="{row.change or ""}">{images}<div class="xcft-eval-text">'
+        f'<div class="xcft-where">{html.escape(where)}{change}</div>{history}'
         f'<div class="xcft-question"><b>question</b>: {html.escape(row.question)}</div>'
-        f'<div class="xcft-reference"><b>reference</b>: {html.escape(reference)}</div>{answers}</div>'
+        f'<div class="xcft-reference"><b>reference</b>: {html.escape(reference)}</div>{answers}</div></div>'
     )
 
 

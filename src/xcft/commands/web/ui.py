@@ -49,7 +49,13 @@ CSS = """
             border: 1px solid var(--border-color-primary); border-radius: 6px; }
 .xcft-log pre { margin: 0; padding: 6px 8px; font-family: ui-monospace, monospace; font-size: 12px;
                 white-space: pre-wrap; overflow-wrap: anywhere; }
-.xcft-eval-sample { border: 1px solid var(--border-color-primary); border-radius: 6px; padding: 8px; margin: 8px 0; }
+.xcft-eval-sample { display: flex; gap: 12px; align-items: flex-start; border: 1px solid var(--border-color-primary);
+                    border-radius: 6px; padding: 8px; margin: 8px 0; }
+.xcft-eval-sample .xcft-thumbs { margin: 0; flex: 0 0 auto; max-width: 45%; }
+.xcft-eval-sample .xcft-thumb img { max-width: 96px; max-height: 96px; }
+.xcft-eval-sample .xcft-thumb figcaption { max-width: 96px; }
+.xcft-eval-sample .xcft-noimage { width: 96px; font-size: 12px; color: #6b7280; }
+.xcft-eval-text { flex: 1; min-width: 0; }
 .xcft-answer { margin: 3px 0; padding: 2px 6px; border-radius: 4px; white-space: pre-wrap; }
 .xcft-right { background: #e7f6ec; }
 .xcft-wrong { background: #fde8e8; }
