@@ -163,10 +163,9 @@ class EvalRuns(ChildRuns):
         if not samples:
             raise DataError(f"{settings.data}: no sample to predict")
         names = [Path(settings.data).stem, *(Path(m).name for m in settings.models)]
-        run_id = self._create(re.sub(r"-+", "-", "-".join(names)), {"output_dir": ""})
+        run_id = self._reserve(re.sub(r"-+", "-", "-".join(names)))
         run_dir = (self.root / run_id).resolve()
-        record = self._record(run_id)
-        record.update(
+        record = dict(
             output_dir=str(run_dir),  # the command lines name it: a process alive with it is this run's
             settings=dataclasses.asdict(settings),
             total=len(samples),
@@ -177,7 +176,7 @@ class EvalRuns(ChildRuns):
             ],
             keep_going=True,  # a model whose predict names a bad sample does not stop the next model's
         )
-        self._write_record(run_id, record)
+        self._create(run_id, record)
         self._launch(run_id)
         return run_id, problems
 

@@ -119,21 +119,22 @@ class ChildRuns:
 
     # ------------------------------------------------------------------ start / stop
 
-    def _new_id(self, name: str) -> str:
+    def _reserve(self, name: str) -> str:
+        """A new, empty run folder named after ``name`` (``name-2`` ... when taken); its id."""
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or "run").strip("-.") or "run"
-        run_id, n = base, 1
-        while (self.root / run_id).exists():
-            n += 1
-            run_id = f"{base}-{n}"
-        return run_id
-
-    def _create(self, name: str, record: dict[str, Any]) -> str:
-        """A new run folder named after ``name`` holding ``record`` (with its id and start time); not launched."""
         self.root.mkdir(parents=True, exist_ok=True)
-        run_id = self._new_id(name)
-        (self.root / run_id).mkdir()
+        n = 1
+        while True:
+            run_id = base if n == 1 else f"{base}-{n}"
+            try:
+                (self.root / run_id).mkdir()  # atomic: two starts never get the same folder
+                return run_id
+            except FileExistsError:
+                n += 1
+
+    def _create(self, run_id: str, record: dict[str, Any]) -> None:
+        """Write the reserved run's record (with its id, working folder and start time); not launched."""
         self._write_record(run_id, {"id": run_id, "cwd": os.getcwd(), "started": time.time(), **record})
-        return run_id
 
     def _launch(self, run_id: str) -> None:
         run_dir = self.root / run_id
@@ -240,8 +241,8 @@ class RunManager(ChildRuns):
             raise XcftError(f"a run is already writing to {out}; stop it first or choose another output_dir")
         if earlier_results(out):
             raise XcftError(f"output_dir {out} already holds a run; choose another folder, or select that run and press Resume")
-        record = {"command": self.command, "argv": list(argv), "output_dir": str(out.resolve()), "resumes": 0}
-        run_id = self._create(out.name or "run", record)
+        run_id = self._reserve(out.name or "run")
+        self._create(run_id, {"command": self.command, "argv": list(argv), "output_dir": str(out.resolve()), "resumes": 0})
         self._launch(run_id)
         return run_id
 
