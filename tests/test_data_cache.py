@@ -277,6 +277,28 @@ def test_parallel_build_equals_serial(tok, tmp_path: Path, tiny_data: Path, monk
     assert parallel.files[0].table.conversation(3).id == "s3"  # the bad line is not a sample
 
 
+def test_each_image_is_decoded_once_per_build_not_per_chunk(tok, tmp_path: Path, tiny_data: Path, monkeypatch) -> None:
+    """Real sets reuse a few images across many chunks: the building process remembers what it checked."""
+    import xcft.data.table as table
+
+    monkeypatch.setattr(table, "CHUNK", 5)
+    decoded: list[Path] = []
+    real = table.decode_with_size
+
+    def counting(path: Path):
+        decoded.append(path)
+        return real(path)
+
+    monkeypatch.setattr(table, "decode_with_size", counting)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(_samples(40, str(tiny_data.parent / "data" / "images" / "red.png"))))
+    found = read_pass(
+        data, tok, ImageSpec(56), 160, cache=CacheOptions(no_data_cache=True, preprocessing_num_workers=1), decode_images=True
+    )
+    assert found.files[0].table.encoded.sum() == 40  # 8 chunks, 20 samples with the image
+    assert len(decoded) == 1
+
+
 def test_version_is_part_of_the_entry(tok, one_file: Path, tmp_path: Path) -> None:
     root = tmp_path / "c"
     read_data(one_file, tok, 56, 160, cache=CacheOptions(data_cache_dir=str(root)))

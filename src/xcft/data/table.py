@@ -435,6 +435,7 @@ class _MemoTokenizer:
     """
 
     MAX_TEXT = 64
+    MAX_ENTRIES = 20_000  # bounds the memory of a long build; the recurring texts come first
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self._tokenizer = tokenizer
@@ -448,7 +449,9 @@ class _MemoTokenizer:
             return self._tokenizer.encode_text(text)
         hit = self._memo.get(text)
         if hit is None:
-            hit = self._memo[text] = self._tokenizer.encode_text(text)
+            hit = self._tokenizer.encode_text(text)
+            if len(self._memo) < self.MAX_ENTRIES:
+                self._memo[text] = hit
         return list(hit)
 
 
@@ -482,7 +485,26 @@ def _check_image(
     return seen[path]
 
 
-def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, first: int) -> _Chunk:
+class _Memo:
+    """What one building process remembers across its chunks: image checks, path stats and short encodings.
+
+    Real sets reuse a few thousand images across hundreds of thousands of samples, so each image is
+    decoded and each path stat'ed once per process, not once per chunk.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.images: dict[Path, tuple[str | None, str, Grid | None]] = {}
+        self.files: dict[Path, bool] = {}
+        self.tokenizer = _MemoTokenizer(tokenizer)
+
+    def is_file(self, path: Path) -> bool:
+        hit = self.files.get(path)
+        if hit is None:
+            hit = self.files[path] = path.is_file()
+        return hit
+
+
+def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, first: int, memo: _Memo) -> _Chunk:
     """Normalise, check and encode the records ``first ..`` of the file (their byte spans given)."""
     n = len(starts)
     scalars = {name: np.zeros(n, dtype=dt) for name, dt in SCALARS.items()}
@@ -492,15 +514,9 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
     grids: list[Grid] = []
     slots: list[int] = []
     problems: list[Problem] = []
-    seen: dict[Path, tuple[str | None, str, Grid | None]] = {}
-    tokenizer = _MemoTokenizer(ctx.tokenizer)
-    files: dict[Path, bool] = {}
-
-    def is_file(path: Path) -> bool:  # one stat per image path and chunk
-        hit = files.get(path)
-        if hit is None:
-            hit = files[path] = path.is_file()
-        return hit
+    seen = memo.images
+    tokenizer = memo.tokenizer
+    is_file = memo.is_file
 
     with open(ctx.path, "rb") as fh:
         base = int(starts[0])
@@ -627,25 +643,27 @@ class _Worker:
 
     ctx: TableContext | None = None
     spans: _Spans | None = None
+    memo: _Memo | None = None
 
     @classmethod
     def init(cls, ctx: TableContext, spans: _Spans) -> None:
-        cls.ctx, cls.spans = ctx, spans
+        cls.ctx, cls.spans, cls.memo = ctx, spans, _Memo(ctx.tokenizer)
 
     @classmethod
     def run(cls, bounds: tuple[int, int]) -> _Chunk:
         a, b = bounds
-        assert cls.ctx is not None and cls.spans is not None
+        assert cls.ctx is not None and cls.spans is not None and cls.memo is not None
         s = cls.spans
-        return _encode_chunk(cls.ctx, s.start[a:b], s.end[a:b], s.line[a:b], a)
+        return _encode_chunk(cls.ctx, s.start[a:b], s.end[a:b], s.line[a:b], a, cls.memo)
 
 
 def _chunks(ctx: TableContext, spans: _Spans, workers: int) -> Iterator[_Chunk]:
     n = len(spans.start)
     bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     if workers <= 1 or n < PARALLEL_MIN or "fork" not in multiprocessing.get_all_start_methods():
+        memo = _Memo(ctx.tokenizer)
         for a, b in bounds:
-            yield _encode_chunk(ctx, spans.start[a:b], spans.end[a:b], spans.line[a:b], a)
+            yield _encode_chunk(ctx, spans.start[a:b], spans.end[a:b], spans.line[a:b], a, memo)
         return
     # fork: the workers inherit the tokenizer and the spans instead of unpickling them
     with multiprocessing.get_context("fork").Pool(min(workers, len(bounds)), _Worker.init, (ctx, spans)) as pool:
