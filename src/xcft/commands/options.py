@@ -152,7 +152,7 @@ METRICS_HELP = (
 
 
 @dataclass(kw_only=True)
-class PredictOptions(PromptOptions):
+class PredictOptions(CacheOptions, PromptOptions):
     data: str = option(help=DATA_HELP + " in the training format; the last user turn of each sample is asked", positional=True)
     model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
     output: str = option(
