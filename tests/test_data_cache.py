@@ -381,3 +381,26 @@ def test_check_data_reads_through_the_default_cache(tiny_base: Path, tiny_data: 
     metas = [json.loads(m.read_text()) for m in data_cache_dir.glob("*/meta.json")]
     stored = {m["file"] for m in metas}
     assert {str(src.path) for src in load_spec(tiny_data).sources} <= stored  # the default folder ($XCFT_DATA_CACHE in tests)
+
+
+def test_ids_are_a_column_found_without_reading_records(tok, tmp_path: Path, monkeypatch) -> None:
+    """An id given, an id missing (the index stands for it), an integer id, a repeated id, a record that is no object."""
+    import xcft.data.table as table
+
+    records = [
+        {"id": "a", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"id": 7, "conversations": [{"from": "human", "value": "Q?"}]},  # no answer: not usable, id still known
+        {"id": "a", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "B."}]},
+        ["not", "an", "object"],
+        {"id": "é", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+    ]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    found = read_pass(data, tok, ImageSpec(56), 160, cache=CacheOptions(data_cache_dir=str(tmp_path / "c")))
+    t = found.files[0].table
+    assert [t.sample_id(k) for k in range(len(t))] == ["a", "1", "7", "a", None, "é"]
+    monkeypatch.setattr(table.SampleTable, "raw_record", lambda self, k: pytest.fail("a record was read"))
+    assert t.find_id("a").tolist() == [0, 3]
+    assert t.find_id("1").tolist() == [1] and t.find_id("7").tolist() == [2] and t.find_id("é").tolist() == [5]
+    assert t.find_id("b").tolist() == [] and t.find_id("").tolist() == []

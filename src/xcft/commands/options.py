@@ -66,7 +66,7 @@ class CheckDataOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class InspectOptions(FormatOption, SizeOptions, DataOptions):
+class InspectOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
     index: int | None = option(None, "sample index (over all files, in data.txt order); give this or --id")
     sample_id: str | None = option(None, "sample id; give this or --index", flag="--id")
 
