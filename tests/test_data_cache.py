@@ -277,6 +277,28 @@ def test_parallel_build_equals_serial(tok, tmp_path: Path, tiny_data: Path, monk
     assert parallel.files[0].table.conversation(3).id == "s3"  # the bad line is not a sample
 
 
+def test_each_image_is_decoded_once_per_build_not_per_chunk(tok, tmp_path: Path, tiny_data: Path, monkeypatch) -> None:
+    """Real sets reuse a few images across many chunks: the building process remembers what it checked."""
+    import xcft.data.table as table
+
+    monkeypatch.setattr(table, "CHUNK", 5)
+    decoded: list[Path] = []
+    real = table.decode_with_size
+
+    def counting(path: Path):
+        decoded.append(path)
+        return real(path)
+
+    monkeypatch.setattr(table, "decode_with_size", counting)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(_samples(40, str(tiny_data.parent / "data" / "images" / "red.png"))))
+    found = read_pass(
+        data, tok, ImageSpec(56), 160, cache=CacheOptions(no_data_cache=True, preprocessing_num_workers=1), decode_images=True
+    )
+    assert found.files[0].table.encoded.sum() == 40  # 8 chunks, 20 samples with the image
+    assert len(decoded) == 1
+
+
 def test_version_is_part_of_the_entry(tok, one_file: Path, tmp_path: Path) -> None:
     root = tmp_path / "c"
     read_data(one_file, tok, 56, 160, cache=CacheOptions(data_cache_dir=str(root)))
@@ -359,3 +381,26 @@ def test_check_data_reads_through_the_default_cache(tiny_base: Path, tiny_data: 
     metas = [json.loads(m.read_text()) for m in data_cache_dir.glob("*/meta.json")]
     stored = {m["file"] for m in metas}
     assert {str(src.path) for src in load_spec(tiny_data).sources} <= stored  # the default folder ($XCFT_DATA_CACHE in tests)
+
+
+def test_ids_are_a_column_found_without_reading_records(tok, tmp_path: Path, monkeypatch) -> None:
+    """An id given, an id missing (the index stands for it), an integer id, a repeated id, a record that is no object."""
+    import xcft.data.table as table
+
+    records = [
+        {"id": "a", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"id": 7, "conversations": [{"from": "human", "value": "Q?"}]},  # no answer: not usable, id still known
+        {"id": "a", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "B."}]},
+        ["not", "an", "object"],
+        {"id": "é", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+    ]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    found = read_pass(data, tok, ImageSpec(56), 160, cache=CacheOptions(data_cache_dir=str(tmp_path / "c")))
+    t = found.files[0].table
+    assert [t.sample_id(k) for k in range(len(t))] == ["a", "1", "7", "a", None, "é"]
+    monkeypatch.setattr(table.SampleTable, "raw_record", lambda self, k: pytest.fail("a record was read"))
+    assert t.find_id("a").tolist() == [0, 3]
+    assert t.find_id("1").tolist() == [1] and t.find_id("7").tolist() == [2] and t.find_id("é").tolist() == [5]
+    assert t.find_id("b").tolist() == [] and t.find_id("").tolist() == []

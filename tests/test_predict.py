@@ -74,7 +74,7 @@ def test_predict_writes_one_line_per_sample_as_chat_answers(tiny_base, tiny_data
 
 def test_an_interrupted_run_continues_without_repeating_or_losing_a_sample(tiny_base, tiny_data, tmp_path):
     model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")
-    samples, problems = read_prompt_samples(tiny_data)
+    samples, problems = read_prompt_samples(tiny_data, model, tok)
     assert len(samples) == 6 and not [p for p in problems if p.level == "error"]
     settings = ChatSettings(max_new_tokens=4)
     full = tmp_path / "full.jsonl"
@@ -138,3 +138,22 @@ def test_a_file_that_is_not_a_prediction_file_is_refused_and_kept(tiny_base, tin
     err = capsys.readouterr().err
     assert "not JSON" in err or "not a prediction" in err
     assert out.read_text() == text
+
+
+def test_predict_maps_what_check_data_read(tiny_base, tiny_data, tmp_path, monkeypatch):
+    """check-data then predict: the files are read once; the samples equal a read without the cache."""
+    import xcft.data.cache as cache_module
+    from xcft.data.cache_options import CacheOptions
+
+    cache = CacheOptions(data_cache_dir=str(tmp_path / "cache"))
+    assert main(["check-data", str(tiny_data), "--model", str(tiny_base), "--data_cache_dir", cache.data_cache_dir]) == 0
+    model, tok = load_pretrained(tiny_base, dtype="float32", device="cpu")
+    uncached, _ = read_prompt_samples(tiny_data, model, tok, CacheOptions(no_data_cache=True))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the file was read again")
+
+    monkeypatch.setattr(cache_module, "build_table", no_build)
+    cached, problems = read_prompt_samples(tiny_data, model, tok, cache)
+    assert cached == uncached and len(cached) == 6
+    assert not [p for p in problems if p.level == "error"]

@@ -57,8 +57,13 @@ def _assert_same_losses(got, expected, rel):
 
 
 def test_ddp_two_processes_equal_one_process(runs, read_losses, tmp_path):
-    out = tmp_path / "ddp"
-    runs.torchrun(out, "--ddp_backend", "gloo", "--save_strategy", "no", "--fix_sampler", "false")
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    r = runs.torchrun(
+        out, "--ddp_backend", "gloo", "--save_strategy", "no", "--fix_sampler", "false", "--data_cache_dir", str(cache)
+    )
+    # one rank builds each file's entry while the other waits, then both map it
+    entries = [e for e in cache.iterdir() if e.is_dir()]
+    assert len(entries) == 3 and r.stderr.count(", stored as ") == 3, r.stderr[-3000:]
     expected = runs.single(tmp_path / "ddp_ref", "--save_strategy", "no", "--fix_sampler", "false")
     _assert_same_losses(read_losses(out), expected, rel=1e-5)
     assert (out / "model.safetensors").is_file() and (out / "modeling_xcomposer2.py").is_file()

@@ -136,12 +136,16 @@ def inspect_command(
     max_length: int | None = None,
     output_format: str = "text",
     hd_num: int | None = None,
+    data_cache_dir: str | None = None,
+    no_data_cache: bool = False,
+    preprocessing_num_workers: int | None = None,
 ) -> int:
     """Print how one sample is encoded (by overall index in data.txt order, or by id)."""
     if (index is None) == (sample_id is None):
         raise XcftError("give exactly one of --index or --id")
     settings = load_settings(model_dir, img_size, max_length, hd_num)
-    conv, problems, where = find_sample(data, settings, index, sample_id)
+    cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
+    conv, problems, where = find_sample(data, settings, index, sample_id, cache)
     errs = [p for p in problems if p.level == "error"]
     if conv is None or errs:
         for p in errs:

@@ -66,7 +66,7 @@ class CheckDataOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
 
 
 @dataclass(kw_only=True)
-class InspectOptions(FormatOption, SizeOptions, DataOptions):
+class InspectOptions(FormatOption, CacheOptions, SizeOptions, DataOptions):
     index: int | None = option(None, "sample index (over all files, in data.txt order); give this or --id")
     sample_id: str | None = option(None, "sample id; give this or --index", flag="--id")
 
@@ -152,7 +152,7 @@ METRICS_HELP = (
 
 
 @dataclass(kw_only=True)
-class PredictOptions(PromptOptions):
+class PredictOptions(CacheOptions, PromptOptions):
     data: str = option(help=DATA_HELP + " in the training format; the last user turn of each sample is asked", positional=True)
     model_dir: str = option(help="base model, full finetune output or LoRA adapter folder", flag="--model")
     output: str = option(

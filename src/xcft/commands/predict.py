@@ -15,6 +15,7 @@ from transformers import set_seed
 
 from xcft.commands.chat import load_for_chat
 from xcft.commands.score import score_command
+from xcft.data.cache_options import CacheOptions
 from xcft.data.sizes import model_sizes, resolve_sizes
 from xcft.errors import DataError, XcftError
 from xcft.model.template_xcomposer2 import LAYOUT_TRAINING
@@ -42,19 +43,23 @@ def predict_command(
     limit: int | None = None,
     metrics: str | None = None,
     bits: int = 16,
+    data_cache_dir: str | None = None,
+    no_data_cache: bool = False,
+    preprocessing_num_workers: int | None = None,
 ) -> int:
     """Predict every sample ``output`` does not hold yet; 1 when a sample could not be predicted."""
+    cache = CacheOptions(data_cache_dir, no_data_cache, preprocessing_num_workers)
     if batch_size < 1:
         raise XcftError(f"--batch-size must be at least 1, got {batch_size}")
-    samples, problems = read_prompt_samples(data)
+    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
+    resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
+    samples, problems = read_prompt_samples(data, model, tokenizer, cache)
     for problem in problems:
         (logger.error if problem.level == "error" else logger.info)("%s (skipped)" if problem.level == "error" else "%s", problem)
     if limit is not None:
         samples = samples[: max(0, limit)]
     if not samples:
         raise DataError(f"{data}: no sample to predict")
-    model, tokenizer = load_for_chat(model_dir, device, bits=bits)
-    resolve_sizes(model_sizes(model.config, model_dir), hd_num=hd_num, default_hd_num=None)
     set_seed(seed)
     settings = ChatSettings(
         max_new_tokens=max_new_tokens,

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: raise when the encoding, the read pass or the entry layout changes: older entries stop matching
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 LOCK_TIMEOUT_ENV = "XCFT_DATA_CACHE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
 META = "meta.json"

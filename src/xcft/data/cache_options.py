@@ -16,7 +16,7 @@ CACHE_ENV = "XCFT_DATA_CACHE"
 
 @dataclass
 class CacheOptions:
-    """Where and how data files' preprocessing is cached (shared by train, check-data and eval)."""
+    """Where and how data files' preprocessing is cached (shared by train, check-data, inspect, eval and predict)."""
 
     data_cache_dir: str | None = option(
         None,

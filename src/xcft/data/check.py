@@ -23,11 +23,11 @@ import numpy as np
 from xcft.data.cache_options import CacheOptions
 from xcft.data.encode import IGNORE_INDEX, IMAGE_SLOT, EncodedSample, Grid, ImageSpec, encode_conversation
 from xcft.data.mixture import DataSpec, resolve_data
-from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair, read_any_file
-from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass
+from xcft.data.pairs import EncodedPair, PreferencePair, encode_pair
+from xcft.data.read_pass import FileSamples, ProgressFn, conversation_grids, read_pass, source_table
 from xcft.data.schema import Conversation, Problem
 from xcft.data.sizes import folder_sizes, resolve_sizes
-from xcft.data.table import SampleView
+from xcft.data.table import SampleTable, SampleView
 from xcft.errors import XcftError
 from xcft.model.configuration_xcomposer2 import FAMILY_2_0
 from xcft.model.tokenization_internlm2 import InternLM2Tokenizer
@@ -158,6 +158,7 @@ class CheckResult:
     # preference data: every pair, per file (empty for SFT files), read on access; ``conversations``
     # then holds each pair's chosen conversation
     pairs: list[Sequence[PreferencePair | None]] = field(default_factory=list)
+    tables: list[SampleTable] = field(default_factory=list)  # each file's columns (ids, lengths ...)
 
     @property
     def is_preference(self) -> bool:
@@ -217,46 +218,41 @@ def run_check(
     pairs: list[Sequence[PreferencePair | None]] = [
         SampleView(fs.table, np.arange(len(fs.table)), kind="pair") if fs.pairs else [] for fs in found.files
     ]
-    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs)
+    return CheckResult(found.spec, files, found.problems, settings, conversations, pairs, [fs.table for fs in found.files])
 
 
 # --------------------------------------------------------------------------- one sample
 
 
 def find_sample(
-    data: str, settings: Settings, index: int | None, sample_id: str | None
+    data: str, settings: Settings, index: int | None, sample_id: str | None, cache: CacheOptions | None = None
 ) -> tuple[Conversation | PreferencePair | None, list[Problem], str]:
+    """One sample by overall index (data.txt order) or id, read through the preprocessing cache; its problems; where it is."""
     spec, problems = resolve_data(data)
     errs = [p for p in problems if p.level == "error"]
     if spec is None or errs:
         return None, errs, ""
     offset = 0
     for src in spec.sources:
-        convs, probs, _ = read_any_file(src.path, search_dirs=spec.search_dirs(src), display=src.display)
-        if not convs:
-            file_errs = [p for p in probs if p.level == "error" and p.index is None]
+        table = source_table(spec, src, settings.tokenizer, settings.image_spec, settings.max_length, cache=cache)
+        n = len(table)
+        if not n:
+            file_errs = [p for p in table.problems if p.level == "error" and p.index is None]
             if file_errs and index is not None and index >= offset:
                 # the wanted sample may be in this unreadable file
                 return None, file_errs, ""
-        for k, conv in enumerate(convs):
-            g = offset + k
-            hit = (index is not None and g == index) or (
-                sample_id is not None and (conv.id if conv is not None else _raw_id(probs, k)) == sample_id
-            )
-            if hit:
-                mine = [p for p in probs if p.index == k]
-                where = f"{src.display}: sample {k} (overall index {g})"
-                return conv, mine, where
-        offset += len(convs)
+        if index is not None:
+            k = index - offset if offset <= index < offset + n else None
+        else:
+            hits = table.find_id(str(sample_id))
+            k = int(hits[0]) if len(hits) else None
+        if k is not None:
+            sample = table.pair(k) if table.pairs else table.conversation(k)
+            where = f"{src.display}: sample {k} (overall index {offset + k})"
+            return sample, [p for p in table.problems if p.index == k], where
+        offset += n
     what = f"index {index} (there are {offset} samples)" if index is not None else f"id {sample_id!r}"
     raise XcftError(f"{data}: no sample with {what}; check-data lists the samples per file")
-
-
-def _raw_id(problems: list[Problem], k: int) -> str | None:
-    for p in problems:
-        if p.index == k:
-            return p.id
-    return None
 
 
 @dataclass(frozen=True)

@@ -246,25 +246,6 @@ def read_pair_file(
     return out, problems
 
 
-def read_any_file(
-    path: Path, *, search_dirs: Sequence[Path] | None = None, display: str | None = None
-) -> tuple[list[Conversation | PreferencePair | None], list[Problem], bool]:
-    """One data file as SFT samples or preference pairs, decided by its first record: (items, problems, is_pairs)."""
-    path = Path(path)
-    name = display or str(path)
-    records, problems = read_records(path, name)
-    if is_preference_file(records):
-        pairs, probs = read_pair_file(path, search_dirs=search_dirs, display=name, records=records)
-        return list(pairs), problems + probs, True
-    dirs = list(search_dirs) if search_dirs is not None else [path.parent]
-    out: list[Conversation | PreferencePair | None] = []
-    for index, (line, record) in enumerate(records):
-        conv, probs = normalize_sample(record, file=name, index=index, search_dirs=dirs, line=line)
-        out.append(conv)
-        problems.extend(probs)
-    return out, problems, False
-
-
 @dataclass
 class EncodedPair:
     chosen: EncodedSample
@@ -320,6 +301,5 @@ __all__ = [
     "normalize_pair",
     "not_a_pair",
     "pair_skip_reason",
-    "read_any_file",
     "read_pair_file",
 ]

@@ -44,6 +44,7 @@ __all__ = [
     "conversation_grids",
     "image_size",
     "read_pass",
+    "source_table",
 ]
 
 #: ``progress(phase, done, total)``: phase is "reading" (files) or "encoding" (samples of a file).
@@ -122,6 +123,23 @@ def conversation_grids(conv: Conversation, spec: ImageSpec) -> list[Grid]:
     return grids
 
 
+def source_table(
+    spec: DataSpec,
+    src: Source,
+    tokenizer: TokenizerLike,
+    image_spec: ImageSpec,
+    max_length: int,
+    *,
+    decode_images: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cache: CacheOptions | None = None,
+) -> SampleTable:
+    """The table of one file of ``spec``, through the preprocessing cache (``progress`` None: the cache shows its own)."""
+    ctx = TableContext(src.path, src.display, spec.search_dirs(src), tokenizer, image_spec, max_length, decode_images)
+    return load_table(ctx, cache, workers=workers, progress=progress)
+
+
 def read_pass(
     data: str | os.PathLike[str],
     tokenizer: TokenizerLike,
@@ -147,9 +165,18 @@ def read_pass(
     files: list[FileSamples] = []
     for k, src in enumerate(spec.sources):
         report("reading", k, len(spec.sources))
-        ctx = TableContext(src.path, src.display, spec.search_dirs(src), tokenizer, image_spec, max_length, decode_images)
         per_sample = (lambda done, total: report("encoding", done, total)) if progress is not None else None
-        table = load_table(ctx, cache, workers=workers, progress=per_sample)  # None: the cache shows its own
+        table = source_table(
+            spec,
+            src,
+            tokenizer,
+            image_spec,
+            max_length,
+            decode_images=decode_images,
+            workers=workers,
+            progress=per_sample,
+            cache=cache,
+        )
         problems.extend(table.problems)
         fs = FileSamples(src, table)
         fs.draw_count = draw_count(len(fs.usable_index), src.number, given_num)

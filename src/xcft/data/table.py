@@ -1,9 +1,9 @@
 """The per-sample facts of one data file as numpy columns, and how they are computed (in parallel).
 
 A :class:`SampleTable` is what the read pass knows about every sample of one file: where its JSON
-record lies in the file (byte range, JSON Lines line), whether it was normalised and encoded, its
-encoded and untruncated lengths, supervised token count, and per image its resolved path, crop grid
-(2.5) and slot count. Columns are plain arrays, so a table of a million samples costs tens of
+record lies in the file (byte range, JSON Lines line), its id, whether it was normalised and
+encoded, its encoded and untruncated lengths, supervised token count, and per image its resolved
+path, crop grid (2.5) and slot count. Columns are plain arrays, so a table of a million samples costs tens of
 megabytes, maps from disk (:mod:`xcft.data.cache`) and is shared by DataLoader workers; a sample's
 :class:`~xcft.data.schema.Conversation` is rebuilt from its JSON record when asked for
 (:meth:`SampleTable.conversation`), never kept.
@@ -177,11 +177,32 @@ class SampleTable:
 
     def path_at(self, i: int) -> Path:
         off = self.columns["path_off"]
-        return Path(bytes(self.columns["path_blob"][int(off[i]) : int(off[i + 1])]).decode("utf-8", "surrogateescape"))
+        return Path(_text(self.columns["path_blob"][int(off[i]) : int(off[i + 1])]))
 
     @property
     def num_paths(self) -> int:
         return len(self.columns["path_off"]) - 1
+
+    def sample_id(self, k: int) -> str | None:
+        """Sample ``k``'s id as normalisation reads it (its index when it has none; None for a record that is no object)."""
+        off = self.columns["id_off"]
+        a, b = int(off[k]), int(off[k + 1])
+        return _text(self.columns["id_blob"][a:b]) if self.columns["has_id"][k] else None
+
+    def find_id(self, sample_id: str) -> np.ndarray:
+        """Indices of the samples whose id is ``sample_id``, in file order (compared in the mapped column, no record read)."""
+        target = np.frombuffer(_blob(sample_id), dtype=np.uint8)
+        if not len(target):
+            return np.zeros(0, np.int64)
+        off = np.asarray(self.columns["id_off"])
+        candidates = np.flatnonzero((np.diff(off) == len(target)) & np.asarray(self.columns["has_id"], dtype=bool))
+        blob = np.asarray(self.columns["id_blob"])
+        found = [np.zeros(0, np.int64)]
+        for a in range(0, len(candidates), _ID_BLOCK):  # bounded temporaries however long the file
+            block = candidates[a : a + _ID_BLOCK]
+            rows = blob[off[block][:, None] + np.arange(len(target))]
+            found.append(block[(rows == target).all(axis=1)])
+        return np.concatenate(found)
 
     def grids(self, k: int) -> list[Grid]:
         a, b = int(self.columns["img_off"][k]), int(self.columns["img_off"][k + 1])
@@ -435,6 +456,7 @@ class _MemoTokenizer:
     """
 
     MAX_TEXT = 64
+    MAX_ENTRIES = 20_000  # bounds the memory of a long build; the recurring texts come first
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self._tokenizer = tokenizer
@@ -448,7 +470,9 @@ class _MemoTokenizer:
             return self._tokenizer.encode_text(text)
         hit = self._memo.get(text)
         if hit is None:
-            hit = self._memo[text] = self._tokenizer.encode_text(text)
+            hit = self._tokenizer.encode_text(text)
+            if len(self._memo) < self.MAX_ENTRIES:
+                self._memo[text] = hit
         return list(hit)
 
 
@@ -458,6 +482,7 @@ class _Chunk:
     has_conversation: np.ndarray
     n_images: np.ndarray  # images of each sample's conversation (0 without one)
     image_paths: list[str]
+    ids: list[str | None]  # each record's id (None: a record that is no object)
     grids: np.ndarray  # [M, 2]
     slots: np.ndarray  # [M]
     problems: list[Problem]
@@ -482,25 +507,39 @@ def _check_image(
     return seen[path]
 
 
-def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, first: int) -> _Chunk:
+class _Memo:
+    """What one building process remembers across its chunks: image checks, path stats and short encodings.
+
+    Real sets reuse a few thousand images across hundreds of thousands of samples, so each image is
+    decoded and each path stat'ed once per process, not once per chunk.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.images: dict[Path, tuple[str | None, str, Grid | None]] = {}
+        self.files: dict[Path, bool] = {}
+        self.tokenizer = _MemoTokenizer(tokenizer)
+
+    def is_file(self, path: Path) -> bool:
+        hit = self.files.get(path)
+        if hit is None:
+            hit = self.files[path] = path.is_file()
+        return hit
+
+
+def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, first: int, memo: _Memo) -> _Chunk:
     """Normalise, check and encode the records ``first ..`` of the file (their byte spans given)."""
     n = len(starts)
     scalars = {name: np.zeros(n, dtype=dt) for name, dt in SCALARS.items()}
     has_conv = np.zeros(n, dtype=np.bool_)
     n_images = np.zeros(n, dtype=np.int32)
     paths: list[str] = []
+    ids: list[str | None] = []
     grids: list[Grid] = []
     slots: list[int] = []
     problems: list[Problem] = []
-    seen: dict[Path, tuple[str | None, str, Grid | None]] = {}
-    tokenizer = _MemoTokenizer(ctx.tokenizer)
-    files: dict[Path, bool] = {}
-
-    def is_file(path: Path) -> bool:  # one stat per image path and chunk
-        hit = files.get(path)
-        if hit is None:
-            hit = files[path] = path.is_file()
-        return hit
+    seen = memo.images
+    tokenizer = memo.tokenizer
+    is_file = memo.is_file
 
     with open(ctx.path, "rb") as fh:
         base = int(starts[0])
@@ -513,7 +552,9 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         pair: PreferencePair | None = None
         if ctx.pairs:
             if not is_pair_record(record):
-                problems.append(not_a_pair(ctx.display, k, record, line if line >= 0 else None))
+                problem = not_a_pair(ctx.display, k, record, line if line >= 0 else None)
+                problems.append(problem)
+                ids.append(problem.id)
                 continue
             pair, probs = normalize_pair(
                 record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None
@@ -524,6 +565,7 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
                 record, file=ctx.display, index=k, search_dirs=ctx.search_dirs, line=line if line >= 0 else None, is_file=is_file
             )
         problems.extend(probs)
+        ids.append(conv.id if conv is not None else next((p.id for p in probs if p.id is not None), None))
         if conv is None:
             continue
         has_conv[t] = True
@@ -571,6 +613,7 @@ def _encode_chunk(ctx: TableContext, starts: np.ndarray, ends: np.ndarray, lines
         has_conv,
         n_images,
         paths,
+        ids,
         np.asarray(grids, dtype=np.int16).reshape(-1, 2),
         np.asarray(slots, dtype=np.int32),
         problems,
@@ -627,25 +670,27 @@ class _Worker:
 
     ctx: TableContext | None = None
     spans: _Spans | None = None
+    memo: _Memo | None = None
 
     @classmethod
     def init(cls, ctx: TableContext, spans: _Spans) -> None:
-        cls.ctx, cls.spans = ctx, spans
+        cls.ctx, cls.spans, cls.memo = ctx, spans, _Memo(ctx.tokenizer)
 
     @classmethod
     def run(cls, bounds: tuple[int, int]) -> _Chunk:
         a, b = bounds
-        assert cls.ctx is not None and cls.spans is not None
+        assert cls.ctx is not None and cls.spans is not None and cls.memo is not None
         s = cls.spans
-        return _encode_chunk(cls.ctx, s.start[a:b], s.end[a:b], s.line[a:b], a)
+        return _encode_chunk(cls.ctx, s.start[a:b], s.end[a:b], s.line[a:b], a, cls.memo)
 
 
 def _chunks(ctx: TableContext, spans: _Spans, workers: int) -> Iterator[_Chunk]:
     n = len(spans.start)
     bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     if workers <= 1 or n < PARALLEL_MIN or "fork" not in multiprocessing.get_all_start_methods():
+        memo = _Memo(ctx.tokenizer)
         for a, b in bounds:
-            yield _encode_chunk(ctx, spans.start[a:b], spans.end[a:b], spans.line[a:b], a)
+            yield _encode_chunk(ctx, spans.start[a:b], spans.end[a:b], spans.line[a:b], a, memo)
         return
     # fork: the workers inherit the tokenizer and the spans instead of unpickling them
     with multiprocessing.get_context("fork").Pool(min(workers, len(bounds)), _Worker.init, (ctx, spans)) as pool:
@@ -670,6 +715,7 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
     slots: list[np.ndarray] = []
     path_ids: dict[str, int] = {}
     img_path: list[np.ndarray] = []
+    sample_ids: list[str | None] = []
     done = 0
     for chunk in _chunks(ctx, spans, workers or default_workers()):
         for name in SCALARS:
@@ -679,6 +725,7 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
         grids.append(chunk.grids)
         slots.append(chunk.slots)
         img_path.append(np.fromiter((path_ids.setdefault(p, len(path_ids)) for p in chunk.image_paths), np.int32))
+        sample_ids.extend(chunk.ids)
         problems.extend(chunk.problems)
         done += len(chunk.has_conversation)
         if progress is not None:
@@ -686,9 +733,8 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
     counts = np.concatenate(n_images) if n_images else np.zeros(0, np.int32)
     img_off = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=img_off[1:])
-    blobs = [p.encode("utf-8", "surrogateescape") for p in path_ids]
-    path_off = np.zeros(len(blobs) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in blobs], out=path_off[1:])
+    path_blob, path_off = _strings(list(path_ids))
+    id_blob, id_off = _strings([i or "" for i in sample_ids])
     columns = {
         "start": spans.start,
         "end": spans.end,
@@ -699,14 +745,37 @@ def build_table(ctx: TableContext, workers: int | None = None, progress: Callabl
         "img_path": _cat(img_path, np.int32),
         "grid": np.concatenate(grids) if grids else np.zeros((0, 2), np.int16),
         "slots": _cat(slots, np.int32),
-        "path_blob": np.frombuffer(b"".join(blobs), dtype=np.uint8),
+        "path_blob": path_blob,
         "path_off": path_off,
+        "id_blob": id_blob,
+        "id_off": id_off,
+        "has_id": np.fromiter((i is not None for i in sample_ids), np.bool_, count=len(sample_ids)),
         "hd": np.array([ctx.spec.hd]),
         "pairs": np.array([ctx.pairs]),
     }
     return SampleTable(
         ctx.path, ctx.display, ctx.search_dirs, columns, problems, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns
     )
+
+
+#: ids compared per block by :meth:`SampleTable.find_id`
+_ID_BLOCK = 1 << 18
+
+
+def _blob(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(raw: np.ndarray) -> str:
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def _strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one byte column and offsets (string ``i`` is ``blob[off[i]:off[i + 1]]``)."""
+    blobs = [_blob(t) for t in items]
+    off = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in blobs], out=off[1:])
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8), off
 
 
 def _cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:

@@ -23,9 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xcft.data.cache_options import CacheOptions
 from xcft.data.images import open_checked_image
 from xcft.data.mixture import resolve_data
-from xcft.data.schema import Conversation, Problem, read_file
+from xcft.data.read_pass import source_table
+from xcft.data.schema import Conversation, Problem, normalize_sample
+from xcft.data.sizes import model_sizes, resolve_sizes
+from xcft.data.table import SampleTable
 from xcft.errors import DataError, XcftError
 
 logger = logging.getLogger(__name__)
@@ -111,12 +115,48 @@ def prompt_sample(conv: Conversation) -> PromptSample | str:
     return PromptSample(conv.id, conv.file, conv.index, messages[last_user].text, history, list(conv.images), system, reference)
 
 
-def read_prompt_samples(data: str | os.PathLike[str]) -> tuple[list[PromptSample], list[Problem]]:
+def _table_conversations(table: SampleTable) -> Iterator[tuple[Conversation | None, list[Problem]]]:
+    """Each sample of a file's table as a conversation to ask, or the problems that rule it out.
+
+    The table is training's reading of the file; a sample that training refused only for want of
+    an answer is read again without that requirement (a question to answer is what predict needs).
+    Training-only findings (nothing left to train after truncation) are not problems here.
+    """
+    by_index: dict[int, list[Problem]] = {}
+    for problem in table.problems:
+        if problem.index is not None:
+            by_index.setdefault(problem.index, []).append(problem)
+    cols = table.columns
+    for k in range(len(table)):
+        if cols["has_conversation"][k]:
+            if not cols["encoded"][k]:  # an image that cannot be used
+                yield None, [p for p in by_index.get(k, []) if p.level == "error"]
+                continue
+            yield table.conversation(k), []
+            continue
+        line = int(cols["line"][k])
+        conv, probs = normalize_sample(
+            table.raw_record(k),
+            file=table.display,
+            index=k,
+            search_dirs=table.search_dirs,
+            line=line if line >= 0 else None,
+            require_answer=False,
+        )
+        yield conv, probs
+
+
+def read_prompt_samples(
+    data: str | os.PathLike[str], model: Any, tokenizer: Any, cache: CacheOptions | None = None
+) -> tuple[list[PromptSample], list[Problem]]:
     """Every sample of a data.txt (each file's samples once, in order) or one JSON/JSONL file.
 
-    Samples with errors are left out and named in the problems; a data argument that cannot be
-    read at all raises :class:`DataError`.
+    Files are read through the preprocessing cache with the model's tokenizer and training sizes,
+    so a set that check-data, training or eval has read is mapped, not read again. Samples with
+    errors are left out and named in the problems; a data argument that cannot be read at all
+    raises :class:`DataError`.
     """
+    sizes = resolve_sizes(model_sizes(model.config))
     spec, problems = resolve_data(data)
     if spec is None:
         raise DataError(str(problems[0]))
@@ -125,12 +165,11 @@ def read_prompt_samples(data: str | os.PathLike[str]) -> tuple[list[PromptSample
         raise DataError(str(errors[0]))
     samples: list[PromptSample] = []
     for source in spec.sources:
-        convs, file_problems = read_file(
-            source.path, search_dirs=spec.search_dirs(source), display=source.display, require_answer=False
-        )
-        problems += file_problems
+        table = source_table(spec, source, tokenizer, sizes.image_spec, sizes.max_length, cache=cache)
+        problems += [p for p in table.problems if p.index is None]  # the file itself (its JSON)
         seen: dict[str, int] = {}
-        for conv in convs:
+        for conv, file_problems in _table_conversations(table):
+            problems += file_problems
             if conv is None:
                 continue
             sample = prompt_sample(conv)

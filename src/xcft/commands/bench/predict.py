@@ -46,14 +46,14 @@ def run_predict_bench(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Time batch 1 and batch ``batch_size`` on the same prompts; returns the figures (one JSON object)."""
-    found, _ = read_prompt_samples(data)
+    dev = resolve_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
+    found, _ = read_prompt_samples(data, model, tokenizer)
     found = [s for s in found if not sources or any(x in s.source for x in sources)]
     if not found:
         raise XcftError(f"{data}: no sample to time (check --source)")
     chosen = [found[k % len(found)] for k in range(samples)]
-    dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model, tokenizer = load_pretrained(model_dir, dtype=dtype, device=dev)
     settings = ChatSettings(max_new_tokens=max_new_tokens)
     calib_before = calibration_gflops() if dev.type == "cpu" else None
     _seconds(model, tokenizer, chosen[:batch_size], batch_size, settings)  # warm-up

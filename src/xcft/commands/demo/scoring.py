@@ -53,7 +53,7 @@ def heldout_accuracy(
     model: Any, tokenizer: Any, data: str | Path, predictions: str | Path, questions: Sequence[QA], *, batch_size: int = 8
 ) -> Accuracy:
     """Predict ``data`` (held-out data.txt or file) into ``predictions`` and score it per kind."""
-    samples, problems = read_prompt_samples(data)
+    samples, problems = read_prompt_samples(data, model, tokenizer)
     if any(p.level == "error" for p in problems):
         raise RuntimeError(f"the demo's held-out data has errors: {problems[0]}")
     was_training = getattr(model, "training", False)

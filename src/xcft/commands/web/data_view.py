@@ -65,7 +65,6 @@ class DataIndex:
     data: str
     result: CheckResult
     offsets: list[int] = field(default_factory=list)  # overall index of each file's first sample
-    _by_id: dict[str, int] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -85,19 +84,12 @@ class DataIndex:
         raise AssertionError("unreachable")
 
     def index_of_id(self, sample_id: str) -> int:
-        if self._by_id is None:
-            self._by_id = {}
-            for f, convs in enumerate(self.result.conversations):
-                for k, conv in enumerate(convs):
-                    if conv is not None:
-                        self._by_id.setdefault(conv.id, self.offsets[f] + k)
-            for p in self.result.problems:  # samples that failed to normalise keep their raw id in the problem
-                file_no = self._file_number(p.file)
-                if p.index is not None and p.id is not None and file_no is not None:
-                    self._by_id.setdefault(p.id, self.offsets[file_no] + p.index)
-        if sample_id not in self._by_id:
-            raise XcftError(f"{self.data}: no sample with id {sample_id!r}; check-data lists the samples per file")
-        return self._by_id[sample_id]
+        """The overall index of the first sample with this id (looked up in the tables' id columns)."""
+        for f, table in enumerate(self.result.tables):
+            hits = table.find_id(sample_id)
+            if len(hits):
+                return self.offsets[f] + int(hits[0])
+        raise XcftError(f"{self.data}: no sample with id {sample_id!r}; check-data lists the samples per file")
 
     def _file_number(self, display: str) -> int | None:
         for f, report in enumerate(self.result.files):
