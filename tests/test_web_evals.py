@@ -1,10 +1,11 @@
 """The Eval tab's runs and views without a browser: start, progress, stop and continue, two models one after
 the other, the scores table against ``xcft score``, the sample filters, and bad input.
 
-The runs execute a small stand-in for ``xcft predict`` that keeps its file contract (reads the data
-with :func:`~xcft.train.predict.read_prompt_samples`, skips what its output holds, appends one
-:class:`~xcft.train.predict.Prediction` line per sample, exits 1 after naming a bad sample); its
-answers come from an ``answers.json`` in the "model" folder. The browser test runs the real one.
+The runs execute a small stand-in for ``xcft predict`` that keeps its file contract (the samples the
+data reading gives, skips what its output holds, appends one line of the prediction keys per sample,
+exits 1 after naming the bad samples with predict's last line); the samples are read once by the
+test (as the page reads them) and its answers come from an ``answers.json`` beside a tiny model's
+files. The browser test runs the real one.
 """
 
 from __future__ import annotations
@@ -19,41 +20,37 @@ import pytest
 
 from xcft.commands.score import comparison_rows, score_files, scores_rows
 from xcft.commands.web import eval_view
-from xcft.commands.web.evals import EvalRuns, EvalSettings, EvalStatus, prediction_name
+from xcft.commands.web.evals import EvalRuns, EvalSettings, EvalStatus, prediction_name, read_data
 from xcft.errors import XcftError
-from xcft.train.predict import PREDICTION_KEYS
+from xcft.train.predict import NOT_PREDICTED, PREDICTION_KEYS
 
-FAKE_PREDICT = '''
-"""Stand-in for xcft predict: DATA --model M --output O [--limit N]; answers from M/answers.json."""
+FAKE_PREDICT = """
+# Stand-in for xcft predict: DATA --model M --output O [--limit N]; the samples from M/plan.json, answers from M/answers.json.
 import json, sys, time
-from dataclasses import asdict
 from pathlib import Path
-from xcft.train.predict import NOT_PREDICTED, Prediction, read_predictions, read_prompt_samples
 
 argv = sys.argv[1:]
 data, args = argv[0], dict(zip(argv[1::2], argv[2::2]))
 model, out = Path(args["--model"]), Path(args["--output"])
 answers = json.loads((model / "answers.json").read_text())
+plan = json.loads((model / "plan.json").read_text())
 delay = float((model / "delay").read_text()) if (model / "delay").exists() else 0.0
-samples, problems = read_prompt_samples(data)
-if "--limit" in args:
-    samples = samples[: int(args["--limit"])]
-done = {(r["source"], r["id"]) for r in read_predictions(out, repair=True)}
+samples = plan["samples"][: int(args["--limit"])] if "--limit" in args else plan["samples"]
+done = {(r["source"], r["id"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
 with open(out, "a") as f:
     for s in samples:
-        if (s.source, s.id) in done:
+        if (s["source"], s["id"]) in done:
             continue
         time.sleep(delay)
-        line = Prediction(s.id, s.source, s.index, s.query, s.query, s.reference, answers.get(s.id, ""), 3, delay)
-        f.write(json.dumps(asdict(line)) + "\\n")
+        line = {**s, "prompt": s["question"], "prediction": answers.get(s["id"], ""), "new_tokens": 3, "seconds": delay}
+        f.write(json.dumps({key: line[key] for key in KEYS}) + "\\n")
         f.flush()
-errors = [p for p in problems if p.level == "error"]
-for p in errors:
-    print(f"error: {p} (skipped)", flush=True)
-if errors:
-    print(f"{len(errors)} {NOT_PREDICTED}", flush=True)
-sys.exit(1 if errors else 0)
-'''
+for problem in plan["errors"]:
+    print(f"error: {problem} (skipped)", flush=True)
+if plan["errors"]:
+    print(f"{len(plan['errors'])} NOT_PREDICTED", flush=True)
+sys.exit(1 if plan["errors"] else 0)
+""".replace("NOT_PREDICTED", NOT_PREDICTED).replace("KEYS", repr(PREDICTION_KEYS))
 
 
 def _sample(sid: str, question: str, answer: str | None, image: str | None = None) -> dict:
@@ -64,7 +61,7 @@ def _sample(sid: str, question: str, answer: str | None, image: str | None = Non
 
 
 @pytest.fixture
-def eval_data(tmp_path: Path) -> dict[str, Path]:
+def eval_data(tmp_path: Path, tiny_base: Path) -> dict[str, Path]:
     """A data.txt of two files (one sample with an image, one without a reference, one broken) and two "models"."""
     from PIL import Image
 
@@ -81,12 +78,21 @@ def eval_data(tmp_path: Path) -> dict[str, Path]:
     (root / "b.json").write_text(json.dumps(b))
     (root / "data.txt").write_text("a.json 0.003\nb.json 0.003\n")
     base, tuned = tmp_path / "base", tmp_path / "tuned"
+    samples, problems = read_data(str(root / "data.txt"), str(tiny_base))
+    keys = ("id", "source", "index", "question", "reference")
+    plan = {
+        "samples": [dict(zip(keys, (s.id, s.source, s.index, s.query, s.reference))) for s in samples],
+        "errors": [str(p) for p in problems if p.level == "error"],
+    }
     for folder, answers in (
         (base, {"red": "Red.", "cat": "B", "sky": "grey", "hi": "hello", "open": "yes"}),
         (tuned, {"red": "blue", "cat": "(A) cat", "sky": "Blue", "hi": "hello", "open": "no"}),
     ):
         folder.mkdir()
+        for part in tiny_base.iterdir():  # a model folder to read the data with (tokenizer, sizes)
+            (folder / part.name).symlink_to(part)
         (folder / "answers.json").write_text(json.dumps(answers))
+        (folder / "plan.json").write_text(json.dumps(plan))
     return {"data": root / "data.txt", "base": base, "tuned": tuned, "image": root / "red.png"}
 
 

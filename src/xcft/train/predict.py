@@ -28,7 +28,7 @@ from xcft.data.images import open_checked_image
 from xcft.data.mixture import resolve_data
 from xcft.data.read_pass import source_table
 from xcft.data.schema import Conversation, Problem, normalize_sample
-from xcft.data.sizes import model_sizes, resolve_sizes
+from xcft.data.sizes import ModelSizes, model_sizes, resolve_sizes
 from xcft.data.table import SampleTable
 from xcft.errors import DataError, XcftError
 
@@ -45,6 +45,7 @@ __all__ = [
     "predict_samples",
     "prompt_inputs",
     "prompt_sample",
+    "prompt_samples_for",
     "read_predictions",
     "read_prompt_samples",
 ]
@@ -156,7 +157,14 @@ def read_prompt_samples(
     errors are left out and named in the problems; a data argument that cannot be read at all
     raises :class:`DataError`.
     """
-    sizes = resolve_sizes(model_sizes(model.config))
+    return prompt_samples_for(data, model_sizes(model.config), tokenizer, cache)
+
+
+def prompt_samples_for(
+    data: str | os.PathLike[str], model: ModelSizes, tokenizer: Any, cache: CacheOptions | None = None
+) -> tuple[list[PromptSample], list[Problem]]:
+    """:func:`read_prompt_samples` for a model known by its sizes (e.g. a folder's, read without loading it)."""
+    sizes = resolve_sizes(model)
     spec, problems = resolve_data(data)
     if spec is None:
         raise DataError(str(problems[0]))

@@ -245,7 +245,7 @@ def results_view(runs: EvalRuns, run_id: str | None, which: str = "all", page: i
         settings = runs.settings(run_id)
         header, rows = metrics_table(result)
         shown = filter_rows(sample_rows(runs.predictions(run_id), result), which)
-        html_, pages = samples_html(shown, settings.models, runs.prompt_samples(settings.data), page)
+        html_, pages = samples_html(shown, settings.models, runs.prompt_samples(run_id), page)
         return Results(header, rows, changes_html(result), html_, pages)
     except Exception as exc:
         return Results(["source", "n"], [], ui.error(exc), "", 1)

@@ -22,13 +22,25 @@ from xcft.commands.options import PredictOptions
 from xcft.commands.score import score_files
 from xcft.commands.web.runner import xcft_command_line
 from xcft.commands.web.runs import ChildRuns
+from xcft.data.check import load_settings
 from xcft.data.schema import Problem
+from xcft.data.sizes import folder_sizes
 from xcft.errors import DataError, XcftError
+from xcft.model.loading import adapter_base_path, is_adapter_folder
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 from xcft.train.answer_metrics import Comparison, Scores, parse_metrics
-from xcft.train.predict import NOT_PREDICTED, PromptSample, read_prompt_samples
+from xcft.train.predict import NOT_PREDICTED, PromptSample, prompt_samples_for
 
-__all__ = ["EVALS_DIR", "MAX_MODELS", "EvalRuns", "EvalSettings", "EvalStatus", "predict_option", "prediction_name"]
+__all__ = [
+    "EVALS_DIR",
+    "MAX_MODELS",
+    "EvalRuns",
+    "EvalSettings",
+    "EvalStatus",
+    "predict_option",
+    "prediction_name",
+    "read_data",
+]
 
 EVALS_DIR = "evals"
 MAX_MODELS = 2
@@ -131,6 +143,14 @@ class EvalStatus:
         return not self.active and not self.complete and self.state != "finished"
 
 
+def read_data(data: str, model_dir: str) -> tuple[list[PromptSample], list[Problem]]:
+    """The samples ``xcft predict --model model_dir`` asks, read with the model's tokenizer and sizes (an
+    adapter: its base's) through the preprocessing cache, as predict reads them, without loading the model."""
+    folder = adapter_base_path(model_dir) if is_adapter_folder(model_dir) else Path(model_dir)
+    tokenizer = load_settings(folder, None, None).tokenizer
+    return prompt_samples_for(data, folder_sizes(folder), tokenizer)
+
+
 def _complete_lines(path: Path) -> int:
     """Lines of a prediction file that end with their newline (the one being written is not counted)."""
     try:
@@ -152,12 +172,13 @@ class EvalRuns(ChildRuns):
         self.device = device
         self.command = list(command) if command else xcft_command_line("predict", [])
         self._results: dict[str, tuple[Any, Scores | Comparison]] = {}  # per run: (files' sizes, scores)
-        self._samples: dict[str, tuple[Any, dict[tuple[str, str], PromptSample]]] = {}  # per data file: (mtime, samples)
+        # per (data, model): the data file's mtime and its samples
+        self._samples: dict[tuple[str, str], tuple[Any, dict[tuple[str, str], PromptSample]]] = {}
 
     def start(self, settings: EvalSettings) -> tuple[str, list[Problem]]:
         """Check the settings and the data, start the predictions; (run id, the data's problems)."""
         settings = settings.checked()
-        samples, problems = read_prompt_samples(settings.data)
+        samples, problems = read_data(settings.data, settings.models[0])
         if settings.limit is not None:
             samples = samples[: settings.limit]
         if not samples:
@@ -250,12 +271,14 @@ class EvalRuns(ChildRuns):
 
         return [read_predictions(p) for p in self.prediction_files(run_id)]
 
-    def prompt_samples(self, data: str) -> dict[tuple[str, str], PromptSample]:
-        """The data set's samples by (source, id): their images and turns, as ``xcft predict`` read them."""
-        path = Path(data)
+    def prompt_samples(self, run_id: str) -> dict[tuple[str, str], PromptSample]:
+        """The run's samples by (source, id): their images and turns, as ``xcft predict`` read them."""
+        settings = self.settings(run_id)
+        key = (settings.data, settings.models[0])
+        path = Path(settings.data)
         stamp = path.stat().st_mtime_ns if path.exists() else None
-        cached = self._samples.get(data)
+        cached = self._samples.get(key)
         if cached is None or cached[0] != stamp:
-            samples, _ = read_prompt_samples(data)
-            self._samples[data] = cached = (stamp, {(s.source, s.id): s for s in samples})
+            samples, _ = read_data(*key)
+            self._samples[key] = cached = (stamp, {(s.source, s.id): s for s in samples})
         return cached[1]
