@@ -227,6 +227,8 @@ def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, e
     data, base, tuned = str(eval_data["data"]), str(eval_data["base"]), str(eval_data["tuned"])
     message, run_id = eval_tab.run(runs, data, base, "", 8, 0, "", eval_tab.MODEL_LAYOUT, None)
     assert run_id is None and "xcft-error" in message and "batch size must be at least 1" in message and "--" not in message
+    message, run_id = eval_tab.run(runs, data, base, "", None, 2, "", "official", 0)
+    assert run_id is None and "max new tokens is empty" in message
     message, run_id = eval_tab.run(runs, data, str(eval_data["base"] / "nope"), "", 8, 2, "", "official", 0)
     assert run_id is None and "model folder" in message and "does not exist" in message
     assert runs.run_ids() == []
@@ -237,3 +239,12 @@ def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, e
     _wait(runs, run_id, lambda s: not s.active)
     assert "not running" in eval_tab.stop(runs, run_id) and "has finished" in eval_tab.continue_run(runs, run_id)
     assert "no eval selected" in eval_tab.stop(runs, None)
+
+
+def test_samples_come_a_page_at_a_time():
+    rows = [eval_view.EvalRow("a.json", f"s{k}", k, "q?", "r", ["r"], [True]) for k in range(2 * eval_view.PAGE_SIZE + 5)]
+    first, pages = eval_view.samples_html(rows, ["/m/base"], {}, 1)
+    assert pages == 3 and first.count('class="xcft-eval-sample"') == eval_view.PAGE_SIZE and 'data-id="s0"' in first
+    last, _ = eval_view.samples_html(rows, ["/m/base"], {}, 99)  # past the end: the last page, said as such
+    assert last.count('class="xcft-eval-sample"') == 5 and 'data-page="3"' in last and "page 3 of 3" in last
+    assert f'data-id="s{2 * eval_view.PAGE_SIZE}"' in last and "(sample not in the data now)" in last

@@ -15,13 +15,21 @@ import gradio as gr
 
 import xcft.commands.web.eval_view as eval_view
 import xcft.commands.web.ui as ui
-from xcft.commands.options import DATA_HELP, METRICS_HELP
+from xcft.commands.options import METRICS_HELP
 from xcft.commands.web.evals import EvalRuns, EvalSettings, predict_option
+from xcft.errors import XcftError
 from xcft.model.template_xcomposer2 import PROMPT_LAYOUTS
 
 REFRESH_S = 1.0
 #: The layout choice that passes none: the one the model folder records.
 MODEL_LAYOUT = "the model's own"
+
+
+def _whole(value: Any, name: str) -> int:
+    """A number field's value as an int; an empty field is said, not a TypeError."""
+    if value is None or value == "":
+        raise XcftError(f"{name} is empty; enter a number")
+    return int(value)
 
 
 def _limit(value: Any) -> int | None:
@@ -35,8 +43,8 @@ def run(runs: EvalRuns, data: str, model_1: str, model_2: str, max_new: Any, bat
         settings = EvalSettings(
             data or "",
             (model_1 or "", model_2 or ""),
-            int(max_new),
-            int(batch),
+            _whole(max_new, "max new tokens"),
+            _whole(batch, "batch size"),
             metrics or "",
             None if layout in (None, "", MODEL_LAYOUT) else layout,
             _limit(limit),
@@ -102,7 +110,7 @@ def build(runs: EvalRuns, page: gr.Blocks) -> EvalTab:
         "a finetune or LoRA adapter): one `xcft predict` per model, scored as `xcft score` scores."
     )
     with gr.Row():
-        e_data = gr.Textbox(label="data", info=predict_option("data").metadata["help"] or DATA_HELP, elem_id="eval-data")
+        e_data = gr.Textbox(label="data", info=predict_option("data").metadata["help"], elem_id="eval-data")
         e_model_1 = gr.Textbox(label="model 1", info=predict_option("model_dir").metadata["help"], elem_id="eval-model-1")
         e_model_2 = gr.Textbox(
             label="model 2 (optional)",
@@ -183,7 +191,7 @@ def build(runs: EvalRuns, page: gr.Blocks) -> EvalTab:
 
     e_sel.change(on_select, [e_sel, e_filter], [*view_outputs, e_page, *form], **quiet)
     e_filter.change(lambda r, w: (*results(r, w, 1), 1), [e_sel, e_filter], [*result_outputs, e_page], **quiet)
-    e_page.submit(results, [e_sel, e_filter, e_page], result_outputs, **quiet)
+    gr.on([e_page.submit, e_page.blur], results, [e_sel, e_filter, e_page], result_outputs, **quiet)
 
     def on_page_load():
         ids = runs.run_ids()
