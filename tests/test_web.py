@@ -703,6 +703,9 @@ def test_eval_tab_compares_two_models_as_xcft_score_does(page, web, tmp_path):
     page.wait_for_function("() => document.querySelector('#eval-action').innerText.includes('started eval')")
     seen = _wait_run(page, lambda s, n: s == "finished", tab="eval", count=".xcft-run")
     assert seen[-1] == ("finished", 2 * len(samples)), seen
+    assert any(state in ("starting", "running") and n < 2 * len(samples) for state, n in seen), seen  # followed as it ran
+    log = page.locator("#eval-log .xcft-log pre").inner_text()
+    assert log.count("$ xcft predict ") == 2 and log.count("exited with status 0") == 2, log[-2000:]
     run_id = page.locator("#eval-status .xcft-run").get_attribute("data-run")
 
     page.reload()  # the page finds the finished run again, and its form
