@@ -360,3 +360,29 @@ def test_plan_for_preset_and_gpus(tmp_path):
     run = plan_for_config(cfg)
     assert run.shape.family == "2.5" and run.plan.settings.hd_num == 18 and run.plan.settings.device == "cuda"
     assert run.fits
+
+
+@pytest.mark.parametrize("family", ["2.0", "2.5"])
+def test_plan_reads_image_counts_and_grids_from_the_columns(family, tok, tiny_data, hd_data, monkeypatch):
+    """The planner sees every sample's images without reading a record, as the records themselves give them."""
+    import numpy as np
+
+    from xcft.data.cache_options import CacheOptions
+    from xcft.data.dataset import FileData, read_data
+    from xcft.data.table import SampleTable
+
+    data, hd_num = (tiny_data, None) if family == "2.0" else (hd_data, 4)
+    files = read_data(data, tok, 56, 400, hd_num=hd_num, cache=CacheOptions(no_data_cache=True))
+    as_lists = [
+        FileData(fd.display, fd.path, list(fd.conversations), fd.lengths, fd.draw_count, fd.skipped, list(fd.grids))
+        for fd in files
+    ]
+    monkeypatch.setattr(SampleTable, "raw_record", lambda self, k: pytest.fail("a record was read"))
+    seen = []
+    for fd, ref in zip(files, as_lists, strict=True):
+        counts, grids = fd.image_grids()
+        ref_counts, ref_grids = ref.image_grids()
+        assert np.array_equal(counts, ref_counts) and np.array_equal(grids, ref_grids)
+        seen.append(grids)
+    grids = np.concatenate(seen)
+    assert len(grids) > 1 and (family == "2.0") == (not grids.any())

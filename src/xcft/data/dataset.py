@@ -69,6 +69,26 @@ class FileData:
             **changes,
         )
 
+    def image_grids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's image count, and every image's crop grid in sample order ([M, 2]; (0, 0) for 2.0).
+
+        Read from the table's columns when the samples are a view of one (no record is read), so
+        a planner can look at every sample of a large set at startup.
+        """
+        view = self.conversations
+        if isinstance(view, SampleView):
+            off = np.asarray(view.table.img_off)
+            counts = off[view.rows + 1] - off[view.rows]
+            firsts = np.repeat(off[view.rows] - np.cumsum(counts) + counts, counts)
+            images = firsts + np.arange(int(counts.sum()))
+            return counts, np.asarray(view.table.grid)[images].astype(np.int64).reshape(-1, 2)
+        counts = np.asarray([len(c.images) for c in view], dtype=np.int64)
+        if len(self.grids):
+            grids = [g for sample in self.grids for g in sample]
+        else:
+            grids = [(0, 0)] * int(counts.sum())
+        return counts, np.asarray(grids, dtype=np.int64).reshape(-1, 2)
+
 
 def _take(seq: Sequence[Any], idx: np.ndarray) -> Sequence[Any]:
     return seq.take(idx) if isinstance(seq, SampleView) else [seq[i] for i in idx.tolist()]

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xcft.errors import XcftError
 from xcft.model.image_processing_xcomposer2 import HD_NUM_TRAIN
 
@@ -929,19 +931,28 @@ def _data_sample(cfg: Any, config: Any, shape: ModelShape, settings: PlanSetting
     )
     lengths, slots, views = [], [], []
     for fd in files:
-        for k, (conv, n) in enumerate(zip(fd.conversations, fd.lengths)):
-            if shape.hd:
-                grids = fd.grids[k] if fd.grids else []
-                s = sum(shape.image_tokens(r, c) for r, c in grids)
-                vw = sum(1 + r * c for r, c in grids)
-            else:
-                s, vw = len(conv.images) * shape.image_tokens(), len(conv.images)
-            n = int(n)  # the data table keeps numpy integers
-            lengths.append(n)
-            slots.append(min(s, n))
-            views.append(vw)
-    sample = sample_from_lengths(lengths, slots, views, settings, max_length)
-    return sample, (files, (img_size, max_length, hd_num)), len(set(lengths)) > 1
+        counts, grids = fd.image_grids()
+        if shape.hd and len(grids):
+            known, which = np.unique(grids, axis=0, return_inverse=True)
+            image_slots = np.asarray([shape.image_tokens(int(r), int(c)) for r, c in known], dtype=np.int64)[which.ravel()]
+            image_views = 1 + grids[:, 0] * grids[:, 1]
+        else:
+            image_slots = np.full(len(grids), 0 if shape.hd else shape.image_tokens(), dtype=np.int64)
+            image_views = np.full(len(grids), 0 if shape.hd else 1, dtype=np.int64)
+        n = np.asarray(fd.lengths, dtype=np.int64)
+        lengths.append(n)
+        slots.append(np.minimum(_per_sample(image_slots, counts), n))
+        views.append(_per_sample(image_views, counts))
+    flat = [np.concatenate(x).tolist() if x else [] for x in (lengths, slots, views)]
+    sample = sample_from_lengths(flat[0], flat[1], flat[2], settings, max_length)
+    return sample, (files, (img_size, max_length, hd_num)), len(set(flat[0])) > 1
+
+
+def _per_sample(per_image: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per-image values summed per sample (``counts`` images each, in order)."""
+    ends = np.cumsum(counts)
+    totals = np.concatenate([[0], np.cumsum(per_image)])
+    return totals[ends] - totals[ends - counts]
 
 
 #: The allocator setting xcft trains with on a GPU unless the user chose one: segments that grow in
