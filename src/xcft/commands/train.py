@@ -139,8 +139,8 @@ def _run(cfg: TrainConfig, folder: OutputFolder | None) -> int:
     if cfg.logging_dir:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", cfg.logging_dir)
     set_seed(args.seed)
-    apply_host_settings(cfg)
     plan = check_memory_plan(cfg)  # before any weight is loaded: a run that cannot fit stops here
+    apply_host_settings(cfg)  # after the data is read: what reading freed goes back to the system
 
     # ---- model
     model, tokenizer = load_base_model(cfg)
