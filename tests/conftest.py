@@ -443,3 +443,20 @@ def torchrun() -> Callable[..., list[str]]:
         ]
 
     return command
+
+
+@pytest.fixture
+def wait_status() -> Callable[..., Any]:
+    """``wait_status(runs, run_id, until, timeout=60)``: poll a web run manager's status until ``until(status)``."""
+    import time
+
+    def wait(runs: Any, run_id: str, until: Callable[[Any], bool], timeout: float = 60) -> Any:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            st = runs.status(run_id)
+            if until(st):
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"run {run_id} stayed {st.state}: {st.message}\n{runs.log_tail(run_id)}")
+
+    return wait

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from xcft.commands.score import comparison_rows, score_files, scores_rows
 from xcft.commands.web import eval_view
-from xcft.commands.web.evals import EvalRuns, EvalSettings, EvalStatus, prediction_name, read_data
+from xcft.commands.web.evals import EvalRuns, EvalSettings, prediction_name, read_data
 from xcft.errors import XcftError
 from xcft.train.predict import NOT_PREDICTED, PREDICTION_KEYS
 
@@ -104,22 +103,12 @@ def evals(tmp_path: Path) -> Callable[[], EvalRuns]:
     return lambda: EvalRuns(tmp_path / "work", command=[sys.executable, str(script)])
 
 
-def _wait(runs: EvalRuns, run_id: str, until: Callable[[EvalStatus], bool], timeout: float = 60) -> EvalStatus:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = runs.status(run_id)
-        if until(st):
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"eval {run_id} stayed {st.state}: {st.message}\n{runs.log_tail(run_id)}")
-
-
-def test_two_models_run_in_turn_and_score_as_xcft_score(evals, eval_data, tmp_path):
+def test_two_models_run_in_turn_and_score_as_xcft_score(evals, eval_data, tmp_path, wait_status):
     runs = evals()
     settings = EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), str(eval_data["tuned"])), metrics="exact,bleu")
     run_id, problems = runs.start(settings)
     assert [p.id for p in problems if p.level == "error"] == ["bad"]
-    st = _wait(runs, run_id, lambda s: not s.active)
+    st = wait_status(runs, run_id, lambda s: not s.active)
     # each model's predict names the broken sample and exits 1; both answered every other sample
     assert (st.state, st.done, st.total, st.skipped) == ("finished", [5, 5], 5, 1), (st.message, runs.log_tail(run_id))
     assert st.message == "finished; some samples could not be predicted (named in the log)" and not st.can_continue
@@ -161,10 +150,10 @@ def test_two_models_run_in_turn_and_score_as_xcft_score(evals, eval_data, tmp_pa
     assert 'data-model="1" data-passed="true"' in red and 'data-model="2" data-passed="false"' in red
 
 
-def test_one_model_scores_and_wrong_filter(evals, eval_data):
+def test_one_model_scores_and_wrong_filter(evals, eval_data, wait_status):
     runs = evals()
     run_id, _ = runs.start(EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), ""), limit=3))
-    st = _wait(runs, run_id, lambda s: not s.active)
+    st = wait_status(runs, run_id, lambda s: not s.active)
     assert (st.state, st.done, st.total) == ("finished", [3], 3), st.message
     expected = score_files(str(runs.prediction_files(run_id)[0]))
     header, rows = eval_view.metrics_table(runs.results(run_id))
@@ -174,19 +163,19 @@ def test_one_model_scores_and_wrong_filter(evals, eval_data):
     assert eval_view.filter_rows(rows_, "changed") == []
 
 
-def test_stop_and_continue_without_repeating_a_sample(evals, eval_data):
+def test_stop_and_continue_without_repeating_a_sample(evals, eval_data, wait_status):
     runs = evals()
     (eval_data["tuned"] / "delay").write_text("0.3")
     run_id, _ = runs.start(EvalSettings(str(eval_data["data"]), (str(eval_data["base"]), str(eval_data["tuned"]))))
-    st = _wait(runs, run_id, lambda s: s.state == "running" and s.done[1] >= 1)
+    st = wait_status(runs, run_id, lambda s: s.state == "running" and s.done[1] >= 1)
     assert st.done[0] == 5 and "model 2 of 2 answering" in st.message and 'data-state="running"' in eval_view.status_html(st)
     assert "SIGTERM sent" in runs.stop(run_id)
-    st = _wait(runs, run_id, lambda s: s.state == "stopped")
+    st = wait_status(runs, run_id, lambda s: s.state == "stopped")
     assert st.can_continue and st.done[0] == 5 and 1 <= st.done[1] < 5 and "stopped at model 2 of 2" in st.message
     assert runs.results(run_id) is not None  # both models answered something: scored on what they share
     (eval_data["tuned"] / "delay").unlink()
     runs.continue_run(run_id)
-    st = _wait(runs, run_id, lambda s: not s.active and s.state != "stopped")
+    st = wait_status(runs, run_id, lambda s: not s.active and s.state != "stopped")
     assert st.done == [5, 5], st.message
     assert runs.log_tail(run_id).count("$ ") == 3  # model 1 had answered everything: only model 2 ran again
     ids = [json.loads(x)["id"] for x in runs.prediction_files(run_id)[1].read_text().splitlines()]
@@ -219,7 +208,7 @@ def test_status_before_any_run():
     assert eval_view.metrics_table(None) == (["source", "n"], [])
 
 
-def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, eval_data):
+def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, eval_data, wait_status):
     pytest.importorskip("gradio", reason="gradio is not installed (pip install 'xcft[web]')")
     from xcft.commands.web import eval_tab
 
@@ -236,7 +225,7 @@ def test_tab_handlers_word_errors_as_the_page_and_give_back_a_runs_form(evals, e
     assert run_id and "started eval" in message and "1 sample(s) left out" in message and "bad" in message
     assert eval_tab.form_of_run(runs, run_id) == [data, base, tuned, 8, 2, "exact", "training", None]
     assert runs.record(run_id)["steps"][0][-4:] == ["--batch-size", "2", "--layout", "training"]
-    _wait(runs, run_id, lambda s: not s.active)
+    wait_status(runs, run_id, lambda s: not s.active)
     assert "not running" in eval_tab.stop(runs, run_id) and "has finished" in eval_tab.continue_run(runs, run_id)
     assert "no eval selected" in eval_tab.stop(runs, None)
 
